@@ -1,0 +1,137 @@
+"""Which folders of a dataset are characters, their ids, and the JSON map.
+
+A dataset is the Kaggle `simpsons_dataset` layout: one folder per character,
+`<data_dir>/<character>/pic_NNNN.jpg`. Characters with at least `min_images`
+pictures get ids in sorted name order; the map is saved as JSON in the workdir
+and checked on every later run so that a changed folder never relabels a model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+MAP_FILENAME = "characters.json"
+
+
+class DatasetError(ValueError):
+  """The data folder cannot be used as it is; the message says why and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CharacterMap:
+  """Character names in id order, with the image counts seen when scanned."""
+
+  names: tuple[str, ...]
+  counts: tuple[int, ...]
+
+  @property
+  def num_classes(self) -> int:
+    return len(self.names)
+
+  def index(self, name: str) -> int:
+    return self.names.index(name)
+
+  def save(self, path: str | os.PathLike) -> None:
+    data = {"names": list(self.names), "counts": list(self.counts)}
+    Path(path).write_text(json.dumps(data, indent=2) + "\n")
+
+  @classmethod
+  def load(cls, path: str | os.PathLike) -> CharacterMap:
+    data = json.loads(Path(path).read_text())
+    return cls(names=tuple(data["names"]), counts=tuple(data["counts"]))
+
+
+def resolve_data_dir(data_dir: str | os.PathLike) -> Path:
+  """Returns the folder that holds the character folders.
+
+  Accepts the Kaggle archive's nesting (`simpsons_dataset/simpsons_dataset/`)
+  and the archive root that contains `simpsons_dataset/`.
+  """
+  if not str(data_dir):
+    raise DatasetError(
+      "No data folder given: set --config.data_dir=/path/to/simpsons_dataset."
+    )
+  path = Path(data_dir).expanduser()
+  if not path.exists():
+    raise DatasetError(
+      f"Data folder {path} does not exist: point --config.data_dir at the "
+      "Kaggle `simpsons_dataset` folder (one sub-folder per character)."
+    )
+  if not path.is_dir():
+    raise DatasetError(
+      f"Data folder {path} is a file, not a folder: point --config.data_dir "
+      "at the folder that holds one sub-folder per character."
+    )
+  for nested in (path / path.name, path / "simpsons_dataset"):
+    if nested.is_dir():
+      return resolve_data_dir(nested)
+  return path
+
+
+def list_images(folder: Path) -> list[Path]:
+  """Image files directly in `folder` (hidden files skipped), sorted by name."""
+  return sorted(
+    p
+    for p in folder.iterdir()
+    if not p.name.startswith(".")
+    and p.suffix.lower() in IMAGE_EXTENSIONS
+    and p.is_file()
+  )
+
+
+def find_images(data_dir: str | os.PathLike) -> dict[str, list[Path]]:
+  """Maps every character folder of `data_dir` to its image files."""
+  root = resolve_data_dir(data_dir)
+  return {
+    folder.name: list_images(folder)
+    for folder in sorted(root.iterdir())
+    if folder.is_dir() and not folder.name.startswith(".")
+  }
+
+
+def select(images: Mapping[str, list[Path]], min_images: int) -> CharacterMap:
+  """Keeps characters with at least `min_images` pictures, in sorted order."""
+  kept = sorted(name for name, files in images.items() if len(files) >= min_images)
+  if not kept:
+    most = max((len(f) for f in images.values()), default=0)
+    raise DatasetError(
+      f"No character has at least min_images={min_images} pictures (found "
+      f"{len(images)} character folders, the largest with {most}): lower "
+      "--config.min_images or check --config.data_dir."
+    )
+  return CharacterMap(
+    names=tuple(kept), counts=tuple(len(images[name]) for name in kept)
+  )
+
+
+def load_or_create(
+  workdir: str | os.PathLike,
+  images: Mapping[str, list[Path]],
+  min_images: int,
+) -> CharacterMap:
+  """Returns the workdir's saved map, or selects one and saves it.
+
+  A saved map whose characters are no longer exactly those selected from the
+  folder is an error: continuing would silently relabel the model's outputs.
+  """
+  path = Path(workdir) / MAP_FILENAME
+  current = select(images, min_images)
+  if not path.exists():
+    path.parent.mkdir(parents=True, exist_ok=True)
+    current.save(path)
+    return current
+  saved = CharacterMap.load(path)
+  if saved.names != current.names:
+    missing = sorted(set(saved.names) - set(current.names))
+    added = sorted(set(current.names) - set(saved.names))
+    raise DatasetError(
+      f"{path} lists other characters than the data folder gives now "
+      f"(missing now: {missing or 'none'}; new: {added or 'none'}). Use the "
+      "data folder and min_images the run started with, or a new --workdir."
+    )
+  return saved

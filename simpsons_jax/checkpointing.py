@@ -1,0 +1,91 @@
+"""Orbax checkpoints of the train state, with the run's metadata as JSON.
+
+Each checkpoint holds `state` (step, params, optimizer state, RNG) and `meta`
+(epoch, validation metrics, characters, image size). The latest few and the
+best by validation accuracy are kept. Orbax writes each checkpoint to a
+temporary folder and renames it when complete, so a run killed mid-save
+resumes from the last complete one.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from jax.sharding import Sharding
+from orbax.checkpoint import checkpoint_managers
+
+BEST_METRIC = "val_accuracy"
+
+
+def _best_metric(metrics: Mapping[str, float]) -> float:
+  return metrics[BEST_METRIC]
+
+
+def create_manager(
+  workdir: str | os.PathLike, keep: int = 3, read_only: bool = False
+) -> ocp.CheckpointManager:
+  """A manager under `<workdir>/checkpoints` keeping the `keep` latest and the best."""
+  policy = checkpoint_managers.AnyPreservationPolicy(
+    [
+      checkpoint_managers.LatestN(keep),
+      checkpoint_managers.BestN(get_metric_fn=_best_metric, n=1),
+    ]
+  )
+  options = ocp.CheckpointManagerOptions(
+    best_fn=_best_metric,
+    best_mode="max",
+    preservation_policy=policy,
+    read_only=read_only,
+    create=not read_only,
+  )
+  directory = Path(workdir).absolute() / "checkpoints"
+  return ocp.CheckpointManager(directory, options=options, item_names=("state", "meta"))
+
+
+def save(
+  manager: ocp.CheckpointManager,
+  state: Any,
+  meta: Mapping[str, Any],
+  metrics: Mapping[str, float],
+) -> None:
+  """Starts an asynchronous save of `state` at its step."""
+  step = int(jax.device_get(state.step))
+  manager.save(
+    step,
+    args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(dict(meta))
+    ),
+    metrics={key: float(value) for key, value in metrics.items()},
+  )
+
+
+def abstract_like(tree: Any, sharding: Sharding) -> Any:
+  """Shapes and dtypes of `tree`, to be restored with `sharding`."""
+  return jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree
+  )
+
+
+def restore(
+  manager: ocp.CheckpointManager, step: int, abstract_state: Any
+) -> tuple[Any, dict[str, Any]]:
+  """Restores checkpoint `step` into the shapes and shardings of `abstract_state`."""
+  restored = manager.restore(
+    step,
+    args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
+    ),
+  )
+  return restored.state, restored.meta
+
+
+def read_meta(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
+  """The JSON metadata of checkpoint `step`, without reading any array."""
+  return manager.restore(
+    step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+  ).meta

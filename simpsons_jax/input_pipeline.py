@@ -1,0 +1,170 @@
+"""From image files to batches: split, decode, resize, cache, shuffle, batch.
+
+Each image is decoded once per run: the resized uint8 images are cached (in
+memory, or on disk under `config.cache_dir`) after the first pass. Training
+reads one iterator over all remaining epochs, each epoch shuffled with a seed
+derived from (seed, epoch), so a resumed run sees the same batches as an
+uninterrupted one. Evaluation pads the last batch and marks real examples in
+`mask`, so every example counts exactly once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import ml_collections
+import numpy as np
+import tensorflow as tf
+
+from simpsons_jax import characters
+
+Batch = dict[str, np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+  """Image paths and their character ids."""
+
+  paths: np.ndarray  # str
+  labels: np.ndarray  # int32
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+
+def examples(images: Mapping[str, list[Path]], cmap: characters.CharacterMap) -> Split:
+  """Every image of the map's characters, labelled with the character id."""
+  paths, labels = [], []
+  for label, name in enumerate(cmap.names):
+    paths += [str(p) for p in images[name]]
+    labels += [label] * len(images[name])
+  return Split(np.asarray(paths, dtype=str), np.asarray(labels, dtype=np.int32))
+
+
+def _per_class_take(split: Split, fraction: float, seed: int) -> np.ndarray:
+  """Seeded indices of about `fraction` of each class (at least one)."""
+  rng = np.random.default_rng(seed)
+  taken = []
+  for label in np.unique(split.labels):
+    idx = rng.permutation(np.flatnonzero(split.labels == label))
+    taken.append(idx[: max(1, round(fraction * len(idx)))])
+  return np.sort(np.concatenate(taken)) if taken else np.zeros(0, np.int64)
+
+
+def _subset(split: Split, idx: np.ndarray) -> Split:
+  return Split(split.paths[idx], split.labels[idx])
+
+
+def split_train_val(
+  split: Split, val_fraction: float, seed: int
+) -> tuple[Split, Split]:
+  """A seeded split, stratified by character: `val_fraction` of each goes to val.
+
+  Every character with at least two images keeps one in each part.
+  """
+  val = _per_class_take(split, val_fraction, seed)
+  counts = np.bincount(split.labels)
+  val = val[counts[split.labels[val]] >= 2]
+  train = np.setdiff1d(np.arange(len(split)), val)
+  return _subset(split, train), _subset(split, val)
+
+
+def subsample(split: Split, fraction: float, seed: int) -> Split:
+  """A seeded, stratified `fraction` of `split` (the notebook's small dataset)."""
+  if fraction >= 1.0:
+    return split
+  return _subset(split, _per_class_take(split, fraction, seed + 1))
+
+
+def decode_and_resize(path: tf.Tensor, image_size: int) -> tf.Tensor:
+  """Reads a JPEG or PNG of any mode and returns uint8 RGB (image_size, image_size)."""
+  image = tf.io.decode_image(
+    tf.io.read_file(path), channels=3, dtype=tf.uint8, expand_animations=False
+  )
+  image = tf.image.resize(image, (image_size, image_size), antialias=True)
+  return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+
+
+def _cache_file(cache_dir: str, split: Split, image_size: int) -> str:
+  """A cache file name that changes whenever the files or the size change."""
+  if not cache_dir:
+    return ""
+  digest = hashlib.sha256(str(image_size).encode())
+  for path, label in zip(split.paths, split.labels, strict=True):
+    digest.update(f"{path}\0{label}\n".encode())
+  os.makedirs(cache_dir, exist_ok=True)
+  return os.path.join(cache_dir, f"images_{digest.hexdigest()[:16]}")
+
+
+def decoded_dataset(
+  split: Split, image_size: int, cache_dir: str = ""
+) -> tf.data.Dataset:
+  """Decoded, resized examples in split order, cached after the first pass."""
+  ds = tf.data.Dataset.from_tensor_slices((split.paths, split.labels))
+  ds = ds.map(
+    lambda path, label: {"image": decode_and_resize(path, image_size), "label": label},
+    num_parallel_calls=tf.data.AUTOTUNE,
+  )
+  return ds.cache(_cache_file(cache_dir, split, image_size))
+
+
+def epoch_seed(seed: int, epoch: tf.Tensor) -> tf.Tensor:
+  """The shuffle seed of one epoch."""
+  return tf.cast(seed, tf.int64) * 1_000_003 + tf.cast(epoch, tf.int64)
+
+
+def train_batches(
+  split: Split,
+  config: ml_collections.ConfigDict,
+  batch_size: int,
+  start_step: int = 0,
+) -> Iterator[Batch]:
+  """Shuffled training batches from `start_step` to the end of the run.
+
+  The last partial batch of each epoch is dropped. Batch `s` is the same
+  whatever step the iterator started from.
+  """
+  steps_per_epoch = len(split) // batch_size
+  if steps_per_epoch == 0:
+    raise ValueError(
+      f"The training split has {len(split)} images, fewer than one batch of "
+      f"{batch_size}: lower --config.batch_size or use more data."
+    )
+  decoded = decoded_dataset(split, config.image_size, config.cache_dir)
+  first_epoch, offset = divmod(start_step, steps_per_epoch)
+
+  def one_epoch(epoch: tf.Tensor) -> tf.data.Dataset:
+    shuffled = decoded.shuffle(len(split), seed=epoch_seed(config.seed, epoch))
+    return shuffled.batch(batch_size, drop_remainder=True)
+
+  ds = tf.data.Dataset.range(first_epoch, config.num_epochs).flat_map(one_epoch)
+  ds = ds.skip(offset).prefetch(tf.data.AUTOTUNE)
+  return ds.as_numpy_iterator()
+
+
+def eval_batches(
+  split: Split, image_size: int, batch_size: int, cache_dir: str = ""
+) -> list[Batch]:
+  """All of `split` in order, in batches of `batch_size` padded with `mask`=0."""
+  batches = []
+  ds = decoded_dataset(split, image_size, cache_dir).batch(batch_size)
+  for batch in ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator():
+    batches.append(pad_batch(batch, batch_size))
+  return batches
+
+
+def pad_batch(batch: Batch, batch_size: int) -> Batch:
+  """Pads every array to `batch_size` rows and adds `mask` (1 real, 0 padding)."""
+  n = len(batch["label"])
+  padded = {
+    key: np.concatenate(
+      [value, np.zeros((batch_size - n, *value.shape[1:]), value.dtype)]
+    )
+    for key, value in batch.items()
+  }
+  padded["mask"] = (np.arange(batch_size) < n).astype(np.float32)
+  return padded

@@ -1,0 +1,287 @@
+"""The train state, the jitted train and eval steps, and the training loop."""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax.training import train_state
+from jax.sharding import Mesh
+
+from simpsons_jax import (
+  characters,
+  checkpointing,
+  input_pipeline,
+  metrics,
+  models,
+  sharding,
+  summary,
+  synthetic,
+)
+
+
+class TrainState(train_state.TrainState):
+  """Step, params and optimizer state, plus the base key for dropout."""
+
+  rng: jax.Array
+
+
+def create_train_state(
+  model: nn.Module, config: ml_collections.ConfigDict, rng: jax.Array
+) -> TrainState:
+  """Fresh parameters and Adam state for `model` on images of the config's size."""
+  init_rng, dropout_rng = jax.random.split(rng)
+  images = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.uint8)
+  params = model.init(init_rng, images, train=False)["params"]
+  return TrainState.create(
+    apply_fn=model.apply,
+    params=params,
+    tx=optax.adam(config.learning_rate),
+    rng=dropout_rng,
+  )
+
+
+def train_step(
+  state: TrainState, batch: Mapping[str, jax.Array]
+) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One Adam step on softmax cross-entropy; returns the batch's metric sums."""
+  dropout_rng = jax.random.fold_in(state.rng, state.step)
+
+  def loss_fn(params):
+    logits = state.apply_fn(
+      {"params": params}, batch["image"], train=True, rngs={"dropout": dropout_rng}
+    )
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+    return losses.mean(), (losses, logits)
+
+  (_, (losses, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  state = state.apply_gradients(grads=grads)
+  sums = {
+    "loss_sum": losses.sum(),
+    "correct": (logits.argmax(-1) == batch["label"]).sum(),
+    "count": jnp.asarray(losses.shape[0], jnp.float32),
+  }
+  return state, sums
+
+
+def eval_step(
+  state: TrainState, batch: Mapping[str, jax.Array], num_classes: int
+) -> dict[str, jax.Array]:
+  """Metric sums over the real (mask=1) examples of a padded batch."""
+  logits = state.apply_fn({"params": state.params}, batch["image"], train=False)
+  labels, mask = batch["label"], batch["mask"]
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  predicted = logits.argmax(-1)
+  top3 = jax.lax.top_k(logits, min(3, num_classes))[1]
+  true_onehot = jax.nn.one_hot(labels, num_classes) * mask[:, None]
+  return {
+    "loss_sum": (losses * mask).sum(),
+    "correct": ((predicted == labels) * mask).sum(),
+    "top3_correct": ((top3 == labels[:, None]).any(-1) * mask).sum(),
+    "count": mask.sum(),
+    "confusion": true_onehot.T @ jax.nn.one_hot(predicted, num_classes),
+  }
+
+
+def jit_steps(mesh: Mesh, num_classes: int) -> tuple[Callable, Callable]:
+  """`train_step` and `eval_step` compiled for `mesh`, the state donated."""
+  state_sharding = sharding.replicated(mesh)
+  batch_sharding = sharding.data_sharding(mesh)
+  jitted_train = jax.jit(
+    train_step,
+    in_shardings=(state_sharding, batch_sharding),
+    out_shardings=(state_sharding, state_sharding),
+    donate_argnums=0,
+  )
+  jitted_eval = jax.jit(
+    functools.partial(eval_step, num_classes=num_classes),
+    in_shardings=(state_sharding, batch_sharding),
+    out_shardings=state_sharding,
+  )
+  return jitted_train, jitted_eval
+
+
+def evaluate(
+  eval_fn: Callable, state: TrainState, batches: Iterable[Any], mesh: Mesh
+) -> dict[str, float]:
+  """Loss, accuracy, top-3, macro-F1 and balanced accuracy over padded batches."""
+  totals = None
+  for batch in sharding.prefetch(batches, mesh):
+    totals = metrics.add(totals, eval_fn(state, batch))
+  return metrics.summarize(totals)
+
+
+def _data_dir(config: ml_collections.ConfigDict, workdir: Path) -> Path:
+  if config.dataset == "synthetic":
+    return synthetic.generate(
+      workdir / "synthetic_data", config.synthetic_images_per_character, config.seed
+    )
+  if config.dataset == "folder":
+    return characters.resolve_data_dir(config.data_dir)
+  raise ValueError(
+    f"Unknown --config.dataset={config.dataset!r}; use folder or synthetic."
+  )
+
+
+def _log_devices(mesh: Mesh) -> None:
+  device = mesh.devices.flat[0]
+  logging.info(
+    "Devices: %d x %s (%s), %d process(es); mesh %s.",
+    mesh.size,
+    device.device_kind,
+    device.platform,
+    jax.process_count(),
+    dict(mesh.shape),
+  )
+
+
+def _flat_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  return {key: value for key, value in config.items() if not isinstance(value, dict)}
+
+
+def train_and_evaluate(
+  config: ml_collections.ConfigDict,
+  workdir: str | Path,
+  mesh: Mesh | None = None,
+) -> tuple[TrainState, dict[str, float]]:
+  """Trains to `config.num_epochs`, resuming from `workdir` if it holds a run.
+
+  Returns the final state and the last validation metrics.
+  """
+  workdir = Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  mesh = sharding.make_mesh() if mesh is None else mesh
+  sharding.check_batch_size(config.batch_size, mesh)
+  _log_devices(mesh)
+
+  images = characters.find_images(_data_dir(config, workdir))
+  cmap = characters.load_or_create(workdir, images, config.min_images)
+  train_split, val_split = input_pipeline.split_train_val(
+    input_pipeline.examples(images, cmap), config.val_fraction, config.seed
+  )
+  train_split = input_pipeline.subsample(
+    train_split, config.train_fraction, config.seed
+  )
+  logging.info(
+    "Data: %d characters, %d training and %d validation images.",
+    cmap.num_classes,
+    len(train_split),
+    len(val_split),
+  )
+  steps_per_epoch = len(train_split) // config.batch_size
+  total_steps = steps_per_epoch * config.num_epochs
+
+  model = models.create(config, cmap.num_classes)
+  init = functools.partial(create_train_state, model, config)
+  replicated = sharding.replicated(mesh)
+  rng = jax.random.PRNGKey(config.seed)
+  manager = checkpointing.create_manager(workdir, config.checkpoints_to_keep)
+  if manager.latest_step() is not None:
+    abstract = checkpointing.abstract_like(jax.eval_shape(init, rng), replicated)
+    state, _ = checkpointing.restore(manager, manager.latest_step(), abstract)
+    logging.info(
+      "Resumed from step %d in %s.", manager.latest_step(), manager.directory
+    )
+  else:
+    state = jax.jit(init, out_shardings=replicated)(rng)
+  start_step = int(jax.device_get(state.step))
+  logging.info(
+    "Model %s: %s parameters.", config.model, f"{models.count_params(state.params):,}"
+  )
+
+  p_train_step, p_eval_step = jit_steps(mesh, cmap.num_classes)
+  val_batches = input_pipeline.eval_batches(
+    val_split, config.image_size, config.batch_size, config.cache_dir
+  )
+  writer = summary.SummaryWriter(workdir / "tensorboard")
+  if start_step == 0:
+    writer.hparams(_flat_config(config))
+
+  val_metrics: dict[str, float] = {}
+  totals, window_start, window_steps = None, time.perf_counter(), 0
+  batches = input_pipeline.train_batches(
+    train_split, config, config.batch_size, start_step
+  )
+  for step, batch in zip(
+    range(start_step + 1, total_steps + 1),
+    sharding.prefetch(_with_first_batch_shown(batches, writer, start_step), mesh),
+    strict=True,
+  ):
+    state, sums = p_train_step(state, batch)
+    totals = _accumulate(totals, sums)
+    window_steps += 1
+    if step % config.log_every_steps == 0 or step % steps_per_epoch == 0:
+      train_metrics = metrics.summarize(jax.device_get(totals))
+      if not np.isfinite(train_metrics["loss"]):
+        raise FloatingPointError(
+          f"Training loss is {train_metrics['loss']} at step {step}; the last good "
+          f"checkpoint is kept in {manager.directory}."
+        )
+      elapsed = time.perf_counter() - window_start
+      rate = window_steps * config.batch_size / elapsed
+      writer.scalars(step, {f"train_{k}": v for k, v in train_metrics.items()})
+      writer.scalars(step, {"train_images_per_second": rate})
+      eta = (total_steps - step) * config.batch_size / rate
+      logging.info(
+        "epoch %d/%d step %d/%d: loss %.4f, accuracy %.4f, %.0f images/s, ETA %s",
+        (step - 1) // steps_per_epoch + 1,
+        config.num_epochs,
+        step,
+        total_steps,
+        train_metrics["loss"],
+        train_metrics["accuracy"],
+        rate,
+        time.strftime("%H:%M:%S", time.gmtime(eta)),
+      )
+      totals, window_start, window_steps = None, time.perf_counter(), 0
+    if step % steps_per_epoch == 0:
+      epoch = step // steps_per_epoch
+      val_metrics = evaluate(p_eval_step, state, val_batches, mesh)
+      writer.scalars(step, {f"val_{k}": v for k, v in val_metrics.items()})
+      writer.flush()
+      logging.info(
+        "epoch %d validation: %s",
+        epoch,
+        ", ".join(f"{k} {v:.4f}" for k, v in val_metrics.items()),
+      )
+      meta = {
+        "epoch": epoch,
+        "step": step,
+        "characters": list(cmap.names),
+        "image_size": config.image_size,
+        "val": val_metrics,
+      }
+      checkpointing.save(
+        manager, state, meta, {f"val_{k}": v for k, v in val_metrics.items()}
+      )
+  if not val_metrics:
+    val_metrics = evaluate(p_eval_step, state, val_batches, mesh)
+  manager.wait_until_finished()
+  manager.close()
+  writer.close()
+  return state, val_metrics
+
+
+def _accumulate(totals, sums):
+  """Adds step sums on the device, so no step waits for the host."""
+  if totals is None:
+    return sums
+  return jax.tree.map(jnp.add, totals, sums)
+
+
+def _with_first_batch_shown(batches, writer: summary.SummaryWriter, start_step: int):
+  """Passes batches through, writing a grid of the first one to TensorBoard."""
+  for i, batch in enumerate(batches):
+    if i == 0 and start_step == 0:
+      writer.images(0, "train_inputs", batch["image"])
+    yield batch
