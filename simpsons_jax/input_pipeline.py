@@ -142,8 +142,11 @@ def train_batches(
     return shuffled.batch(batch_size, drop_remainder=True)
 
   ds = tf.data.Dataset.range(first_epoch, config.num_epochs).flat_map(one_epoch)
-  ds = ds.skip(offset).prefetch(tf.data.AUTOTUNE)
-  return ds.as_numpy_iterator()
+  ds = ds.skip(offset).prefetch(2)
+  # Autotuning a pipeline of many epochs made its teardown wait tens of seconds.
+  options = tf.data.Options()
+  options.autotune.enabled = False
+  return ds.with_options(options).as_numpy_iterator()
 
 
 def eval_batches(

@@ -193,7 +193,10 @@ def train_and_evaluate(
       "Resumed from step %d in %s.", manager.latest_step(), manager.directory
     )
   else:
-    state = jax.jit(init, out_shardings=replicated)(rng)
+    # Partitionable threefry (the default, used for dropout) takes XLA:CPU
+    # seconds per parameter shape to compile; initial values need no sharding.
+    with jax.threefry_partitionable(False):
+      state = jax.jit(init, out_shardings=replicated)(rng)
   start_step = int(jax.device_get(state.step))
   logging.info(
     "Model %s: %s parameters.", config.model, f"{models.count_params(state.params):,}"
@@ -269,6 +272,13 @@ def train_and_evaluate(
   manager.wait_until_finished()
   manager.close()
   writer.close()
+  logging.info(
+    "Finished at step %d: validation accuracy %.4f; best checkpoint: step %s in %s.",
+    total_steps,
+    val_metrics["accuracy"],
+    manager.best_step(),
+    manager.directory,
+  )
   return state, val_metrics
 
 

@@ -1,0 +1,55 @@
+"""Shared fixtures. Eight CPU devices are simulated for every test."""
+
+import os
+
+# Must happen before jax is imported anywhere.
+os.environ["XLA_FLAGS"] = (
+  os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+)
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+tf.config.set_visible_devices([], "GPU")
+
+from configs import default  # noqa: E402
+from simpsons_jax import synthetic  # noqa: E402
+
+# Real Simpsons frames (read-only); tests that need them skip without them.
+SHARED_DATA = Path(
+  os.environ.get(
+    "SIMPSONS_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"
+  )
+)
+
+
+def shared_data(*parts: str) -> Path:
+  """A folder of ../shared/data, or a skip when this machine lacks it."""
+  path = SHARED_DATA.joinpath(*parts)
+  if not path.is_dir():
+    pytest.skip(f"{path} is absent (set SIMPSONS_SHARED_DATA to the shared data)")
+  return path
+
+
+@pytest.fixture(scope="session")
+def tiny_data_dir(tmp_path_factory) -> Path:
+  """Six synthetic characters of 20 images each, in the Kaggle layout."""
+  return synthetic.generate(tmp_path_factory.mktemp("tiny"), images_per_character=20)
+
+
+@pytest.fixture
+def tiny_config(tiny_data_dir):
+  """The default config shrunk to run in seconds on the tiny folder."""
+  config = default.get_config()
+  config.data_dir = str(tiny_data_dir)
+  config.min_images = 1
+  config.image_size = 32
+  config.val_fraction = 0.2
+  config.dense_features = (64, 64)
+  config.batch_size = 16
+  config.num_epochs = 2
+  config.log_every_steps = 2
+  return config

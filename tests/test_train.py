@@ -1,0 +1,187 @@
+"""Training and evaluation: steps, exact metrics, resume and device count."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from configs import overfit
+from simpsons_jax import (
+  characters,
+  input_pipeline,
+  metrics,
+  models,
+  sharding,
+  train,
+)
+from tests.conftest import shared_data
+
+
+def test_train_step_lowers_the_loss_on_a_fixed_batch(tiny_config):
+  tiny_config.dropout_rate = 0.0
+  mesh = sharding.make_mesh()
+  model = models.create(tiny_config, num_classes=6)
+  state = train.create_train_state(model, tiny_config, jax.random.PRNGKey(0))
+  rng = np.random.default_rng(0)
+  batch = {
+    "image": rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8),
+    "label": np.arange(16, dtype=np.int32) % 6,
+  }
+  train_step, _ = train.jit_steps(mesh, 6)
+  losses = []
+  for _ in range(40):
+    state, sums = train_step(state, sharding.shard_batch(batch, mesh))
+    losses.append(float(sums["loss_sum"]) / 16)
+  assert int(state.step) == 40
+  assert losses[-1] < 0.5 * losses[0]
+
+
+def _fixed_prediction_state(num_classes):
+  """A state whose 'model' predicts the class written in pixel (0, 0, 0)."""
+
+  def apply_fn(variables, images, train):
+    del variables, train
+    return 5.0 * jax.nn.one_hot(images[:, 0, 0, 0], num_classes)
+
+  return train.TrainState.create(
+    apply_fn=apply_fn,
+    params={"unused": jnp.zeros(())},
+    tx=optax.identity(),
+    rng=jax.random.PRNGKey(0),
+  )
+
+
+def test_evaluation_counts_each_example_once_exactly():
+  # 13 examples, batch 8: the second batch is padded with 3 masked rows.
+  labels = np.array([0, 0, 0, 0, 1, 1, 1, 2, 2, 2, 2, 2, 2], np.int32)
+  predicted = np.array([0, 0, 0, 1, 1, 1, 2, 2, 2, 2, 2, 0, 0], np.int32)
+  images = np.zeros((13, 4, 4, 3), np.uint8)
+  images[:, 0, 0, 0] = predicted
+  batches = [
+    input_pipeline.pad_batch(
+      {"image": images[i : i + 8], "label": labels[i : i + 8]}, 8
+    )
+    for i in (0, 8)
+  ]
+  mesh = sharding.make_mesh()
+  _, eval_step = train.jit_steps(mesh, 3)
+  result = train.evaluate(eval_step, _fixed_prediction_state(3), batches, mesh)
+
+  assert result["accuracy"] == pytest.approx(9 / 13)
+  assert result["top3_accuracy"] == 1.0
+  # Per class recall 3/4, 2/3, 4/6; precision 3/5, 2/3, 4/5.
+  f1 = [
+    2 * p * r / (p + r) for p, r in [(3 / 5, 3 / 4), (2 / 3, 2 / 3), (4 / 5, 4 / 6)]
+  ]
+  assert result["macro_f1"] == pytest.approx(np.mean(f1))
+  assert result["balanced_accuracy"] == pytest.approx((3 / 4 + 2 / 3 + 4 / 6) / 3)
+  logit_loss = -jax.nn.log_softmax(jnp.array([5.0, 0, 0]))
+  expected_loss = (9 * logit_loss[0] + 4 * logit_loss[1]) / 13
+  assert result["loss"] == pytest.approx(float(expected_loss), rel=1e-6)
+
+
+def test_confusion_totals_add_up_to_the_examples():
+  confusion = np.array([[3, 1, 0], [0, 2, 1], [2, 0, 4]])
+  stats = metrics.per_class(confusion)
+  np.testing.assert_allclose(stats["support"], [4, 3, 6])
+  np.testing.assert_allclose(stats["precision"], [3 / 5, 2 / 3, 4 / 5])
+  np.testing.assert_allclose(stats["recall"], [3 / 4, 2 / 3, 4 / 6])
+
+
+def _params(state):
+  return jax.tree.leaves(jax.device_get(state.params))
+
+
+def test_stop_and_resume_equals_an_uninterrupted_run(tiny_config, tmp_path):
+  tiny_config.num_epochs = 3
+  uninterrupted, _ = train.train_and_evaluate(tiny_config, tmp_path / "a")
+
+  tiny_config.num_epochs = 1
+  train.train_and_evaluate(tiny_config, tmp_path / "b")
+  tiny_config.num_epochs = 3
+  resumed, _ = train.train_and_evaluate(tiny_config, tmp_path / "b")
+
+  assert int(resumed.step) == int(uninterrupted.step)
+  for a, b in zip(_params(uninterrupted), _params(resumed), strict=True):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_crash_mid_epoch_resumes_from_the_last_checkpoint(
+  tiny_config, tmp_path, monkeypatch
+):
+  tiny_config.num_epochs = 2
+  uninterrupted, _ = train.train_and_evaluate(tiny_config, tmp_path / "a")
+  steps_per_epoch = int(uninterrupted.step) // 2
+
+  real_batches = input_pipeline.train_batches
+
+  def crashing_batches(*args, **kwargs):
+    for i, batch in enumerate(real_batches(*args, **kwargs)):
+      if i == steps_per_epoch + 3:
+        raise KeyboardInterrupt("killed mid-epoch")
+      yield batch
+
+  monkeypatch.setattr(input_pipeline, "train_batches", crashing_batches)
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(tiny_config, tmp_path / "b")
+  monkeypatch.setattr(input_pipeline, "train_batches", real_batches)
+  resumed, _ = train.train_and_evaluate(tiny_config, tmp_path / "b")
+  for a, b in zip(_params(uninterrupted), _params(resumed), strict=True):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_eight_devices_train_like_one(tiny_config, tmp_path):
+  assert jax.device_count() == 8
+  one_state, one = train.train_and_evaluate(
+    tiny_config, tmp_path / "one", mesh=sharding.make_mesh(jax.devices()[:1])
+  )
+  eight_state, eight = train.train_and_evaluate(tiny_config, tmp_path / "eight")
+  assert one["loss"] == pytest.approx(eight["loss"], rel=1e-4)
+  # Adam turns reduction-order noise in near-zero gradients into steps of up
+  # to the learning rate, so parameters agree to a few such steps.
+  for a, b in zip(_params(one_state), _params(eight_state), strict=True):
+    np.testing.assert_allclose(a, b, atol=2 * tiny_config.learning_rate)
+
+
+def test_batch_that_devices_do_not_divide_is_rejected(tiny_config, tmp_path):
+  tiny_config.batch_size = 12
+  with pytest.raises(ValueError, match="does not split over 8 devices"):
+    train.train_and_evaluate(tiny_config, tmp_path)
+
+
+def test_overfit_config_fits_real_frames_exactly(tmp_path):
+  config = overfit.get_config()
+  config.data_dir = str(shared_data("simpsons-mnist", "train"))
+  config.min_images = 1
+  config.image_size = 28
+  config.num_epochs = 40
+  state, _ = train.train_and_evaluate(config, tmp_path)
+
+  images = characters.find_images(config.data_dir)
+  cmap = characters.CharacterMap.load(tmp_path / "characters.json")
+  train_split, _ = input_pipeline.split_train_val(
+    input_pipeline.examples(images, cmap), config.val_fraction, config.seed
+  )
+  small = input_pipeline.subsample(train_split, config.train_fraction, config.seed)
+  assert len(small) == 80
+  mesh = sharding.make_mesh()
+  _, eval_step = train.jit_steps(mesh, cmap.num_classes)
+  batches = input_pipeline.eval_batches(small, config.image_size, config.batch_size)
+  result = train.evaluate(eval_step, state, batches, mesh)
+  assert result["accuracy"] == 1.0
+
+
+def test_steps_are_pure_functions_of_their_inputs(tiny_config):
+  model = models.create(tiny_config, num_classes=6)
+  state = train.create_train_state(model, tiny_config, jax.random.PRNGKey(0))
+  batch = {
+    "image": np.full((16, 32, 32, 3), 128, np.uint8),
+    "label": np.zeros(16, np.int32),
+  }
+  step = jax.jit(functools.partial(train.train_step))
+  (a, _), (b, _) = step(state, batch), step(state, batch)
+  for x, y in zip(_params(a), _params(b), strict=True):
+    np.testing.assert_array_equal(x, y)
