@@ -1,10 +1,11 @@
-"""Trains the Simpsons character classifier.
+"""Train, evaluate and use the Simpsons character classifier.
 
   python main.py --config=configs/demo.py --workdir=runs/demo
-  python main.py --config=configs/full.py --workdir=runs/full \
-      --config.data_dir=~/data/simpsons_dataset
+  python main.py --mode=evaluate --workdir=runs/demo [--eval_dir=DIR]
+  python main.py --mode=predict --workdir=runs/demo frame.jpg folder/ ...
+  python main.py --mode=show_data --workdir=runs/demo
 
-Running again with the same --workdir resumes the run.
+Training again with the same --workdir resumes the run.
 """
 
 import logging as logging_lib
@@ -16,9 +17,29 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
   "config", None, "Configuration file, e.g. configs/full.py.", lock_config=True
 )
-flags.DEFINE_string("workdir", None, "Folder for checkpoints, summaries and the map.")
-flags.DEFINE_enum("mode", "train", ["train"], "What to do with the workdir.")
-flags.mark_flags_as_required(["config", "workdir"])
+flags.DEFINE_string("workdir", None, "Folder of the run: checkpoints, summaries, map.")
+flags.DEFINE_enum(
+  "mode",
+  "train",
+  ["train", "evaluate", "predict", "show_data"],
+  "train (or resume); evaluate a checkpoint; predict the character of images; "
+  "show_data draws random training frames with their labels.",
+)
+flags.DEFINE_string(
+  "checkpoint", "best", "evaluate/predict: 'best', 'latest' or a step number."
+)
+flags.DEFINE_string(
+  "eval_dir",
+  "",
+  "evaluate: a folder in the Kaggle training layout (<character>/*.jpg) or "
+  "test-set layout (<character>_<N>.jpg); default: the run's validation split.",
+)
+flags.DEFINE_integer("top_k", 3, "predict: how many characters to list per image.")
+flags.DEFINE_float(
+  "threshold", 0.0, "predict: below this probability the answer is 'unknown'."
+)
+flags.DEFINE_string("output", "", "predict: also write the results to this JSON file.")
+flags.mark_flag_as_required("workdir")
 
 
 def _quiet_orbax(record: logging_lib.LogRecord) -> bool:
@@ -27,17 +48,36 @@ def _quiet_orbax(record: logging_lib.LogRecord) -> bool:
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  paths = argv[1:]
+  if paths and FLAGS.mode != "predict":
+    raise app.UsageError(f"Unexpected arguments: {paths}")
   logging.get_absl_handler().addFilter(_quiet_orbax)
   import tensorflow as tf
 
   # tf.data only feeds the host; keep TensorFlow off the accelerators.
   tf.config.set_visible_devices([], "GPU")
-  from simpsons_jax import train
+  from simpsons_jax import evaluate, predict, train
 
-  logging.info("Config:\n%s", FLAGS.config)
-  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  if FLAGS.mode == "train":
+    if FLAGS.config is None:
+      raise app.UsageError("--config is required to train, e.g. configs/demo.py.")
+    logging.info("Config:\n%s", FLAGS.config)
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  elif FLAGS.mode == "evaluate":
+    evaluate.run(FLAGS.workdir, FLAGS.eval_dir, FLAGS.checkpoint)
+  elif FLAGS.mode == "predict":
+    if not paths:
+      raise app.UsageError("predict needs image files or folders after the flags.")
+    predict.run(
+      FLAGS.workdir,
+      paths,
+      FLAGS.top_k,
+      FLAGS.threshold,
+      FLAGS.checkpoint,
+      FLAGS.output,
+    )
+  else:
+    print(evaluate.show_data(FLAGS.workdir))
 
 
 if __name__ == "__main__":

@@ -11,11 +11,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 MAP_FILENAME = "characters.json"
+# Kaggle's test set: kaggle_simpson_testset/<character>_<N>.jpg.
+_TEST_FILENAME = re.compile(r"^(?P<name>.+)_(?P<number>\d+)$")
 
 
 class DatasetError(ValueError):
@@ -135,3 +138,29 @@ def load_or_create(
       "data folder and min_images the run started with, or a new --workdir."
     )
   return saved
+
+
+def parse_test_filename(path: str | os.PathLike) -> str | None:
+  """The character of a Kaggle test-set file (`abraham_grampa_simpson_12.jpg`).
+
+  Returns None when the name does not end in `_<number>` before the extension.
+  """
+  match = _TEST_FILENAME.match(Path(path).stem)
+  return match["name"] if match else None
+
+
+def find_labelled_images(folder: str | os.PathLike) -> dict[str, list[Path]]:
+  """Images per character of a folder in either Kaggle layout.
+
+  The training layout (`<folder>/<character>/*.jpg`) or the test-set layout
+  (`<folder>/<character>_<N>.jpg`); unparseable test-set names are filed
+  under the empty name.
+  """
+  root = resolve_data_dir(folder)
+  flat = list_images(root)
+  if not flat:
+    return find_images(root)
+  images: dict[str, list[Path]] = {}
+  for path in flat:
+    images.setdefault(parse_test_filename(path) or "", []).append(path)
+  return dict(sorted(images.items()))

@@ -9,17 +9,20 @@ resumes from the last complete one.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import jax
+import ml_collections
 import orbax.checkpoint as ocp
 from jax.sharding import Sharding
 from orbax.checkpoint import checkpoint_managers
 
 BEST_METRIC = "val_accuracy"
+CONFIG_FILENAME = "config.json"
 
 
 def _best_metric(metrics: Mapping[str, float]) -> float:
@@ -84,8 +87,47 @@ def restore(
   return restored.state, restored.meta
 
 
-def read_meta(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
-  """The JSON metadata of checkpoint `step`, without reading any array."""
-  return manager.restore(
-    step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
-  ).meta
+def save_config(workdir: str | os.PathLike, config: ml_collections.ConfigDict) -> None:
+  """Writes the run's config as `<workdir>/config.json`."""
+  Path(workdir, CONFIG_FILENAME).write_text(config.to_json(indent=2) + "\n")
+
+
+def load_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
+  """The config a workdir was trained with."""
+  path = Path(workdir, CONFIG_FILENAME)
+  if not path.exists():
+    raise FileNotFoundError(
+      f"{path} is missing: {workdir} holds no training run (train it with "
+      "--mode=train first, or pass the --workdir of a trained run)."
+    )
+  return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def select_step(manager: ocp.CheckpointManager, checkpoint: str) -> int:
+  """The step named by `checkpoint`: 'best', 'latest' or a step number."""
+  steps = manager.all_steps()
+  if not steps:
+    raise FileNotFoundError(f"No checkpoint in {manager.directory}.")
+  if checkpoint == "best":
+    return manager.best_step()
+  if checkpoint == "latest":
+    return manager.latest_step()
+  if checkpoint.isdigit() and int(checkpoint) in steps:
+    return int(checkpoint)
+  raise ValueError(
+    f"--checkpoint={checkpoint!r} is not best, latest or a saved step; "
+    f"saved steps: {list(steps)}."
+  )
+
+
+def restore_params(
+  manager: ocp.CheckpointManager, step: int, abstract_params: Any
+) -> Any:
+  """Reads only the parameters of checkpoint `step` into `abstract_params`."""
+  item = {"params": abstract_params}
+  args = ocp.args.PyTreeRestore(
+    item=item,
+    restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+    partial_restore=True,
+  )
+  return manager.restore(step, args=ocp.args.Composite(state=args)).state["params"]

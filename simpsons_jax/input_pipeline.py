@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
-from simpsons_jax import characters
+from simpsons_jax import characters, synthetic
 
 Batch = dict[str, np.ndarray]
 
@@ -78,6 +78,31 @@ def subsample(split: Split, fraction: float, seed: int) -> Split:
   if fraction >= 1.0:
     return split
   return _subset(split, _per_class_take(split, fraction, seed + 1))
+
+
+def data_dir(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Path:
+  """The run's image folder; the synthetic one is generated on first use."""
+  if config.dataset == "synthetic":
+    return synthetic.generate(
+      Path(workdir) / "synthetic_data",
+      config.synthetic_images_per_character,
+      config.seed,
+    )
+  if config.dataset == "folder":
+    return characters.resolve_data_dir(config.data_dir)
+  raise ValueError(
+    f"Unknown --config.dataset={config.dataset!r}; use folder or synthetic."
+  )
+
+
+def training_splits(
+  images: Mapping[str, list[Path]],
+  cmap: characters.CharacterMap,
+  config: ml_collections.ConfigDict,
+) -> tuple[Split, Split]:
+  """The run's training split (its `train_fraction`) and validation split."""
+  train, val = split_train_val(examples(images, cmap), config.val_fraction, config.seed)
+  return subsample(train, config.train_fraction, config.seed), val
 
 
 def decode_and_resize(path: tf.Tensor, image_size: int) -> tf.Tensor:

@@ -26,7 +26,6 @@ from simpsons_jax import (
   models,
   sharding,
   summary,
-  synthetic,
 )
 
 
@@ -121,18 +120,6 @@ def evaluate(
   return metrics.summarize(totals)
 
 
-def _data_dir(config: ml_collections.ConfigDict, workdir: Path) -> Path:
-  if config.dataset == "synthetic":
-    return synthetic.generate(
-      workdir / "synthetic_data", config.synthetic_images_per_character, config.seed
-    )
-  if config.dataset == "folder":
-    return characters.resolve_data_dir(config.data_dir)
-  raise ValueError(
-    f"Unknown --config.dataset={config.dataset!r}; use folder or synthetic."
-  )
-
-
 def _log_devices(mesh: Mesh) -> None:
   device = mesh.devices.flat[0]
   logging.info(
@@ -164,14 +151,10 @@ def train_and_evaluate(
   sharding.check_batch_size(config.batch_size, mesh)
   _log_devices(mesh)
 
-  images = characters.find_images(_data_dir(config, workdir))
+  images = characters.find_images(input_pipeline.data_dir(config, workdir))
   cmap = characters.load_or_create(workdir, images, config.min_images)
-  train_split, val_split = input_pipeline.split_train_val(
-    input_pipeline.examples(images, cmap), config.val_fraction, config.seed
-  )
-  train_split = input_pipeline.subsample(
-    train_split, config.train_fraction, config.seed
-  )
+  checkpointing.save_config(workdir, config)
+  train_split, val_split = input_pipeline.training_splits(images, cmap, config)
   logging.info(
     "Data: %d characters, %d training and %d validation images.",
     cmap.num_classes,

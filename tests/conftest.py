@@ -40,11 +40,10 @@ def tiny_data_dir(tmp_path_factory) -> Path:
   return synthetic.generate(tmp_path_factory.mktemp("tiny"), images_per_character=20)
 
 
-@pytest.fixture
-def tiny_config(tiny_data_dir):
-  """The default config shrunk to run in seconds on the tiny folder."""
+def make_tiny_config(data_dir: Path):
+  """The default config shrunk to run in seconds on a tiny folder."""
   config = default.get_config()
-  config.data_dir = str(tiny_data_dir)
+  config.data_dir = str(data_dir)
   config.min_images = 1
   config.image_size = 32
   config.val_fraction = 0.2
@@ -53,3 +52,8 @@ def tiny_config(tiny_data_dir):
   config.num_epochs = 2
   config.log_every_steps = 2
   return config
+
+
+@pytest.fixture
+def tiny_config(tiny_data_dir):
+  return make_tiny_config(tiny_data_dir)

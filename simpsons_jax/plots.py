@@ -1,0 +1,117 @@
+"""Every figure: frame grids titled with characters, and the confusion matrix.
+
+Figures are drawn with matplotlib's non-interactive Agg backend, saved as
+PNG and returned as RGB arrays for TensorBoard.
+"""
+
+from __future__ import annotations
+
+import os
+import textwrap
+from collections.abc import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+RIGHT, WRONG = "#1a7f37", "#cf222e"
+
+
+def title(name: str) -> str:
+  """A character name as a short title: 'homer_simpson' -> 'Homer Simpson'."""
+  return textwrap.fill(name.replace("_", " ").title(), 22)
+
+
+def _save(fig: plt.Figure, path: str | os.PathLike) -> np.ndarray:
+  fig.savefig(path, dpi=100, bbox_inches="tight")
+  fig.canvas.draw()
+  rgb = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+  plt.close(fig)
+  return rgb
+
+
+def frame_grid(
+  paths: Sequence[str],
+  titles: Sequence[str],
+  path: str | os.PathLike,
+  colours: Sequence[str] | None = None,
+  suptitle: str = "",
+  columns: int = 3,
+) -> np.ndarray:
+  """The frames of `paths` in a grid, each titled (and coloured) as given."""
+  rows = max(1, -(-len(paths) // columns))
+  fig, axes = plt.subplots(
+    rows, columns, figsize=(3.2 * columns, 3.6 * rows), squeeze=False
+  )
+  for ax in axes.flat:
+    ax.axis("off")
+  for i, (frame, title) in enumerate(zip(paths, titles, strict=True)):
+    ax = axes.flat[i]
+    with Image.open(frame) as image:
+      ax.imshow(np.asarray(image.convert("RGB")))
+    ax.set_title(title, fontsize=10, color=colours[i] if colours else "black")
+  if suptitle:
+    fig.suptitle(suptitle, fontsize=13)
+  fig.tight_layout()
+  return _save(fig, path)
+
+
+def prediction_grid(
+  paths: Sequence[str],
+  true_names: Sequence[str],
+  predicted_names: Sequence[str],
+  probabilities: Sequence[float],
+  path: str | os.PathLike,
+  suptitle: str = "",
+) -> np.ndarray:
+  """Frames titled with the prediction: green when right, red with the truth."""
+  titles, colours = [], []
+  for truth, guess, p in zip(true_names, predicted_names, probabilities, strict=True):
+    text = f"{title(guess)} ({p:.0%})"
+    if guess != truth:
+      text += f"\ntrue: {title(truth)}"
+    titles.append(text)
+    colours.append(RIGHT if guess == truth else WRONG)
+  return frame_grid(
+    paths, titles, path, colours, suptitle, columns=3 if len(paths) <= 9 else 4
+  )
+
+
+def confusion_matrix(
+  confusion: np.ndarray, names: Sequence[str], path: str | os.PathLike, title: str = ""
+) -> np.ndarray:
+  """The confusion matrix normalised per true class (rows), names on both axes."""
+  confusion = np.asarray(confusion, np.float64)
+  support = confusion.sum(axis=1, keepdims=True)
+  normalised = np.divide(
+    confusion, support, out=np.zeros_like(confusion), where=support > 0
+  )
+  size = max(5.0, 0.55 * len(names) + 3)
+  fig, ax = plt.subplots(figsize=(size, size))
+  image = ax.imshow(normalised, cmap="Blues", vmin=0, vmax=1)
+  labels = [name.replace("_", " ") for name in names]
+  ax.set_xticks(range(len(names)), labels, rotation=60, ha="right", fontsize=9)
+  ax.set_yticks(range(len(names)), labels, fontsize=9)
+  ax.set_xlabel("predicted character")
+  ax.set_ylabel("true character")
+  if len(names) <= 20:
+    for i in range(len(names)):
+      for j in range(len(names)):
+        if confusion[i, j]:
+          colour = "white" if normalised[i, j] > 0.5 else "black"
+          ax.text(
+            j,
+            i,
+            f"{normalised[i, j]:.2f}",
+            ha="center",
+            va="center",
+            fontsize=7,
+            color=colour,
+          )
+  fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
+  ax.set_title(title or "Confusion matrix (rows sum to 1)")
+  fig.tight_layout()
+  return _save(fig, path)

@@ -1,0 +1,149 @@
+"""Evaluation reports, figures and prediction on a trained tiny run."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from simpsons_jax import characters, evaluate, plots, predict, train
+from tests.conftest import make_tiny_config
+
+
+def test_report_on_hand_built_predictions():
+  names = ["bart", "homer", "lisa"]
+  labels = np.array([0, 0, 0, 1, 1, 2, 2, 2])
+  probs = np.array(
+    [
+      [0.7, 0.2, 0.1],  # right
+      [0.6, 0.3, 0.1],  # right
+      [0.2, 0.5, 0.3],  # homer; bart is third
+      [0.1, 0.8, 0.1],  # right
+      [0.5, 0.4, 0.1],  # bart; homer second
+      [0.1, 0.1, 0.8],  # right
+      [0.3, 0.3, 0.4],  # right
+      [0.6, 0.3, 0.1],  # bart; lisa third
+    ]
+  )
+  result = evaluate.report(labels, probs, names)
+  assert result["num_examples"] == 8
+  assert result["accuracy"] == 5 / 8
+  assert result["top3_accuracy"] == 1.0
+  assert result["confusion_matrix"] == [[2, 1, 0], [1, 1, 0], [1, 0, 2]]
+  assert result["per_class"]["bart"] == {
+    "precision": 0.5,
+    "recall": 2 / 3,
+    "f1": pytest.approx(2 * 0.5 * (2 / 3) / (0.5 + 2 / 3)),
+    "support": 3.0,
+  }
+  assert result["per_class"]["lisa"]["precision"] == 1.0
+  assert result["per_class"]["lisa"]["recall"] == 2 / 3
+  f1 = [result["per_class"][n]["f1"] for n in names]
+  assert result["macro_f1"] == pytest.approx(np.mean(f1))
+  expected_loss = -np.mean(np.log(probs[np.arange(8), labels]))
+  assert result["loss"] == pytest.approx(expected_loss)
+
+
+@pytest.mark.parametrize(
+  "filename, character",
+  [
+    ("abraham_grampa_simpson_12.jpg", "abraham_grampa_simpson"),
+    ("homer_simpson_0.JPG", "homer_simpson"),
+    ("moe_szyslak_47.png", "moe_szyslak"),
+    ("no_number.jpg", None),
+    ("12.jpg", None),
+  ],
+)
+def test_kaggle_test_set_file_names(filename, character):
+  assert characters.parse_test_filename(filename) == character
+
+
+def test_figures_are_written(tmp_path):
+  frames = []
+  for i, (size, mode) in enumerate([((40, 30), "RGB"), ((20, 50), "L"), ((9, 9), "P")]):
+    frames.append(tmp_path / f"f{i}.png")
+    Image.new(mode, size, 100).save(frames[-1])
+  image = plots.prediction_grid(
+    [str(f) for f in frames],
+    ["bart", "lisa", "homer_simpson"],
+    ["bart", "bart", "homer_simpson"],
+    [0.9, 0.6, 0.99],
+    tmp_path / "grid.png",
+    "title",
+  )
+  assert (tmp_path / "grid.png").stat().st_size > 1000
+  assert image.ndim == 3 and image.shape[2] == 3 and image.std() > 0
+  confusion = np.array([[5, 1], [0, 3]])
+  plots.confusion_matrix(confusion, ["bart", "lisa"], tmp_path / "cm.png")
+  assert (tmp_path / "cm.png").stat().st_size > 1000
+
+
+@pytest.fixture(scope="module")
+def trained_workdir(tmp_path_factory, tiny_data_dir):
+  """A tiny run trained for two epochs on 8 simulated devices."""
+  config = make_tiny_config(tiny_data_dir)
+  workdir = tmp_path_factory.mktemp("trained")
+  train.train_and_evaluate(config, workdir)
+  return workdir
+
+
+def test_evaluate_validation_split(trained_workdir):
+  result = evaluate.run(trained_workdir)
+  out = trained_workdir / "eval" / "validation"
+  saved = json.loads((out / "report.json").read_text())
+  assert saved["num_examples"] == 24  # 20 % of 20 images, 6 characters
+  assert saved["skipped"] == 0
+  assert saved["accuracy"] == result["accuracy"]
+  assert sum(map(sum, saved["confusion_matrix"])) == 24
+  assert {p.name for p in out.glob("*.png")} >= {
+    "predictions.png",
+    "confusion_matrix.png",
+  }
+
+
+def test_evaluate_kaggle_layouts_and_unknown_characters(
+  trained_workdir, tiny_data_dir, tmp_path
+):
+  flat = tmp_path / "kaggle_simpson_testset"
+  flat.mkdir()
+  for name in ("clown", "spiky_kid"):
+    for i in range(3):
+      shutil.copy(tiny_data_dir / name / f"pic_{i:04d}.jpg", flat / f"{name}_{i}.jpg")
+  shutil.copy(
+    tiny_data_dir / "clown" / "pic_0005.jpg", flat / "apu_nahasapeemapetilon_7.jpg"
+  )
+  result = evaluate.run(trained_workdir, str(flat), checkpoint="latest")
+  assert result["num_examples"] == 6
+  assert result["skipped"] == 1
+  assert result["unknown_characters"] == {"apu_nahasapeemapetilon": 1}
+  assert result["per_class"]["clown"]["support"] == 3
+  assert (trained_workdir / "eval" / "kaggle_simpson_testset" / "report.json").exists()
+
+  nested = evaluate.run(trained_workdir, str(tiny_data_dir))
+  assert nested["num_examples"] == 120
+
+
+def test_predict_any_image_mode_and_size(trained_workdir, tiny_data_dir, tmp_path):
+  with Image.open(tiny_data_dir / "clown" / "pic_0001.jpg") as image:
+    image.convert("L").save(tmp_path / "gray.jpg")
+    image.convert("RGBA").resize((301, 77)).save(tmp_path / "odd.png")
+    image.convert("P").save(tmp_path / "palette.png")
+  output = tmp_path / "out.json"
+  results = predict.run(trained_workdir, [str(tmp_path)], top_k=2, output=str(output))
+  assert [r["path"].split("/")[-1] for r in results] == [
+    "gray.jpg",
+    "odd.png",
+    "palette.png",
+  ]
+  for r in results:
+    assert len(r["top"]) == 2
+    assert r["top"][0]["probability"] >= r["top"][1]["probability"]
+  assert json.loads(output.read_text()) == results
+  sure = predict.run(trained_workdir, [str(tmp_path / "odd.png")], threshold=1.01)
+  assert sure[0]["character"] == predict.UNKNOWN
+
+
+def test_show_data(trained_workdir):
+  path = evaluate.show_data(trained_workdir)
+  assert path.stat().st_size > 1000
