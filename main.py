@@ -62,7 +62,11 @@ def main(argv: list[str]) -> None:
     if FLAGS.config is None:
       raise app.UsageError("--config is required to train, e.g. configs/demo.py.")
     logging.info("Config:\n%s", FLAGS.config)
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    try:
+      train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except train.Interrupted as stop:
+      logging.warning("%s", stop)
+      raise SystemExit(128 + stop.signum) from None
   elif FLAGS.mode == "evaluate":
     evaluate.run(FLAGS.workdir, FLAGS.eval_dir, FLAGS.checkpoint)
   elif FLAGS.mode == "predict":

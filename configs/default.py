@@ -39,4 +39,5 @@ def get_config() -> ml_collections.ConfigDict:
   # Logging and checkpoints.
   config.log_every_steps = 50
   config.checkpoints_to_keep = 3  # The latest few; the best is always kept too.
+  config.restart = False  # True: move the workdir's run to archive/, start anew.
   return config

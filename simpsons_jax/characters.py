@@ -15,6 +15,8 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 
+from absl import logging
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 MAP_FILENAME = "characters.json"
 # Kaggle's test set: kaggle_simpson_testset/<character>_<N>.jpg.
@@ -77,13 +79,17 @@ def resolve_data_dir(data_dir: str | os.PathLike) -> Path:
 
 
 def list_images(folder: Path) -> list[Path]:
-  """Image files directly in `folder` (hidden files skipped), sorted by name."""
+  """Image files directly in `folder`, sorted by name.
+
+  Hidden files are left out; broken links are listed, for the checks of
+  `image_files` to report.
+  """
   return sorted(
     p
     for p in folder.iterdir()
     if not p.name.startswith(".")
     and p.suffix.lower() in IMAGE_EXTENSIONS
-    and p.is_file()
+    and not p.is_dir()
   )
 
 
@@ -106,6 +112,15 @@ def select(images: Mapping[str, list[Path]], min_images: int) -> CharacterMap:
       f"No character has at least min_images={min_images} pictures (found "
       f"{len(images)} character folders, the largest with {most}): lower "
       "--config.min_images or check --config.data_dir."
+    )
+  left_out = sorted(set(images) - set(kept))
+  if left_out:
+    logging.info(
+      "Using %d of %d characters (min_images=%d); left out: %s.",
+      len(kept),
+      len(images),
+      min_images,
+      ", ".join(f"{name} ({len(images[name])})" for name in left_out),
     )
   return CharacterMap(
     names=tuple(kept), counts=tuple(len(images[name]) for name in kept)

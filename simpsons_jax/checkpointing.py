@@ -36,7 +36,9 @@ def create_manager(
   policy = checkpoint_managers.AnyPreservationPolicy(
     [
       checkpoint_managers.LatestN(keep),
-      checkpoint_managers.BestN(get_metric_fn=_best_metric, n=1),
+      checkpoint_managers.BestN(
+        get_metric_fn=_best_metric, n=1, keep_checkpoints_without_metrics=False
+      ),
     ]
   )
   options = ocp.CheckpointManagerOptions(
@@ -45,6 +47,7 @@ def create_manager(
     preservation_policy=policy,
     read_only=read_only,
     create=not read_only,
+    cleanup_tmp_directories=not read_only,
   )
   directory = Path(workdir).absolute() / "checkpoints"
   return ocp.CheckpointManager(directory, options=options, item_names=("state", "meta"))
@@ -54,16 +57,19 @@ def save(
   manager: ocp.CheckpointManager,
   state: Any,
   meta: Mapping[str, Any],
-  metrics: Mapping[str, float],
+  metrics: Mapping[str, float] | None,
 ) -> None:
-  """Starts an asynchronous save of `state` at its step."""
+  """Starts an asynchronous save of `state` at its step.
+
+  Checkpoints without metrics (saved mid-epoch on a stop) are never `best`.
+  """
   step = int(jax.device_get(state.step))
   manager.save(
     step,
     args=ocp.args.Composite(
       state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(dict(meta))
     ),
-    metrics={key: float(value) for key, value in metrics.items()},
+    metrics=metrics and {key: float(value) for key, value in metrics.items()},
   )
 
 

@@ -18,7 +18,15 @@ from typing import Any
 import numpy as np
 from absl import logging
 
-from simpsons_jax import characters, input_pipeline, metrics, plots, predict, summary
+from simpsons_jax import (
+  characters,
+  image_files,
+  input_pipeline,
+  metrics,
+  plots,
+  predict,
+  summary,
+)
 
 VALIDATION = "validation"
 NUM_SHOWN = 9
@@ -60,17 +68,23 @@ def _dataset(
 ) -> tuple[str, input_pipeline.Split, dict[str, list[str]]]:
   """The examples to score, and the files skipped per unknown character."""
   if not eval_dir:
-    images = characters.find_images(input_pipeline.data_dir(trained.config, workdir))
+    images = image_files.validate(
+      characters.find_images(input_pipeline.data_dir(trained.config, workdir)),
+      workdir / "eval" / VALIDATION,
+    )
     _, val = input_pipeline.training_splits(images, trained.cmap, trained.config)
     return VALIDATION, val, {}
-  images = characters.find_labelled_images(eval_dir)
+  name = Path(eval_dir).name
+  images = image_files.validate(
+    characters.find_labelled_images(eval_dir), workdir / "eval" / name
+  )
   known = {name: images.get(name, []) for name in trained.cmap.names}
   skipped = {
     name or "<unparseable name>": [str(p) for p in files]
     for name, files in images.items()
     if name not in known
   }
-  return Path(eval_dir).name, input_pipeline.examples(known, trained.cmap), skipped
+  return name, input_pipeline.examples(known, trained.cmap), skipped
 
 
 def run(

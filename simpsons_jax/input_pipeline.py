@@ -11,6 +11,7 @@ uninterrupted one. Evaluation pads the last batch and marks real examples in
 from __future__ import annotations
 
 import dataclasses
+import glob
 import hashlib
 import os
 from collections.abc import Iterator, Mapping
@@ -19,6 +20,7 @@ from pathlib import Path
 import ml_collections
 import numpy as np
 import tensorflow as tf
+from absl import logging
 
 from simpsons_jax import characters, synthetic
 
@@ -102,6 +104,12 @@ def training_splits(
 ) -> tuple[Split, Split]:
   """The run's training split (its `train_fraction`) and validation split."""
   train, val = split_train_val(examples(images, cmap), config.val_fraction, config.seed)
+  unseen = sorted(set(range(cmap.num_classes)) - set(val.labels.tolist()))
+  if unseen:
+    logging.warning(
+      "No validation image for %s: too few images to split.",
+      ", ".join(cmap.names[i] for i in unseen),
+    )
   return subsample(train, config.train_fraction, config.seed), val
 
 
@@ -122,18 +130,29 @@ def _cache_file(cache_dir: str, split: Split, image_size: int) -> str:
   for path, label in zip(split.paths, split.labels, strict=True):
     digest.update(f"{path}\0{label}\n".encode())
   os.makedirs(cache_dir, exist_ok=True)
-  return os.path.join(cache_dir, f"images_{digest.hexdigest()[:16]}")
+  prefix = os.path.join(cache_dir, f"images_{digest.hexdigest()[:16]}")
+  if not os.path.exists(prefix + ".index"):
+    # Left by a run killed while writing it: tf.data would refuse the lock.
+    for stale in glob.glob(glob.escape(prefix) + "*"):
+      os.remove(stale)
+  return prefix
 
 
 def decoded_dataset(
-  split: Split, image_size: int, cache_dir: str = ""
+  split: Split, image_size: int, cache_dir: str = "", skip_errors: bool = False
 ) -> tf.data.Dataset:
-  """Decoded, resized examples in split order, cached after the first pass."""
+  """Decoded, resized examples in split order, cached after the first pass.
+
+  With `skip_errors`, an image that fails to decode despite the checks of
+  `image_files` is dropped with a warning instead of stopping the run.
+  """
   ds = tf.data.Dataset.from_tensor_slices((split.paths, split.labels))
   ds = ds.map(
     lambda path, label: {"image": decode_and_resize(path, image_size), "label": label},
     num_parallel_calls=tf.data.AUTOTUNE,
   )
+  if skip_errors:
+    ds = ds.ignore_errors(log_warning=True)
   return ds.cache(_cache_file(cache_dir, split, image_size))
 
 
@@ -159,12 +178,16 @@ def train_batches(
       f"The training split has {len(split)} images, fewer than one batch of "
       f"{batch_size}: lower --config.batch_size or use more data."
     )
-  decoded = decoded_dataset(split, config.image_size, config.cache_dir)
+  decoded = decoded_dataset(
+    split, config.image_size, config.cache_dir, skip_errors=True
+  )
   first_epoch, offset = divmod(start_step, steps_per_epoch)
 
   def one_epoch(epoch: tf.Tensor) -> tf.data.Dataset:
     shuffled = decoded.shuffle(len(split), seed=epoch_seed(config.seed, epoch))
-    return shuffled.batch(batch_size, drop_remainder=True)
+    # A second pass only fills the epoch if undecodable images were dropped.
+    batches = shuffled.repeat(2).batch(batch_size, drop_remainder=True)
+    return batches.take(steps_per_epoch)
 
   ds = tf.data.Dataset.range(first_epoch, config.num_epochs).flat_map(one_epoch)
   ds = ds.skip(offset).prefetch(2)

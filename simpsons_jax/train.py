@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -21,6 +23,8 @@ from jax.sharding import Mesh
 from simpsons_jax import (
   characters,
   checkpointing,
+  config_checks,
+  image_files,
   input_pipeline,
   metrics,
   models,
@@ -136,6 +140,59 @@ def _flat_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return {key: value for key, value in config.items() if not isinstance(value, dict)}
 
 
+class Interrupted(Exception):
+  """Training stopped on SIGINT or SIGTERM after saving a checkpoint."""
+
+  def __init__(self, signum: int, step: int, directory: Path):
+    self.signum, self.step = signum, step
+    super().__init__(
+      f"{signal.Signals(signum).name} received: stopped at step {step} with a "
+      f"checkpoint in {directory}. Run the same command to resume."
+    )
+
+
+class _StopSignals:
+  """Turns SIGINT and SIGTERM into a request to stop at the next step.
+
+  A second signal stops at once, as Python's default handler would.
+  """
+
+  SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+  def __init__(self):
+    self.received: int | None = None
+    self._previous = {}
+
+  def _handle(self, signum, frame):
+    if self.received is not None:
+      raise KeyboardInterrupt
+    self.received = signum
+    logging.warning(
+      "%s received: saving a checkpoint after this step (send it again to quit "
+      "at once).",
+      signal.Signals(signum).name,
+    )
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+    return self
+
+  def __exit__(self, *exc):
+    for signum, handler in self._previous.items():
+      signal.signal(signum, handler)
+
+
+def _check_finite(values: Mapping[str, float], what: str, step: int, manager) -> None:
+  if not np.isfinite(values["loss"]):
+    raise FloatingPointError(
+      f"{what} loss is {values['loss']} at step {step}: training stopped. The "
+      f"last good checkpoint (step {manager.latest_step()}) is kept in "
+      f"{manager.directory}; lower --config.learning_rate and resume, or use "
+      "--config.restart=True."
+    )
+
+
 def train_and_evaluate(
   config: ml_collections.ConfigDict,
   workdir: str | Path,
@@ -143,18 +200,21 @@ def train_and_evaluate(
 ) -> tuple[TrainState, dict[str, float]]:
   """Trains to `config.num_epochs`, resuming from `workdir` if it holds a run.
 
-  Returns the final state and the last validation metrics.
+  Returns the final state and the last validation metrics. Raises
+  `Interrupted` after saving a checkpoint when SIGINT or SIGTERM arrives.
   """
   workdir = Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
   mesh = sharding.make_mesh() if mesh is None else mesh
-  sharding.check_batch_size(config.batch_size, mesh)
+  config_checks.check(config, mesh)
+  config_checks.prepare_workdir(config, workdir)
   _log_devices(mesh)
 
-  images = characters.find_images(input_pipeline.data_dir(config, workdir))
+  images = image_files.validate(
+    characters.find_images(input_pipeline.data_dir(config, workdir)), workdir
+  )
   cmap = characters.load_or_create(workdir, images, config.min_images)
-  checkpointing.save_config(workdir, config)
   train_split, val_split = input_pipeline.training_splits(images, cmap, config)
+  checkpointing.save_config(workdir, config)
   logging.info(
     "Data: %d characters, %d training and %d validation images.",
     cmap.num_classes,
@@ -193,63 +253,69 @@ def train_and_evaluate(
   if start_step == 0:
     writer.hparams(_flat_config(config))
 
+  def save(step: int, val_metrics: Mapping[str, float] | None) -> None:
+    meta = {
+      "epoch": step / steps_per_epoch,
+      "step": step,
+      "characters": list(cmap.names),
+      "image_size": config.image_size,
+      "val": dict(val_metrics or {}),
+    }
+    scores = val_metrics and {f"val_{k}": v for k, v in val_metrics.items()}
+    checkpointing.save(manager, state, meta, scores)
+
   val_metrics: dict[str, float] = {}
   totals, window_start, window_steps = None, time.perf_counter(), 0
   batches = input_pipeline.train_batches(
     train_split, config, config.batch_size, start_step
   )
-  for step, batch in zip(
-    range(start_step + 1, total_steps + 1),
-    sharding.prefetch(_with_first_batch_shown(batches, writer, start_step), mesh),
-    strict=True,
-  ):
-    state, sums = p_train_step(state, batch)
-    totals = _accumulate(totals, sums)
-    window_steps += 1
-    if step % config.log_every_steps == 0 or step % steps_per_epoch == 0:
-      train_metrics = metrics.summarize(jax.device_get(totals))
-      if not np.isfinite(train_metrics["loss"]):
-        raise FloatingPointError(
-          f"Training loss is {train_metrics['loss']} at step {step}; the last good "
-          f"checkpoint is kept in {manager.directory}."
+  with _StopSignals() as stop:
+    for step, batch in zip(
+      range(start_step + 1, total_steps + 1),
+      sharding.prefetch(_with_first_batch_shown(batches, writer, start_step), mesh),
+      strict=True,
+    ):
+      state, sums = p_train_step(state, batch)
+      totals = _accumulate(totals, sums)
+      window_steps += 1
+      end_of_epoch = step % steps_per_epoch == 0
+      if step % config.log_every_steps == 0 or end_of_epoch:
+        train_metrics = metrics.summarize(jax.device_get(totals))
+        _check_finite(train_metrics, "Training", step, manager)
+        rate = window_steps * config.batch_size / (time.perf_counter() - window_start)
+        writer.scalars(step, {f"train_{k}": v for k, v in train_metrics.items()})
+        writer.scalars(step, {"train_images_per_second": rate})
+        logging.info(
+          "epoch %d/%d step %d/%d: loss %.4f, accuracy %.4f, %.0f images/s, ETA %s",
+          (step - 1) // steps_per_epoch + 1,
+          config.num_epochs,
+          step,
+          total_steps,
+          train_metrics["loss"],
+          train_metrics["accuracy"],
+          rate,
+          time.strftime(
+            "%H:%M:%S", time.gmtime((total_steps - step) * config.batch_size / rate)
+          ),
         )
-      elapsed = time.perf_counter() - window_start
-      rate = window_steps * config.batch_size / elapsed
-      writer.scalars(step, {f"train_{k}": v for k, v in train_metrics.items()})
-      writer.scalars(step, {"train_images_per_second": rate})
-      eta = (total_steps - step) * config.batch_size / rate
-      logging.info(
-        "epoch %d/%d step %d/%d: loss %.4f, accuracy %.4f, %.0f images/s, ETA %s",
-        (step - 1) // steps_per_epoch + 1,
-        config.num_epochs,
-        step,
-        total_steps,
-        train_metrics["loss"],
-        train_metrics["accuracy"],
-        rate,
-        time.strftime("%H:%M:%S", time.gmtime(eta)),
-      )
-      totals, window_start, window_steps = None, time.perf_counter(), 0
-    if step % steps_per_epoch == 0:
-      epoch = step // steps_per_epoch
-      val_metrics = evaluate(p_eval_step, state, val_batches, mesh)
-      writer.scalars(step, {f"val_{k}": v for k, v in val_metrics.items()})
-      writer.flush()
-      logging.info(
-        "epoch %d validation: %s",
-        epoch,
-        ", ".join(f"{k} {v:.4f}" for k, v in val_metrics.items()),
-      )
-      meta = {
-        "epoch": epoch,
-        "step": step,
-        "characters": list(cmap.names),
-        "image_size": config.image_size,
-        "val": val_metrics,
-      }
-      checkpointing.save(
-        manager, state, meta, {f"val_{k}": v for k, v in val_metrics.items()}
-      )
+        totals, window_start, window_steps = None, time.perf_counter(), 0
+      if end_of_epoch:
+        val_metrics = evaluate(p_eval_step, state, val_batches, mesh)
+        _check_finite(val_metrics, "Validation", step, manager)
+        writer.scalars(step, {f"val_{k}": v for k, v in val_metrics.items()})
+        writer.flush()
+        logging.info(
+          "epoch %d validation: %s",
+          step // steps_per_epoch,
+          ", ".join(f"{k} {v:.4f}" for k, v in val_metrics.items()),
+        )
+        save(step, val_metrics)
+      if stop.received is not None:
+        if not end_of_epoch:
+          save(step, None)
+        manager.wait_until_finished()
+        writer.close()
+        raise Interrupted(stop.received, step, manager.directory)
   if not val_metrics:
     val_metrics = evaluate(p_eval_step, state, val_batches, mesh)
   manager.wait_until_finished()
