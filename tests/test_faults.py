@@ -1,0 +1,234 @@
+"""Bad input, mistakes and non-finite losses: clear errors or counted skips."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from simpsons_jax import characters, checkpointing, config_checks, image_files, train
+from simpsons_jax import sharding as sharding_lib
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _frame(seed, size=(40, 30), mode="RGB"):
+  rng = np.random.default_rng(seed)
+  pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+  return Image.fromarray(pixels).convert(mode)
+
+
+def _good_jpeg_bytes(seed=0):
+  path = Path(f"/tmp/_good_{os.getpid()}_{seed}.jpg")
+  _frame(seed).save(path)
+  data = path.read_bytes()
+  path.unlink()
+  return data
+
+
+def _write_bad_files(folder: Path) -> dict[str, str]:
+  """Writes every kind of unusable file; returns name -> expected reason."""
+  good = _good_jpeg_bytes()
+  (folder / "garbage.jpg").write_bytes(b"\xff\xd8\xff" + bytes(range(256)) * 8)
+  (folder / "truncated.jpg").write_bytes(good[: len(good) // 2])
+  (folder / "empty.jpg").write_bytes(b"")
+  (folder / "text.jpg").write_text("this is not an image\n")
+  _frame(1).save(folder / "really_a_gif.png", format="GIF")
+  (folder / "broken_link.jpg").symlink_to(folder / "does_not_exist.jpg")
+  return {
+    "garbage.jpg": "not a readable JPEG or PNG",
+    "truncated.jpg": "not a readable JPEG or PNG",
+    "empty.jpg": "empty file",
+    "text.jpg": "not a readable JPEG or PNG",
+    "really_a_gif.png": "a GIF image, not a JPEG or PNG",
+    "broken_link.jpg": "unreadable",
+  }
+
+
+def _write_odd_good_files(folder: Path) -> list[str]:
+  """Unusual but valid images, named in unusual ways."""
+  _frame(2, mode="RGBA").save(folder / "alpha.png")
+  _frame(3).convert("P").save(folder / "palette.png")
+  Image.fromarray(np.arange(600, dtype=np.uint16).reshape(20, 30) * 100).save(
+    folder / "sixteen_bit.png"
+  )
+  _frame(4, mode="L").save(folder / "gray.jpg")
+  _frame(5, mode="CMYK").save(folder / "cmyk.jpg")
+  Image.new("RGB", (6000, 4000), (250, 200, 20)).save(folder / "huge.jpg")
+  Image.new("RGB", (1, 1), (10, 20, 30)).save(folder / "one_pixel.jpg")
+  _frame(6).save(folder / "with spaces.JPG")
+  _frame(7).save(folder / "Mr. Burns ü ñ 日本.jpeg")
+  (folder / "link.jpg").symlink_to(folder / "gray.jpg")
+  return [p.name for p in folder.iterdir()]
+
+
+@pytest.fixture
+def messy_dir(tmp_path):
+  """A Kaggle-layout folder with every fault of a real download."""
+  root = tmp_path / "simpsons_dataset"
+  homer = root / "homer_simpson"
+  homer.mkdir(parents=True)
+  good = _write_odd_good_files(homer)
+  for i in range(20):
+    _frame(100 + i).save(homer / f"pic_{i:04d}.jpg")
+  bad = _write_bad_files(homer)
+  for name in ("Thumbs.db", ".DS_Store", "annotation.txt", "labels.csv"):
+    (homer / name).write_text("x")
+  (root / "bart_simpson" / ".thumbnails").mkdir(parents=True)
+  _frame(8).save(root / "bart_simpson" / ".thumbnails" / "hidden.jpg")
+  for i in range(12):
+    _frame(200 + i).save(root / "bart_simpson" / f"pic_{i:04d}.jpg")
+  (root / "empty_character").mkdir()
+  (root / "rare_character").mkdir()
+  _frame(9).save(root / "rare_character" / "pic_0000.jpg")
+  (root / ".git").mkdir()
+  return root, len(good) + 20, bad
+
+
+def test_each_file_check_gives_its_reason(messy_dir):
+  root, _, bad = messy_dir
+  for name, reason in bad.items():
+    assert image_files.check(root / "homer_simpson" / name).startswith(reason), name
+  assert image_files.check(root / "homer_simpson" / "huge.jpg") is None
+  assert image_files.check(root / "homer_simpson" / "sixteen_bit.png") is None
+
+
+def test_unreadable_file_is_skipped(tmp_path, monkeypatch):
+  path = tmp_path / "locked.jpg"
+  _frame(0).save(path)
+  real_open = open
+
+  def refusing_open(file, *args, **kwargs):
+    if Path(file) == path:
+      raise PermissionError(13, "Permission denied")
+    return real_open(file, *args, **kwargs)
+
+  monkeypatch.setattr("builtins.open", refusing_open)
+  assert image_files.check(path) == "unreadable (Permission denied)"
+
+
+def test_training_on_a_messy_folder_skips_and_counts(messy_dir, tmp_path, tiny_config):
+  root, num_good_homer, bad = messy_dir
+  tiny_config.data_dir = str(root)
+  tiny_config.min_images = 5
+  tiny_config.num_epochs = 1
+  tiny_config.batch_size = 8
+  train.train_and_evaluate(tiny_config, tmp_path / "run")
+
+  skipped = json.loads((tmp_path / "run" / "skipped_files.json").read_text())
+  assert {Path(p).name: r.split(" (")[0] for p, r in skipped.items()} == bad
+  cmap = characters.CharacterMap.load(tmp_path / "run" / "characters.json")
+  assert cmap.names == ("bart_simpson", "homer_simpson")
+  assert cmap.counts == (12, num_good_homer)
+
+
+def test_nothing_left_after_filtering_fails_before_training(tmp_path, tiny_config):
+  (tmp_path / "data" / "bart").mkdir(parents=True)
+  (tmp_path / "data" / "bart" / "pic_0000.jpg").write_bytes(b"")
+  tiny_config.data_dir = str(tmp_path / "data")
+  with pytest.raises(characters.DatasetError, match="min_images=1"):
+    train.train_and_evaluate(tiny_config, tmp_path / "run")
+  assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize(
+  "key, value, message",
+  [
+    ("image_size", 8, "image_size=8 is too small for 4 2x2 poolings"),
+    ("val_fraction", 0.0, "val_fraction=0.0 must lie in \\(0, 1\\)"),
+    ("val_fraction", 1.0, "val_fraction=1.0 must lie in \\(0, 1\\)"),
+    ("min_images", 0, "min_images=0 must be at least 1"),
+    ("batch_size", 12, "batch_size=12 does not split over 8 devices"),
+    ("dataset", "kaggle", "dataset='kaggle' must be 'folder' or 'synthetic'"),
+  ],
+)
+def test_impossible_values_fail_early(tiny_config, key, value, message):
+  tiny_config[key] = value
+  with pytest.raises(ValueError, match=message):
+    config_checks.check(tiny_config, sharding_lib.make_mesh())
+
+
+@pytest.mark.parametrize(
+  "override, message",
+  [
+    ("--config.learning_rat=0.1", "learning_rate"),  # lists the valid keys
+    ("--config.batch_size=big", "batch_size"),
+  ],
+)
+def test_unknown_keys_and_wrong_types_are_rejected(override, message, tmp_path):
+  result = subprocess.run(
+    [
+      sys.executable,
+      "main.py",
+      "--config=configs/demo.py",
+      f"--workdir={tmp_path}",
+      override,
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert result.returncode != 0
+  assert message in result.stderr
+  assert not (tmp_path / "checkpoints").exists()
+
+
+def test_incompatible_workdir_is_refused_and_restart_archives(tiny_config, tmp_path):
+  tiny_config.num_epochs = 1
+  train.train_and_evaluate(tiny_config, tmp_path)
+  first_checkpoints = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+
+  tiny_config.image_size = 48
+  with pytest.raises(ValueError, match="image_size: 32 -> 48.*restart=True"):
+    train.train_and_evaluate(tiny_config, tmp_path)
+  assert (
+    sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == first_checkpoints
+  )
+
+  tiny_config.restart = True
+  state, _ = train.train_and_evaluate(tiny_config, tmp_path)
+  (archive,) = (tmp_path / "archive").iterdir()
+  assert (
+    sorted(p.name for p in (archive / "checkpoints").iterdir()) == first_checkpoints
+  )
+  assert checkpointing.load_config(archive).image_size == 32
+  assert checkpointing.load_config(tmp_path).image_size == 48
+  assert state.params["conv0"]["kernel"].shape == (3, 3, 3, 8)
+
+
+def test_longer_run_and_new_learning_rate_may_resume(tiny_config, tmp_path):
+  tiny_config.num_epochs = 1
+  train.train_and_evaluate(tiny_config, tmp_path)
+  tiny_config.num_epochs = 2
+  tiny_config.learning_rate = 3e-4
+  state, _ = train.train_and_evaluate(tiny_config, tmp_path)
+  assert int(state.step) == 2 * 6  # 96 training images in batches of 16
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
+  tiny_config, tmp_path
+):
+  tiny_config.num_epochs = 1
+  train.train_and_evaluate(tiny_config, tmp_path)
+  good = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir())
+  tiny_config.num_epochs = 3
+  tiny_config.learning_rate = 1e30
+  with pytest.raises(
+    FloatingPointError, match=f"at step .*checkpoint \\(step {good[-1]}\\)"
+  ):
+    train.train_and_evaluate(tiny_config, tmp_path)
+  assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == good
+
+
+def test_nothing_is_pickled(tiny_config, tmp_path):
+  tiny_config.num_epochs = 1
+  train.train_and_evaluate(tiny_config, tmp_path)
+  for path in tmp_path.rglob("*"):
+    if path.is_file():
+      assert path.suffix not in (".pkl", ".pickle", ".npy"), path
+      assert path.read_bytes()[:2] not in (b"\x80\x04", b"\x80\x05"), path
