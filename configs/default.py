@@ -29,12 +29,16 @@ def get_config() -> ml_collections.ConfigDict:
   config.conv_features = (8, 16, 32, 64)
   config.dense_features = (512, 512, 512, 512)
   config.dropout_rate = 0.4
+  config.dtype = "float32"  # Compute type: 'bfloat16' on GPU/TPU; params stay fp32.
 
   # Training.
   config.learning_rate = 1e-3  # Adam.
   config.batch_size = 64  # Global batch, split over all devices.
   config.num_epochs = 70
   config.seed = 0  # Split, shuffling, initialisation and dropout.
+
+  # Devices.
+  config.require_accelerator = False  # True: fail rather than train on CPU.
 
   # Logging and checkpoints.
   config.log_every_steps = 50

@@ -68,6 +68,8 @@ def check(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
     problems.append(f"checkpoints_to_keep={config.checkpoints_to_keep} must be >= 1")
   if config.dataset not in ("folder", "synthetic"):
     problems.append(f"dataset={config.dataset!r} must be 'folder' or 'synthetic'")
+  if config.dtype not in ("float32", "bfloat16"):
+    problems.append(f"dtype={config.dtype!r} must be 'float32' or 'bfloat16'")
   if problems:
     raise ValueError("Invalid config: " + "; ".join(problems) + ".")
   sharding.check_batch_size(config.batch_size, mesh)

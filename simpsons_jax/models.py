@@ -25,7 +25,9 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
 class SimpsonsCNN(nn.Module):
   """The notebook's network: conv+ReLU+pool blocks, then dropout+dense layers.
 
-  Inputs are uint8 images (N, H, W, 3); outputs one logit per character.
+  Inputs are uint8 images (N, H, W, 3); outputs one float32 logit per
+  character. `dtype` is the compute type (bfloat16 on accelerators); the
+  parameters stay float32.
   """
 
   num_classes: int
@@ -40,15 +42,24 @@ class SimpsonsCNN(nn.Module):
     x = images.astype(self.dtype) / 255.0
     for i, features in enumerate(self.conv_features):
       x = nn.Conv(
-        features, (3, 3), padding="SAME", kernel_init=glorot, name=f"conv{i}"
+        features,
+        (3, 3),
+        padding="SAME",
+        kernel_init=glorot,
+        dtype=self.dtype,
+        name=f"conv{i}",
       )(x)
       x = max_pool_2x2(nn.relu(x))
     x = x.reshape(x.shape[0], -1)
     for i, features in enumerate(self.dense_features):
       x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-      x = nn.relu(nn.Dense(features, kernel_init=glorot, name=f"dense{i}")(x))
+      dense = nn.Dense(features, kernel_init=glorot, dtype=self.dtype, name=f"dense{i}")
+      x = nn.relu(dense(x))
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-    return nn.Dense(self.num_classes, kernel_init=glorot, name="logits")(x)
+    logits = nn.Dense(
+      self.num_classes, kernel_init=glorot, dtype=self.dtype, name="logits"
+    )(x)
+    return logits.astype(jnp.float32)
 
 
 def create(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
@@ -59,6 +70,7 @@ def create(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
       conv_features=tuple(config.conv_features),
       dense_features=tuple(config.dense_features),
       dropout_rate=config.dropout_rate,
+      dtype=jnp.dtype(config.dtype),
     )
   raise ValueError(f"Unknown --config.model={config.model!r}; known: simpsons_cnn.")
 

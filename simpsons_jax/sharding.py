@@ -6,11 +6,15 @@ split along it; the train state is replicated.
 
 from __future__ import annotations
 
+import glob
+import os
+import shutil
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import jax
 import numpy as np
+from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 DATA_AXIS = "data"
@@ -58,3 +62,48 @@ def prefetch(batches: Iterable[Any], mesh: Mesh, size: int = 2) -> Iterator[Any]
     if len(queue) > size:
       yield queue.pop(0)
   yield from queue
+
+
+def accelerator_present() -> str | None:
+  """'GPU' or 'TPU' when this machine has one, whatever JAX is using."""
+  if (
+    glob.glob("/dev/accel*")
+    or os.environ.get("COLAB_TPU_ADDR")
+    or os.environ.get("TPU_NAME")
+  ):
+    return "TPU"
+  if glob.glob("/dev/nvidia[0-9]*") or shutil.which("nvidia-smi"):
+    return "GPU"
+  return None
+
+
+def describe_devices(mesh: Mesh, require_accelerator: bool = False) -> None:
+  """Logs platform, device kind and count; warns when JAX missed an accelerator.
+
+  With `require_accelerator`, training on CPU is an error instead.
+  """
+  device = mesh.devices.flat[0]
+  logging.info(
+    "Devices: %d x %s (%s), %d process(es); mesh %s.",
+    mesh.size,
+    device.device_kind,
+    device.platform,
+    jax.process_count(),
+    dict(mesh.shape),
+  )
+  if device.platform != "cpu":
+    return
+  present = accelerator_present()
+  if present is None and not require_accelerator:
+    return
+  where = f" although a {present} is present" if present else ""
+  message = (
+    f"JAX is running on the CPU{where}. "
+    "Fixes: install the JAX build for it (pip install -U 'jax[cuda12]' for a "
+    "GPU, 'jax[tpu]' for a TPU) and restart; on Colab/Kaggle run training in a "
+    "fresh process (!python main.py ...) and do not import jax in the notebook "
+    "first: only one process can hold a TPU."
+  )
+  if require_accelerator:
+    raise RuntimeError(message + " (require_accelerator=True)")
+  logging.warning("%s", "!" * 20 + " " + message)

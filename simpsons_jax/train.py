@@ -124,18 +124,6 @@ def evaluate(
   return metrics.summarize(totals)
 
 
-def _log_devices(mesh: Mesh) -> None:
-  device = mesh.devices.flat[0]
-  logging.info(
-    "Devices: %d x %s (%s), %d process(es); mesh %s.",
-    mesh.size,
-    device.device_kind,
-    device.platform,
-    jax.process_count(),
-    dict(mesh.shape),
-  )
-
-
 def _flat_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return {key: value for key, value in config.items() if not isinstance(value, dict)}
 
@@ -207,7 +195,7 @@ def train_and_evaluate(
   mesh = sharding.make_mesh() if mesh is None else mesh
   config_checks.check(config, mesh)
   config_checks.prepare_workdir(config, workdir)
-  _log_devices(mesh)
+  sharding.describe_devices(mesh, config.require_accelerator)
 
   images = image_files.validate(
     characters.find_images(input_pipeline.data_dir(config, workdir)), workdir

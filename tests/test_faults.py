@@ -201,11 +201,12 @@ def test_incompatible_workdir_is_refused_and_restart_archives(tiny_config, tmp_p
   assert state.params["conv0"]["kernel"].shape == (3, 3, 3, 8)
 
 
-def test_longer_run_and_new_learning_rate_may_resume(tiny_config, tmp_path):
+def test_longer_run_new_learning_rate_and_dtype_may_resume(tiny_config, tmp_path):
   tiny_config.num_epochs = 1
   train.train_and_evaluate(tiny_config, tmp_path)
   tiny_config.num_epochs = 2
   tiny_config.learning_rate = 3e-4
+  tiny_config.dtype = "bfloat16"  # float32 checkpoints load for bfloat16 compute
   state, _ = train.train_and_evaluate(tiny_config, tmp_path)
   assert int(state.step) == 2 * 6  # 96 training images in batches of 16
 
@@ -232,3 +233,9 @@ def test_nothing_is_pickled(tiny_config, tmp_path):
     if path.is_file():
       assert path.suffix not in (".pkl", ".pickle", ".npy"), path
       assert path.read_bytes()[:2] not in (b"\x80\x04", b"\x80\x05"), path
+
+
+def test_require_accelerator_refuses_the_cpu(tiny_config, tmp_path):
+  tiny_config.require_accelerator = True
+  with pytest.raises(RuntimeError, match="JAX is running on the CPU.*jax\\[tpu\\]"):
+    train.train_and_evaluate(tiny_config, tmp_path)

@@ -6,6 +6,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+import pytest
 
 from configs import full
 from simpsons_jax import models
@@ -57,3 +59,24 @@ def test_dropout_only_in_training():
   assert eval_a.shape == (3, 4)
   np.testing.assert_array_equal(eval_a, eval_b)
   assert not np.allclose(train, eval_a)
+
+
+def test_bfloat16_compute_matches_float32_on_a_fixed_batch():
+  config = full.get_config()
+  config.image_size = 64
+  model32 = models.create(config, num_classes=13)
+  config.dtype = "bfloat16"
+  model16 = models.create(config, num_classes=13)
+  params = _init(model32, 64)
+  images = jax.random.randint(jax.random.PRNGKey(4), (16, 64, 64, 3), 0, 256, jnp.uint8)
+  labels = jnp.arange(16) % 13
+  # The same parameters serve both: checkpoints are interchangeable.
+  assert jax.tree.map(jnp.shape, _init(model16, 64)) == jax.tree.map(jnp.shape, params)
+
+  def loss(model):
+    logits = model.apply({"params": params}, images, train=False)
+    assert logits.dtype == jnp.float32
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+  assert float(loss(model16)) == pytest.approx(float(loss(model32)), rel=2e-2)
+  assert float(loss(model16)) != float(loss(model32))
