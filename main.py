@@ -9,6 +9,7 @@ Training again with the same --workdir resumes the run.
 """
 
 import logging as logging_lib
+import os
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -39,6 +40,27 @@ flags.DEFINE_float(
   "threshold", 0.0, "predict: below this probability the answer is 'unknown'."
 )
 flags.DEFINE_string("output", "", "predict: also write the results to this JSON file.")
+flags.DEFINE_string(
+  "coordinator_address",
+  os.environ.get("JAX_COORDINATOR_ADDRESS", ""),
+  "Multi-process: host:port of process 0 (or $JAX_COORDINATOR_ADDRESS).",
+)
+flags.DEFINE_integer(
+  "num_processes",
+  int(os.environ.get("JAX_NUM_PROCESSES", "1")),
+  "Multi-process: how many processes (or $JAX_NUM_PROCESSES).",
+)
+flags.DEFINE_integer(
+  "process_id",
+  int(os.environ.get("JAX_PROCESS_ID", "0")),
+  "Multi-process: this process's index (or $JAX_PROCESS_ID).",
+)
+flags.DEFINE_bool(
+  "distributed",
+  False,
+  "Start JAX's multi-process runtime with the cluster's own settings (Cloud "
+  "TPU pods, SLURM); implied by --coordinator_address.",
+)
 flags.mark_flag_as_required("workdir")
 
 
@@ -52,7 +74,17 @@ def main(argv: list[str]) -> None:
   if paths and FLAGS.mode != "predict":
     raise app.UsageError(f"Unexpected arguments: {paths}")
   logging.get_absl_handler().addFilter(_quiet_orbax)
+  import jax
   import tensorflow as tf
+
+  if FLAGS.coordinator_address:
+    jax.distributed.initialize(
+      FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
+    )
+  elif FLAGS.distributed:
+    jax.distributed.initialize()
+  if jax.process_index() != 0:
+    logging.set_verbosity(logging.WARNING)  # Process 0 reports progress.
 
   # tf.data only feeds the host; keep TensorFlow off the accelerators.
   tf.config.set_visible_devices([], "GPU")

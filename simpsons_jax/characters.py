@@ -17,6 +17,8 @@ from pathlib import Path
 
 from absl import logging
 
+from simpsons_jax import files
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 MAP_FILENAME = "characters.json"
 # Kaggle's test set: kaggle_simpson_testset/<character>_<N>.jpg.
@@ -43,7 +45,7 @@ class CharacterMap:
 
   def save(self, path: str | os.PathLike) -> None:
     data = {"names": list(self.names), "counts": list(self.counts)}
-    Path(path).write_text(json.dumps(data, indent=2) + "\n")
+    files.write_text_atomic(path, json.dumps(data, indent=2) + "\n")
 
   @classmethod
   def load(cls, path: str | os.PathLike) -> CharacterMap:

@@ -21,6 +21,8 @@ import orbax.checkpoint as ocp
 from jax.sharding import Sharding
 from orbax.checkpoint import checkpoint_managers
 
+from simpsons_jax import files
+
 BEST_METRIC = "val_accuracy"
 CONFIG_FILENAME = "config.json"
 
@@ -95,7 +97,9 @@ def restore(
 
 def save_config(workdir: str | os.PathLike, config: ml_collections.ConfigDict) -> None:
   """Writes the run's config as `<workdir>/config.json`."""
-  Path(workdir, CONFIG_FILENAME).write_text(config.to_json(indent=2) + "\n")
+  files.write_text_atomic(
+    Path(workdir, CONFIG_FILENAME), config.to_json(indent=2) + "\n"
+  )
 
 
 def load_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:

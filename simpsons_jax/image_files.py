@@ -20,6 +20,8 @@ from pathlib import Path
 from absl import logging
 from PIL import Image
 
+from simpsons_jax import files
+
 SKIPPED_FILENAME = "skipped_files.json"
 _JPEG_END = b"\xff\xd9"
 _PNG_END = b"IEND\xaeB`\x82"
@@ -65,7 +67,7 @@ def validate(
   skipped = {str(p): reason for p, reason in reasons.items() if reason}
   report = Path(report_dir, SKIPPED_FILENAME)
   report.parent.mkdir(parents=True, exist_ok=True)
-  report.write_text(json.dumps(skipped, indent=2) + "\n")
+  files.write_text_atomic(report, json.dumps(skipped, indent=2) + "\n")
   if skipped:
     by_reason = collections.Counter(r.split(" (")[0] for r in skipped.values())
     logging.warning(

@@ -161,23 +161,33 @@ def epoch_seed(seed: int, epoch: tf.Tensor) -> tf.Tensor:
   return tf.cast(seed, tf.int64) * 1_000_003 + tf.cast(epoch, tf.int64)
 
 
+def process_shard(split: Split, index: int, count: int) -> Split:
+  """The examples process `index` of `count` reads: every count-th one."""
+  return _subset(split, np.arange(index, len(split), count))
+
+
 def train_batches(
   split: Split,
   config: ml_collections.ConfigDict,
-  batch_size: int,
   start_step: int = 0,
+  process_index: int = 0,
+  process_count: int = 1,
 ) -> Iterator[Batch]:
-  """Shuffled training batches from `start_step` to the end of the run.
+  """This process's part of each shuffled training batch, from `start_step` on.
 
-  The last partial batch of each epoch is dropped. Batch `s` is the same
-  whatever step the iterator started from.
+  Each of `process_count` processes reads its own shard of the files and
+  yields `config.batch_size // process_count` rows per step. The last partial
+  batch of each epoch is dropped. Batch `s` is the same whatever step the
+  iterator started from.
   """
-  steps_per_epoch = len(split) // batch_size
+  batch_size = config.batch_size // process_count
+  steps_per_epoch = len(split) // config.batch_size
   if steps_per_epoch == 0:
     raise ValueError(
       f"The training split has {len(split)} images, fewer than one batch of "
-      f"{batch_size}: lower --config.batch_size or use more data."
+      f"{config.batch_size}: lower --config.batch_size or use more data."
     )
+  split = process_shard(split, process_index, process_count)
   decoded = decoded_dataset(
     split, config.image_size, config.cache_dir, skip_errors=True
   )
@@ -198,13 +208,32 @@ def train_batches(
 
 
 def eval_batches(
-  split: Split, image_size: int, batch_size: int, cache_dir: str = ""
+  split: Split,
+  image_size: int,
+  batch_size: int,
+  cache_dir: str = "",
+  process_index: int = 0,
+  process_count: int = 1,
 ) -> list[Batch]:
-  """All of `split` in order, in batches of `batch_size` padded with `mask`=0."""
-  batches = []
-  ds = decoded_dataset(split, image_size, cache_dir).batch(batch_size)
-  for batch in ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator():
-    batches.append(pad_batch(batch, batch_size))
+  """This process's share of `split`, in order, padded with `mask`=0.
+
+  Every process gets the same number of batches of `batch_size //
+  process_count` rows, so that together they cover `split` exactly once.
+  """
+  batch_size //= process_count
+  shard = process_shard(split, process_index, process_count)
+  ds = decoded_dataset(shard, image_size, cache_dir).batch(batch_size)
+  batches = [
+    pad_batch(batch, batch_size)
+    for batch in ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
+  ]
+  per_process = -(-len(split) // process_count)
+  empty = {
+    "image": np.zeros((0, image_size, image_size, 3), np.uint8),
+    "label": np.zeros(0, np.int32),
+  }
+  while len(batches) < -(-per_process // batch_size):
+    batches.append(pad_batch(empty, batch_size))
   return batches
 
 

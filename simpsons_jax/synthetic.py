@@ -8,6 +8,7 @@ images of random size. It needs no download and is the same for the same seed.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -132,16 +133,24 @@ def render(name: str, rng: np.random.Generator) -> Image.Image:
 
 
 def generate(root: str | os.PathLike, images_per_character: int, seed: int = 0) -> Path:
-  """Writes `root/<character>/pic_NNNN.jpg` unless it is already complete."""
+  """Writes `root/<character>/pic_NNNN.jpg` unless it is already there.
+
+  The images are drawn into a temporary folder renamed at the end, so that a
+  process sharing the workdir, or a run killed halfway, never sees half of it.
+  """
   root = Path(root)
-  done = root / ".complete"
-  if done.exists():
+  if root.exists():
     return root
+  partial = root.with_name(f".{root.name}.{os.getpid()}.tmp")
+  shutil.rmtree(partial, ignore_errors=True)
   for label, name in enumerate(CHARACTERS):
-    folder = root / name
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = partial / name
+    folder.mkdir(parents=True)
     rng = np.random.default_rng([seed, label])
     for i in range(images_per_character):
       render(name, rng).save(folder / f"pic_{i:04d}.jpg", quality=90)
-  done.write_text(f"{images_per_character} images per character, seed {seed}\n")
+  try:
+    partial.rename(root)
+  except OSError:  # Another process of the run finished first.
+    shutil.rmtree(partial)
   return root

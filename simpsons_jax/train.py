@@ -54,6 +54,19 @@ def create_train_state(
   )
 
 
+def initial_state(
+  model: nn.Module, config: ml_collections.ConfigDict, mesh: Mesh
+) -> TrainState:
+  """The state a run starts from, seeded by `config.seed`, replicated on `mesh`."""
+  init = functools.partial(create_train_state, model, config)
+  # Partitionable threefry (the default, used for dropout) takes XLA:CPU
+  # seconds per parameter shape to compile; initial values need no sharding.
+  with jax.threefry_partitionable(False):
+    return jax.jit(init, out_shardings=sharding.replicated(mesh))(
+      jax.random.PRNGKey(config.seed)
+    )
+
+
 def train_step(
   state: TrainState, batch: Mapping[str, jax.Array]
 ) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -209,25 +222,24 @@ def train_and_evaluate(
     len(train_split),
     len(val_split),
   )
+  process = {"process_index": jax.process_index(), "process_count": jax.process_count()}
   steps_per_epoch = len(train_split) // config.batch_size
   total_steps = steps_per_epoch * config.num_epochs
 
   model = models.create(config, cmap.num_classes)
-  init = functools.partial(create_train_state, model, config)
-  replicated = sharding.replicated(mesh)
-  rng = jax.random.PRNGKey(config.seed)
   manager = checkpointing.create_manager(workdir, config.checkpoints_to_keep)
   if manager.latest_step() is not None:
-    abstract = checkpointing.abstract_like(jax.eval_shape(init, rng), replicated)
+    shapes = jax.eval_shape(
+      functools.partial(create_train_state, model, config),
+      jax.random.PRNGKey(config.seed),
+    )
+    abstract = checkpointing.abstract_like(shapes, sharding.replicated(mesh))
     state, _ = checkpointing.restore(manager, manager.latest_step(), abstract)
     logging.info(
       "Resumed from step %d in %s.", manager.latest_step(), manager.directory
     )
   else:
-    # Partitionable threefry (the default, used for dropout) takes XLA:CPU
-    # seconds per parameter shape to compile; initial values need no sharding.
-    with jax.threefry_partitionable(False):
-      state = jax.jit(init, out_shardings=replicated)(rng)
+    state = initial_state(model, config, mesh)
   start_step = int(jax.device_get(state.step))
   logging.info(
     "Model %s: %s parameters.", config.model, f"{models.count_params(state.params):,}"
@@ -235,7 +247,7 @@ def train_and_evaluate(
 
   p_train_step, p_eval_step = jit_steps(mesh, cmap.num_classes)
   val_batches = input_pipeline.eval_batches(
-    val_split, config.image_size, config.batch_size, config.cache_dir
+    val_split, config.image_size, config.batch_size, config.cache_dir, **process
   )
   writer = summary.SummaryWriter(workdir / "tensorboard")
   if start_step == 0:
@@ -254,9 +266,7 @@ def train_and_evaluate(
 
   val_metrics: dict[str, float] = {}
   totals, window_start, window_steps = None, time.perf_counter(), 0
-  batches = input_pipeline.train_batches(
-    train_split, config, config.batch_size, start_step
-  )
+  batches = input_pipeline.train_batches(train_split, config, start_step, **process)
   with _StopSignals() as stop:
     for step, batch in zip(
       range(start_step + 1, total_steps + 1),

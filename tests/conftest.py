@@ -37,7 +37,8 @@ def shared_data(*parts: str) -> Path:
 @pytest.fixture(scope="session")
 def tiny_data_dir(tmp_path_factory) -> Path:
   """Six synthetic characters of 20 images each, in the Kaggle layout."""
-  return synthetic.generate(tmp_path_factory.mktemp("tiny"), images_per_character=20)
+  root = tmp_path_factory.mktemp("tiny") / "simpsons_dataset"
+  return synthetic.generate(root, images_per_character=20)
 
 
 def make_tiny_config(data_dir: Path):

@@ -140,7 +140,7 @@ def test_train_batches_resume_where_they_stopped(tiny_config, tiny_data_dir):
   tiny_config.num_epochs = 3
 
   def labels(start):
-    batches = input_pipeline.train_batches(split, tiny_config, 16, start)
+    batches = input_pipeline.train_batches(split, tiny_config, start)
     return [b["label"].tolist() for b in batches]
 
   full = labels(0)
