@@ -39,7 +39,7 @@ def test_process_shards_cover_each_example_once(tiny_config, tmp_path):
     )
     assert len(batches) == 4  # ceil(ceil(24 / 3) / 2)
     seen += [
-      l for b in batches for l, m in zip(b["label"], b["mask"], strict=True) if m
+      y for b in batches for y, m in zip(b["label"], b["mask"], strict=True) if m
     ]
   assert sorted(seen) == sorted(val_split.labels.tolist())
   shards = [input_pipeline.process_shard(train_split, i, 2) for i in range(2)]
