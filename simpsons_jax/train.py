@@ -267,58 +267,59 @@ def train_and_evaluate(
   val_metrics: dict[str, float] = {}
   totals, window_start, window_steps = None, time.perf_counter(), 0
   batches = input_pipeline.train_batches(train_split, config, start_step, **process)
-  with _StopSignals() as stop:
-    for step, batch in zip(
-      range(start_step + 1, total_steps + 1),
-      sharding.prefetch(_with_first_batch_shown(batches, writer, start_step), mesh),
-      strict=True,
-    ):
-      state, sums = p_train_step(state, batch)
-      totals = _accumulate(totals, sums)
-      window_steps += 1
-      end_of_epoch = step % steps_per_epoch == 0
-      if step % config.log_every_steps == 0 or end_of_epoch:
-        train_metrics = metrics.summarize(jax.device_get(totals))
-        _check_finite(train_metrics, "Training", step, manager)
-        rate = window_steps * config.batch_size / (time.perf_counter() - window_start)
-        writer.scalars(step, {f"train_{k}": v for k, v in train_metrics.items()})
-        writer.scalars(step, {"train_images_per_second": rate})
-        logging.info(
-          "epoch %d/%d step %d/%d: loss %.4f, accuracy %.4f, %.0f images/s, ETA %s",
-          (step - 1) // steps_per_epoch + 1,
-          config.num_epochs,
-          step,
-          total_steps,
-          train_metrics["loss"],
-          train_metrics["accuracy"],
-          rate,
-          time.strftime(
-            "%H:%M:%S", time.gmtime((total_steps - step) * config.batch_size / rate)
-          ),
-        )
-        totals, window_start, window_steps = None, time.perf_counter(), 0
-      if end_of_epoch:
-        val_metrics = evaluate(p_eval_step, state, val_batches, mesh)
-        _check_finite(val_metrics, "Validation", step, manager)
-        writer.scalars(step, {f"val_{k}": v for k, v in val_metrics.items()})
-        writer.flush()
-        logging.info(
-          "epoch %d validation: %s",
-          step // steps_per_epoch,
-          ", ".join(f"{k} {v:.4f}" for k, v in val_metrics.items()),
-        )
-        save(step, val_metrics)
-      if stop.received is not None:
-        if not end_of_epoch:
-          save(step, None)
-        manager.wait_until_finished()
-        writer.close()
-        raise Interrupted(stop.received, step, manager.directory)
+  try:
+    with _StopSignals() as stop:
+      for step, batch in zip(
+        range(start_step + 1, total_steps + 1),
+        sharding.prefetch(_with_first_batch_shown(batches, writer, start_step), mesh),
+        strict=True,
+      ):
+        state, sums = p_train_step(state, batch)
+        totals = _accumulate(totals, sums)
+        window_steps += 1
+        end_of_epoch = step % steps_per_epoch == 0
+        if step % config.log_every_steps == 0 or end_of_epoch:
+          train_metrics = metrics.summarize(jax.device_get(totals))
+          _check_finite(train_metrics, "Training", step, manager)
+          rate = window_steps * config.batch_size / (time.perf_counter() - window_start)
+          writer.scalars(step, {f"train_{k}": v for k, v in train_metrics.items()})
+          writer.scalars(step, {"train_images_per_second": rate})
+          logging.info(
+            "epoch %d/%d step %d/%d: loss %.4f, accuracy %.4f, %.0f images/s, ETA %s",
+            (step - 1) // steps_per_epoch + 1,
+            config.num_epochs,
+            step,
+            total_steps,
+            train_metrics["loss"],
+            train_metrics["accuracy"],
+            rate,
+            time.strftime(
+              "%H:%M:%S", time.gmtime((total_steps - step) * config.batch_size / rate)
+            ),
+          )
+          totals, window_start, window_steps = None, time.perf_counter(), 0
+        if end_of_epoch:
+          val_metrics = evaluate(p_eval_step, state, val_batches, mesh)
+          _check_finite(val_metrics, "Validation", step, manager)
+          writer.scalars(step, {f"val_{k}": v for k, v in val_metrics.items()})
+          writer.flush()
+          logging.info(
+            "epoch %d validation: %s",
+            step // steps_per_epoch,
+            ", ".join(f"{k} {v:.4f}" for k, v in val_metrics.items()),
+          )
+          save(step, val_metrics)
+        if stop.received is not None:
+          if not end_of_epoch:
+            save(step, None)
+          raise Interrupted(stop.received, step, manager.directory)
+  finally:
+    # A save already started completes, whatever ended the loop.
+    manager.wait_until_finished()
+    writer.close()
   if not val_metrics:
     val_metrics = evaluate(p_eval_step, state, val_batches, mesh)
-  manager.wait_until_finished()
   manager.close()
-  writer.close()
   logging.info(
     "Finished at step %d: validation accuracy %.4f; best checkpoint: step %s in %s.",
     total_steps,
