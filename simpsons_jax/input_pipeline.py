@@ -47,13 +47,16 @@ def examples(images: Mapping[str, list[Path]], cmap: characters.CharacterMap) ->
   return Split(np.asarray(paths, dtype=str), np.asarray(labels, dtype=np.int32))
 
 
-def _per_class_take(split: Split, fraction: float, seed: int) -> np.ndarray:
-  """Seeded indices of about `fraction` of each class (at least one)."""
+def _per_class_take(
+  split: Split, fraction: float, seed: int, leave: int = 0
+) -> np.ndarray:
+  """Seeded indices of about `fraction` of each class: at least one, and at
+  most all but `leave`."""
   rng = np.random.default_rng(seed)
   taken = []
   for label in np.unique(split.labels):
     idx = rng.permutation(np.flatnonzero(split.labels == label))
-    taken.append(idx[: max(1, round(fraction * len(idx)))])
+    taken.append(idx[: min(len(idx) - leave, max(1, round(fraction * len(idx))))])
   return np.sort(np.concatenate(taken)) if taken else np.zeros(0, np.int64)
 
 
@@ -68,9 +71,7 @@ def split_train_val(
 
   Every character with at least two images keeps one in each part.
   """
-  val = _per_class_take(split, val_fraction, seed)
-  counts = np.bincount(split.labels)
-  val = val[counts[split.labels[val]] >= 2]
+  val = _per_class_take(split, val_fraction, seed, leave=1)
   train = np.setdiff1d(np.arange(len(split)), val)
   return _subset(split, train), _subset(split, val)
 

@@ -94,10 +94,10 @@ def test_split_is_stratified_disjoint_and_seeded():
   assert set(val.paths) != set(other.paths)
 
 
-def test_character_with_one_image_stays_in_training():
-  train, val = input_pipeline.split_train_val(_split([10, 1]), 0.5, seed=0)
-  assert np.bincount(val.labels, minlength=2).tolist() == [5, 0]
-  assert np.bincount(train.labels).tolist() == [5, 1]
+def test_every_character_keeps_a_training_image():
+  train, val = input_pipeline.split_train_val(_split([10, 1, 2]), 0.9, seed=0)
+  assert np.bincount(val.labels, minlength=3).tolist() == [9, 0, 1]
+  assert np.bincount(train.labels).tolist() == [1, 1, 1]
 
 
 def test_subsample_takes_a_seeded_share_of_each_character():
