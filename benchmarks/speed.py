@@ -1,0 +1,251 @@
+"""Images/second of the notebook's network: simpsons_jax beside Keras and PyTorch.
+
+  pip install -e ".[bench]"
+  python benchmarks/speed.py                      # the full table, a few minutes
+  python benchmarks/speed.py --frameworks=simpsons_jax --sizes=64 --json=out.json
+
+Every measurement runs in a fresh worker process (one framework at a time, so
+they never compete for the cores), the frameworks take turns round after
+round, and each figure is the median over rounds of a timed window of steps
+after warm-up. The references build the same network (4 conv+pool blocks of
+8/16/32/64, 4 dense layers of 512 with dropout 0.4, 13 outputs, Adam 1e-3,
+softmax cross-entropy) and are never imported by the package.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("frameworks", ["simpsons_jax", "keras", "torch"], "What to compare.")
+flags.DEFINE_list("sizes", ["64", "128"], "Image sizes.")
+flags.DEFINE_integer("train_batch", 64, "Training batch size.")
+flags.DEFINE_integer("infer_batch", 256, "Inference batch size.")
+flags.DEFINE_integer("rounds", 3, "Rounds; each framework is measured once per round.")
+flags.DEFINE_float("window", 10.0, "Seconds of timed steps per measurement.")
+flags.DEFINE_string("json", "", "Also write the results to this file.")
+flags.DEFINE_string("worker", "", "Internal: measure one framework in this process.")
+flags.DEFINE_string("mode", "train", "Internal: train or infer.")
+flags.DEFINE_integer("size", 128, "Internal: image size.")
+flags.DEFINE_integer("batch", 64, "Internal: batch size.")
+
+NUM_CLASSES = 13
+
+
+def _timed(step, window: float, batches_per_call: int = 1) -> float:
+  """Images/s of `step()` (which returns after the work is done) over `window` s."""
+  for _ in range(3):
+    step()
+  calls, start = 0, time.perf_counter()
+  while time.perf_counter() - start < window:
+    step()
+    calls += 1
+  return calls * batches_per_call * FLAGS.batch / (time.perf_counter() - start)
+
+
+def _simpsons_jax(mode: str, size: int, batch: int) -> tuple[float, str]:
+  import jax
+  import numpy as np
+
+  from configs import full
+  from simpsons_jax import models, sharding, train
+
+  config = full.get_config()
+  config.image_size = size
+  mesh = sharding.make_mesh(jax.devices()[:1])
+  state = train.initial_state(models.create(config, NUM_CLASSES), config, mesh)
+  rng = np.random.default_rng(0)
+  data = sharding.shard_batch(
+    {
+      "image": rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8),
+      "label": rng.integers(0, NUM_CLASSES, batch, dtype=np.int32),
+      "mask": np.ones(batch, np.float32),
+    },
+    mesh,
+  )
+  train_step, eval_step = train.jit_steps(mesh, NUM_CLASSES)
+  holder = [state]
+
+  def step():
+    if mode == "train":
+      holder[0], sums = train_step(holder[0], data)
+    else:
+      sums = eval_step(holder[0], data)
+    jax.block_until_ready(sums)
+
+  return _timed(step, FLAGS.window), f"jax {jax.__version__}"
+
+
+def _keras(mode: str, size: int, batch: int) -> tuple[float, str]:
+  import keras
+  import numpy as np
+
+  layers = [keras.Input((size, size, 3)), keras.layers.Rescaling(1 / 255)]
+  for features in (8, 16, 32, 64):
+    layers += [
+      keras.layers.Conv2D(features, 3, padding="same", activation="relu"),
+      keras.layers.MaxPooling2D(),
+    ]
+  layers.append(keras.layers.Flatten())
+  for _ in range(4):
+    layers += [keras.layers.Dropout(0.4), keras.layers.Dense(512, activation="relu")]
+  layers += [keras.layers.Dropout(0.4), keras.layers.Dense(NUM_CLASSES)]
+  model = keras.Sequential(layers)
+  model.compile(
+    optimizer=keras.optimizers.Adam(1e-3),
+    loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+  )
+  import tensorflow as tf
+
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (batch, size, size, 3)).astype(np.float32)
+  labels = rng.integers(0, NUM_CLASSES, batch)
+  if mode == "infer":
+    return _timed(lambda: model.predict_on_batch(images), FLAGS.window), (
+      f"keras {keras.__version__}"
+    )
+
+  class Timer(keras.callbacks.Callback):
+    """Times the batches of one long `fit` after warm-up, then stops it."""
+
+    def on_train_batch_end(self, index, logs=None):
+      if index == 3:
+        self.start = time.perf_counter()
+      elif index > 3 and time.perf_counter() - self.start > FLAGS.window:
+        self.rate = (index - 3) * batch / (time.perf_counter() - self.start)
+        self.model.stop_training = True
+
+  # `fit` as users run it: a compiled loop over a dataset.
+  timer = Timer()
+  data = tf.data.Dataset.from_tensors((images, labels)).repeat()
+  model.fit(data, epochs=1, steps_per_epoch=10**6, verbose=0, callbacks=[timer])
+  return timer.rate, f"keras {keras.__version__}"
+
+
+def _torch(mode: str, size: int, batch: int) -> tuple[float, str]:
+  import torch
+  from torch import nn
+
+  layers: list[nn.Module] = []
+  channels = 3
+  for features in (8, 16, 32, 64):
+    layers += [nn.Conv2d(channels, features, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
+    channels = features
+  layers.append(nn.Flatten())
+  width = channels * (size // 16) ** 2
+  for _ in range(4):
+    layers += [nn.Dropout(0.4), nn.Linear(width, 512), nn.ReLU()]
+    width = 512
+  layers += [nn.Dropout(0.4), nn.Linear(512, NUM_CLASSES)]
+  model = nn.Sequential(*layers).to(memory_format=torch.channels_last)
+  optimizer = torch.optim.Adam(model.parameters(), 1e-3)
+  images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8)
+  labels = torch.randint(0, NUM_CLASSES, (batch,))
+
+  def step():
+    x = (images.float() / 255).contiguous(memory_format=torch.channels_last)
+    if mode == "train":
+      model.train()
+      optimizer.zero_grad()
+      nn.functional.cross_entropy(model(x), labels).backward()
+      optimizer.step()
+    else:
+      model.eval()
+      with torch.no_grad():
+        model(x)
+
+  return _timed(step, FLAGS.window), f"torch {torch.__version__}"
+
+
+WORKERS = {"simpsons_jax": _simpsons_jax, "keras": _keras, "torch": _torch}
+
+
+def _measure(framework: str, mode: str, size: int, batch: int) -> tuple[float, str]:
+  """Runs one worker process and returns its images/s and version."""
+  result = subprocess.run(
+    [sys.executable, __file__, f"--worker={framework}", f"--mode={mode}"]
+    + [f"--size={size}", f"--batch={batch}", f"--window={FLAGS.window}"],
+    cwd=Path(__file__).resolve().parents[1],
+    env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""},
+    capture_output=True,
+    text=True,
+    check=False,
+  )
+  if result.returncode:
+    raise RuntimeError(f"{framework} {mode} {size}px failed:\n{result.stderr[-2000:]}")
+  line = json.loads(result.stdout.strip().splitlines()[-1])
+  return line["images_per_second"], line["version"]
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  if FLAGS.worker:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    rate, version = WORKERS[FLAGS.worker](FLAGS.mode, FLAGS.size, FLAGS.batch)
+    print(json.dumps({"images_per_second": rate, "version": version}))
+    return
+  cases = [
+    (mode, int(size), FLAGS.train_batch if mode == "train" else FLAGS.infer_batch)
+    for size in FLAGS.sizes
+    for mode in ("train", "infer")
+  ]
+  rates: dict[tuple, list[float]] = {}
+  versions: dict[str, str] = {}
+  for round_index in range(FLAGS.rounds):
+    for case in cases:
+      for framework in FLAGS.frameworks:
+        rate, versions[framework] = _measure(framework, *case)
+        rates.setdefault((framework, *case), []).append(rate)
+        print(
+          f"round {round_index + 1}: {framework} {case}: {rate:.0f} images/s",
+          file=sys.stderr,
+        )
+  machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+  rows = []
+  print(
+    f"\nImages/s on {machine} (median of {FLAGS.rounds} rounds); "
+    + ", ".join(versions.values())
+  )
+  header = f"{'mode':6} {'size':>4} {'batch':>5} " + " ".join(
+    f"{f:>13}" for f in FLAGS.frameworks
+  )
+  print(header + "   jax/keras")
+  for case in cases:
+    medians = {f: statistics.median(rates[(f, *case)]) for f in FLAGS.frameworks}
+    ratio = (
+      f"{medians['simpsons_jax'] / medians['keras']:.2f}x"
+      if {"simpsons_jax", "keras"} <= medians.keys()
+      else ""
+    )
+    print(
+      f"{case[0]:6} {case[1]:>4} {case[2]:>5} "
+      + " ".join(f"{medians[f]:>13.0f}" for f in FLAGS.frameworks)
+      + f"   {ratio}"
+    )
+    rows.append(
+      {
+        "mode": case[0],
+        "size": case[1],
+        "batch": case[2],
+        "images_per_second": medians,
+        "all_rounds": {f: rates[(f, *case)] for f in FLAGS.frameworks},
+      }
+    )
+  if FLAGS.json:
+    Path(FLAGS.json).write_text(
+      json.dumps({"machine": machine, "versions": versions, "results": rows}, indent=2)
+      + "\n"
+    )
+
+
+if __name__ == "__main__":
+  app.run(main)
