@@ -51,10 +51,10 @@ def _config():
 
 
 def _splits(config):
-  from simpsons_jax import characters, image_files, input_pipeline
+  from simpsons_jax import characters, input_pipeline
 
   with tempfile.TemporaryDirectory() as report_dir:
-    images = image_files.validate(characters.find_images(config.data_dir), report_dir)
+    images = input_pipeline.usable_images(config, report_dir, report_dir)
   cmap = characters.select(images, config.min_images)
   return cmap, *input_pipeline.training_splits(images, cmap, config)
 

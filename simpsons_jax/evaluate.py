@@ -68,21 +68,19 @@ def _dataset(
 ) -> tuple[str, input_pipeline.Split, dict[str, list[str]]]:
   """The examples to score, and the files skipped per unknown character."""
   if not eval_dir:
-    images = image_files.validate(
-      characters.find_images(input_pipeline.data_dir(trained.config, workdir)),
-      workdir / "eval" / VALIDATION,
-    )
+    report_dir = workdir / "eval" / VALIDATION
+    images = input_pipeline.usable_images(trained.config, workdir, report_dir)
     _, val = input_pipeline.training_splits(images, trained.cmap, trained.config)
     return VALIDATION, val, {}
   name = Path(eval_dir).name
   images = image_files.validate(
     characters.find_labelled_images(eval_dir), workdir / "eval" / name
   )
-  known = {name: images.get(name, []) for name in trained.cmap.names}
+  known = {character: images.get(character, []) for character in trained.cmap.names}
   skipped = {
-    name or "<unparseable name>": [str(p) for p in files]
-    for name, files in images.items()
-    if name not in known
+    character or "<unparseable name>": [str(p) for p in files]
+    for character, files in images.items()
+    if character not in known
   }
   return name, input_pipeline.examples(known, trained.cmap), skipped
 
@@ -179,12 +177,11 @@ def show_data(workdir: str | os.PathLike, count: int = 9, seed: int = 0) -> Path
   `show_random_characters`), saved as `<workdir>/eval/training_data/`."""
   workdir = Path(workdir)
   config, cmap = predict.load_config_and_map(workdir)
-  images = characters.find_images(input_pipeline.data_dir(config, workdir))
+  out = workdir / "eval" / "training_data"
+  images = input_pipeline.usable_images(config, workdir, out)
   train, _ = input_pipeline.training_splits(images, cmap, config)
   rng = np.random.default_rng(seed)
   shown = rng.choice(len(train), size=min(count, len(train)), replace=False)
-  out = workdir / "eval" / "training_data"
-  out.mkdir(parents=True, exist_ok=True)
   path = out / "random_characters.png"
   image = plots.frame_grid(
     [train.paths[i] for i in shown],

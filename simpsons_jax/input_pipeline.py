@@ -22,7 +22,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from simpsons_jax import characters, synthetic
+from simpsons_jax import characters, image_files, synthetic
 
 Batch = dict[str, np.ndarray]
 
@@ -95,6 +95,20 @@ def data_dir(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> P
     return characters.resolve_data_dir(config.data_dir)
   raise ValueError(
     f"Unknown --config.dataset={config.dataset!r}; use folder or synthetic."
+  )
+
+
+def usable_images(
+  config: ml_collections.ConfigDict,
+  workdir: str | os.PathLike,
+  report_dir: str | os.PathLike,
+) -> dict[str, list[Path]]:
+  """The run's images per character folder, less the unusable files.
+
+  Those are listed in `<report_dir>/skipped_files.json` (see `image_files`).
+  """
+  return image_files.validate(
+    characters.find_images(data_dir(config, workdir)), report_dir
   )
 
 

@@ -24,7 +24,6 @@ from simpsons_jax import (
   characters,
   checkpointing,
   config_checks,
-  image_files,
   input_pipeline,
   metrics,
   models,
@@ -210,9 +209,7 @@ def train_and_evaluate(
   config_checks.prepare_workdir(config, workdir)
   sharding.describe_devices(mesh, config.require_accelerator)
 
-  images = image_files.validate(
-    characters.find_images(input_pipeline.data_dir(config, workdir)), workdir
-  )
+  images = input_pipeline.usable_images(config, workdir, workdir)
   cmap = characters.load_or_create(workdir, images, config.min_images)
   train_split, val_split = input_pipeline.training_splits(images, cmap, config)
   checkpointing.save_config(workdir, config)

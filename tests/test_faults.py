@@ -10,7 +10,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from simpsons_jax import characters, checkpointing, config_checks, image_files, train
+from simpsons_jax import (
+  characters,
+  checkpointing,
+  config_checks,
+  evaluate,
+  image_files,
+  train,
+)
 from simpsons_jax import sharding as sharding_lib
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -124,6 +131,10 @@ def test_training_on_a_messy_folder_skips_and_counts(messy_dir, tmp_path, tiny_c
   cmap = characters.CharacterMap.load(tmp_path / "run" / "characters.json")
   assert cmap.names == ("bart_simpson", "homer_simpson")
   assert cmap.counts == (12, num_good_homer)
+  # Later steps over the same folder skip the same files, so see the same split.
+  evaluate.show_data(tmp_path / "run")
+  shown = tmp_path / "run" / "eval" / "training_data" / "skipped_files.json"
+  assert json.loads(shown.read_text()) == skipped
 
 
 def test_nothing_left_after_filtering_fails_before_training(tmp_path, tiny_config):

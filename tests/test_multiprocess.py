@@ -12,7 +12,6 @@ import pytest
 
 from simpsons_jax import (
   characters,
-  image_files,
   input_pipeline,
   models,
   predict,
@@ -25,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _split(config, workdir):
-  images = image_files.validate(characters.find_images(config.data_dir), workdir)
+  images = input_pipeline.usable_images(config, workdir, workdir)
   cmap = characters.select(images, config.min_images)
   return cmap, *input_pipeline.training_splits(images, cmap, config)
 
