@@ -24,18 +24,41 @@ def get_config() -> ml_collections.ConfigDict:
   config.cache_dir = ""  # '' caches decoded images in memory; else on disk.
   config.synthetic_images_per_character = 250  # For dataset='synthetic'.
 
-  # Model.
+  # Augmentation of training batches (after the cache; seeded). All off: the
+  # notebook's run. Crop, shift, rotation and flip are one affine warp.
+  config.augment = ml_collections.ConfigDict()
+  config.augment.flip = False  # Mirror left-right with probability 1/2.
+  config.augment.crop_min_area = 1.0  # Random resized crop of [this, 1] of the area.
+  config.augment.shift = 0.0  # Random shift, up to this fraction of the size.
+  config.augment.rotation_degrees = 0.0  # Random rotation in [-this, this].
+  config.augment.brightness = 0.0  # Colour jitter: +-this of the range,
+  config.augment.contrast = 0.0  # contrast and saturation factors in
+  config.augment.saturation = 0.0  # [1 - this, 1 + this].
+
+  # Model: 'simpsons_cnn' (the notebook's) or 'resnet' (BatchNorm, residual).
   config.model = "simpsons_cnn"
-  config.conv_features = (8, 16, 32, 64)
-  config.dense_features = (512, 512, 512, 512)
-  config.dropout_rate = 0.4
+  config.conv_features = (8, 16, 32, 64)  # simpsons_cnn
+  config.dense_features = (512, 512, 512, 512)  # simpsons_cnn
+  config.stem_features = 32  # resnet: 3x3 stem conv width,
+  config.stem_pool = False  # a 2x2 max pool after the stem,
+  config.stage_features = (32, 64, 128)  # widths of the stages (each halves the
+  config.blocks_per_stage = 1  # resolution but the first), blocks per stage.
+  config.dropout_rate = 0.4  # Before each dense layer.
   config.dtype = "float32"  # Compute type: 'bfloat16' on GPU/TPU; params stay fp32.
 
   # Training.
-  config.learning_rate = 1e-3  # Adam.
+  config.optimizer = "adam"  # 'adam', 'adamw' or 'sgd' (Nesterov momentum 0.9).
+  config.learning_rate = 1e-3  # Peak learning rate.
+  config.schedule = "constant"  # 'constant' or 'cosine' (after warmup, to 0).
+  config.warmup_epochs = 0.0  # Linear warmup from 0 (cosine schedule).
+  config.weight_decay = 0.0  # Decoupled (adamw) or L2 (sgd); not on biases/norms.
+  config.label_smoothing = 0.0
+  config.class_weights = "none"  # 'none' or 'balanced' (loss weight n/(K n_c)).
+  config.ema_decay = 0.0  # > 0: evaluate and predict with an EMA of the weights.
+  config.eval_flip = False  # Average predictions of the image and its mirror.
   config.batch_size = 64  # Global batch, split over all devices.
   config.num_epochs = 70
-  config.seed = 0  # Split, shuffling, initialisation and dropout.
+  config.seed = 0  # Split, shuffling, augmentation, initialisation and dropout.
 
   # Devices.
   config.require_accelerator = False  # True: fail rather than train on CPU.

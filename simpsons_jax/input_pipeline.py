@@ -3,8 +3,9 @@
 Each image is decoded once per run: the resized uint8 images are cached (in
 memory, or on disk under `config.cache_dir`) after the first pass. Training
 reads one iterator over all remaining epochs, each epoch shuffled with a seed
-derived from (seed, epoch), so a resumed run sees the same batches as an
-uninterrupted one. Evaluation pads the last batch and marks real examples in
+derived from (seed, epoch) and augmented (if the config asks) with a seed
+derived from (seed, epoch, batch), so a resumed run sees the same batches as
+an uninterrupted one. Evaluation pads the last batch and marks real examples in
 `mask`, so every example counts exactly once.
 """
 
@@ -22,7 +23,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from simpsons_jax import characters, image_files, synthetic
+from simpsons_jax import augment, characters, image_files, synthetic
 
 Batch = dict[str, np.ndarray]
 
@@ -209,10 +210,20 @@ def train_batches(
   first_epoch, offset = divmod(start_step, steps_per_epoch)
 
   def one_epoch(epoch: tf.Tensor) -> tf.data.Dataset:
-    shuffled = decoded.shuffle(len(split), seed=epoch_seed(config.seed, epoch))
+    seed = epoch_seed(config.seed, epoch)
+    shuffled = decoded.shuffle(len(split), seed=seed)
     # A second pass only fills the epoch if undecodable images were dropped.
     batches = shuffled.repeat(2).batch(batch_size, drop_remainder=True)
-    return batches.take(steps_per_epoch)
+    batches = batches.take(steps_per_epoch)
+    if not augment.enabled(config.augment):
+      return batches
+
+    def augmented(index, batch):
+      batch_seed = tf.stack([seed, index * process_count + process_index])
+      image = augment.augment_batch(config.augment, batch["image"], batch_seed)
+      return {**batch, "image": image}
+
+    return batches.enumerate().map(augmented, num_parallel_calls=2)
 
   ds = tf.data.Dataset.range(first_epoch, config.num_epochs).flat_map(one_epoch)
   ds = ds.skip(offset).prefetch(2)
