@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from configs import full
+from configs import full, strong
 from simpsons_jax import models
 
 
@@ -80,3 +80,90 @@ def test_bfloat16_compute_matches_float32_on_a_fixed_batch():
 
   assert float(loss(model16)) == pytest.approx(float(loss(model32)), rel=2e-2)
   assert float(loss(model16)) != float(loss(model32))
+
+
+def _resnet_params_by_formula(stem, stages, num_classes):
+  """Convs have no bias; each BatchNorm has a scale and a bias per channel."""
+  total = 9 * 3 * stem + 2 * stem
+  previous = stem
+  for i, width in enumerate(stages):
+    total += 9 * previous * width + 9 * width * width + 4 * width
+    if i > 0 or previous != width:  # a 1x1 conv shortcut where shapes change
+      total += previous * width + 2 * width
+    previous = width
+  return total + previous * num_classes + num_classes
+
+
+def test_strong_model_parameter_count():
+  config = strong.get_config()
+  model = models.create(config, num_classes=10)
+  variables = jax.eval_shape(
+    functools.partial(model.init, train=False),
+    jax.random.PRNGKey(0),
+    jnp.zeros((1, 28, 28, 3), jnp.uint8),
+  )
+  assert models.count_params(variables["params"]) == 686_090
+  assert _resnet_params_by_formula(32, (48, 96, 192), 10) == 686_090
+  # Running means and variances: one pair per BatchNorm channel.
+  assert models.count_params(variables["batch_stats"]) == 2 * (32 + 3 * (48 + 96 + 192))
+
+
+def test_resnet_batch_norm_modes():
+  model = models.ResNet(num_classes=3, stem_features=8, stage_features=(8, 16))
+  images = jax.random.randint(jax.random.PRNGKey(5), (6, 16, 16, 3), 0, 256, jnp.uint8)
+  variables = jax.jit(functools.partial(model.init, train=False))(
+    jax.random.PRNGKey(0), images
+  )
+  logits, updates = model.apply(variables, images, train=True, mutable=["batch_stats"])
+  # Training normalises with the batch's statistics and updates the running ones.
+  stem_stats = updates["batch_stats"]["BatchNorm_0"]
+  assert not np.allclose(
+    stem_stats["mean"], variables["batch_stats"]["BatchNorm_0"]["mean"]
+  )
+  # Evaluation uses the running statistics and changes nothing.
+  a = model.apply(variables, images, train=False)
+  b = model.apply(variables, images[:1], train=False)
+  np.testing.assert_allclose(a[:1], b, rtol=1e-5, atol=1e-5)
+  assert logits.shape == a.shape == (6, 3)
+
+
+def test_flip_test_time_augmentation_averages_probabilities():
+  def apply_fn(variables, images, train):
+    del variables, train
+    return images[:, 0, 0, :].astype(jnp.float32)  # depends on the left column
+
+  images = jnp.zeros((2, 4, 4, 3), jnp.uint8)
+  images = images.at[:, 0, 0, :].set(jnp.array([[1, 2, 3], [0, 0, 9]], jnp.uint8))
+  images = images.at[:, 0, 3, :].set(jnp.array([[3, 2, 1], [5, 0, 0]], jnp.uint8))
+  plain = models.inference_logits(apply_fn, {}, images)
+  np.testing.assert_array_equal(plain, images[:, 0, 0, :])
+  both = models.inference_logits(apply_fn, {}, images, flip=True)
+  expected = 0.5 * (
+    jax.nn.softmax(images[:, 0, 0, :].astype(jnp.float32))
+    + jax.nn.softmax(images[:, 0, 3, :].astype(jnp.float32))
+  )
+  np.testing.assert_allclose(jnp.exp(both), expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("strides, window", [(1, 3), (2, 3), (2, 1)])
+def test_chunked_kernel_gradient_equals_the_plain_one(strides, window):
+  x = jax.random.normal(jax.random.PRNGKey(6), (48, 28, 28, 4))
+  kernel = jax.random.normal(jax.random.PRNGKey(7), (window, window, 4, 5))
+
+  def grads(conv_fn):
+    def loss(x, kernel):
+      y = conv_fn(
+        x,
+        kernel,
+        (strides, strides),
+        "SAME",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      )
+      return (y**2).sum()
+
+    return jax.jit(jax.grad(loss, argnums=(0, 1)))(x, kernel)
+
+  plain = grads(jax.lax.conv_general_dilated)
+  chunked = grads(models.chunked_kernel_grad_conv)
+  for a, b in zip(plain, chunked, strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * np.abs(a).max())
