@@ -62,7 +62,9 @@ def _simpsons_jax(mode: str, size: int, batch: int) -> tuple[float, str]:
   config = full.get_config()
   config.image_size = size
   mesh = sharding.make_mesh(jax.devices()[:1])
-  state = train.initial_state(models.create(config, NUM_CLASSES), config, mesh)
+  state = train.initial_state(
+    models.create(config, NUM_CLASSES), config, mesh, steps_per_epoch=1
+  )
   rng = np.random.default_rng(0)
   data = sharding.shard_batch(
     {
@@ -72,7 +74,7 @@ def _simpsons_jax(mode: str, size: int, batch: int) -> tuple[float, str]:
     },
     mesh,
   )
-  train_step, eval_step = train.jit_steps(mesh, NUM_CLASSES)
+  train_step, eval_step = train.jit_steps(mesh, config, NUM_CLASSES)
   holder = [state]
 
   def step():

@@ -1,6 +1,7 @@
 """Orbax checkpoints of the train state, with the run's metadata as JSON.
 
-Each checkpoint holds `state` (step, params, optimizer state, RNG) and `meta`
+Each checkpoint holds `state` (step, params, optimizer state, BatchNorm
+statistics, EMA, RNG) and `meta`
 (epoch, validation metrics, characters, image size). The latest few and the
 best by validation accuracy are kept. Orbax writes each checkpoint to a
 temporary folder and renames it when complete, so a run killed mid-save
@@ -130,14 +131,16 @@ def select_step(manager: ocp.CheckpointManager, checkpoint: str) -> int:
   )
 
 
-def restore_params(
-  manager: ocp.CheckpointManager, step: int, abstract_params: Any
-) -> Any:
-  """Reads only the parameters of checkpoint `step` into `abstract_params`."""
-  item = {"params": abstract_params}
+def restore_fields(
+  manager: ocp.CheckpointManager, step: int, abstract_fields: Mapping[str, Any]
+) -> dict[str, Any]:
+  """Reads only some fields of the state of checkpoint `step` (e.g. `params`),
+  into the shapes and shardings of `abstract_fields`."""
+  item = {key: value for key, value in abstract_fields.items() if value}
   args = ocp.args.PyTreeRestore(
     item=item,
     restore_args=ocp.checkpoint_utils.construct_restore_args(item),
     partial_restore=True,
   )
-  return manager.restore(step, args=ocp.args.Composite(state=args)).state["params"]
+  restored = manager.restore(step, args=ocp.args.Composite(state=args)).state
+  return {key: restored.get(key, value) for key, value in abstract_fields.items()}

@@ -8,6 +8,7 @@ config cannot continue.
 from __future__ import annotations
 
 import datetime
+import functools
 import shutil
 from pathlib import Path
 
@@ -32,7 +33,33 @@ RESUME_FIXED = (
   "model",
   "conv_features",
   "dense_features",
+  "stem_features",
+  "stem_pool",
+  "stage_features",
+  "blocks_per_stage",
+  "optimizer",
+  "schedule",
+  "ema_decay",
 )
+CHOICES = {
+  "dataset": ("folder", "synthetic"),
+  "dtype": ("float32", "bfloat16"),
+  "model": ("simpsons_cnn", "resnet"),
+  "optimizer": ("adam", "adamw", "sgd"),
+  "schedule": ("constant", "cosine"),
+  "class_weights": ("none", "balanced"),
+}
+# Options that must lie in [low, high).
+RANGES = {
+  "dropout_rate": (0, 1),
+  "label_smoothing": (0, 1),
+  "ema_decay": (0, 1),
+  "augment.brightness": (0, 1),
+  "augment.contrast": (0, 1),
+  "augment.saturation": (0, 1),
+  "augment.shift": (0, 0.5),
+  "augment.rotation_degrees": (0, 180),
+}
 # What `restart` moves aside; synthetic data and caches are kept.
 RUN_FILES = (
   "checkpoints",
@@ -57,19 +84,34 @@ def check(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
     problems.append(f"val_fraction={config.val_fraction} must lie in (0, 1)")
   if not 0 < config.train_fraction <= 1:
     problems.append(f"train_fraction={config.train_fraction} must lie in (0, 1]")
-  if not 0 <= config.dropout_rate < 1:
-    problems.append(f"dropout_rate={config.dropout_rate} must lie in [0, 1)")
-  for key in ("min_images", "batch_size", "num_epochs", "log_every_steps"):
+  for key, (low, high) in RANGES.items():
+    value = functools.reduce(getattr, key.split("."), config)
+    if not low <= value < high:
+      problems.append(f"{key}={value} must lie in [{low}, {high})")
+  if not 0 < config.augment.crop_min_area <= 1:
+    problems.append(
+      f"augment.crop_min_area={config.augment.crop_min_area} must lie in (0, 1]"
+    )
+  for key in ("warmup_epochs", "weight_decay"):
+    if config[key] < 0:
+      problems.append(f"{key}={config[key]} must not be negative")
+  for key in (
+    "min_images",
+    "batch_size",
+    "num_epochs",
+    "log_every_steps",
+    "stem_features",
+    "blocks_per_stage",
+  ):
     if config[key] < 1:
       problems.append(f"{key}={config[key]} must be at least 1")
   if config.learning_rate <= 0:
     problems.append(f"learning_rate={config.learning_rate} must be positive")
   if config.checkpoints_to_keep < 1:
     problems.append(f"checkpoints_to_keep={config.checkpoints_to_keep} must be >= 1")
-  if config.dataset not in ("folder", "synthetic"):
-    problems.append(f"dataset={config.dataset!r} must be 'folder' or 'synthetic'")
-  if config.dtype not in ("float32", "bfloat16"):
-    problems.append(f"dtype={config.dtype!r} must be 'float32' or 'bfloat16'")
+  for key, choices in CHOICES.items():
+    if config[key] not in choices:
+      problems.append(f"{key}={config[key]!r} must be one of {', '.join(choices)}")
   if problems:
     raise ValueError("Invalid config: " + "; ".join(problems) + ".")
   sharding.check_batch_size(config.batch_size, mesh)

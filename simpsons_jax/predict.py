@@ -1,7 +1,7 @@
 """Name the character in image files with a trained workdir.
 
 Only what inference needs is read: `config.json` (the model's shape),
-`characters.json` and the parameters of one checkpoint, restored onto the
+`characters.json` and the inference variables of one checkpoint, restored onto the
 first local device, whatever number of devices wrote them.
 """
 
@@ -28,10 +28,10 @@ UNKNOWN = "unknown"
 
 @dataclasses.dataclass(frozen=True)
 class TrainedModel:
-  """A model with the parameters of one checkpoint and its characters."""
+  """A model with the variables of one checkpoint and its characters."""
 
   model: nn.Module
-  params: Any
+  variables: Any  # {"params", "batch_stats"}: the EMA ones if the run kept one.
   cmap: characters.CharacterMap
   config: ml_collections.ConfigDict
   step: int
@@ -52,15 +52,18 @@ def load(workdir: str | os.PathLike, checkpoint: str = "best") -> TrainedModel:
   images = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.uint8)
   shapes = jax.eval_shape(
     functools.partial(model.init, train=False), jax.random.PRNGKey(0), images
-  )["params"]
+  )
+  shapes = {"params": shapes["params"], "batch_stats": shapes.get("batch_stats", {})}
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abstract = checkpointing.abstract_like(shapes, device)
   manager = checkpointing.create_manager(workdir, read_only=True)
   step = checkpointing.select_step(manager, checkpoint)
-  params = checkpointing.restore_params(
-    manager, step, checkpointing.abstract_like(shapes, device)
-  )
+  if config.get("ema_decay", 0.0) > 0:
+    variables = checkpointing.restore_fields(manager, step, {"ema": abstract})["ema"]
+  else:
+    variables = checkpointing.restore_fields(manager, step, abstract)
   manager.close()
-  return TrainedModel(model, params, cmap, config, step)
+  return TrainedModel(model, variables, cmap, config, step)
 
 
 def probabilities(
@@ -68,12 +71,14 @@ def probabilities(
 ) -> np.ndarray:
   """Softmax probabilities (N, characters) of the real rows of padded batches."""
 
-  @jax.jit
-  def forward(params, images):
-    logits = trained.model.apply({"params": params}, images, train=False)
-    return jax.nn.softmax(logits.astype(jnp.float32))
+  flip = trained.config.get("eval_flip", False)
 
-  probs = [forward(trained.params, batch["image"]) for batch in batches]
+  @jax.jit
+  def forward(variables, images):
+    logits = models.inference_logits(trained.model.apply, variables, images, flip)
+    return jax.nn.softmax(logits)
+
+  probs = [forward(trained.variables, batch["image"]) for batch in batches]
   masks = [batch["mask"].astype(bool) for batch in batches]
   return np.concatenate(
     [np.asarray(p)[m] for p, m in zip(probs, masks, strict=True)]

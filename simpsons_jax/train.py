@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -27,37 +28,59 @@ from simpsons_jax import (
   input_pipeline,
   metrics,
   models,
+  optimizers,
   sharding,
   summary,
 )
 
 
 class TrainState(train_state.TrainState):
-  """Step, params and optimizer state, plus the base key for dropout."""
+  """Step, params and optimizer state, BatchNorm statistics, the EMA of the
+  weights (None when off) and the base key for dropout."""
 
   rng: jax.Array
+  batch_stats: Any = flax.struct.field(default_factory=dict)
+  ema: Any = None
+
+  def inference_variables(self) -> dict[str, Any]:
+    """The variables evaluation and prediction use: the EMA if there is one."""
+    if self.ema is not None:
+      return self.ema
+    return {"params": self.params, "batch_stats": self.batch_stats}
 
 
 def create_train_state(
-  model: nn.Module, config: ml_collections.ConfigDict, rng: jax.Array
+  model: nn.Module,
+  config: ml_collections.ConfigDict,
+  rng: jax.Array,
+  steps_per_epoch: int,
 ) -> TrainState:
-  """Fresh parameters and Adam state for `model` on images of the config's size."""
+  """Fresh variables and optimizer state for `model` on the config's images."""
   init_rng, dropout_rng = jax.random.split(rng)
   images = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.uint8)
-  params = model.init(init_rng, images, train=False)["params"]
+  variables = model.init(init_rng, images, train=False)
+  params, batch_stats = variables["params"], variables.get("batch_stats", {})
+  ema = None
+  if config.ema_decay > 0:
+    # Copies: the train step donates the state, so no two fields may share buffers.
+    ema = jax.tree.map(jnp.copy, {"params": params, "batch_stats": batch_stats})
   return TrainState.create(
     apply_fn=model.apply,
     params=params,
-    tx=optax.adam(config.learning_rate),
+    tx=optimizers.create(config, steps_per_epoch),
     rng=dropout_rng,
+    batch_stats=batch_stats,
+    ema=ema,
   )
 
 
 def initial_state(
-  model: nn.Module, config: ml_collections.ConfigDict, mesh: Mesh
+  model: nn.Module, config: ml_collections.ConfigDict, mesh: Mesh, steps_per_epoch: int
 ) -> TrainState:
   """The state a run starts from, seeded by `config.seed`, replicated on `mesh`."""
-  init = functools.partial(create_train_state, model, config)
+  init = functools.partial(
+    create_train_state, model, config, steps_per_epoch=steps_per_epoch
+  )
   # Partitionable threefry (the default, used for dropout) takes XLA:CPU
   # seconds per parameter shape to compile; initial values need no sharding.
   with jax.threefry_partitionable(False):
@@ -66,34 +89,82 @@ def initial_state(
     )
 
 
+def class_weights(labels: np.ndarray, num_classes: int, kind: str) -> np.ndarray | None:
+  """Loss weight per character: None, or n / (K * n_c) for 'balanced'.
+
+  Balanced weights make every character count as much in the loss as if
+  all had the same number of training images; their mean over images is 1.
+  """
+  if kind == "none":
+    return None
+  if kind == "balanced":
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    weights = np.divide(
+      len(labels), num_classes * counts, out=np.zeros_like(counts), where=counts > 0
+    )
+    return weights.astype(np.float32)
+  raise ValueError(f"Unknown --config.class_weights={kind!r}; use none or balanced.")
+
+
 def train_step(
-  state: TrainState, batch: Mapping[str, jax.Array]
+  state: TrainState,
+  batch: Mapping[str, jax.Array],
+  label_smoothing: float = 0.0,
+  weights: jax.Array | None = None,
+  ema_decay: float = 0.0,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One Adam step on softmax cross-entropy; returns the batch's metric sums."""
+  """One optimizer step on (label-smoothed, class-weighted) softmax cross-entropy.
+
+  Updates BatchNorm statistics (over the global batch) and the EMA; returns
+  the batch's sums of the training objective and of correct predictions.
+  """
   dropout_rng = jax.random.fold_in(state.rng, state.step)
+  labels = batch["label"]
 
   def loss_fn(params):
-    logits = state.apply_fn(
-      {"params": params}, batch["image"], train=True, rngs={"dropout": dropout_rng}
+    logits, updates = state.apply_fn(
+      {"params": params, "batch_stats": state.batch_stats},
+      batch["image"],
+      train=True,
+      rngs={"dropout": dropout_rng},
+      mutable=["batch_stats"],
     )
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
-    return losses.mean(), (losses, logits)
+    if label_smoothing:
+      targets = optax.smooth_labels(
+        jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing
+      )
+      losses = optax.softmax_cross_entropy(logits, targets)
+    else:
+      losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    if weights is not None:
+      losses = losses * weights[labels]
+    return losses.mean(), (losses, logits, updates.get("batch_stats", {}))
 
-  (_, (losses, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  state = state.apply_gradients(grads=grads)
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  (_, (losses, logits, batch_stats)), grads = grad_fn(state.params)
+  state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  if state.ema is not None:
+    new = {"params": state.params, "batch_stats": state.batch_stats}
+    decay = optimizers.ema_decay_at(state.step, ema_decay)
+    state = state.replace(ema=optimizers.update_ema(state.ema, new, decay))
   sums = {
     "loss_sum": losses.sum(),
-    "correct": (logits.argmax(-1) == batch["label"]).sum(),
+    "correct": (logits.argmax(-1) == labels).sum(),
     "count": jnp.asarray(losses.shape[0], jnp.float32),
   }
   return state, sums
 
 
 def eval_step(
-  state: TrainState, batch: Mapping[str, jax.Array], num_classes: int
+  state: TrainState,
+  batch: Mapping[str, jax.Array],
+  num_classes: int,
+  flip: bool = False,
 ) -> dict[str, jax.Array]:
   """Metric sums over the real (mask=1) examples of a padded batch."""
-  logits = state.apply_fn({"params": state.params}, batch["image"], train=False)
+  logits = models.inference_logits(
+    state.apply_fn, state.inference_variables(), batch["image"], flip
+  )
   labels, mask = batch["label"], batch["mask"]
   losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
   predicted = logits.argmax(-1)
@@ -108,18 +179,30 @@ def eval_step(
   }
 
 
-def jit_steps(mesh: Mesh, num_classes: int) -> tuple[Callable, Callable]:
-  """`train_step` and `eval_step` compiled for `mesh`, the state donated."""
+def jit_steps(
+  mesh: Mesh,
+  config: ml_collections.ConfigDict,
+  num_classes: int,
+  weights: np.ndarray | None = None,
+) -> tuple[Callable, Callable]:
+  """`train_step` and `eval_step` with the config's options, compiled for
+  `mesh`, the state donated. `weights` are the per-character loss weights."""
   state_sharding = sharding.replicated(mesh)
   batch_sharding = sharding.data_sharding(mesh)
-  jitted_train = jax.jit(
+  step = functools.partial(
     train_step,
+    label_smoothing=config.label_smoothing,
+    weights=None if weights is None else jnp.asarray(weights),
+    ema_decay=config.ema_decay,
+  )
+  jitted_train = jax.jit(
+    step,
     in_shardings=(state_sharding, batch_sharding),
     out_shardings=(state_sharding, state_sharding),
     donate_argnums=0,
   )
   jitted_eval = jax.jit(
-    functools.partial(eval_step, num_classes=num_classes),
+    functools.partial(eval_step, num_classes=num_classes, flip=config.eval_flip),
     in_shardings=(state_sharding, batch_sharding),
     out_shardings=state_sharding,
   )
@@ -227,7 +310,9 @@ def train_and_evaluate(
   manager = checkpointing.create_manager(workdir, config.checkpoints_to_keep)
   if manager.latest_step() is not None:
     shapes = jax.eval_shape(
-      functools.partial(create_train_state, model, config),
+      functools.partial(
+        create_train_state, model, config, steps_per_epoch=steps_per_epoch
+      ),
       jax.random.PRNGKey(config.seed),
     )
     abstract = checkpointing.abstract_like(shapes, sharding.replicated(mesh))
@@ -236,13 +321,14 @@ def train_and_evaluate(
       "Resumed from step %d in %s.", manager.latest_step(), manager.directory
     )
   else:
-    state = initial_state(model, config, mesh)
+    state = initial_state(model, config, mesh, steps_per_epoch)
   start_step = int(jax.device_get(state.step))
   logging.info(
     "Model %s: %s parameters.", config.model, f"{models.count_params(state.params):,}"
   )
 
-  p_train_step, p_eval_step = jit_steps(mesh, cmap.num_classes)
+  weights = class_weights(train_split.labels, cmap.num_classes, config.class_weights)
+  p_train_step, p_eval_step = jit_steps(mesh, config, cmap.num_classes, weights)
   val_batches = input_pipeline.eval_batches(
     val_split, config.image_size, config.batch_size, config.cache_dir, **process
   )

@@ -154,7 +154,7 @@ def test_nothing_left_after_filtering_fails_before_training(tmp_path, tiny_confi
     ("val_fraction", 1.0, "val_fraction=1.0 must lie in \\(0, 1\\)"),
     ("min_images", 0, "min_images=0 must be at least 1"),
     ("batch_size", 12, "batch_size=12 does not split over 8 devices"),
-    ("dataset", "kaggle", "dataset='kaggle' must be 'folder' or 'synthetic'"),
+    ("dataset", "kaggle", "dataset='kaggle' must be one of folder, synthetic"),
   ],
 )
 def test_impossible_values_fail_early(tiny_config, key, value, message):

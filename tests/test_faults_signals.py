@@ -80,7 +80,7 @@ def reference(tiny_data_dir, tmp_path_factory):
 def _final_params(workdir):
   trained = predict.load(workdir, checkpoint="latest")
   assert trained.step == 18
-  return jax.tree.leaves(jax.device_get(trained.params))
+  return jax.tree.leaves(jax.device_get(trained.variables["params"]))
 
 
 @pytest.mark.parametrize(

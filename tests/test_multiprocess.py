@@ -92,8 +92,13 @@ def test_two_processes_train_like_one_with_the_same_global_batch(
   # The same global batches, assembled here in one process on 8 devices.
   cmap, train_split, val_split = _split(config, tmp_path)
   mesh = sharding.make_mesh()
-  state = train.initial_state(models.create(config, cmap.num_classes), config, mesh)
-  train_step, eval_step = train.jit_steps(mesh, cmap.num_classes)
+  state = train.initial_state(
+    models.create(config, cmap.num_classes),
+    config,
+    mesh,
+    steps_per_epoch=len(train_split) // config.batch_size,
+  )
+  train_step, eval_step = train.jit_steps(mesh, config, cmap.num_classes)
   shards = [
     input_pipeline.train_batches(train_split, config, 0, index, 2) for index in range(2)
   ]
@@ -108,7 +113,7 @@ def test_two_processes_train_like_one_with_the_same_global_batch(
   assert trained.step == int(state.step) == len(train_split) // config.batch_size
   for a, b in zip(
     jax.tree.leaves(jax.device_get(state.params)),
-    jax.tree.leaves(trained.params),
+    jax.tree.leaves(trained.variables["params"]),
     strict=True,
   ):
     np.testing.assert_allclose(a, b, atol=2 * config.learning_rate)

@@ -8,12 +8,13 @@ import numpy as np
 import optax
 import pytest
 
-from configs import overfit
+from configs import default, overfit, strong
 from simpsons_jax import (
   characters,
   input_pipeline,
   metrics,
   models,
+  predict,
   sharding,
   train,
 )
@@ -24,13 +25,15 @@ def test_train_step_lowers_the_loss_on_a_fixed_batch(tiny_config):
   tiny_config.dropout_rate = 0.0
   mesh = sharding.make_mesh()
   model = models.create(tiny_config, num_classes=6)
-  state = train.create_train_state(model, tiny_config, jax.random.PRNGKey(0))
+  state = train.create_train_state(
+    model, tiny_config, jax.random.PRNGKey(0), steps_per_epoch=1
+  )
   rng = np.random.default_rng(0)
   batch = {
     "image": rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8),
     "label": np.arange(16, dtype=np.int32) % 6,
   }
-  train_step, _ = train.jit_steps(mesh, 6)
+  train_step, _ = train.jit_steps(mesh, tiny_config, 6)
   losses = []
   for _ in range(40):
     state, sums = train_step(state, sharding.shard_batch(batch, mesh))
@@ -67,7 +70,7 @@ def test_evaluation_counts_each_example_once_exactly():
     for i in (0, 8)
   ]
   mesh = sharding.make_mesh()
-  _, eval_step = train.jit_steps(mesh, 3)
+  _, eval_step = train.jit_steps(mesh, default.get_config(), 3)
   result = train.evaluate(eval_step, _fixed_prediction_state(3), batches, mesh)
 
   assert result["accuracy"] == pytest.approx(9 / 13)
@@ -168,7 +171,7 @@ def test_overfit_config_fits_real_frames_exactly(tmp_path):
   small = input_pipeline.subsample(train_split, config.train_fraction, config.seed)
   assert len(small) == 80
   mesh = sharding.make_mesh()
-  _, eval_step = train.jit_steps(mesh, cmap.num_classes)
+  _, eval_step = train.jit_steps(mesh, config, cmap.num_classes)
   batches = input_pipeline.eval_batches(small, config.image_size, config.batch_size)
   result = train.evaluate(eval_step, state, batches, mesh)
   assert result["accuracy"] == 1.0
@@ -176,7 +179,9 @@ def test_overfit_config_fits_real_frames_exactly(tmp_path):
 
 def test_steps_are_pure_functions_of_their_inputs(tiny_config):
   model = models.create(tiny_config, num_classes=6)
-  state = train.create_train_state(model, tiny_config, jax.random.PRNGKey(0))
+  state = train.create_train_state(
+    model, tiny_config, jax.random.PRNGKey(0), steps_per_epoch=1
+  )
   batch = {
     "image": np.full((16, 32, 32, 3), 128, np.uint8),
     "label": np.zeros(16, np.int32),
@@ -185,3 +190,79 @@ def test_steps_are_pure_functions_of_their_inputs(tiny_config):
   (a, _), (b, _) = step(state, batch), step(state, batch)
   for x, y in zip(_params(a), _params(b), strict=True):
     np.testing.assert_array_equal(x, y)
+
+
+@pytest.fixture
+def resnet_config(tiny_config):
+  """Every option of the strong config, shrunk to the tiny folder."""
+  config = strong.get_config()
+  for key in ("data_dir", "min_images", "image_size", "val_fraction", "batch_size"):
+    config[key] = tiny_config[key]
+  config.stem_features, config.stage_features = 8, (8, 16)
+  config.class_weights = "balanced"
+  config.ema_decay = 0.9
+  config.num_epochs, config.log_every_steps = 2, 2
+  return config
+
+
+def _variables(state):
+  trees = {"params": state.params, "batch_stats": state.batch_stats, "ema": state.ema}
+  return jax.device_get(trees)
+
+
+def test_strong_run_resumes_exactly_and_saves_its_statistics(
+  resnet_config, tmp_path, monkeypatch
+):
+  uninterrupted, _ = train.train_and_evaluate(resnet_config, tmp_path / "a")
+  steps_per_epoch = int(uninterrupted.step) // resnet_config.num_epochs
+  real_batches = input_pipeline.train_batches
+
+  def crashing_batches(*args, **kwargs):
+    for i, batch in enumerate(real_batches(*args, **kwargs)):
+      if i == steps_per_epoch + 1:
+        raise KeyboardInterrupt("killed in epoch 2")
+      yield batch
+
+  # Killed in epoch 2 (the cosine schedule needs the same num_epochs), then
+  # resumed from the checkpoint of epoch 1.
+  monkeypatch.setattr(input_pipeline, "train_batches", crashing_batches)
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(resnet_config, tmp_path / "b")
+  monkeypatch.setattr(input_pipeline, "train_batches", real_batches)
+  resumed, _ = train.train_and_evaluate(resnet_config, tmp_path / "b")
+  a, b = _variables(uninterrupted), _variables(resumed)
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_array_equal(x, y)
+  # The running statistics moved away from their initial (0 mean, 1 var) values.
+  stem = a["batch_stats"]["BatchNorm_0"]
+  assert np.abs(stem["mean"]).max() > 1e-3
+  assert not np.allclose(stem["var"], 1.0)
+  # Prediction reads the EMA variables of the checkpoint, statistics included.
+  trained = predict.load(tmp_path / "b", checkpoint="latest")
+  for x, y in zip(
+    jax.tree.leaves(trained.variables), jax.tree.leaves(a["ema"]), strict=True
+  ):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_batch_norm_statistics_cover_the_global_batch(resnet_config):
+  model = models.create(resnet_config, num_classes=6)
+  rng = np.random.default_rng(0)
+  batch = {
+    "image": rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8),
+    "label": np.arange(16, dtype=np.int32) % 6,
+  }
+  results = []
+  for devices in (jax.devices()[:1], jax.devices()):
+    mesh = sharding.make_mesh(devices)
+    step, _ = train.jit_steps(mesh, resnet_config, 6)
+    state = train.create_train_state(
+      model, resnet_config, jax.random.PRNGKey(0), steps_per_epoch=4
+    )
+    placed = jax.device_put(state, sharding.replicated(mesh))
+    new_state, _ = step(placed, sharding.shard_batch(batch, mesh))
+    results.append(jax.device_get(new_state.batch_stats))
+  # Eight devices of two images each normalise with the statistics of all 16.
+  for x, y in zip(*map(jax.tree.leaves, results), strict=True):
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,71 @@
+"""The optimizer, its learning-rate schedule, and the EMA of the weights."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+EMA_WARMUP = 10  # The EMA decay ramps up as (1 + t) / (EMA_WARMUP + t).
+
+
+def learning_rate(
+  config: ml_collections.ConfigDict, steps_per_epoch: int
+) -> float | optax.Schedule:
+  """The config's learning rate: constant, or linear warmup then cosine to 0."""
+  if config.schedule == "constant":
+    return config.learning_rate
+  if config.schedule == "cosine":
+    total_steps = steps_per_epoch * config.num_epochs
+    warmup_steps = min(round(config.warmup_epochs * steps_per_epoch), total_steps - 1)
+    return optax.warmup_cosine_decay_schedule(
+      init_value=0.0,
+      peak_value=config.learning_rate,
+      warmup_steps=warmup_steps,
+      decay_steps=total_steps,
+      end_value=0.0,
+    )
+  raise ValueError(
+    f"Unknown --config.schedule={config.schedule!r}; use constant or cosine."
+  )
+
+
+def decay_mask(params: Any) -> Any:
+  """True for kernels: biases and normalisation scales are not decayed."""
+  return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+def create(
+  config: ml_collections.ConfigDict, steps_per_epoch: int
+) -> optax.GradientTransformation:
+  """Adam (the notebook's), AdamW, or SGD with Nesterov momentum 0.9."""
+  lr = learning_rate(config, steps_per_epoch)
+  if config.optimizer == "adam":
+    return optax.adam(lr)
+  if config.optimizer == "adamw":
+    return optax.adamw(lr, weight_decay=config.weight_decay, mask=decay_mask)
+  if config.optimizer == "sgd":
+    return optax.chain(
+      optax.add_decayed_weights(config.weight_decay, mask=decay_mask),
+      optax.sgd(lr, momentum=0.9, nesterov=True),
+    )
+  raise ValueError(
+    f"Unknown --config.optimizer={config.optimizer!r}; use adam, adamw or sgd."
+  )
+
+
+def ema_decay_at(step: jax.Array, decay: float) -> jax.Array:
+  """The decay used after `step` updates: min(decay, (1 + step) / (10 + step)).
+
+  The ramp keeps the first, random weights from dominating a short run.
+  """
+  step = jnp.asarray(step, jnp.float32)
+  return jnp.minimum(decay, (1.0 + step) / (EMA_WARMUP + step))
+
+
+def update_ema(ema: Any, new: Any, decay: jax.Array) -> Any:
+  """decay * ema + (1 - decay) * new, leaf by leaf."""
+  return jax.tree.map(lambda e, n: decay * e + (1.0 - decay) * n, ema, new)
