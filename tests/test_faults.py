@@ -155,6 +155,9 @@ def test_nothing_left_after_filtering_fails_before_training(tmp_path, tiny_confi
     ("min_images", 0, "min_images=0 must be at least 1"),
     ("batch_size", 12, "batch_size=12 does not split over 8 devices"),
     ("dataset", "kaggle", "dataset='kaggle' must be one of folder, synthetic"),
+    ("optimizer", "rmsprop", "optimizer='rmsprop' must be one of adam, adamw, sgd"),
+    ("ema_decay", 1.0, "ema_decay=1.0 must lie in \\[0, 1\\)"),
+    ("label_smoothing", -0.1, "label_smoothing=-0.1 must lie in \\[0, 1\\)"),
   ],
 )
 def test_impossible_values_fail_early(tiny_config, key, value, message):
