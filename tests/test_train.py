@@ -112,6 +112,23 @@ def test_stop_and_resume_equals_an_uninterrupted_run(tiny_config, tmp_path):
     np.testing.assert_array_equal(a, b)
 
 
+def _crash_then_resume(config, workdir, monkeypatch, crash_at: int):
+  """Trains until batch `crash_at` kills the run, then reruns; the final state."""
+  real_batches = input_pipeline.train_batches
+
+  def crashing_batches(*args, **kwargs):
+    for i, batch in enumerate(real_batches(*args, **kwargs)):
+      if i == crash_at:
+        raise KeyboardInterrupt("killed mid-epoch")
+      yield batch
+
+  monkeypatch.setattr(input_pipeline, "train_batches", crashing_batches)
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(config, workdir)
+  monkeypatch.setattr(input_pipeline, "train_batches", real_batches)
+  return train.train_and_evaluate(config, workdir)[0]
+
+
 def test_crash_mid_epoch_resumes_from_the_last_checkpoint(
   tiny_config, tmp_path, monkeypatch
 ):
@@ -119,19 +136,9 @@ def test_crash_mid_epoch_resumes_from_the_last_checkpoint(
   uninterrupted, _ = train.train_and_evaluate(tiny_config, tmp_path / "a")
   steps_per_epoch = int(uninterrupted.step) // 2
 
-  real_batches = input_pipeline.train_batches
-
-  def crashing_batches(*args, **kwargs):
-    for i, batch in enumerate(real_batches(*args, **kwargs)):
-      if i == steps_per_epoch + 3:
-        raise KeyboardInterrupt("killed mid-epoch")
-      yield batch
-
-  monkeypatch.setattr(input_pipeline, "train_batches", crashing_batches)
-  with pytest.raises(KeyboardInterrupt):
-    train.train_and_evaluate(tiny_config, tmp_path / "b")
-  monkeypatch.setattr(input_pipeline, "train_batches", real_batches)
-  resumed, _ = train.train_and_evaluate(tiny_config, tmp_path / "b")
+  resumed = _crash_then_resume(
+    tiny_config, tmp_path / "b", monkeypatch, steps_per_epoch + 3
+  )
   for a, b in zip(_params(uninterrupted), _params(resumed), strict=True):
     np.testing.assert_array_equal(a, b)
 
@@ -215,21 +222,11 @@ def test_strong_run_resumes_exactly_and_saves_its_statistics(
 ):
   uninterrupted, _ = train.train_and_evaluate(resnet_config, tmp_path / "a")
   steps_per_epoch = int(uninterrupted.step) // resnet_config.num_epochs
-  real_batches = input_pipeline.train_batches
-
-  def crashing_batches(*args, **kwargs):
-    for i, batch in enumerate(real_batches(*args, **kwargs)):
-      if i == steps_per_epoch + 1:
-        raise KeyboardInterrupt("killed in epoch 2")
-      yield batch
-
   # Killed in epoch 2 (the cosine schedule needs the same num_epochs), then
   # resumed from the checkpoint of epoch 1.
-  monkeypatch.setattr(input_pipeline, "train_batches", crashing_batches)
-  with pytest.raises(KeyboardInterrupt):
-    train.train_and_evaluate(resnet_config, tmp_path / "b")
-  monkeypatch.setattr(input_pipeline, "train_batches", real_batches)
-  resumed, _ = train.train_and_evaluate(resnet_config, tmp_path / "b")
+  resumed = _crash_then_resume(
+    resnet_config, tmp_path / "b", monkeypatch, steps_per_epoch + 1
+  )
   a, b = _variables(uninterrupted), _variables(resumed)
   assert jax.tree.structure(a) == jax.tree.structure(b)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
