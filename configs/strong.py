@@ -1,0 +1,51 @@
+"""A small ResNet with augmentation: far more accurate than the notebook's network.
+
+Batch-normalised residual network, random crops/flips/rotations/colour jitter,
+SGD with Nesterov momentum, warmup and cosine decay, label smoothing, an EMA of
+the weights and flip test-time augmentation.
+
+  python main.py --config=configs/strong.py --workdir=runs/strong \
+      --config.data_dir=~/data/the-simpsons-characters-dataset/simpsons_dataset
+
+Measured on a 2-core AMD EPYC VM without GPU (README, "A stronger model"):
+Simpsons-MNIST with --config.image_size=28, 90.8% on the 400-image
+validation split in 10 min 55 s; ../shared/data/frames/train with the
+overrides listed in the README, 81.1% on a 122-image validation split in
+7 min 44 s.
+"""
+
+import ml_collections
+
+from configs import default
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """The strong configuration (64 px)."""
+  config = default.get_config()
+  config.image_size = 64
+
+  config.augment.flip = True
+  config.augment.crop_min_area = 0.85
+  config.augment.shift = 0.05
+  config.augment.brightness = 0.1
+  config.augment.contrast = 0.1
+  config.augment.saturation = 0.1
+
+  config.model = "resnet"
+  config.stem_features = 32
+  config.stem_pool = True
+  config.stage_features = (48, 96, 192)
+  config.blocks_per_stage = 1
+  config.dropout_rate = 0.0
+
+  config.optimizer = "sgd"
+  config.learning_rate = 0.1
+  config.schedule = "cosine"
+  config.warmup_epochs = 2.0
+  config.weight_decay = 5e-4
+  config.label_smoothing = 0.1
+  config.ema_decay = 0.995
+  config.eval_flip = True
+  config.batch_size = 128
+  config.num_epochs = 30
+  return config
