@@ -11,9 +11,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-# Rows of a batch whose kernel gradient XLA:CPU computes in one convolution:
-# its kernel-gradient convolution slows down sharply once the rows' pixels no
-# longer fit in cache (7x slower at 128 rows of 28x28x32 than 8 rows at a time).
+# XLA:CPU's kernel-gradient convolution slows down sharply once the batch's
+# pixels outgrow the cache (7x slower on 128 rows of 28x28x32 than on 8 rows
+# at a time). Each chunk holds about this many input pixels; the chunk count
+# is capped to bound the unrolled graph (and compile time).
 KERNEL_GRAD_PIXELS = 8 * 14 * 14
 MAX_KERNEL_GRAD_CHUNKS = 16
 
@@ -23,8 +24,8 @@ def chunked_kernel_grad_conv(lhs: jax.Array, rhs: jax.Array, *args, **kwargs):
   the batch (axis 0), for XLA:CPU. Same values as the plain convolution up to
   float summation order.
 
-  Chunk k holds rows k, k + G, k + 2G, ... so that a batch sharded over
-  devices splits evenly: every device holds part of every chunk.
+  With G chunks, chunk k holds rows k, k + G, k + 2G, ... so that a batch
+  sharded over devices splits evenly: every device holds part of every chunk.
   """
 
   def conv(x, kernel):
@@ -41,8 +42,7 @@ def chunked_kernel_grad_conv(lhs: jax.Array, rhs: jax.Array, *args, **kwargs):
     x, kernel = residuals
     (dx,) = jax.vjp(lambda x: conv(x, kernel), x)[1](g)
     n = x.shape[0]
-    pixels = max(1, x.shape[1] * x.shape[2])
-    rows = max(1, KERNEL_GRAD_PIXELS // pixels)
+    rows = max(1, KERNEL_GRAD_PIXELS // (x.shape[1] * x.shape[2]))
     chunks = max(1, min(n // rows, MAX_KERNEL_GRAD_CHUNKS))
     while n % chunks:
       chunks -= 1
