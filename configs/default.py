@@ -53,6 +53,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.warmup_epochs = 0.0  # Linear warmup from 0 (cosine schedule).
   config.weight_decay = 0.0  # Decoupled (adamw) or L2 (sgd); not on biases/norms.
   config.label_smoothing = 0.0
+  config.mix = "none"  # 'none', 'mixup' or 'cutmix' (each image with another).
+  config.mix_alpha = 1.0  # The mixing ratio is drawn from Beta(alpha, alpha).
   config.class_weights = "none"  # 'none' or 'balanced' (loss weight n/(K n_c)).
   config.ema_decay = 0.0  # > 0: evaluate and predict with an EMA of the weights.
   config.eval_flip = False  # Average predictions of the image and its mirror.

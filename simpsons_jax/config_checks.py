@@ -16,7 +16,7 @@ import ml_collections
 from absl import logging
 from jax.sharding import Mesh
 
-from simpsons_jax import checkpointing, sharding
+from simpsons_jax import checkpointing, mixing, sharding
 
 NUM_POOLINGS = 4
 # What a resumed run must share with the run it continues: they fix the
@@ -48,6 +48,7 @@ CHOICES = {
   "optimizer": ("adam", "adamw", "sgd"),
   "schedule": ("constant", "cosine"),
   "class_weights": ("none", "balanced"),
+  "mix": mixing.KINDS,
 }
 # Options that must lie in [low, high).
 RANGES = {
@@ -105,8 +106,9 @@ def check(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
   ):
     if config[key] < 1:
       problems.append(f"{key}={config[key]} must be at least 1")
-  if config.learning_rate <= 0:
-    problems.append(f"learning_rate={config.learning_rate} must be positive")
+  for key in ("learning_rate", "mix_alpha"):
+    if config[key] <= 0:
+      problems.append(f"{key}={config[key]} must be positive")
   if config.checkpoints_to_keep < 1:
     problems.append(f"checkpoints_to_keep={config.checkpoints_to_keep} must be >= 1")
   for key, choices in CHOICES.items():

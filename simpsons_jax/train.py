@@ -27,11 +27,15 @@ from simpsons_jax import (
   config_checks,
   input_pipeline,
   metrics,
+  mixing,
   models,
   optimizers,
   sharding,
   summary,
 )
+
+# Folded into a step's dropout key to give the key of its batch mixing.
+MIX_STREAM = 1
 
 
 class TrainState(train_state.TrainState):
@@ -112,23 +116,24 @@ def train_step(
   label_smoothing: float = 0.0,
   weights: jax.Array | None = None,
   ema_decay: float = 0.0,
+  mix: str = "none",
+  mix_alpha: float = 1.0,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One optimizer step on (label-smoothed, class-weighted) softmax cross-entropy.
+  """One optimizer step on (label-smoothed, class-weighted) softmax cross-entropy,
+  of the batch as given or mixed (`mix`: mixup or cutmix, see `mixing`).
 
   Updates BatchNorm statistics (over the global batch) and the EMA; returns
-  the batch's sums of the training objective and of correct predictions.
+  the batch's sums of the training objective and of correct predictions
+  (against each image's own label).
   """
   dropout_rng = jax.random.fold_in(state.rng, state.step)
-  labels = batch["label"]
-
-  def loss_fn(params):
-    logits, updates = state.apply_fn(
-      {"params": params, "batch_stats": state.batch_stats},
-      batch["image"],
-      train=True,
-      rngs={"dropout": dropout_rng},
-      mutable=["batch_stats"],
+  labels, images = batch["label"], batch["image"]
+  if mix != "none":
+    images, lam = mixing.mix(
+      jax.random.fold_in(dropout_rng, MIX_STREAM), images, mix, mix_alpha
     )
+
+  def objective(logits, labels):
     if label_smoothing:
       targets = optax.smooth_labels(
         jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing
@@ -136,8 +141,19 @@ def train_step(
       losses = optax.softmax_cross_entropy(logits, targets)
     else:
       losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    if weights is not None:
-      losses = losses * weights[labels]
+    return losses if weights is None else losses * weights[labels]
+
+  def loss_fn(params):
+    logits, updates = state.apply_fn(
+      {"params": params, "batch_stats": state.batch_stats},
+      images,
+      train=True,
+      rngs={"dropout": dropout_rng},
+      mutable=["batch_stats"],
+    )
+    losses = objective(logits, labels)
+    if mix != "none":
+      losses = lam * losses + (1 - lam) * objective(logits, mixing.partners(labels))
     return losses.mean(), (losses, logits, updates.get("batch_stats", {}))
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -194,6 +210,8 @@ def jit_steps(
     label_smoothing=config.label_smoothing,
     weights=None if weights is None else jnp.asarray(weights),
     ema_decay=config.ema_decay,
+    mix=config.mix,
+    mix_alpha=config.mix_alpha,
   )
   jitted_train = jax.jit(
     step,

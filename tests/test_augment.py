@@ -1,11 +1,13 @@
-"""Augmentation of training batches: shapes, labels, determinism, exactness."""
+"""Augmentation of training batches: shapes, labels, determinism, exactness;
+mixup and CutMix."""
 
+import jax
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from configs import default
-from simpsons_jax import augment, input_pipeline
+from simpsons_jax import augment, input_pipeline, mixing
 
 
 def _all_on(config):
@@ -111,3 +113,30 @@ def _images_and_map(data_dir):
 
   images = characters.find_images(data_dir)
   return images, characters.select(images, min_images=1)
+
+
+def test_mixup_blends_each_image_with_its_mirror_in_the_batch():
+  images = _images(5)
+  mixed, lam = mixing.mix(jax.random.PRNGKey(3), images, "mixup", 0.4)
+  lam = float(lam)
+  assert 0 < lam < 1
+  expected = lam * images.astype(np.float32) + (1 - lam) * images[::-1]
+  np.testing.assert_allclose(np.asarray(mixed), expected, rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_cutmix_pastes_one_box_and_lam_is_the_share_kept(seed):
+  images = _images(6, size=20)
+  mixed, lam = mixing.mix(jax.random.PRNGKey(seed), images, "cutmix", 1.0)
+  mixed = np.asarray(mixed)
+  assert mixed.dtype == np.uint8
+  own = (mixed == images).all(-1)
+  pasted = (mixed == images[::-1]).all(-1) & ~own
+  assert (own | (mixed == images[::-1]).all(-1)).all()  # no pixel from elsewhere
+  box = ~own[0]
+  for i in range(len(images)):  # One box, at the same place in every image.
+    np.testing.assert_array_equal(pasted[i], box)
+  rows, cols = np.nonzero(box)
+  if rows.size:
+    assert box[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1].all()
+  assert float(lam) == pytest.approx(1 - box.mean())

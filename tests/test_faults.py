@@ -158,6 +158,8 @@ def test_nothing_left_after_filtering_fails_before_training(tmp_path, tiny_confi
     ("optimizer", "rmsprop", "optimizer='rmsprop' must be one of adam, adamw, sgd"),
     ("ema_decay", 1.0, "ema_decay=1.0 must lie in \\[0, 1\\)"),
     ("label_smoothing", -0.1, "label_smoothing=-0.1 must lie in \\[0, 1\\)"),
+    ("mix", "mixcut", "mix='mixcut' must be one of none, mixup, cutmix"),
+    ("mix_alpha", 0.0, "mix_alpha=0.0 must be positive"),
   ],
 )
 def test_impossible_values_fail_early(tiny_config, key, value, message):

@@ -1,4 +1,5 @@
-"""Schedules, weight decay, EMA, label smoothing and class weights, by formula."""
+"""Schedules, weight decay, EMA, label smoothing, class weights and the loss of
+mixed batches, by formula."""
 
 import math
 
@@ -9,7 +10,7 @@ import optax
 import pytest
 
 from configs import default
-from simpsons_jax import optimizers, train
+from simpsons_jax import mixing, optimizers, train
 
 
 def test_warmup_then_cosine_to_zero():
@@ -121,3 +122,33 @@ def test_smoothed_weighted_loss_and_ema_on_a_hand_built_batch():
   assert float(state.ema["params"]["w"]) == pytest.approx(
     decay * 1 + (1 - decay) * w, rel=1e-5
   )
+
+
+@pytest.mark.parametrize("kind", ["mixup", "cutmix"])
+def test_loss_of_a_mixed_batch_weighs_both_labels_by_lam(kind):
+  config = default.get_config()
+  rng = np.random.default_rng(1)
+  images = rng.integers(0, 4, (6, 8, 8, 3)).astype(np.uint8)
+  labels = np.array([0, 1, 2, 2, 1, 0], np.int32)
+  weights = np.array([0.5, 2.0, 1.0], np.float32)
+  state = _linear_state(config)
+  _, sums = train.train_step(
+    state,
+    {"image": images, "label": labels},
+    label_smoothing=0.3,
+    weights=jnp.asarray(weights),
+    mix=kind,
+    mix_alpha=0.5,
+  )
+  key = jax.random.fold_in(jax.random.fold_in(state.rng, 0), train.MIX_STREAM)
+  mixed, lam = mixing.mix(key, images, kind, 0.5)
+  logits = np.asarray(mixed, np.float64)[:, 0, 0]
+  log_p = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+
+  def loss(labels):
+    targets = np.eye(3)[labels] * 0.7 + 0.1
+    return -(targets * log_p).sum(1) * weights[labels]
+
+  lam = float(lam)
+  expected = lam * loss(labels) + (1 - lam) * loss(labels[::-1])
+  assert float(sums["loss_sum"]) == pytest.approx(expected.sum(), rel=1e-5)
