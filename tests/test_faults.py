@@ -1,5 +1,6 @@
 """Bad input, mistakes and non-finite losses: clear errors or counted skips."""
 
+import importlib
 import json
 import os
 import subprocess
@@ -166,6 +167,15 @@ def test_impossible_values_fail_early(tiny_config, key, value, message):
   tiny_config[key] = value
   with pytest.raises(ValueError, match=message):
     config_checks.check(tiny_config, sharding_lib.make_mesh())
+
+
+@pytest.mark.parametrize(
+  "name", sorted(p.stem for p in (ROOT / "configs").glob("*.py") if p.stem != "default")
+)
+def test_every_config_passes_the_checks_and_gives_its_command(name):
+  module = importlib.import_module(f"configs.{name}")
+  config_checks.check(module.get_config(), sharding_lib.make_mesh())
+  assert f"python main.py --config=configs/{name}.py" in module.__doc__
 
 
 @pytest.mark.parametrize(

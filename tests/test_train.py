@@ -201,13 +201,14 @@ def test_steps_are_pure_functions_of_their_inputs(tiny_config):
 
 @pytest.fixture
 def resnet_config(tiny_config):
-  """Every option of the strong config, shrunk to the tiny folder."""
+  """Every option of the strong config, plus CutMix, shrunk to the tiny folder."""
   config = strong.get_config()
   for key in ("data_dir", "min_images", "image_size", "val_fraction", "batch_size"):
     config[key] = tiny_config[key]
   config.stem_features, config.stage_features = 8, (8, 16)
   config.class_weights = "balanced"
   config.ema_decay = 0.9
+  config.mix = "cutmix"
   config.num_epochs, config.log_every_steps = 2, 2
   return config
 
