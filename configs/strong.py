@@ -9,9 +9,8 @@ the weights and flip test-time augmentation.
 
 Measured on a 2-core AMD EPYC VM without GPU (README, "A stronger model"):
 Simpsons-MNIST with --config.image_size=28, 90.8% on the 400-image
-validation split in 10 min 55 s; ../shared/data/frames/train with the
-overrides listed in the README, 81.1% on a 122-image validation split in
-7 min 44 s.
+validation split in 10 min 55 s. For a few hundred images use
+configs/strong_small.py.
 """
 
 import ml_collections
