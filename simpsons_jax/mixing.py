@@ -32,7 +32,7 @@ def mix(
     mixed = lam * images.astype(jnp.float32)
     return mixed + (1 - lam) * partners(images).astype(jnp.float32), lam
   if kind != "cutmix":
-    raise ValueError(f"Unknown mix kind {kind!r}; use one of {', '.join(KINDS)}.")
+    raise ValueError(f"Unknown mix kind {kind!r}; use mixup or cutmix.")
   height, width = images.shape[1:3]
   ratio = jnp.sqrt(1 - lam)
   centre_y = jax.random.randint(y_rng, (), 0, height)
