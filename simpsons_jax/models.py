@@ -109,6 +109,20 @@ class SimpsonsCNN(nn.Module):
     return logits.astype(jnp.float32)
 
 
+def _conv(dtype: Any, conv_fn: Callable | None) -> Callable[..., nn.Conv]:
+  """Bias-free convolutions, as every convolution of the ResNet is."""
+  return functools.partial(
+    nn.Conv, use_bias=False, dtype=dtype, conv_general_dilated=conv_fn
+  )
+
+
+def _norm(dtype: Any, train: bool) -> Callable[..., nn.BatchNorm]:
+  """BatchNorm on batch statistics in training, running averages otherwise."""
+  return functools.partial(
+    nn.BatchNorm, use_running_average=not train, momentum=0.9, dtype=dtype
+  )
+
+
 class ResidualBlock(nn.Module):
   """Two 3x3 conv+BatchNorm layers and a shortcut (a 1x1 conv where shapes change).
 
@@ -122,12 +136,7 @@ class ResidualBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-    conv = functools.partial(
-      nn.Conv, use_bias=False, dtype=self.dtype, conv_general_dilated=self.conv_fn
-    )
-    norm = functools.partial(
-      nn.BatchNorm, use_running_average=not train, momentum=0.9, dtype=self.dtype
-    )
+    conv, norm = _conv(self.dtype, self.conv_fn), _norm(self.dtype, train)
     shortcut = x
     y = conv(self.features, (3, 3), self.strides, padding="SAME")(x)
     y = nn.relu(norm()(y))
@@ -163,16 +172,8 @@ class ResNet(nn.Module):
   def __call__(self, images: jax.Array, *, train: bool) -> jax.Array:
     conv_fn = chunked_kernel_grad_conv if self.chunk_kernel_grad else None
     x = images.astype(self.dtype) / 127.5 - 1.0
-    x = nn.Conv(
-      self.stem_features,
-      (3, 3),
-      padding="SAME",
-      use_bias=False,
-      dtype=self.dtype,
-      conv_general_dilated=conv_fn,
-    )(x)
-    x = nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype)(x)
-    x = nn.relu(x)
+    x = _conv(self.dtype, conv_fn)(self.stem_features, (3, 3), padding="SAME")(x)
+    x = nn.relu(_norm(self.dtype, train)()(x))
     if self.stem_pool:
       x = max_pool_2x2(x)
     for i, features in enumerate(self.stage_features):
