@@ -194,7 +194,14 @@ def main(argv: list[str]) -> None:
   if FLAGS.worker:
     print(json.dumps({"pipeline": _pipeline, "keras": _keras}[FLAGS.worker]()))
     return
-  results = {"data_dir": FLAGS.data_dir, "image_size": FLAGS.image_size}
+  from simpsons_jax import cpu_conv, models
+
+  results = {
+    "cpu": cpu_conv.cpu_description(),
+    "convolutions": models.conv_implementation(_config())[1],
+    "data_dir": FLAGS.data_dir,
+    "image_size": FLAGS.image_size,
+  }
   for worker in ("pipeline", "keras"):
     out = subprocess.run(
       [

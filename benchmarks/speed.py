@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -24,6 +23,9 @@ import time
 from pathlib import Path
 
 from absl import app, flags
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from simpsons_jax import cpu_conv  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("frameworks", ["simpsons_jax", "keras", "torch"], "What to compare.")
@@ -33,6 +35,9 @@ flags.DEFINE_integer("infer_batch", 256, "Inference batch size.")
 flags.DEFINE_integer("rounds", 3, "Rounds; each framework is measured once per round.")
 flags.DEFINE_float("window", 10.0, "Seconds of timed steps per measurement.")
 flags.DEFINE_string("json", "", "Also write the results to this file.")
+flags.DEFINE_enum(
+  "cpu_kernels", "onednn", ["onednn", "xla"], "simpsons_jax's convolutions on CPU."
+)
 flags.DEFINE_string("worker", "", "Internal: measure one framework in this process.")
 flags.DEFINE_string("mode", "train", "Internal: train or infer.")
 flags.DEFINE_integer("size", 128, "Internal: image size.")
@@ -61,6 +66,7 @@ def _simpsons_jax(mode: str, size: int, batch: int) -> tuple[float, str]:
 
   config = full.get_config()
   config.image_size = size
+  config.cpu_kernels = FLAGS.cpu_kernels
   mesh = sharding.make_mesh(jax.devices()[:1])
   state = train.initial_state(
     models.create(config, NUM_CLASSES), config, mesh, steps_per_epoch=1
@@ -84,7 +90,8 @@ def _simpsons_jax(mode: str, size: int, batch: int) -> tuple[float, str]:
       sums = eval_step(holder[0], data)
     jax.block_until_ready(sums)
 
-  return _timed(step, FLAGS.window), f"jax {jax.__version__}"
+  kernels = models.conv_implementation(config)[1]
+  return _timed(step, FLAGS.window), f"jax {jax.__version__}, convolutions {kernels}"
 
 
 def _keras(mode: str, size: int, batch: int) -> tuple[float, str]:
@@ -175,7 +182,8 @@ def _measure(framework: str, mode: str, size: int, batch: int) -> tuple[float, s
   """Runs one worker process and returns its images/s and version."""
   result = subprocess.run(
     [sys.executable, __file__, f"--worker={framework}", f"--mode={mode}"]
-    + [f"--size={size}", f"--batch={batch}", f"--window={FLAGS.window}"],
+    + [f"--size={size}", f"--batch={batch}", f"--window={FLAGS.window}"]
+    + [f"--cpu_kernels={FLAGS.cpu_kernels}"],
     cwd=Path(__file__).resolve().parents[1],
     env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""},
     capture_output=True,
@@ -191,7 +199,6 @@ def _measure(framework: str, mode: str, size: int, batch: int) -> tuple[float, s
 def main(argv: list[str]) -> None:
   del argv
   if FLAGS.worker:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     rate, version = WORKERS[FLAGS.worker](FLAGS.mode, FLAGS.size, FLAGS.batch)
     print(json.dumps({"images_per_second": rate, "version": version}))
     return
@@ -211,7 +218,7 @@ def main(argv: list[str]) -> None:
           f"round {round_index + 1}: {framework} {case}: {rate:.0f} images/s",
           file=sys.stderr,
         )
-  machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+  machine = f"{cpu_conv.cpu_description()}, {os.cpu_count()} cores"
   rows = []
   print(
     f"\nImages/s on {machine} (median of {FLAGS.rounds} rounds); "

@@ -45,6 +45,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.blocks_per_stage = 1  # resolution but the first), blocks per stage.
   config.dropout_rate = 0.4  # Before each dense layer.
   config.dtype = "float32"  # Compute type: 'bfloat16' on GPU/TPU; params stay fp32.
+  # Convolutions on x86 CPUs: 'onednn' (oneDNN's kernels, as TensorFlow's) or
+  # 'xla' (XLA:CPU's own). The same function and parameters either way.
+  config.cpu_kernels = "onednn"
 
   # Training.
   config.optimizer = "adam"  # 'adam', 'adamw' or 'sgd' (Nesterov momentum 0.9).

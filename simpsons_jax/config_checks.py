@@ -44,6 +44,7 @@ RESUME_FIXED = (
 CHOICES = {
   "dataset": ("folder", "synthetic"),
   "dtype": ("float32", "bfloat16"),
+  "cpu_kernels": ("onednn", "xla"),
   "model": ("simpsons_cnn", "resnet"),
   "optimizer": ("adam", "adamw", "sgd"),
   "schedule": ("constant", "cosine"),

@@ -10,6 +10,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+from absl import logging
+
+from simpsons_jax import cpu_conv
 
 # XLA:CPU's kernel-gradient convolution slows down sharply once the batch's
 # pixels outgrow the cache (7x slower on 128 rows of 28x28x32 than on 8 rows
@@ -58,15 +61,60 @@ def chunked_kernel_grad_conv(lhs: jax.Array, rhs: jax.Array, *args, **kwargs):
   return f(lhs, rhs)
 
 
+def _corners(x: jax.Array) -> list[jax.Array]:
+  """The four positions of each 2x2 window of (N, H, W, C), row-major, each
+  (N, H/2, W/2, C); odd last rows and columns are dropped, as 'VALID' does."""
+  n, h, w, c = x.shape
+  windows = x[:, : h // 2 * 2, : w // 2 * 2, :].reshape(n, h // 2, 2, w // 2, 2, c)
+  return [windows[:, :, i, :, j] for i in (0, 1) for j in (0, 1)]
+
+
 def max_pool_2x2(x: jax.Array) -> jax.Array:
   """2x2 max pooling with stride 2 ('VALID'), as `nn.max_pool` computes it.
 
-  Written as a reshape and a max: the same values as `nn.max_pool`, but XLA's
-  CPU backward pass for it is much faster than the one for `reduce_window`.
+  Written as elementwise maxima of the four window positions: the same
+  values as `nn.max_pool`, several times faster on XLA:CPU than a reduction.
   """
-  n, h, w, c = x.shape
-  x = x[:, : h // 2 * 2, : w // 2 * 2, :]
-  return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+  a, b, c, d = _corners(x)
+  return jnp.maximum(jnp.maximum(a, b), jnp.maximum(c, d))
+
+
+@jax.custom_vjp
+def relu_max_pool_2x2(x: jax.Array) -> jax.Array:
+  """`max_pool_2x2(nn.relu(x))`, with a backward pass written out.
+
+  The forward keeps, per window, 4 bits marking where its positive maximum
+  stands; the backward sends each window's gradient there, split evenly
+  between ties: autodiff's values (up to the sign of zeros; ties are common
+  in flat cartoon colours), in a single elementwise pass.
+  """
+  return jnp.maximum(max_pool_2x2(x), 0)
+
+
+def _relu_max_pool_forward(x):
+  y = relu_max_pool_2x2(x)
+  code = sum(
+    jnp.where((v == y) & (v > 0), jnp.int8(1 << k), jnp.int8(0))
+    for k, v in enumerate(_corners(x))
+  )
+  # Barriers keep XLA from recomputing the code from x in the backward pass
+  # and dx once per consumer: both cost more than reading what was written.
+  return y, (jax.lax.optimization_barrier(code), x.shape)
+
+
+def _relu_max_pool_backward(residuals, g):
+  code, (n, h, w, c) = residuals
+  ties = jax.lax.population_count(code).astype(g.dtype)
+  share = jnp.where(ties > 0, g / jnp.maximum(ties, 1), 0)
+  bits = jnp.array([[1, 2], [4, 8]], jnp.int8)[None, None, :, None, :, None]
+  winner = (code[:, :, None, :, None, :] & bits) != 0
+  dx = jnp.where(winner, share[:, :, None, :, None, :], 0)
+  dx = dx.reshape(n, h // 2 * 2, w // 2 * 2, c)
+  dx = jnp.pad(dx, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)))
+  return (jax.lax.optimization_barrier(dx),)
+
+
+relu_max_pool_2x2.defvjp(_relu_max_pool_forward, _relu_max_pool_backward)
 
 
 class SimpsonsCNN(nn.Module):
@@ -82,6 +130,7 @@ class SimpsonsCNN(nn.Module):
   dense_features: Sequence[int] = (512, 512, 512, 512)
   dropout_rate: float = 0.0
   dtype: Any = jnp.float32
+  conv_fn: Callable | None = None  # Replaces lax.conv_general_dilated.
 
   @nn.compact
   def __call__(self, images: jax.Array, *, train: bool) -> jax.Array:
@@ -94,9 +143,10 @@ class SimpsonsCNN(nn.Module):
         padding="SAME",
         kernel_init=glorot,
         dtype=self.dtype,
+        conv_general_dilated=self.conv_fn,
         name=f"conv{i}",
       )(x)
-      x = max_pool_2x2(nn.relu(x))
+      x = relu_max_pool_2x2(x)
     x = x.reshape(x.shape[0], -1)
     for i, features in enumerate(self.dense_features):
       x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
@@ -155,8 +205,8 @@ class ResNet(nn.Module):
   max pool after the stem (cheaper early stages on larger images). BatchNorm
   statistics live in the `batch_stats` collection; under `jax.jit` on a
   sharded batch they are computed over the global batch, on every device.
-  `chunk_kernel_grad` computes kernel gradients with
-  `chunked_kernel_grad_conv` (several times faster on XLA:CPU).
+  `conv_fn` replaces `lax.conv_general_dilated` in every convolution (see
+  `conv_implementation`).
   """
 
   num_classes: int
@@ -166,11 +216,11 @@ class ResNet(nn.Module):
   blocks_per_stage: int = 1
   dropout_rate: float = 0.0
   dtype: Any = jnp.float32
-  chunk_kernel_grad: bool = False
+  conv_fn: Callable | None = None
 
   @nn.compact
   def __call__(self, images: jax.Array, *, train: bool) -> jax.Array:
-    conv_fn = chunked_kernel_grad_conv if self.chunk_kernel_grad else None
+    conv_fn = self.conv_fn
     x = images.astype(self.dtype) / 127.5 - 1.0
     x = _conv(self.dtype, conv_fn)(self.stem_features, (3, 3), padding="SAME")(x)
     x = nn.relu(_norm(self.dtype, train)()(x))
@@ -186,8 +236,42 @@ class ResNet(nn.Module):
     return logits.astype(jnp.float32)
 
 
+def conv_implementation(
+  config: ml_collections.ConfigDict,
+) -> tuple[Callable | None, str]:
+  """The convolution the models use here, and a line saying which it is.
+
+  On one x86 CPU device, oneDNN's kernels (`cpu_conv`) unless
+  `config.cpu_kernels` is 'xla' or they did not load; elsewhere XLA's own (on
+  several simulated CPU devices XLA would run each custom call whole on every
+  device). On XLA:CPU the ResNet's kernel gradients are summed over batch
+  chunks. Every choice computes the same function of the same parameters.
+  """
+  if jax.default_backend() != "cpu":
+    return None, f"XLA's ({jax.default_backend()})"
+  if config.cpu_kernels == "xla":
+    why = "XLA:CPU's (--config.cpu_kernels=xla)"
+  elif jax.device_count() > 1:
+    why = f"XLA:CPU's (oneDNN's run on one CPU device, not {jax.device_count()})"
+  else:
+    loaded, detail = cpu_conv.available()
+    if loaded:
+      return cpu_conv.conv_general_dilated, f"{detail} on {cpu_conv.cpu_description()}"
+    why = f"XLA:CPU's (oneDNN kernels unavailable: {detail})"
+  if config.model == "resnet":
+    return chunked_kernel_grad_conv, why + ", kernel gradients in batch chunks"
+  return None, why
+
+
+@functools.cache
+def _say_once(line: str) -> None:
+  logging.info("Convolutions: %s.", line)
+
+
 def create(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
   """Builds the model named by `config.model` for `num_classes` characters."""
+  conv_fn, line = conv_implementation(config)
+  _say_once(line)
   if config.model == "resnet":
     return ResNet(
       num_classes=num_classes,
@@ -197,7 +281,7 @@ def create(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
       blocks_per_stage=config.blocks_per_stage,
       dropout_rate=config.dropout_rate,
       dtype=jnp.dtype(config.dtype),
-      chunk_kernel_grad=jax.default_backend() == "cpu",
+      conv_fn=conv_fn,
     )
   if config.model == "simpsons_cnn":
     return SimpsonsCNN(
@@ -206,6 +290,7 @@ def create(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
       dense_features=tuple(config.dense_features),
       dropout_rate=config.dropout_rate,
       dtype=jnp.dtype(config.dtype),
+      conv_fn=conv_fn,
     )
   raise ValueError(
     f"Unknown --config.model={config.model!r}; known: simpsons_cnn, resnet."

@@ -1,0 +1,217 @@
+"""Convolutions on x86 CPUs through oneDNN, the library TensorFlow runs there.
+
+XLA:CPU's convolutions, and their kernel gradients above all, run several times
+slower than oneDNN's on AVX-512 CPUs (oneDNN picks its kernels for the CPU at run
+time). `onednn_conv.cc`, built by `pip install` into `_onednn`, wraps oneDNN's
+forward, input-gradient and kernel-gradient convolutions as XLA FFI handlers;
+`conv_general_dilated` here is a drop-in for `lax.conv_general_dilated` that calls
+them, with a `jax.custom_vjp` tying the three together.
+
+It computes the same function on the same parameters (equal to `lax` within
+float32 rounding, tested), so checkpoints move freely between the two paths.
+Convolutions it does not handle (other dtypes, dilation, groups, layouts) go to
+`lax.conv_general_dilated` unchanged. `available()` says whether the kernels
+loaded, and why not where they did not (not x86-64 Linux, no compiler at install,
+the oneDNN wheel missing): the model then uses XLA's convolutions.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import importlib.metadata
+import importlib.util
+import platform
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+_EXTENSION = "simpsons_jax.cpu_conv._onednn"
+_RUNTIME = "onednn-cpu-gomp"
+_TARGETS = {
+  "forward": "OnednnConvForward",
+  "backward_data": "OnednnConvBackwardData",
+  "backward_weights": "OnednnConvBackwardWeights",
+}
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+class _Version(ctypes.Structure):
+  _fields_ = [
+    ("major", ctypes.c_int),
+    ("minor", ctypes.c_int),
+    ("patch", ctypes.c_int),
+    ("hash", ctypes.c_char_p),
+    ("cpu_runtime", ctypes.c_uint),
+    ("gpu_runtime", ctypes.c_uint),
+  ]
+
+
+def cpu_description() -> str:
+  """The CPU's model name and the vector extensions that decide oneDNN's
+  kernels, e.g. 'AMD EPYC (avx2, avx512)'."""
+  model, flags = platform.processor() or platform.machine(), set()
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        key, _, value = line.partition(":")
+        if key.strip() == "model name":
+          model = value.strip()
+        elif key.strip() == "flags":
+          flags = set(value.split())
+          break
+  except OSError:
+    pass
+  extensions = [
+    name
+    for name, flag in (("avx2", "avx2"), ("avx512", "avx512f"), ("amx", "amx_tile"))
+    if flag in flags
+  ]
+  return f"{model} ({', '.join(extensions) or 'no avx2'})"
+
+
+def _runtime_library() -> str:
+  """The path of libdnnl.so.3 from the oneDNN runtime wheel."""
+  files = importlib.metadata.distribution(_RUNTIME).files or []
+  for file in files:
+    if file.name == "libdnnl.so.3":
+      return str(file.locate())
+  raise FileNotFoundError(f"{_RUNTIME} has no libdnnl.so.3")
+
+
+@functools.cache
+def available() -> tuple[bool, str]:
+  """(True, oneDNN's version) once the kernels are registered with XLA:CPU, or
+  (False, why not). Loads and registers on the first call only."""
+  if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+    return (
+      False,
+      f"built for x86-64 Linux only, not {platform.system()} {platform.machine()}",
+    )
+  spec = importlib.util.find_spec(_EXTENSION)
+  if spec is None or spec.origin is None:
+    return False, "the extension was not built at install (a C++ compiler is needed)"
+  try:
+    dnnl = ctypes.CDLL(_runtime_library(), mode=ctypes.RTLD_GLOBAL)
+    library = ctypes.CDLL(spec.origin)
+  except (OSError, importlib.metadata.PackageNotFoundError) as e:
+    return False, f"oneDNN could not be loaded ({e})"
+  for target in _TARGETS.values():
+    jax.ffi.register_ffi_target(
+      target, jax.ffi.pycapsule(getattr(library, target)), platform="cpu"
+    )
+  dnnl.dnnl_version.restype = ctypes.POINTER(_Version)
+  v = dnnl.dnnl_version().contents
+  return True, f"oneDNN {v.major}.{v.minor}.{v.patch}"
+
+
+def _call(kind: str, out_shape: Sequence[int], a: jax.Array, b: jax.Array, geometry):
+  stride_h, stride_w, (pad_top, pad_bottom), (pad_left, pad_right) = geometry
+  return jax.ffi.ffi_call(
+    _TARGETS[kind], jax.ShapeDtypeStruct(tuple(out_shape), jnp.float32)
+  )(
+    a,
+    b,
+    stride_h=stride_h,
+    stride_w=stride_w,
+    pad_top=pad_top,
+    pad_bottom=pad_bottom,
+    pad_left=pad_left,
+    pad_right=pad_right,
+  )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _conv(x: jax.Array, kernel: jax.Array, geometry) -> jax.Array:
+  return _call("forward", _output_shape(x, kernel, geometry), x, kernel, geometry)
+
+
+def _output_shape(x: jax.Array, kernel: jax.Array, geometry) -> tuple[int, ...]:
+  stride_h, stride_w, (top, bottom), (left, right) = geometry
+  n, h, w, _ = x.shape
+  kh, kw, _, features = kernel.shape
+  return (
+    n,
+    (h + top + bottom - kh) // stride_h + 1,
+    (w + left + right - kw) // stride_w + 1,
+    features,
+  )
+
+
+def _conv_forward(x, kernel, geometry):
+  return _conv(x, kernel, geometry), (x, kernel)
+
+
+def _conv_backward(geometry, residuals, dy):
+  x, kernel = residuals
+  dx = _call("backward_data", x.shape, dy, kernel, geometry)
+  dkernel = _call("backward_weights", kernel.shape, x, dy, geometry)
+  return dx, dkernel
+
+
+_conv.defvjp(_conv_forward, _conv_backward)
+
+
+def _handled(lhs, rhs, lhs_dilation, rhs_dilation, dimension_numbers, groups) -> bool:
+  if lhs.ndim != 4 or rhs.ndim != 4 or groups != 1:
+    return False
+  if lhs.dtype != jnp.float32 or rhs.dtype != jnp.float32:
+    return False
+  if any(d != 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ()))):
+    return False
+  if dimension_numbers is None:
+    return False
+  return lax.conv_dimension_numbers(
+    lhs.shape, rhs.shape, dimension_numbers
+  ) == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
+
+
+def conv_general_dilated(
+  lhs: jax.Array,
+  rhs: jax.Array,
+  window_strides: Sequence[int],
+  padding: str | Sequence[tuple[int, int]],
+  lhs_dilation: Sequence[int] | None = None,
+  rhs_dilation: Sequence[int] | None = None,
+  dimension_numbers: Any = None,
+  feature_group_count: int = 1,
+  batch_group_count: int = 1,
+  precision: Any = None,
+  preferred_element_type: Any = None,
+) -> jax.Array:
+  """`lax.conv_general_dilated`, through oneDNN for float32 NHWC/HWIO 2-D
+  convolutions without dilation or groups, through `lax` otherwise."""
+  if (
+    batch_group_count != 1
+    or preferred_element_type is not None
+    or not _handled(
+      lhs, rhs, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count
+    )
+  ):
+    return lax.conv_general_dilated(
+      lhs,
+      rhs,
+      window_strides,
+      padding,
+      lhs_dilation,
+      rhs_dilation,
+      dimension_numbers,
+      feature_group_count,
+      batch_group_count,
+      precision,
+      preferred_element_type,
+    )
+  if isinstance(padding, str):
+    padding = lax.padtype_to_pads(
+      lhs.shape[1:3], rhs.shape[:2], window_strides, padding
+    )
+  geometry = (
+    int(window_strides[0]),
+    int(window_strides[1]),
+    tuple(int(p) for p in padding[0]),
+    tuple(int(p) for p in padding[1]),
+  )
+  return _conv(lhs, rhs, geometry)

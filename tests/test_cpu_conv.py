@@ -1,0 +1,263 @@
+"""oneDNN's convolutions (cpu_conv) against lax's, and the written-out pool backward."""
+
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from configs import full, strong
+from simpsons_jax import cpu_conv, models, sharding
+
+X86_LINUX = sys.platform == "linux" and platform.machine() == "x86_64"
+NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def test_the_kernels_load_on_x86_linux():
+  # CI runs here: the real kernels, not the fallback, must be what it tests.
+  if not X86_LINUX:
+    pytest.skip("oneDNN kernels are built for x86-64 Linux only")
+  loaded, detail = cpu_conv.available()
+  assert loaded, detail
+  assert detail.startswith("oneDNN 3.")
+
+
+def _needs_kernels():
+  if not cpu_conv.available()[0]:
+    pytest.skip(cpu_conv.available()[1])
+
+
+@pytest.mark.parametrize(
+  "shape, kernel, strides, padding",
+  [
+    ((1, 7, 5, 3), (3, 3), (1, 1), "SAME"),  # batch 1, odd sizes, 3 channels
+    ((3, 9, 8, 5), (3, 3), (2, 2), "SAME"),  # stride 2, odd height (ResNet)
+    ((2, 8, 8, 4), (1, 1), (2, 2), "VALID"),  # the ResNet's 1x1 shortcut
+    ((5, 11, 13, 3), (3, 3), (1, 1), ((1, 0), (2, 1))),  # asymmetric padding
+    ((4, 16, 16, 8), (3, 3), (1, 1), "SAME"),
+  ],
+)
+def test_forward_and_gradients_equal_lax(shape, kernel, strides, padding):
+  _needs_kernels()
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal(shape, np.float32))
+  k = jnp.asarray(rng.standard_normal((*kernel, shape[-1], 6), np.float32))
+
+  def run(conv):
+    def f(x, k):
+      return conv(x, k, strides, padding, dimension_numbers=NHWC)
+
+    y = jax.jit(f)(x, k)
+    g = jnp.asarray(np.random.default_rng(1).standard_normal(y.shape, np.float32))
+    grads = jax.jit(jax.grad(lambda x, k: (f(x, k) * g).sum(), argnums=(0, 1)))(x, k)
+    return y, *grads
+
+  plain = run(lax.conv_general_dilated)
+  ours = run(cpu_conv.conv_general_dilated)
+  for a, b in zip(plain, ours, strict=True):
+    assert a.shape == b.shape
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5 * float(jnp.abs(a).max()))
+
+
+def test_the_kernels_run_in_the_compiled_step():
+  _needs_kernels()
+  x = jnp.zeros((2, 8, 8, 3))
+  k = jnp.zeros((3, 3, 3, 4))
+  hlo = (
+    jax.jit(
+      jax.grad(
+        lambda k: (
+          cpu_conv.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=NHWC)
+          ** 2
+        ).sum()
+      )
+    )
+    .lower(k)
+    .as_text()
+  )
+  assert "OnednnConvForward" in hlo
+  assert "OnednnConvBackwardWeights" in hlo
+  assert "convolution" not in hlo
+
+
+def test_what_onednn_does_not_handle_goes_to_lax_unchanged():
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((2, 9, 9, 4), np.float32))
+  k = jnp.asarray(rng.standard_normal((3, 3, 4, 4), np.float32))
+  cases = [
+    dict(rhs_dilation=(2, 2)),
+    dict(feature_group_count=2, k=k[:, :, :2]),
+    dict(dtype=jnp.bfloat16),
+  ]
+  for case in cases:
+    kk = case.pop("k", k)
+    dtype = case.pop("dtype", jnp.float32)
+    args = (x.astype(dtype), kk.astype(dtype), (1, 1), "SAME")
+    expected = lax.conv_general_dilated(*args, dimension_numbers=NHWC, **case)
+    got = cpu_conv.conv_general_dilated(*args, dimension_numbers=NHWC, **case)
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_sharded_over_eight_devices_equals_one_device():
+  _needs_kernels()
+  assert jax.device_count() == 8
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((16, 12, 12, 3)).astype(np.float32)
+  k = jnp.asarray(rng.standard_normal((3, 3, 3, 8), np.float32))
+
+  def grads(x, k):
+    return jax.grad(
+      lambda x, k: (
+        cpu_conv.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=NHWC) ** 2
+      ).sum(),
+      argnums=(0, 1),
+    )(x, k)
+
+  mesh = sharding.make_mesh()
+  sharded = jax.jit(grads)(jax.device_put(x, sharding.data_sharding(mesh)), k)
+  single = jax.jit(grads)(jnp.asarray(x), k)
+  for a, b in zip(single, sharded, strict=True):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("get_config", [full.get_config, strong.get_config])
+def test_the_same_parameters_and_function_on_both_paths(get_config):
+  _needs_kernels()
+  config = get_config()
+  config.image_size = 32
+  config.cpu_kernels = "xla"
+  images = jnp.asarray(
+    np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+  )
+  plain = models.create(config, num_classes=13)
+  ours = plain.clone(conv_fn=cpu_conv.conv_general_dilated)
+  variables = plain.init(jax.random.PRNGKey(0), images, train=False)
+  assert jax.tree.map(
+    jnp.shape, ours.init(jax.random.PRNGKey(0), images, train=False)
+  ) == (jax.tree.map(jnp.shape, variables))
+  np.testing.assert_allclose(
+    ours.apply(variables, images, train=False),
+    plain.apply(variables, images, train=False),
+    rtol=1e-4,
+    atol=1e-4,
+  )
+
+
+def test_the_notebook_network_keeps_its_parameter_count_with_onednn():
+  config = full.get_config()
+  config.cpu_kernels = "onednn"
+  model = models.create(config, num_classes=13)
+  variables = jax.eval_shape(
+    lambda: model.init(
+      jax.random.PRNGKey(0), jnp.zeros((1, 128, 128, 3), jnp.uint8), train=False
+    )
+  )
+  assert models.count_params(variables["params"]) == 2_916_829
+
+
+def test_the_log_line_names_the_kernels():
+  config = full.get_config()
+  config.cpu_kernels = "xla"
+  assert models.conv_implementation(config) == (
+    None,
+    "XLA:CPU's (--config.cpu_kernels=xla)",
+  )
+  config.cpu_kernels = "onednn"
+  # The tests simulate 8 CPU devices: oneDNN's kernels are for one.
+  assert models.conv_implementation(config) == (
+    None,
+    "XLA:CPU's (oneDNN's run on one CPU device, not 8)",
+  )
+
+
+ONE_DEVICE_RUN = """
+import json, sys
+import jax, numpy as np
+from configs import default
+from simpsons_jax import models, synthetic, train
+
+root, out = sys.argv[1], sys.argv[2]
+config = default.get_config()
+config.data_dir = str(synthetic.generate(root + "/data", images_per_character=20))
+config.min_images, config.image_size, config.val_fraction = 1, 32, 0.2
+config.dense_features, config.batch_size, config.log_every_steps = (64, 64), 16, 2
+leaves = lambda s: [np.asarray(x) for x in jax.tree.leaves(jax.device_get(s.params))]
+config.num_epochs = 2
+whole, metrics = train.train_and_evaluate(config, root + "/a")
+config.num_epochs = 1
+train.train_and_evaluate(config, root + "/b")
+config.num_epochs = 2
+resumed, _ = train.train_and_evaluate(config, root + "/b")
+json.dump({
+  "devices": jax.device_count(),
+  "convolutions": models.conv_implementation(config)[1],
+  "bitwise_equal": all(
+    np.array_equal(a, b) for a, b in zip(leaves(whole), leaves(resumed))
+  ),
+  "loss": float(metrics["loss"]),
+}, open(out, "w"))
+"""
+
+
+def test_one_device_trains_through_onednn_and_resumes_bitwise(tmp_path):
+  _needs_kernels()
+  env = {**os.environ, "XLA_FLAGS": "", "OMP_NUM_THREADS": "2"}
+  out = tmp_path / "result.json"
+  subprocess.run(
+    [sys.executable, "-c", ONE_DEVICE_RUN, str(tmp_path), str(out)],
+    cwd=Path(__file__).resolve().parents[1],
+    env=env,
+    check=True,
+    capture_output=True,
+  )
+  result = json.loads(out.read_text())
+  assert result["devices"] == 1
+  assert result["convolutions"].startswith("oneDNN 3.")
+  assert result["bitwise_equal"]
+  assert np.isfinite(result["loss"])
+
+
+def _reduce_max_pool(x):
+  """The plain formulation: a reduction over each window (autodiff splits ties)."""
+  n, h, w, c = x.shape
+  x = x[:, : h // 2 * 2, : w // 2 * 2]
+  return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 8, 3), (3, 7, 9, 5), (1, 2, 2, 1)])
+def test_relu_pool_backward_equals_autodiff_with_ties(shape):
+  rng = np.random.default_rng(0)
+  # Rounded values: many ties inside windows, zeros and negatives, as in flat
+  # cartoon colours.
+  x = jnp.asarray(np.round(rng.standard_normal(shape) * 1.5).astype(np.float32))
+  g = jnp.asarray(
+    rng.standard_normal((shape[0], shape[1] // 2, shape[2] // 2, shape[3]))
+  )
+  g = g.astype(jnp.float32)
+
+  def plain(x):
+    return (_reduce_max_pool(nn.relu(x)) * g).sum()
+
+  def ours(x):
+    return (models.relu_max_pool_2x2(x) * g).sum()
+
+  np.testing.assert_array_equal(
+    models.relu_max_pool_2x2(x), _reduce_max_pool(nn.relu(x))
+  )
+  expected, got = jax.jit(jax.grad(plain))(x), jax.jit(jax.grad(ours))(x)
+  assert int((x.reshape(-1) > 0).sum()) > 0
+  np.testing.assert_array_equal(got, expected)
+
+
+def test_a_tied_window_splits_its_gradient_evenly():
+  x = jnp.array([[1.0, 1.0], [0.0, -1.0]]).reshape(1, 2, 2, 1)
+  grad = jax.grad(lambda x: models.relu_max_pool_2x2(x).sum())(x)
+  np.testing.assert_array_equal(grad.reshape(2, 2), [[0.5, 0.5], [0.0, 0.0]])
