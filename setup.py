@@ -54,7 +54,9 @@ def _onednn_extension() -> list[Extension]:
       include_dirs=[include, ffi_include],
       library_dirs=[lib],
       libraries=[":libdnnl.so.3"],
-      extra_compile_args=["-std=c++17", "-O2", "-Wno-attributes", "-Wno-return-type"],
+      extra_compile_args=["-std=c++17", "-O2", "-fopenmp"]
+      + ["-Wno-attributes", "-Wno-return-type"],
+      extra_link_args=["-fopenmp"],
       language="c++",
     )
   ]

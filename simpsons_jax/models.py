@@ -117,6 +117,29 @@ def _relu_max_pool_backward(residuals, g):
 relu_max_pool_2x2.defvjp(_relu_max_pool_forward, _relu_max_pool_backward)
 
 
+class ConvReluPool(nn.Conv):
+  """`nn.Conv`, then ReLU and a 2x2 max pool: one block of the notebook network.
+
+  Its parameters are `nn.Conv`'s (same names, shapes and initialisers). With
+  `onednn`, a float32 block runs as `cpu_conv.conv_relu_pool` (bias, ReLU and
+  pool fused around oneDNN's convolution); otherwise as `nn.Conv` and
+  `relu_max_pool_2x2`. Both compute the same function.
+  """
+
+  onednn: bool = False
+
+  @nn.compact
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    if not (self.onednn and inputs.dtype == jnp.float32 == jnp.dtype(self.dtype)):
+      return relu_max_pool_2x2(super().__call__(inputs))
+    kernel_shape = (*self.kernel_size, inputs.shape[-1], self.features)
+    kernel = self.param("kernel", self.kernel_init, kernel_shape, self.param_dtype)
+    bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+    strides = self.strides or 1
+    strides = (strides,) * 2 if isinstance(strides, int) else tuple(strides)
+    return cpu_conv.conv_relu_pool(inputs, kernel, bias, strides, self.padding)
+
+
 class SimpsonsCNN(nn.Module):
   """The notebook's network: conv+ReLU+pool blocks, then dropout+dense layers.
 
@@ -130,23 +153,22 @@ class SimpsonsCNN(nn.Module):
   dense_features: Sequence[int] = (512, 512, 512, 512)
   dropout_rate: float = 0.0
   dtype: Any = jnp.float32
-  conv_fn: Callable | None = None  # Replaces lax.conv_general_dilated.
+  onednn: bool = False  # Conv blocks through cpu_conv.conv_relu_pool.
 
   @nn.compact
   def __call__(self, images: jax.Array, *, train: bool) -> jax.Array:
     glorot = nn.initializers.glorot_uniform()
     x = images.astype(self.dtype) / 255.0
     for i, features in enumerate(self.conv_features):
-      x = nn.Conv(
+      x = ConvReluPool(
         features,
         (3, 3),
         padding="SAME",
         kernel_init=glorot,
         dtype=self.dtype,
-        conv_general_dilated=self.conv_fn,
+        onednn=self.onednn,
         name=f"conv{i}",
       )(x)
-      x = relu_max_pool_2x2(x)
     x = x.reshape(x.shape[0], -1)
     for i, features in enumerate(self.dense_features):
       x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
@@ -223,9 +245,8 @@ class ResNet(nn.Module):
     conv_fn = self.conv_fn
     x = images.astype(self.dtype) / 127.5 - 1.0
     x = _conv(self.dtype, conv_fn)(self.stem_features, (3, 3), padding="SAME")(x)
-    x = nn.relu(_norm(self.dtype, train)()(x))
-    if self.stem_pool:
-      x = max_pool_2x2(x)
+    x = _norm(self.dtype, train)()(x)
+    x = relu_max_pool_2x2(x) if self.stem_pool else nn.relu(x)
     for i, features in enumerate(self.stage_features):
       for j in range(self.blocks_per_stage):
         strides = 2 if i > 0 and j == 0 else 1
@@ -236,43 +257,49 @@ class ResNet(nn.Module):
     return logits.astype(jnp.float32)
 
 
-def conv_implementation(
-  config: ml_collections.ConfigDict,
-) -> tuple[Callable | None, str]:
-  """The convolution the models use here, and a line saying which it is.
+def conv_implementation(config: ml_collections.ConfigDict) -> tuple[str, str]:
+  """Which convolutions the models use here ('onednn' or 'xla'), and a line
+  saying so for the log.
 
   On one x86 CPU device, oneDNN's kernels (`cpu_conv`) unless
   `config.cpu_kernels` is 'xla' or they did not load; elsewhere XLA's own (on
   several simulated CPU devices XLA would run each custom call whole on every
-  device). On XLA:CPU the ResNet's kernel gradients are summed over batch
-  chunks. Every choice computes the same function of the same parameters.
+  device). Either computes the same function of the same parameters.
   """
   if jax.default_backend() != "cpu":
-    return None, f"XLA's ({jax.default_backend()})"
-  if config.cpu_kernels == "xla":
-    why = "XLA:CPU's (--config.cpu_kernels=xla)"
-  elif jax.device_count() > 1:
-    why = f"XLA:CPU's (oneDNN's run on one CPU device, not {jax.device_count()})"
-  else:
-    loaded, detail = cpu_conv.available()
-    if loaded:
-      return cpu_conv.conv_general_dilated, f"{detail} on {cpu_conv.cpu_description()}"
-    why = f"XLA:CPU's (oneDNN kernels unavailable: {detail})"
-  if config.model == "resnet":
-    return chunked_kernel_grad_conv, why + ", kernel gradients in batch chunks"
-  return None, why
+    return "xla", f"XLA's ({jax.default_backend()})"
+  # Workdirs saved before the option existed have no key: the default.
+  if config.get("cpu_kernels", "onednn") == "xla":
+    return "xla", "XLA:CPU's (--config.cpu_kernels=xla)"
+  if jax.device_count() > 1:
+    return (
+      "xla",
+      f"XLA:CPU's (oneDNN's run on one CPU device, not {jax.device_count()})",
+    )
+  loaded, detail = cpu_conv.available()
+  if loaded:
+    return "onednn", f"{detail} on {cpu_conv.cpu_description()}"
+  return "xla", f"XLA:CPU's (oneDNN kernels unavailable: {detail})"
 
 
 @functools.cache
 def _say_once(line: str) -> None:
   logging.info("Convolutions: %s.", line)
+  if jax.default_backend() == "cpu" and cpu_conv.keep_freed_memory():
+    logging.info("Memory: freed blocks are kept for reuse (no page faults per step).")
 
 
 def create(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
   """Builds the model named by `config.model` for `num_classes` characters."""
-  conv_fn, line = conv_implementation(config)
+  kernels, line = conv_implementation(config)
   _say_once(line)
   if config.model == "resnet":
+    conv_fn = None
+    if kernels == "onednn":
+      conv_fn = cpu_conv.conv_general_dilated
+    elif jax.default_backend() == "cpu":
+      # On XLA:CPU the kernel gradients are faster summed over batch chunks.
+      conv_fn = chunked_kernel_grad_conv
     return ResNet(
       num_classes=num_classes,
       stem_features=config.stem_features,
@@ -290,7 +317,7 @@ def create(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
       dense_features=tuple(config.dense_features),
       dropout_rate=config.dropout_rate,
       dtype=jnp.dtype(config.dtype),
-      conv_fn=conv_fn,
+      onednn=kernels == "onednn",
     )
   raise ValueError(
     f"Unknown --config.model={config.model!r}; known: simpsons_cnn, resnet."

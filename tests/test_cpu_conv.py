@@ -138,7 +138,10 @@ def test_the_same_parameters_and_function_on_both_paths(get_config):
     np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
   )
   plain = models.create(config, num_classes=13)
-  ours = plain.clone(conv_fn=cpu_conv.conv_general_dilated)
+  if config.model == "resnet":
+    ours = plain.clone(conv_fn=cpu_conv.conv_general_dilated)
+  else:
+    ours = plain.clone(onednn=True)
   variables = plain.init(jax.random.PRNGKey(0), images, train=False)
   assert jax.tree.map(
     jnp.shape, ours.init(jax.random.PRNGKey(0), images, train=False)
@@ -167,13 +170,13 @@ def test_the_log_line_names_the_kernels():
   config = full.get_config()
   config.cpu_kernels = "xla"
   assert models.conv_implementation(config) == (
-    None,
+    "xla",
     "XLA:CPU's (--config.cpu_kernels=xla)",
   )
   config.cpu_kernels = "onednn"
   # The tests simulate 8 CPU devices: oneDNN's kernels are for one.
   assert models.conv_implementation(config) == (
-    None,
+    "xla",
     "XLA:CPU's (oneDNN's run on one CPU device, not 8)",
   )
 
@@ -261,3 +264,41 @@ def test_a_tied_window_splits_its_gradient_evenly():
   x = jnp.array([[1.0, 1.0], [0.0, -1.0]]).reshape(1, 2, 2, 1)
   grad = jax.grad(lambda x: models.relu_max_pool_2x2(x).sum())(x)
   np.testing.assert_array_equal(grad.reshape(2, 2), [[0.5, 0.5], [0.0, 0.0]])
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 8, 3), (3, 7, 9, 5), (1, 2, 2, 16)])
+def test_the_pool_kernels_equal_the_jax_pool_with_ties(shape):
+  _needs_kernels()
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(np.round(rng.standard_normal(shape) * 1.5).astype(np.float32))
+  pooled_shape = (shape[0], shape[1] // 2, shape[2] // 2, shape[3])
+  g = jnp.asarray(rng.standard_normal(pooled_shape).astype(np.float32))
+  y, code = cpu_conv._call(
+    "relu_pool_forward",
+    (cpu_conv._f32(*pooled_shape), jax.ShapeDtypeStruct(pooled_shape, jnp.int8)),
+    x,
+  )
+  dx = cpu_conv._call("relu_pool_backward", cpu_conv._f32(*shape), code, g)
+  expected_y, vjp = jax.vjp(models.relu_max_pool_2x2, x)
+  np.testing.assert_array_equal(y, expected_y)
+  np.testing.assert_array_equal(dx, vjp(g)[0])
+
+
+def test_fused_block_equals_conv_bias_relu_pool():
+  _needs_kernels()
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((3, 13, 10, 3), np.float32))
+  k = jnp.asarray(rng.standard_normal((3, 3, 3, 8), np.float32))
+  b = jnp.asarray(rng.standard_normal((8,), np.float32))
+  g = jnp.asarray(rng.standard_normal((3, 6, 5, 8), np.float32))
+
+  def plain(x, k, b):
+    y = lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=NHWC) + b
+    return models.relu_max_pool_2x2(y)
+
+  def run(f):
+    loss = lambda x, k, b: (f(x, k, b) * g).sum()  # noqa: E731
+    return jax.jit(f)(x, k, b), *jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(x, k, b)
+
+  for a, c in zip(run(plain), run(cpu_conv.conv_relu_pool), strict=True):
+    np.testing.assert_allclose(c, a, rtol=1e-5, atol=1e-5 * float(jnp.abs(a).max()))

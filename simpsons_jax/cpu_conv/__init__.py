@@ -33,8 +33,12 @@ _EXTENSION = "simpsons_jax.cpu_conv._onednn"
 _RUNTIME = "onednn-cpu-gomp"
 _TARGETS = {
   "forward": "OnednnConvForward",
+  "bias_forward": "OnednnConvBiasForward",
   "backward_data": "OnednnConvBackwardData",
   "backward_weights": "OnednnConvBackwardWeights",
+  "backward_weights_bias": "OnednnConvBackwardWeightsBias",
+  "relu_pool_forward": "ReluMaxPoolForward",
+  "relu_pool_backward": "ReluMaxPoolBackward",
 }
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -73,6 +77,28 @@ def cpu_description() -> str:
   return f"{model} ({', '.join(extensions) or 'no avx2'})"
 
 
+@functools.cache
+def keep_freed_memory() -> bool:
+  """Has glibc's malloc keep freed blocks for reuse instead of unmapping them.
+
+  XLA:CPU allocates each step's activations afresh; by default glibc maps
+  every block over 32 MiB (a 128 px activation is 34 MB) anew and frees it
+  back, so each step first page-faults through its memory: on a 2-core EPYC
+  that tripled the first convolution's time (18 ms against 6) and slowed XLA's
+  own convolutions as much. Memory is then held at its peak instead. Returns
+  whether glibc took the settings (False on other C libraries).
+  """
+  try:
+    libc = ctypes.CDLL("libc.so.6")
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(
+      libc.mallopt(m_mmap_threshold, 1 << 30)
+      and libc.mallopt(m_trim_threshold, (1 << 31) - 1)
+    )
+  except (OSError, AttributeError):
+    return False
+
+
 def _runtime_library() -> str:
   """The path of libdnnl.so.3 from the oneDNN runtime wheel."""
   files = importlib.metadata.distribution(_RUNTIME).files or []
@@ -108,25 +134,31 @@ def available() -> tuple[bool, str]:
   return True, f"oneDNN {v.major}.{v.minor}.{v.patch}"
 
 
-def _call(kind: str, out_shape: Sequence[int], a: jax.Array, b: jax.Array, geometry):
-  stride_h, stride_w, (pad_top, pad_bottom), (pad_left, pad_right) = geometry
-  return jax.ffi.ffi_call(
-    _TARGETS[kind], jax.ShapeDtypeStruct(tuple(out_shape), jnp.float32)
-  )(
-    a,
-    b,
-    stride_h=stride_h,
-    stride_w=stride_w,
-    pad_top=pad_top,
-    pad_bottom=pad_bottom,
-    pad_left=pad_left,
-    pad_right=pad_right,
-  )
+def _f32(*shape: int) -> jax.ShapeDtypeStruct:
+  return jax.ShapeDtypeStruct(tuple(shape), jnp.float32)
+
+
+def _call(kind: str, out_shape, *operands: jax.Array, geometry=None):
+  """Calls one FFI handler; `out_shape` is one ShapeDtypeStruct or a tuple."""
+  attributes = {}
+  if geometry is not None:
+    stride_h, stride_w, (pad_top, pad_bottom), (pad_left, pad_right) = geometry
+    attributes = dict(
+      stride_h=stride_h,
+      stride_w=stride_w,
+      pad_top=pad_top,
+      pad_bottom=pad_bottom,
+      pad_left=pad_left,
+      pad_right=pad_right,
+    )
+  return jax.ffi.ffi_call(_TARGETS[kind], out_shape)(*operands, **attributes)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _conv(x: jax.Array, kernel: jax.Array, geometry) -> jax.Array:
-  return _call("forward", _output_shape(x, kernel, geometry), x, kernel, geometry)
+  return _call(
+    "forward", _f32(*_output_shape(x, kernel, geometry)), x, kernel, geometry=geometry
+  )
 
 
 def _output_shape(x: jax.Array, kernel: jax.Array, geometry) -> tuple[int, ...]:
@@ -147,12 +179,78 @@ def _conv_forward(x, kernel, geometry):
 
 def _conv_backward(geometry, residuals, dy):
   x, kernel = residuals
-  dx = _call("backward_data", x.shape, dy, kernel, geometry)
-  dkernel = _call("backward_weights", kernel.shape, x, dy, geometry)
+  dx = _call("backward_data", _f32(*x.shape), dy, kernel, geometry=geometry)
+  dkernel = _call("backward_weights", _f32(*kernel.shape), x, dy, geometry=geometry)
   return dx, dkernel
 
 
 _conv.defvjp(_conv_forward, _conv_backward)
+
+
+def _geometry(shape, kernel_shape, window_strides, padding) -> tuple:
+  if isinstance(padding, str):
+    padding = lax.padtype_to_pads(shape[1:3], kernel_shape[:2], window_strides, padding)
+  return (
+    int(window_strides[0]),
+    int(window_strides[1]),
+    tuple(int(p) for p in padding[0]),
+    tuple(int(p) for p in padding[1]),
+  )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _conv_relu_pool(x, kernel, bias, geometry):
+  return _conv_relu_pool_forward(x, kernel, bias, geometry)[0]
+
+
+def _conv_relu_pool_forward(x, kernel, bias, geometry):
+  n, h, w, c = _output_shape(x, kernel, geometry)
+  y = _call("bias_forward", _f32(n, h, w, c), x, kernel, bias, geometry=geometry)
+  pooled, code = _call(
+    "relu_pool_forward",
+    (
+      _f32(n, h // 2, w // 2, c),
+      jax.ShapeDtypeStruct((n, h // 2, w // 2, c), jnp.int8),
+    ),
+    y,
+  )
+  return pooled, (x, kernel, code, (n, h, w, c))
+
+
+def _conv_relu_pool_backward(geometry, residuals, g):
+  x, kernel, code, y_shape = residuals
+  dy = _call("relu_pool_backward", _f32(*y_shape), code, g)
+  dkernel, dbias = _call(
+    "backward_weights_bias",
+    (_f32(*kernel.shape), _f32(kernel.shape[-1])),
+    x,
+    dy,
+    geometry=geometry,
+  )
+  dx = _call("backward_data", _f32(*x.shape), dy, kernel, geometry=geometry)
+  return dx, dkernel, dbias
+
+
+_conv_relu_pool.defvjp(_conv_relu_pool_forward, _conv_relu_pool_backward)
+
+
+def conv_relu_pool(
+  x: jax.Array,
+  kernel: jax.Array,
+  bias: jax.Array,
+  window_strides: Sequence[int] = (1, 1),
+  padding: str | Sequence[tuple[int, int]] = "SAME",
+) -> jax.Array:
+  """A float32 NHWC convolution with HWIO `kernel`, plus `bias`, then ReLU and a
+  2x2 max pool ('VALID'), as one oneDNN convolution and one pass of the pool.
+
+  The same values and gradients as `models.relu_max_pool_2x2` of
+  `lax.conv_general_dilated(...) + bias` within float32 rounding: the pool's
+  gradient goes to each window's positive maximum, split evenly between ties.
+  """
+  return _conv_relu_pool(
+    x, kernel, bias, _geometry(x.shape, kernel.shape, window_strides, padding)
+  )
 
 
 def _handled(lhs, rhs, lhs_dilation, rhs_dilation, dimension_numbers, groups) -> bool:

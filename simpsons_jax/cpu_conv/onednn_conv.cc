@@ -5,13 +5,22 @@
 // layout oneDNN chooses for the CPU it runs on (AVX2, AVX-512, AMX), and the
 // kernel gradient back to HWIO. Primitives are built once per shape and kept.
 //
-// Three handlers, each taking the stride and the (low, high) padding of both
+// The convolutions take the stride and the (low, high) padding of both
 // spatial axes as attributes:
 //   OnednnConvForward(x, w) -> y
-//   OnednnConvBackwardData(dy, w) -> dx      (dx's shape from the result)
-//   OnednnConvBackwardWeights(x, dy) -> dw   (dw's shape from the result)
+//   OnednnConvBiasForward(x, w, b) -> y            (y = conv(x, w) + b)
+//   OnednnConvBackwardData(dy, w) -> dx            (dx's shape from the result)
+//   OnednnConvBackwardWeights(x, dy) -> dw         (dw's shape from the result)
+//   OnednnConvBackwardWeightsBias(x, dy) -> dw, db
+// and the notebook network's ReLU + 2x2 max pool (odd edges dropped):
+//   ReluMaxPoolForward(x) -> y, code    (code: 4 bits a window, where its
+//                                        positive maximum stands)
+//   ReluMaxPoolBackward(code, dy) -> dx (each window's gradient split evenly
+//                                        between the positions of its code)
 
+#include <algorithm>
 #include <array>
+#include <cmath>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -58,16 +67,24 @@ dnnl::engine& Engine() {
   return engine;
 }
 
-dnnl::convolution_forward::primitive_desc ForwardDesc(const Geometry& g) {
-  return {Engine(),
-          dnnl::prop_kind::forward_training,
+dnnl::memory::desc BiasDesc(const Geometry& g) {
+  return {{g.w[3]}, dt::f32, tag::a};
+}
+
+dnnl::convolution_forward::primitive_desc ForwardDesc(const Geometry& g,
+                                                      bool bias = false) {
+  if (bias)
+    return {Engine(),          dnnl::prop_kind::forward_training,
+            dnnl::algorithm::convolution_direct,
+            g.Activation(g.x), g.Kernel(tag::any),
+            BiasDesc(g),       g.Activation(g.y),
+            g.Strides(),       g.PadLow(),
+            g.PadHigh()};
+  return {Engine(),          dnnl::prop_kind::forward_training,
           dnnl::algorithm::convolution_direct,
-          g.Activation(g.x),
-          g.Kernel(tag::any),
-          g.Activation(g.y),
-          g.Strides(),
-          g.PadLow(),
-          g.PadHigh()};
+          g.Activation(g.x), g.Kernel(tag::any),
+          g.Activation(g.y), g.Strides(),
+          g.PadLow(),        g.PadHigh()};
 }
 
 // What one convolution needs at run time: the primitive and the kernel's
@@ -117,26 +134,43 @@ ffi::Error Guarded(Body body) {
   }
 }
 
+ffi::Error Forward(const Geometry& g, float* x, float* w, float* b, float* y) {
+  return Guarded([&] {
+    auto entry = Cached(g.Key(b ? 'F' : 'f'), [&] {
+      auto pd = ForwardDesc(g, b != nullptr);
+      return Entry{dnnl::convolution_forward(pd), pd.weights_desc()};
+    });
+    dnnl::stream stream(Engine());
+    dnnl::memory src(g.Activation(g.x), Engine(), x);
+    dnnl::memory dst(g.Activation(g.y), Engine(), y);
+    dnnl::memory kernel = KernelIn(entry->kernel_desc, g, w, stream);
+    std::unordered_map<int, dnnl::memory> args = {
+        {DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, kernel}, {DNNL_ARG_DST, dst}};
+    if (b) args.emplace(DNNL_ARG_BIAS, dnnl::memory(BiasDesc(g), Engine(), b));
+    entry->primitive.execute(stream, args);
+    stream.wait();
+  });
+}
+
 ffi::Error ForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                        ffi::ResultBuffer<ffi::F32> y, int64_t stride_h,
                        int64_t stride_w, int64_t pad_top, int64_t pad_bottom,
                        int64_t pad_left, int64_t pad_right) {
   Geometry g{Shape4(x),    Shape4(w),  Shape4(*y), stride_h, stride_w,
              pad_top,      pad_bottom, pad_left,   pad_right};
-  return Guarded([&] {
-    auto entry = Cached(g.Key('f'), [&] {
-      auto pd = ForwardDesc(g);
-      return Entry{dnnl::convolution_forward(pd), pd.weights_desc()};
-    });
-    dnnl::stream stream(Engine());
-    dnnl::memory src(g.Activation(g.x), Engine(), x.typed_data());
-    dnnl::memory dst(g.Activation(g.y), Engine(), y->typed_data());
-    dnnl::memory kernel = KernelIn(entry->kernel_desc, g, w.typed_data(), stream);
-    entry->primitive.execute(stream, {{DNNL_ARG_SRC, src},
-                                      {DNNL_ARG_WEIGHTS, kernel},
-                                      {DNNL_ARG_DST, dst}});
-    stream.wait();
-  });
+  return Forward(g, x.typed_data(), w.typed_data(), nullptr, y->typed_data());
+}
+
+ffi::Error BiasForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                           ffi::Buffer<ffi::F32> b,
+                           ffi::ResultBuffer<ffi::F32> y, int64_t stride_h,
+                           int64_t stride_w, int64_t pad_top,
+                           int64_t pad_bottom, int64_t pad_left,
+                           int64_t pad_right) {
+  Geometry g{Shape4(x),    Shape4(w),  Shape4(*y), stride_h, stride_w,
+             pad_top,      pad_bottom, pad_left,   pad_right};
+  return Forward(g, x.typed_data(), w.typed_data(), b.typed_data(),
+                 y->typed_data());
 }
 
 ffi::Error BackwardDataImpl(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w,
@@ -165,6 +199,43 @@ ffi::Error BackwardDataImpl(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w,
   });
 }
 
+ffi::Error BackwardWeights(const Geometry& g, float* x, float* dy, float* dw,
+                           float* db) {
+  return Guarded([&] {
+    auto entry = Cached(g.Key(db ? 'W' : 'w'), [&] {
+      auto fwd = ForwardDesc(g, db != nullptr);
+      auto pd = db ? dnnl::convolution_backward_weights::primitive_desc(
+                         Engine(), dnnl::algorithm::convolution_direct,
+                         g.Activation(g.x), g.Kernel(tag::any), BiasDesc(g),
+                         g.Activation(g.y), g.Strides(), g.PadLow(),
+                         g.PadHigh(), fwd)
+                   : dnnl::convolution_backward_weights::primitive_desc(
+                         Engine(), dnnl::algorithm::convolution_direct,
+                         g.Activation(g.x), g.Kernel(tag::any),
+                         g.Activation(g.y), g.Strides(), g.PadLow(),
+                         g.PadHigh(), fwd);
+      return Entry{dnnl::convolution_backward_weights(pd),
+                   pd.diff_weights_desc()};
+    });
+    dnnl::stream stream(Engine());
+    dnnl::memory src(g.Activation(g.x), Engine(), x);
+    dnnl::memory diff_dst(g.Activation(g.y), Engine(), dy);
+    dnnl::memory user(g.Kernel(tag::hwio), Engine(), dw);
+    bool direct = entry->kernel_desc == user.get_desc();
+    dnnl::memory diff_kernel =
+        direct ? user : dnnl::memory(entry->kernel_desc, Engine());
+    std::unordered_map<int, dnnl::memory> args = {
+        {DNNL_ARG_SRC, src},
+        {DNNL_ARG_DIFF_DST, diff_dst},
+        {DNNL_ARG_DIFF_WEIGHTS, diff_kernel}};
+    if (db)
+      args.emplace(DNNL_ARG_DIFF_BIAS, dnnl::memory(BiasDesc(g), Engine(), db));
+    entry->primitive.execute(stream, args);
+    if (!direct) dnnl::reorder(diff_kernel, user).execute(stream, diff_kernel, user);
+    stream.wait();
+  });
+}
+
 ffi::Error BackwardWeightsImpl(ffi::Buffer<ffi::F32> x,
                                ffi::Buffer<ffi::F32> dy,
                                ffi::ResultBuffer<ffi::F32> dw, int64_t stride_h,
@@ -173,48 +244,144 @@ ffi::Error BackwardWeightsImpl(ffi::Buffer<ffi::F32> x,
                                int64_t pad_right) {
   Geometry g{Shape4(x),    Shape4(*dw), Shape4(dy), stride_h, stride_w,
              pad_top,      pad_bottom,  pad_left,   pad_right};
-  return Guarded([&] {
-    auto entry = Cached(g.Key('w'), [&] {
-      dnnl::convolution_backward_weights::primitive_desc pd(
-          Engine(), dnnl::algorithm::convolution_direct, g.Activation(g.x),
-          g.Kernel(tag::any), g.Activation(g.y), g.Strides(), g.PadLow(),
-          g.PadHigh(), ForwardDesc(g));
-      return Entry{dnnl::convolution_backward_weights(pd),
-                   pd.diff_weights_desc()};
-    });
-    dnnl::stream stream(Engine());
-    dnnl::memory src(g.Activation(g.x), Engine(), x.typed_data());
-    dnnl::memory diff_dst(g.Activation(g.y), Engine(), dy.typed_data());
-    dnnl::memory user(g.Kernel(tag::hwio), Engine(), dw->typed_data());
-    bool direct = entry->kernel_desc == user.get_desc();
-    dnnl::memory diff_kernel =
-        direct ? user : dnnl::memory(entry->kernel_desc, Engine());
-    entry->primitive.execute(stream, {{DNNL_ARG_SRC, src},
-                                      {DNNL_ARG_DIFF_DST, diff_dst},
-                                      {DNNL_ARG_DIFF_WEIGHTS, diff_kernel}});
-    if (!direct) dnnl::reorder(diff_kernel, user).execute(stream, diff_kernel, user);
-    stream.wait();
-  });
+  return BackwardWeights(g, x.typed_data(), dy.typed_data(), dw->typed_data(),
+                         nullptr);
 }
 
-// Every handler takes two float32 buffers, returns one, and reads the geometry.
-auto Binding() {
-  return ffi::Ffi::Bind()
-      .Arg<ffi::Buffer<ffi::F32>>()
-      .Arg<ffi::Buffer<ffi::F32>>()
-      .Ret<ffi::Buffer<ffi::F32>>()
-      .Attr<int64_t>("stride_h")
-      .Attr<int64_t>("stride_w")
-      .Attr<int64_t>("pad_top")
-      .Attr<int64_t>("pad_bottom")
-      .Attr<int64_t>("pad_left")
-      .Attr<int64_t>("pad_right");
+ffi::Error BackwardWeightsBiasImpl(
+    ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
+    ffi::ResultBuffer<ffi::F32> dw, ffi::ResultBuffer<ffi::F32> db,
+    int64_t stride_h, int64_t stride_w, int64_t pad_top, int64_t pad_bottom,
+    int64_t pad_left, int64_t pad_right) {
+  Geometry g{Shape4(x),    Shape4(*dw), Shape4(dy), stride_h, stride_w,
+             pad_top,      pad_bottom,  pad_left,   pad_right};
+  return BackwardWeights(g, x.typed_data(), dy.typed_data(), dw->typed_data(),
+                         db->typed_data());
+}
+
+// ReLU + 2x2 max pool. Bit k (k = 2 * row + column in the window) of a
+// window's code is set where x equals the window's maximum and is positive.
+ffi::Error ReluMaxPoolForwardImpl(ffi::Buffer<ffi::F32> x,
+                                  ffi::ResultBuffer<ffi::F32> y,
+                                  ffi::ResultBuffer<ffi::S8> code) {
+  auto s = Shape4(x);
+  const int64_t n = s[0], h = s[1], w = s[2], c = s[3], h2 = h / 2, w2 = w / 2;
+  const float* in = x.typed_data();
+  float* out = y->typed_data();
+  int8_t* bits = code->typed_data();
+#pragma omp parallel for
+  for (int64_t row = 0; row < n * h2; ++row) {
+    const int64_t b = row / h2, i = row % h2;
+    for (int64_t j = 0; j < w2; ++j) {
+      const float* p0 = in + ((b * h + 2 * i) * w + 2 * j) * c;
+      const float* p1 = p0 + w * c;
+      float* q = out + (row * w2 + j) * c;
+      int8_t* k = bits + (row * w2 + j) * c;
+      for (int64_t ch = 0; ch < c; ++ch) {
+        const float v0 = p0[ch], v1 = p0[c + ch], v2 = p1[ch], v3 = p1[c + ch];
+        float m = v0 > v1 ? v0 : v1;
+        m = m > v2 ? m : v2;
+        m = m > v3 ? m : v3;
+        m = m > 0.0f ? m : 0.0f;
+        // NaN propagates, as XLA's maximum does (the loss check then stops).
+        if (v0 != v0 || v1 != v1 || v2 != v2 || v3 != v3) m = v0 + v1 + v2 + v3;
+        q[ch] = m;
+        k[ch] = static_cast<int8_t>((m > 0.0f) *
+                                    ((v0 == m) | (v1 == m) << 1 |
+                                     (v2 == m) << 2 | (v3 == m) << 3));
+      }
+    }
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error ReluMaxPoolBackwardImpl(ffi::Buffer<ffi::S8> code,
+                                   ffi::Buffer<ffi::F32> dy,
+                                   ffi::ResultBuffer<ffi::F32> dx) {
+  auto s = Shape4(*dx);
+  const int64_t n = s[0], h = s[1], w = s[2], c = s[3], h2 = h / 2, w2 = w / 2;
+  const int8_t* bits = code.typed_data();
+  const float* g = dy.typed_data();
+  float* out = dx->typed_data();
+#pragma omp parallel for
+  for (int64_t row = 0; row < n * h2; ++row) {
+    const int64_t b = row / h2, i = row % h2;
+    float* q0 = out + (b * h + 2 * i) * w * c;
+    float* q1 = q0 + w * c;
+    for (int64_t j = 0; j < w2; ++j) {
+      const int8_t* k = bits + (row * w2 + j) * c;
+      const float* gk = g + (row * w2 + j) * c;
+      float* a0 = q0 + 2 * j * c;
+      float* a1 = q1 + 2 * j * c;
+      for (int64_t ch = 0; ch < c; ++ch) {
+        const int code_ = static_cast<uint8_t>(k[ch]);
+        const int ties = (code_ & 1) + (code_ >> 1 & 1) + (code_ >> 2 & 1) + (code_ >> 3);
+        const float share = ties ? gk[ch] / static_cast<float>(ties) : 0.0f;
+        a0[ch] = code_ & 1 ? share : 0.0f;
+        a0[c + ch] = code_ & 2 ? share : 0.0f;
+        a1[ch] = code_ & 4 ? share : 0.0f;
+        a1[c + ch] = code_ & 8 ? share : 0.0f;
+      }
+    }
+    // An odd last column is outside every window.
+    if (w % 2) {
+      std::fill(q0 + (w - 1) * c, q0 + w * c, 0.0f);
+      std::fill(q1 + (w - 1) * c, q1 + w * c, 0.0f);
+    }
+  }
+  if (h % 2)  // An odd last row, likewise.
+    for (int64_t b = 0; b < n; ++b)
+      std::fill(out + ((b * h + h - 1) * w) * c, out + (b * h + h) * w * c, 0.0f);
+  return ffi::Error::Success();
+}
+
+// The convolutions take two float32 buffers, return one, and read the
+// geometry.
+template <typename Binding>
+auto WithGeometry(Binding binding) {
+  return std::move(binding)
+      .template Attr<int64_t>("stride_h")
+      .template Attr<int64_t>("stride_w")
+      .template Attr<int64_t>("pad_top")
+      .template Attr<int64_t>("pad_bottom")
+      .template Attr<int64_t>("pad_left")
+      .template Attr<int64_t>("pad_right");
+}
+
+auto TwoInOneOut() {
+  return WithGeometry(ffi::Ffi::Bind()
+                          .Arg<ffi::Buffer<ffi::F32>>()
+                          .Arg<ffi::Buffer<ffi::F32>>()
+                          .Ret<ffi::Buffer<ffi::F32>>());
 }
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnConvForward, ForwardImpl, Binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnConvForward, ForwardImpl, TwoInOneOut());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnConvBackwardData, BackwardDataImpl,
-                              Binding());
+                              TwoInOneOut());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnConvBackwardWeights, BackwardWeightsImpl,
-                              Binding());
+                              TwoInOneOut());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnConvBiasForward, BiasForwardImpl,
+                              WithGeometry(ffi::Ffi::Bind()
+                                               .Arg<ffi::Buffer<ffi::F32>>()
+                                               .Arg<ffi::Buffer<ffi::F32>>()
+                                               .Arg<ffi::Buffer<ffi::F32>>()
+                                               .Ret<ffi::Buffer<ffi::F32>>()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnConvBackwardWeightsBias,
+                              BackwardWeightsBiasImpl,
+                              WithGeometry(ffi::Ffi::Bind()
+                                               .Arg<ffi::Buffer<ffi::F32>>()
+                                               .Arg<ffi::Buffer<ffi::F32>>()
+                                               .Ret<ffi::Buffer<ffi::F32>>()
+                                               .Ret<ffi::Buffer<ffi::F32>>()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ReluMaxPoolForward, ReluMaxPoolForwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S8>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ReluMaxPoolBackward, ReluMaxPoolBackwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
