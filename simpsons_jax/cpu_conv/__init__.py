@@ -33,11 +33,10 @@ _EXTENSION = "simpsons_jax.cpu_conv._onednn"
 _RUNTIME = "onednn-cpu-gomp"
 _TARGETS = {
   "forward": "OnednnConvForward",
-  "bias_forward": "OnednnConvBiasForward",
   "backward_data": "OnednnConvBackwardData",
   "backward_weights": "OnednnConvBackwardWeights",
   "backward_weights_bias": "OnednnConvBackwardWeightsBias",
-  "relu_pool_forward": "ReluMaxPoolForward",
+  "conv_relu_pool_forward": "ConvBiasReluPoolForward",
   "relu_pool_backward": "ReluMaxPoolBackward",
 }
 _NHWC = ("NHWC", "HWIO", "NHWC")
@@ -119,7 +118,10 @@ def available() -> tuple[bool, str]:
     )
   spec = importlib.util.find_spec(_EXTENSION)
   if spec is None or spec.origin is None:
-    return False, "the extension was not built at install (a C++ compiler is needed)"
+    return (
+      False,
+      "the extension was not built at install (`pip install -v -e .` says why)",
+    )
   try:
     dnnl = ctypes.CDLL(_runtime_library(), mode=ctypes.RTLD_GLOBAL)
     library = ctypes.CDLL(spec.origin)
@@ -140,6 +142,9 @@ def _f32(*shape: int) -> jax.ShapeDtypeStruct:
 
 def _call(kind: str, out_shape, *operands: jax.Array, geometry=None):
   """Calls one FFI handler; `out_shape` is one ShapeDtypeStruct or a tuple."""
+  loaded, why = available()  # Registers the handlers on first use.
+  if not loaded:
+    raise RuntimeError(f"oneDNN's convolutions are unavailable here: {why}.")
   attributes = {}
   if geometry is not None:
     stride_h, stride_w, (pad_top, pad_bottom), (pad_left, pad_right) = geometry
@@ -205,16 +210,16 @@ def _conv_relu_pool(x, kernel, bias, geometry):
 
 def _conv_relu_pool_forward(x, kernel, bias, geometry):
   n, h, w, c = _output_shape(x, kernel, geometry)
-  y = _call("bias_forward", _f32(n, h, w, c), x, kernel, bias, geometry=geometry)
-  pooled, code = _call(
-    "relu_pool_forward",
-    (
-      _f32(n, h // 2, w // 2, c),
-      jax.ShapeDtypeStruct((n, h // 2, w // 2, c), jnp.int8),
-    ),
-    y,
+  pooled = (n, h // 2, w // 2, c)
+  y, code = _call(
+    "conv_relu_pool_forward",
+    (_f32(*pooled), jax.ShapeDtypeStruct(pooled, jnp.int8)),
+    x,
+    kernel,
+    bias,
+    geometry=geometry,
   )
-  return pooled, (x, kernel, code, (n, h, w, c))
+  return y, (x, kernel, code, (n, h, w, c))
 
 
 def _conv_relu_pool_backward(geometry, residuals, g):

@@ -8,15 +8,15 @@
 // The convolutions take the stride and the (low, high) padding of both
 // spatial axes as attributes:
 //   OnednnConvForward(x, w) -> y
-//   OnednnConvBiasForward(x, w, b) -> y            (y = conv(x, w) + b)
 //   OnednnConvBackwardData(dy, w) -> dx            (dx's shape from the result)
 //   OnednnConvBackwardWeights(x, dy) -> dw         (dw's shape from the result)
 //   OnednnConvBackwardWeightsBias(x, dy) -> dw, db
-// and the notebook network's ReLU + 2x2 max pool (odd edges dropped):
-//   ReluMaxPoolForward(x) -> y, code    (code: 4 bits a window, where its
-//                                        positive maximum stands)
-//   ReluMaxPoolBackward(code, dy) -> dx (each window's gradient split evenly
-//                                        between the positions of its code)
+// and the notebook network's blocks, conv + bias, ReLU and 2x2 max pool (odd
+// edges dropped):
+//   ConvBiasReluPoolForward(x, w, b) -> y, code  (code: 4 bits a window, where
+//                                                 its positive maximum stands)
+//   ReluMaxPoolBackward(code, dy) -> d(conv)     (each window's gradient split
+//                                                 evenly between its code's)
 
 #include <algorithm>
 #include <array>
@@ -26,6 +26,7 @@
 #include <mutex>
 #include <string>
 #include <unordered_map>
+#include <vector>
 
 #include "oneapi/dnnl/dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
@@ -161,18 +162,6 @@ ffi::Error ForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
   return Forward(g, x.typed_data(), w.typed_data(), nullptr, y->typed_data());
 }
 
-ffi::Error BiasForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                           ffi::Buffer<ffi::F32> b,
-                           ffi::ResultBuffer<ffi::F32> y, int64_t stride_h,
-                           int64_t stride_w, int64_t pad_top,
-                           int64_t pad_bottom, int64_t pad_left,
-                           int64_t pad_right) {
-  Geometry g{Shape4(x),    Shape4(w),  Shape4(*y), stride_h, stride_w,
-             pad_top,      pad_bottom, pad_left,   pad_right};
-  return Forward(g, x.typed_data(), w.typed_data(), b.typed_data(),
-                 y->typed_data());
-}
-
 ffi::Error BackwardDataImpl(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w,
                             ffi::ResultBuffer<ffi::F32> dx, int64_t stride_h,
                             int64_t stride_w, int64_t pad_top,
@@ -259,16 +248,14 @@ ffi::Error BackwardWeightsBiasImpl(
                          db->typed_data());
 }
 
-// ReLU + 2x2 max pool. Bit k (k = 2 * row + column in the window) of a
-// window's code is set where x equals the window's maximum and is positive.
-ffi::Error ReluMaxPoolForwardImpl(ffi::Buffer<ffi::F32> x,
-                                  ffi::ResultBuffer<ffi::F32> y,
-                                  ffi::ResultBuffer<ffi::S8> code) {
-  auto s = Shape4(x);
-  const int64_t n = s[0], h = s[1], w = s[2], c = s[3], h2 = h / 2, w2 = w / 2;
-  const float* in = x.typed_data();
-  float* out = y->typed_data();
-  int8_t* bits = code->typed_data();
+// ReLU + 2x2 max pool of x (n, h, w, c) into out (n, h/2, w/2, c). Bit k
+// (k = 2 * row + column in the window) of a window's code is set where x
+// equals the window's maximum and is positive.
+// Compiled for AVX-512, AVX2 and plain x86-64; the loader picks one for the CPU.
+__attribute__((target_clones("avx512f", "avx2", "default"))) void ReluMaxPool(
+    const float* in, int64_t n, int64_t h, int64_t w, int64_t c,
+                 float* out, int8_t* bits) {
+  const int64_t h2 = h / 2, w2 = w / 2;
 #pragma omp parallel for
   for (int64_t row = 0; row < n * h2; ++row) {
     const int64_t b = row / h2, i = row % h2;
@@ -292,17 +279,45 @@ ffi::Error ReluMaxPoolForwardImpl(ffi::Buffer<ffi::F32> x,
       }
     }
   }
+}
+
+// Convolution + bias, ReLU and pool, a few images at a time: each chunk's
+// convolution output stays in cache between oneDNN writing it and the pool
+// reading it, instead of a round trip through memory for the whole batch.
+constexpr int64_t kChunkFloats = 1 << 20;  // 4 MB of convolution output.
+
+ffi::Error ConvBiasReluPoolForwardImpl(
+    ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> b,
+    ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::S8> code,
+    int64_t stride_h, int64_t stride_w, int64_t pad_top, int64_t pad_bottom,
+    int64_t pad_left, int64_t pad_right) {
+  auto xs = Shape4(x), ws = Shape4(w);
+  const int64_t n = xs[0];
+  const int64_t oh = (xs[1] + pad_top + pad_bottom - ws[0]) / stride_h + 1;
+  const int64_t ow = (xs[2] + pad_left + pad_right - ws[1]) / stride_w + 1;
+  const int64_t oc = ws[3], per_image = oh * ow * oc;
+  const int64_t pooled = (oh / 2) * (ow / 2) * oc;
+  const int64_t rows = std::max<int64_t>(1, std::min(n, kChunkFloats / per_image));
+  std::vector<float> scratch(rows * per_image);
+  for (int64_t start = 0; start < n; start += rows) {
+    const int64_t m = std::min(rows, n - start);
+    Geometry g{{m, xs[1], xs[2], xs[3]}, ws,       {m, oh, ow, oc}, stride_h,
+               stride_w,                 pad_top, pad_bottom,      pad_left,
+               pad_right};
+    ffi::Error error =
+        Forward(g, x.typed_data() + start * xs[1] * xs[2] * xs[3],
+                w.typed_data(), b.typed_data(), scratch.data());
+    if (error.failure()) return error;
+    ReluMaxPool(scratch.data(), m, oh, ow, oc, y->typed_data() + start * pooled,
+                code->typed_data() + start * pooled);
+  }
   return ffi::Error::Success();
 }
 
-ffi::Error ReluMaxPoolBackwardImpl(ffi::Buffer<ffi::S8> code,
-                                   ffi::Buffer<ffi::F32> dy,
-                                   ffi::ResultBuffer<ffi::F32> dx) {
-  auto s = Shape4(*dx);
-  const int64_t n = s[0], h = s[1], w = s[2], c = s[3], h2 = h / 2, w2 = w / 2;
-  const int8_t* bits = code.typed_data();
-  const float* g = dy.typed_data();
-  float* out = dx->typed_data();
+__attribute__((target_clones("avx512f", "avx2", "default"))) void
+ReluMaxPoolGradient(const int8_t* bits, const float* g, int64_t n, int64_t h,
+                    int64_t w, int64_t c, float* out) {
+  const int64_t h2 = h / 2, w2 = w / 2;
 #pragma omp parallel for
   for (int64_t row = 0; row < n * h2; ++row) {
     const int64_t b = row / h2, i = row % h2;
@@ -332,6 +347,14 @@ ffi::Error ReluMaxPoolBackwardImpl(ffi::Buffer<ffi::S8> code,
   if (h % 2)  // An odd last row, likewise.
     for (int64_t b = 0; b < n; ++b)
       std::fill(out + ((b * h + h - 1) * w) * c, out + (b * h + h) * w * c, 0.0f);
+}
+
+ffi::Error ReluMaxPoolBackwardImpl(ffi::Buffer<ffi::S8> code,
+                                   ffi::Buffer<ffi::F32> dy,
+                                   ffi::ResultBuffer<ffi::F32> dx) {
+  auto s = Shape4(*dx);
+  ReluMaxPoolGradient(code.typed_data(), dy.typed_data(), s[0], s[1], s[2], s[3],
+                      dx->typed_data());
   return ffi::Error::Success();
 }
 
@@ -362,12 +385,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnConvBackwardData, BackwardDataImpl,
                               TwoInOneOut());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnConvBackwardWeights, BackwardWeightsImpl,
                               TwoInOneOut());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnConvBiasForward, BiasForwardImpl,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ConvBiasReluPoolForward,
+                              ConvBiasReluPoolForwardImpl,
                               WithGeometry(ffi::Ffi::Bind()
                                                .Arg<ffi::Buffer<ffi::F32>>()
                                                .Arg<ffi::Buffer<ffi::F32>>()
                                                .Arg<ffi::Buffer<ffi::F32>>()
-                                               .Ret<ffi::Buffer<ffi::F32>>()));
+                                               .Ret<ffi::Buffer<ffi::F32>>()
+                                               .Ret<ffi::Buffer<ffi::S8>>()));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnConvBackwardWeightsBias,
                               BackwardWeightsBiasImpl,
                               WithGeometry(ffi::Ffi::Bind()
@@ -375,11 +400,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnConvBackwardWeightsBias,
                                                .Arg<ffi::Buffer<ffi::F32>>()
                                                .Ret<ffi::Buffer<ffi::F32>>()
                                                .Ret<ffi::Buffer<ffi::F32>>()));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(ReluMaxPoolForward, ReluMaxPoolForwardImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::S8>>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ReluMaxPoolBackward, ReluMaxPoolBackwardImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::S8>>()
