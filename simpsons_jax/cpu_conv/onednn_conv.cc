@@ -22,6 +22,7 @@
 #include <array>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -248,13 +249,44 @@ ffi::Error BackwardWeightsBiasImpl(
                          db->typed_data());
 }
 
+// Eight float32 channels at a time, as GCC vector extensions: compiled for
+// AVX-512, AVX2 and plain x86-64 (target_clones), the loader picks one.
+typedef float F8 __attribute__((vector_size(32)));
+typedef int32_t I8 __attribute__((vector_size(32)));
+constexpr int64_t kLanes = 8;
+
+inline F8 Load(const float* p) {
+  F8 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline void Store(float* p, F8 v) { std::memcpy(p, &v, sizeof v); }
+
+// One window's ReLU + max and its code, for eight channels. Scalars go
+// through the same code as one-lane vectors would not: see the tail loop.
+struct PoolOut {
+  F8 y;
+  I8 code;
+};
+
+inline PoolOut PoolWindow(F8 v0, F8 v1, F8 v2, F8 v3) {
+  const F8 zero = {};
+  const F8 m01 = v0 > v1 ? v0 : v1, m23 = v2 > v3 ? v2 : v3;
+  const F8 top = m01 > m23 ? m01 : m23;
+  const F8 m = top > zero ? top : zero;
+  // NaN propagates, as XLA's maximum does (the loss check then stops).
+  const I8 nan = (v0 != v0) | (v1 != v1) | (v2 != v2) | (v3 != v3);
+  const I8 bits = ((v0 == m) & 1) | ((v1 == m) & 2) | ((v2 == m) & 4) | ((v3 == m) & 8);
+  return {nan ? v0 + v1 + v2 + v3 : m, top > zero ? bits : I8{}};
+}
+
 // ReLU + 2x2 max pool of x (n, h, w, c) into out (n, h/2, w/2, c). Bit k
 // (k = 2 * row + column in the window) of a window's code is set where x
 // equals the window's maximum and is positive.
-// Compiled for AVX-512, AVX2 and plain x86-64; the loader picks one for the CPU.
 __attribute__((target_clones("avx512f", "avx2", "default"))) void ReluMaxPool(
-    const float* in, int64_t n, int64_t h, int64_t w, int64_t c,
-                 float* out, int8_t* bits) {
+    const float* in, int64_t n, int64_t h, int64_t w, int64_t c, float* out,
+    int8_t* bits) {
   const int64_t h2 = h / 2, w2 = w / 2;
 #pragma omp parallel for
   for (int64_t row = 0; row < n * h2; ++row) {
@@ -264,18 +296,17 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void ReluMaxPool(
       const float* p1 = p0 + w * c;
       float* q = out + (row * w2 + j) * c;
       int8_t* k = bits + (row * w2 + j) * c;
-      for (int64_t ch = 0; ch < c; ++ch) {
-        const float v0 = p0[ch], v1 = p0[c + ch], v2 = p1[ch], v3 = p1[c + ch];
-        float m = v0 > v1 ? v0 : v1;
-        m = m > v2 ? m : v2;
-        m = m > v3 ? m : v3;
-        m = m > 0.0f ? m : 0.0f;
-        // NaN propagates, as XLA's maximum does (the loss check then stops).
-        if (v0 != v0 || v1 != v1 || v2 != v2 || v3 != v3) m = v0 + v1 + v2 + v3;
-        q[ch] = m;
-        k[ch] = static_cast<int8_t>((m > 0.0f) *
-                                    ((v0 == m) | (v1 == m) << 1 |
-                                     (v2 == m) << 2 | (v3 == m) << 3));
+      int64_t ch = 0;
+      for (; ch + kLanes <= c; ch += kLanes) {
+        PoolOut r = PoolWindow(Load(p0 + ch), Load(p0 + c + ch), Load(p1 + ch),
+                               Load(p1 + c + ch));
+        Store(q + ch, r.y);
+        for (int64_t l = 0; l < kLanes; ++l) k[ch + l] = static_cast<int8_t>(r.code[l]);
+      }
+      for (; ch < c; ++ch) {  // The last c % 8 channels, one lane used.
+        PoolOut r = PoolWindow(F8{p0[ch]}, F8{p0[c + ch]}, F8{p1[ch]}, F8{p1[c + ch]});
+        q[ch] = r.y[0];
+        k[ch] = static_cast<int8_t>(r.code[0]);
       }
     }
   }
@@ -314,6 +345,19 @@ ffi::Error ConvBiasReluPoolForwardImpl(
   return ffi::Error::Success();
 }
 
+// The four positions' gradients of one window, for eight channels.
+inline void PoolWindowGradient(I8 code, F8 g, F8& d0, F8& d1, F8& d2, F8& d3) {
+  const I8 b0 = code & 1, b1 = code >> 1 & 1, b2 = code >> 2 & 1, b3 = code >> 3 & 1;
+  const I8 ties = b0 + b1 + b2 + b3;
+  const F8 zero = {};
+  F8 share = g / __builtin_convertvector(ties > 0 ? ties : ties + 1, F8);
+  share = ties > 0 ? share : zero;
+  d0 = b0 ? share : zero;
+  d1 = b1 ? share : zero;
+  d2 = b2 ? share : zero;
+  d3 = b3 ? share : zero;
+}
+
 __attribute__((target_clones("avx512f", "avx2", "default"))) void
 ReluMaxPoolGradient(const int8_t* bits, const float* g, int64_t n, int64_t h,
                     int64_t w, int64_t c, float* out) {
@@ -328,14 +372,23 @@ ReluMaxPoolGradient(const int8_t* bits, const float* g, int64_t n, int64_t h,
       const float* gk = g + (row * w2 + j) * c;
       float* a0 = q0 + 2 * j * c;
       float* a1 = q1 + 2 * j * c;
-      for (int64_t ch = 0; ch < c; ++ch) {
-        const int code_ = static_cast<uint8_t>(k[ch]);
-        const int ties = (code_ & 1) + (code_ >> 1 & 1) + (code_ >> 2 & 1) + (code_ >> 3);
-        const float share = ties ? gk[ch] / static_cast<float>(ties) : 0.0f;
-        a0[ch] = code_ & 1 ? share : 0.0f;
-        a0[c + ch] = code_ & 2 ? share : 0.0f;
-        a1[ch] = code_ & 4 ? share : 0.0f;
-        a1[c + ch] = code_ & 8 ? share : 0.0f;
+      F8 d0, d1, d2, d3;
+      int64_t ch = 0;
+      for (; ch + kLanes <= c; ch += kLanes) {
+        I8 code;
+        for (int64_t l = 0; l < kLanes; ++l) code[l] = static_cast<uint8_t>(k[ch + l]);
+        PoolWindowGradient(code, Load(gk + ch), d0, d1, d2, d3);
+        Store(a0 + ch, d0);
+        Store(a0 + c + ch, d1);
+        Store(a1 + ch, d2);
+        Store(a1 + c + ch, d3);
+      }
+      for (; ch < c; ++ch) {  // The last c % 8 channels, one lane used.
+        PoolWindowGradient(I8{static_cast<uint8_t>(k[ch])}, F8{gk[ch]}, d0, d1, d2, d3);
+        a0[ch] = d0[0];
+        a0[c + ch] = d1[0];
+        a1[ch] = d2[0];
+        a1[c + ch] = d3[0];
       }
     }
     // An odd last column is outside every window.
