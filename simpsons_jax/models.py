@@ -61,60 +61,17 @@ def chunked_kernel_grad_conv(lhs: jax.Array, rhs: jax.Array, *args, **kwargs):
   return f(lhs, rhs)
 
 
-def _corners(x: jax.Array) -> list[jax.Array]:
-  """The four positions of each 2x2 window of (N, H, W, C), row-major, each
-  (N, H/2, W/2, C); odd last rows and columns are dropped, as 'VALID' does."""
-  n, h, w, c = x.shape
-  windows = x[:, : h // 2 * 2, : w // 2 * 2, :].reshape(n, h // 2, 2, w // 2, 2, c)
-  return [windows[:, :, i, :, j] for i in (0, 1) for j in (0, 1)]
-
-
 def max_pool_2x2(x: jax.Array) -> jax.Array:
   """2x2 max pooling with stride 2 ('VALID'), as `nn.max_pool` computes it.
 
-  Written as elementwise maxima of the four window positions: the same
-  values as `nn.max_pool`, several times faster on XLA:CPU than a reduction.
+  Written as a reshape and a max: the same values as `nn.max_pool`, but XLA's
+  CPU backward pass for it is much faster than the one for `reduce_window`.
+  Its gradient goes to each window's maximum, split evenly between ties
+  (`cpu_conv`'s fused block computes the same).
   """
-  a, b, c, d = _corners(x)
-  return jnp.maximum(jnp.maximum(a, b), jnp.maximum(c, d))
-
-
-@jax.custom_vjp
-def relu_max_pool_2x2(x: jax.Array) -> jax.Array:
-  """`max_pool_2x2(nn.relu(x))`, with a backward pass written out.
-
-  The forward keeps, per window, 4 bits marking where its positive maximum
-  stands; the backward sends each window's gradient there, split evenly
-  between ties: autodiff's values (up to the sign of zeros; ties are common
-  in flat cartoon colours), in a single elementwise pass.
-  """
-  return jnp.maximum(max_pool_2x2(x), 0)
-
-
-def _relu_max_pool_forward(x):
-  y = relu_max_pool_2x2(x)
-  code = sum(
-    jnp.where((v == y) & (v > 0), jnp.int8(1 << k), jnp.int8(0))
-    for k, v in enumerate(_corners(x))
-  )
-  # Barriers keep XLA from recomputing the code from x in the backward pass
-  # and dx once per consumer: both cost more than reading what was written.
-  return y, (jax.lax.optimization_barrier(code), x.shape)
-
-
-def _relu_max_pool_backward(residuals, g):
-  code, (n, h, w, c) = residuals
-  ties = jax.lax.population_count(code).astype(g.dtype)
-  share = jnp.where(ties > 0, g / jnp.maximum(ties, 1), 0)
-  bits = jnp.array([[1, 2], [4, 8]], jnp.int8)[None, None, :, None, :, None]
-  winner = (code[:, :, None, :, None, :] & bits) != 0
-  dx = jnp.where(winner, share[:, :, None, :, None, :], 0)
-  dx = dx.reshape(n, h // 2 * 2, w // 2 * 2, c)
-  dx = jnp.pad(dx, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)))
-  return (jax.lax.optimization_barrier(dx),)
-
-
-relu_max_pool_2x2.defvjp(_relu_max_pool_forward, _relu_max_pool_backward)
+  n, h, w, c = x.shape
+  x = x[:, : h // 2 * 2, : w // 2 * 2, :]
+  return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
 
 
 class ConvReluPool(nn.Conv):
@@ -122,8 +79,8 @@ class ConvReluPool(nn.Conv):
 
   Its parameters are `nn.Conv`'s (same names, shapes and initialisers). With
   `onednn`, a float32 block runs as `cpu_conv.conv_relu_pool` (bias, ReLU and
-  pool fused around oneDNN's convolution); otherwise as `nn.Conv` and
-  `relu_max_pool_2x2`. Both compute the same function.
+  pool fused around oneDNN's convolution); otherwise as `nn.Conv`, `nn.relu`
+  and `max_pool_2x2`. Both compute the same function and gradients.
   """
 
   onednn: bool = False
@@ -131,7 +88,7 @@ class ConvReluPool(nn.Conv):
   @nn.compact
   def __call__(self, inputs: jax.Array) -> jax.Array:
     if not (self.onednn and inputs.dtype == jnp.float32 == jnp.dtype(self.dtype)):
-      return relu_max_pool_2x2(super().__call__(inputs))
+      return max_pool_2x2(nn.relu(super().__call__(inputs)))
     kernel_shape = (*self.kernel_size, inputs.shape[-1], self.features)
     kernel = self.param("kernel", self.kernel_init, kernel_shape, self.param_dtype)
     bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
@@ -245,8 +202,9 @@ class ResNet(nn.Module):
     conv_fn = self.conv_fn
     x = images.astype(self.dtype) / 127.5 - 1.0
     x = _conv(self.dtype, conv_fn)(self.stem_features, (3, 3), padding="SAME")(x)
-    x = _norm(self.dtype, train)()(x)
-    x = relu_max_pool_2x2(x) if self.stem_pool else nn.relu(x)
+    x = nn.relu(_norm(self.dtype, train)()(x))
+    if self.stem_pool:
+      x = max_pool_2x2(x)
     for i, features in enumerate(self.stage_features):
       for j in range(self.blocks_per_stage):
         strides = 2 if i > 0 and j == 0 else 1

@@ -249,7 +249,7 @@ def conv_relu_pool(
   """A float32 NHWC convolution with HWIO `kernel`, plus `bias`, then ReLU and a
   2x2 max pool ('VALID'), as one oneDNN convolution and one pass of the pool.
 
-  The same values and gradients as `models.relu_max_pool_2x2` of
+  The same values and gradients as `models.max_pool_2x2(nn.relu(...))` of
   `lax.conv_general_dilated(...) + bias` within float32 rounding: the pool's
   gradient goes to each window's positive maximum, split evenly between ties.
   """
