@@ -241,7 +241,9 @@ def conv_implementation(config: ml_collections.ConfigDict) -> tuple[str, str]:
 
 
 @functools.cache
-def _say_once(line: str) -> None:
+def _set_up_convolutions(line: str) -> None:
+  """Once per process: logs which convolutions run; on CPU, has glibc keep
+  freed memory for the next step (see `cpu_conv.keep_freed_memory`)."""
   logging.info("Convolutions: %s.", line)
   if jax.default_backend() == "cpu" and cpu_conv.keep_freed_memory():
     logging.info("Memory: freed blocks are kept for reuse (no page faults per step).")
@@ -250,7 +252,7 @@ def _say_once(line: str) -> None:
 def create(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
   """Builds the model named by `config.model` for `num_classes` characters."""
   kernels, line = conv_implementation(config)
-  _say_once(line)
+  _set_up_convolutions(line)
   if config.model == "resnet":
     conv_fn = None
     if kernels == "onednn":

@@ -5,7 +5,9 @@ slower than oneDNN's on AVX-512 CPUs (oneDNN picks its kernels for the CPU at ru
 time). `onednn_conv.cc`, built by `pip install` into `_onednn`, wraps oneDNN's
 forward, input-gradient and kernel-gradient convolutions as XLA FFI handlers;
 `conv_general_dilated` here is a drop-in for `lax.conv_general_dilated` that calls
-them, with a `jax.custom_vjp` tying the three together.
+them, with a `jax.custom_vjp` tying the three together. `conv_relu_pool` fuses the
+notebook network's block (conv + bias, ReLU, 2x2 max pool) around them, and
+`keep_freed_memory` spares XLA:CPU a page fault per activation per step.
 
 It computes the same function on the same parameters (equal to `lax` within
 float32 rounding, tested), so checkpoints move freely between the two paths.
