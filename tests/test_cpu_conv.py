@@ -107,10 +107,11 @@ def test_what_onednn_does_not_handle_goes_to_lax_unchanged():
 
 
 def test_sharded_over_eight_devices_equals_one_device():
+  # Eight devices run each primitive from eight threads at once: each
+  # execution needs its own scratchpad (a shared one failed 1 run in 6).
   _needs_kernels()
   assert jax.device_count() == 8
   rng = np.random.default_rng(0)
-  x = rng.standard_normal((16, 12, 12, 3)).astype(np.float32)
   k = jnp.asarray(rng.standard_normal((3, 3, 3, 8), np.float32))
 
   def grads(x, k):
@@ -122,10 +123,12 @@ def test_sharded_over_eight_devices_equals_one_device():
     )(x, k)
 
   mesh = sharding.make_mesh()
-  sharded = jax.jit(grads)(jax.device_put(x, sharding.data_sharding(mesh)), k)
-  single = jax.jit(grads)(jnp.asarray(x), k)
-  for a, b in zip(single, sharded, strict=True):
-    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-4)
+  for _ in range(5):
+    x = rng.standard_normal((16, 12, 12, 3)).astype(np.float32)
+    sharded = jax.jit(grads)(jax.device_put(x, sharding.data_sharding(mesh)), k)
+    single = jax.jit(grads)(jnp.asarray(x), k)
+    for a, b in zip(single, sharded, strict=True):
+      np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("get_config", [full.get_config, strong.get_config])

@@ -69,6 +69,15 @@ dnnl::engine& Engine() {
   return engine;
 }
 
+// Scratchpads are passed per execution: XLA may run one primitive from
+// several threads at once (several devices, or independent ops), and a
+// library-owned scratchpad is one per primitive.
+dnnl::primitive_attr Attributes() {
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  return attr;
+}
+
 dnnl::memory::desc BiasDesc(const Geometry& g) {
   return {{g.w[3]}, dt::f32, tag::a};
 }
@@ -81,12 +90,13 @@ dnnl::convolution_forward::primitive_desc ForwardDesc(const Geometry& g,
             g.Activation(g.x), g.Kernel(tag::any),
             BiasDesc(g),       g.Activation(g.y),
             g.Strides(),       g.PadLow(),
-            g.PadHigh()};
+            g.PadHigh(),       Attributes()};
   return {Engine(),          dnnl::prop_kind::forward_training,
           dnnl::algorithm::convolution_direct,
           g.Activation(g.x), g.Kernel(tag::any),
           g.Activation(g.y), g.Strides(),
-          g.PadLow(),        g.PadHigh()};
+          g.PadLow(),        g.PadHigh(),
+          Attributes()};
 }
 
 // What one convolution needs at run time: the primitive and the kernel's
@@ -94,6 +104,7 @@ dnnl::convolution_forward::primitive_desc ForwardDesc(const Geometry& g,
 struct Entry {
   dnnl::primitive primitive;
   dnnl::memory::desc kernel_desc;
+  dnnl::memory::desc scratchpad_desc;
 };
 
 std::mutex cache_mutex;
@@ -107,6 +118,11 @@ std::shared_ptr<const Entry> Cached(const std::string& key, Build build) {
   auto entry = std::make_shared<const Entry>(build());
   cache.emplace(key, entry);
   return entry;
+}
+
+// This execution's own scratchpad.
+dnnl::memory Scratchpad(const Entry& entry) {
+  return dnnl::memory(entry.scratchpad_desc, Engine());
 }
 
 // The kernel in `want`'s layout: the HWIO buffer itself, or a reordered copy.
@@ -140,7 +156,8 @@ ffi::Error Forward(const Geometry& g, float* x, float* w, float* b, float* y) {
   return Guarded([&] {
     auto entry = Cached(g.Key(b ? 'F' : 'f'), [&] {
       auto pd = ForwardDesc(g, b != nullptr);
-      return Entry{dnnl::convolution_forward(pd), pd.weights_desc()};
+      return Entry{dnnl::convolution_forward(pd), pd.weights_desc(),
+                   pd.scratchpad_desc()};
     });
     dnnl::stream stream(Engine());
     dnnl::memory src(g.Activation(g.x), Engine(), x);
@@ -149,6 +166,7 @@ ffi::Error Forward(const Geometry& g, float* x, float* w, float* b, float* y) {
     std::unordered_map<int, dnnl::memory> args = {
         {DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, kernel}, {DNNL_ARG_DST, dst}};
     if (b) args.emplace(DNNL_ARG_BIAS, dnnl::memory(BiasDesc(g), Engine(), b));
+    args.emplace(DNNL_ARG_SCRATCHPAD, Scratchpad(*entry));
     entry->primitive.execute(stream, args);
     stream.wait();
   });
@@ -175,14 +193,16 @@ ffi::Error BackwardDataImpl(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w,
       dnnl::convolution_backward_data::primitive_desc pd(
           Engine(), dnnl::algorithm::convolution_direct, g.Activation(g.x),
           g.Kernel(tag::any), g.Activation(g.y), g.Strides(), g.PadLow(),
-          g.PadHigh(), ForwardDesc(g));
-      return Entry{dnnl::convolution_backward_data(pd), pd.weights_desc()};
+          g.PadHigh(), ForwardDesc(g), Attributes());
+      return Entry{dnnl::convolution_backward_data(pd), pd.weights_desc(),
+                   pd.scratchpad_desc()};
     });
     dnnl::stream stream(Engine());
     dnnl::memory diff_dst(g.Activation(g.y), Engine(), dy.typed_data());
     dnnl::memory diff_src(g.Activation(g.x), Engine(), dx->typed_data());
     dnnl::memory kernel = KernelIn(entry->kernel_desc, g, w.typed_data(), stream);
-    entry->primitive.execute(stream, {{DNNL_ARG_DIFF_DST, diff_dst},
+    entry->primitive.execute(stream, {{DNNL_ARG_SCRATCHPAD, Scratchpad(*entry)},
+                                      {DNNL_ARG_DIFF_DST, diff_dst},
                                       {DNNL_ARG_WEIGHTS, kernel},
                                       {DNNL_ARG_DIFF_SRC, diff_src}});
     stream.wait();
@@ -198,14 +218,14 @@ ffi::Error BackwardWeights(const Geometry& g, float* x, float* dy, float* dw,
                          Engine(), dnnl::algorithm::convolution_direct,
                          g.Activation(g.x), g.Kernel(tag::any), BiasDesc(g),
                          g.Activation(g.y), g.Strides(), g.PadLow(),
-                         g.PadHigh(), fwd)
+                         g.PadHigh(), fwd, Attributes())
                    : dnnl::convolution_backward_weights::primitive_desc(
                          Engine(), dnnl::algorithm::convolution_direct,
                          g.Activation(g.x), g.Kernel(tag::any),
                          g.Activation(g.y), g.Strides(), g.PadLow(),
-                         g.PadHigh(), fwd);
+                         g.PadHigh(), fwd, Attributes());
       return Entry{dnnl::convolution_backward_weights(pd),
-                   pd.diff_weights_desc()};
+                   pd.diff_weights_desc(), pd.scratchpad_desc()};
     });
     dnnl::stream stream(Engine());
     dnnl::memory src(g.Activation(g.x), Engine(), x);
@@ -220,6 +240,7 @@ ffi::Error BackwardWeights(const Geometry& g, float* x, float* dy, float* dw,
         {DNNL_ARG_DIFF_WEIGHTS, diff_kernel}};
     if (db)
       args.emplace(DNNL_ARG_DIFF_BIAS, dnnl::memory(BiasDesc(g), Engine(), db));
+    args.emplace(DNNL_ARG_SCRATCHPAD, Scratchpad(*entry));
     entry->primitive.execute(stream, args);
     if (!direct) dnnl::reorder(diff_kernel, user).execute(stream, diff_kernel, user);
     stream.wait();
