@@ -10,6 +10,7 @@ Training again with the same --workdir resumes the run.
 
 import logging as logging_lib
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -69,7 +70,23 @@ def _quiet_orbax(record: logging_lib.LogRecord) -> bool:
   return record.levelno >= logging_lib.WARNING or "/orbax/" not in record.pathname
 
 
+# A user's mistakes (a missing folder, an impossible value, a workdir conflict)
+# raise these with a message that names the fix: print it alone, no traceback.
+# SIMPSONS_JAX_TRACEBACK=1 shows the traceback too.
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError)
+
+
 def main(argv: list[str]) -> None:
+  try:
+    _run(argv)
+  except USER_ERRORS as error:
+    if os.environ.get("SIMPSONS_JAX_TRACEBACK"):
+      raise
+    print(f"error: {error}", file=sys.stderr)
+    raise SystemExit(1) from None
+
+
+def _run(argv: list[str]) -> None:
   paths = argv[1:]
   if paths and FLAGS.mode != "predict":
     raise app.UsageError(f"Unexpected arguments: {paths}")

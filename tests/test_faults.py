@@ -265,3 +265,23 @@ def test_require_accelerator_refuses_the_cpu(tiny_config, tmp_path):
   tiny_config.require_accelerator = True
   with pytest.raises(RuntimeError, match="JAX is running on the CPU.*jax\\[tpu\\]"):
     train.train_and_evaluate(tiny_config, tmp_path)
+
+
+def test_a_missing_data_dir_is_one_sentence_without_traceback(tmp_path):
+  result = subprocess.run(
+    [
+      sys.executable,
+      "main.py",
+      "--config=configs/full.py",
+      f"--workdir={tmp_path / 'w'}",
+      f"--config.data_dir={tmp_path / 'no_such_folder'}",
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert result.returncode == 1
+  assert "Traceback" not in result.stderr
+  assert "error: Data folder" in result.stderr
+  assert "--config.data_dir" in result.stderr
