@@ -1,7 +1,7 @@
 """Train, evaluate and use the Simpsons character classifier.
 
   python main.py --config=configs/demo.py --workdir=runs/demo
-  python main.py --mode=evaluate --workdir=runs/demo [--eval_dir=DIR]
+  python main.py --mode=evaluate --workdir=runs/demo [--eval_dir=DIR] [--output_dir=DIR]
   python main.py --mode=predict --workdir=runs/demo frame.jpg folder/ ...
   python main.py --mode=show_data --workdir=runs/demo
 
@@ -40,7 +40,18 @@ flags.DEFINE_integer("top_k", 3, "predict: how many characters to list per image
 flags.DEFINE_float(
   "threshold", 0.0, "predict: below this probability the answer is 'unknown'."
 )
-flags.DEFINE_string("output", "", "predict: also write the results to this JSON file.")
+flags.DEFINE_string(
+  "output",
+  "",
+  "predict: also write the results to this file, one JSON object per line "
+  "(JSON Lines), as they come.",
+)
+flags.DEFINE_string(
+  "output_dir",
+  "",
+  "evaluate: write the report, figures and summaries here instead of into "
+  "the workdir (for a read-only workdir).",
+)
 flags.DEFINE_string(
   "coordinator_address",
   os.environ.get("JAX_COORDINATOR_ADDRESS", ""),
@@ -77,9 +88,11 @@ USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryErro
 
 
 def main(argv: list[str]) -> None:
+  from simpsons_jax import run_folder
+
   try:
     _run(argv)
-  except USER_ERRORS as error:
+  except (*USER_ERRORS, run_folder.WorkdirBusy) as error:
     if os.environ.get("SIMPSONS_JAX_TRACEBACK"):
       raise
     print(f"error: {error}", file=sys.stderr)
@@ -117,7 +130,9 @@ def _run(argv: list[str]) -> None:
       logging.warning("%s", stop)
       raise SystemExit(128 + stop.signum) from None
   elif FLAGS.mode == "evaluate":
-    evaluate.run(FLAGS.workdir, FLAGS.eval_dir, FLAGS.checkpoint)
+    evaluate.run(
+      FLAGS.workdir, FLAGS.eval_dir, FLAGS.checkpoint, output_dir=FLAGS.output_dir
+    )
   elif FLAGS.mode == "predict":
     if not paths:
       raise app.UsageError("predict needs image files or folders after the flags.")

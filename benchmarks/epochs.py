@@ -55,12 +55,10 @@ def _config():
 
 
 def _splits(config):
-  from simpsons_jax import characters, input_pipeline
+  from simpsons_jax import splits
 
-  with tempfile.TemporaryDirectory() as report_dir:
-    images = input_pipeline.usable_images(config, report_dir, report_dir)
-  cmap = characters.select(images, config.min_images)
-  return cmap, *input_pipeline.training_splits(images, cmap, config)
+  with tempfile.TemporaryDirectory() as workdir:
+    return splits.prepare(config, workdir)
 
 
 def _pipeline() -> dict:

@@ -23,6 +23,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.train_fraction = 1.0  # Seeded share of the training split to use.
   config.cache_dir = ""  # '' caches decoded images in memory; else on disk.
   config.synthetic_images_per_character = 250  # For dataset='synthetic'.
+  # Larger images are skipped (and listed) before they are decoded; also in
+  # evaluate and predict.
+  config.max_image_pixels = 100_000_000
 
   # Augmentation of training batches (after the cache; seeded). All off: the
   # notebook's run. Crop, shift, rotation and flip are one affine warp.
@@ -71,5 +74,10 @@ def get_config() -> ml_collections.ConfigDict:
   # Logging and checkpoints.
   config.log_every_steps = 50
   config.checkpoints_to_keep = 3  # The latest few; the best is always kept too.
-  config.restart = False  # True: move the workdir's run to archive/, start anew.
+  # The validation metric that picks the best checkpoint: 'accuracy',
+  # 'balanced_accuracy', 'macro_f1' (for unbalanced data) or 'top3_accuracy'.
+  config.checkpoint_metric = "accuracy"
+  # True: move the workdir's run to archive/ and start anew; the same command
+  # run again resumes the new run (it never discards a run it started).
+  config.restart = False
   return config

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from absl import logging
 
-from simpsons_jax import files
+from simpsons_jax import files, image_files
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 MAP_FILENAME = "characters.json"
@@ -49,8 +49,19 @@ class CharacterMap:
 
   @classmethod
   def load(cls, path: str | os.PathLike) -> CharacterMap:
-    data = json.loads(Path(path).read_text())
-    return cls(names=tuple(data["names"]), counts=tuple(data["counts"]))
+    """The map saved at `path`; a damaged file is an error naming it."""
+    fix = (
+      "restore it from a copy of the run (the checkpoints' metadata lists the "
+      "characters in order), or start afresh with --config.restart=True."
+    )
+    data = files.read_json(path, fix)
+    try:
+      names, counts = data["names"], data["counts"]
+      if not all(isinstance(n, str) for n in names) or len(names) != len(counts):
+        raise ValueError("names must be strings, one count each")
+    except (KeyError, TypeError, ValueError) as e:
+      raise files.DamagedFileError(f"{path} is damaged ({e}): {fix}") from e
+    return cls(names=tuple(names), counts=tuple(counts))
 
 
 def resolve_data_dir(data_dir: str | os.PathLike) -> Path:
@@ -96,12 +107,26 @@ def list_images(folder: Path) -> list[Path]:
 
 
 def find_images(data_dir: str | os.PathLike) -> dict[str, list[Path]]:
-  """Maps every character folder of `data_dir` to its image files."""
+  """Maps every character folder of `data_dir` to its image files.
+
+  Folders whose names are not valid UTF-8 are left out with a warning.
+  """
   root = resolve_data_dir(data_dir)
-  return {
-    folder.name: list_images(folder)
+  folders = [
+    folder
     for folder in sorted(root.iterdir())
     if folder.is_dir() and not folder.name.startswith(".")
+  ]
+  for folder in folders:
+    if image_files.name_problem(folder):
+      logging.warning(
+        "Left out the folder %r: its name is not valid UTF-8 (rename it).",
+        os.fsdecode(folder),
+      )
+  return {
+    folder.name: list_images(folder)
+    for folder in folders
+    if not image_files.name_problem(folder)
   }
 
 

@@ -3,14 +3,16 @@
 Each checkpoint holds `state` (step, params, optimizer state, BatchNorm
 statistics, EMA, RNG) and `meta`
 (epoch, validation metrics, characters, image size). The latest few and the
-best by validation accuracy are kept. Orbax writes each checkpoint to a
+best by the validation metric `config.checkpoint_metric` are kept; a
+checkpoint's characters and image size are checked against the workdir's map
+and config whenever it is loaded. Orbax writes each checkpoint to a
 temporary folder and renames it when complete, so a run killed mid-save
 resumes from the last complete one.
 """
 
 from __future__ import annotations
 
-import json
+import functools
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,28 +26,30 @@ from orbax.checkpoint import checkpoint_managers
 
 from simpsons_jax import files
 
-BEST_METRIC = "val_accuracy"
 CONFIG_FILENAME = "config.json"
-
-
-def _best_metric(metrics: Mapping[str, float]) -> float:
-  return metrics[BEST_METRIC]
+# Validation metrics that can rank checkpoints (higher is better).
+RANKING_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "top3_accuracy")
 
 
 def create_manager(
-  workdir: str | os.PathLike, keep: int = 3, read_only: bool = False
+  workdir: str | os.PathLike,
+  keep: int = 3,
+  read_only: bool = False,
+  metric: str = "accuracy",
 ) -> ocp.CheckpointManager:
-  """A manager under `<workdir>/checkpoints` keeping the `keep` latest and the best."""
+  """A manager under `<workdir>/checkpoints` keeping the `keep` latest and the
+  best by validation `metric`."""
+  best = functools.partial(_metric, f"val_{metric}")
   policy = checkpoint_managers.AnyPreservationPolicy(
     [
       checkpoint_managers.LatestN(keep),
       checkpoint_managers.BestN(
-        get_metric_fn=_best_metric, n=1, keep_checkpoints_without_metrics=False
+        get_metric_fn=best, n=1, keep_checkpoints_without_metrics=False
       ),
     ]
   )
   options = ocp.CheckpointManagerOptions(
-    best_fn=_best_metric,
+    best_fn=best,
     best_mode="max",
     preservation_policy=policy,
     read_only=read_only,
@@ -54,6 +58,10 @@ def create_manager(
   )
   directory = Path(workdir).absolute() / "checkpoints"
   return ocp.CheckpointManager(directory, options=options, item_names=("state", "meta"))
+
+
+def _metric(name: str, metrics: Mapping[str, float]) -> float:
+  return metrics.get(name, float("-inf"))
 
 
 def save(
@@ -111,7 +119,11 @@ def load_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
       f"{path} is missing: {workdir} holds no training run (train it with "
       "--mode=train first, or pass the --workdir of a trained run)."
     )
-  return ml_collections.ConfigDict(json.loads(path.read_text()))
+  fix = "restore it from a copy of the run, or train afresh in a new --workdir."
+  data = files.read_json(path, fix)
+  if not isinstance(data, dict):
+    raise files.DamagedFileError(f"{path} is damaged (not a JSON object): {fix}")
+  return ml_collections.ConfigDict(data)
 
 
 def select_step(manager: ocp.CheckpointManager, checkpoint: str) -> int:
@@ -144,3 +156,45 @@ def restore_fields(
   )
   restored = manager.restore(step, args=ocp.args.Composite(state=args)).state
   return {key: restored.get(key, value) for key, value in abstract_fields.items()}
+
+
+def restore_meta(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
+  """The metadata of checkpoint `step` (epoch, characters, image size, ...)."""
+  try:
+    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    return dict(meta.meta)
+  except (ValueError, KeyError, TypeError, OSError) as e:
+    raise files.DamagedFileError(
+      f"{manager.directory / str(step) / 'meta'} is damaged ({e}): load another "
+      "checkpoint (--checkpoint=<step>) or delete this one."
+    ) from e
+
+
+def check_meta(
+  meta: Mapping[str, Any],
+  names: tuple[str, ...],
+  image_size: int,
+  where: str,
+) -> None:
+  """Refuses a checkpoint whose characters or image size differ from the run's.
+
+  `where` names the checkpoint; `names` come from `characters.json` and
+  `image_size` from `config.json`.
+  """
+  problems = []
+  if "characters" in meta and tuple(meta["characters"]) != tuple(names):
+    problems.append(
+      f"its characters {list(meta['characters'])} are not characters.json's "
+      f"{list(names)}"
+    )
+  if "image_size" in meta and meta["image_size"] != image_size:
+    problems.append(
+      f"it was trained at image_size={meta['image_size']}, config.json says "
+      f"{image_size}"
+    )
+  if problems:
+    raise ValueError(
+      f"Checkpoint {where} does not belong with this workdir's files: "
+      f"{'; '.join(problems)}. Put back the characters.json and config.json "
+      "it was trained with, or use that run's own workdir."
+    )

@@ -4,7 +4,8 @@ Datasets: the run's own validation split (default), a folder in the Kaggle
 training layout (`D/<character>/*.jpg`) or in the Kaggle test-set layout
 (`D/<character>_<N>.jpg`). Images of characters the model does not know are
 counted and listed under `skipped`, never scored. Everything lands in
-`<workdir>/eval/<name>/` and in TensorBoard under `tensorboard/eval_<name>`.
+`<workdir>/eval/<name>/` and in TensorBoard under `tensorboard/eval_<name>`,
+or under `--output_dir` when the workdir is read-only.
 """
 
 from __future__ import annotations
@@ -20,11 +21,13 @@ from absl import logging
 
 from simpsons_jax import (
   characters,
+  files,
   image_files,
   input_pipeline,
   metrics,
   plots,
   predict,
+  splits,
   summary,
 )
 
@@ -64,25 +67,28 @@ def report(
 
 
 def _dataset(
-  trained: predict.TrainedModel, workdir: Path, eval_dir: str
-) -> tuple[str, input_pipeline.Split, dict[str, list[str]]]:
-  """The examples to score, and the files skipped per unknown character."""
+  trained: predict.TrainedModel, workdir: Path, eval_dir: str, out: Path
+) -> tuple[input_pipeline.Split, dict[str, list[str]]]:
+  """The examples to score, and the files skipped per unknown character.
+
+  The file checks and skipped-file lists go to `out`.
+  """
+  config = trained.config
+  max_pixels = splits.max_pixels(config)
   if not eval_dir:
-    report_dir = workdir / "eval" / VALIDATION
-    images = input_pipeline.usable_images(trained.config, workdir, report_dir)
-    _, val = input_pipeline.training_splits(images, trained.cmap, trained.config)
-    return VALIDATION, val, {}
-  name = Path(eval_dir).name
-  images = image_files.validate(
-    characters.find_labelled_images(eval_dir), workdir / "eval" / name
+    root = input_pipeline.data_dir(config, workdir)
+    return splits.validation(workdir, root, trained.cmap, out, max_pixels), {}
+  checked = image_files.validate(
+    characters.find_labelled_images(eval_dir), out, max_pixels
   )
+  images = checked.images
   known = {character: images.get(character, []) for character in trained.cmap.names}
   skipped = {
     character or "<unparseable name>": [str(p) for p in files]
     for character, files in images.items()
     if character not in known
   }
-  return name, input_pipeline.examples(known, trained.cmap), skipped
+  return input_pipeline.examples(known, trained.cmap), skipped
 
 
 def run(
@@ -91,11 +97,19 @@ def run(
   checkpoint: str = "best",
   batch_size: int = 64,
   seed: int = 0,
+  output_dir: str | os.PathLike = "",
 ) -> dict[str, Any]:
-  """Evaluates a checkpoint of `workdir`; writes report.json and the figures."""
+  """Evaluates a checkpoint of `workdir`; writes report.json and the figures.
+
+  They go to `<output_dir or workdir/eval>/<name>/`, and TensorBoard's to
+  `<output_dir or workdir>/tensorboard/eval_<name>/`: with `output_dir`,
+  nothing is written into `workdir`, which may be read-only.
+  """
   workdir = Path(workdir)
   trained = predict.load(workdir, checkpoint)
-  name, split, skipped = _dataset(trained, workdir, eval_dir)
+  name = Path(eval_dir).name if eval_dir else VALIDATION
+  out = (Path(output_dir) if output_dir else workdir / "eval") / name
+  split, skipped = _dataset(trained, workdir, eval_dir, out)
   if not len(split):
     raise ValueError(
       f"{eval_dir or 'The validation split'} has no image of the model's "
@@ -111,11 +125,11 @@ def run(
     "unknown_characters": {k: len(v) for k, v in skipped.items()},
     "skipped_files": sorted(f for files in skipped.values() for f in files),
   }
-  out = workdir / "eval" / name
   out.mkdir(parents=True, exist_ok=True)
-  (out / "report.json").write_text(json.dumps(result, indent=2) + "\n")
+  files.write_text_atomic(out / "report.json", json.dumps(result, indent=2) + "\n")
   figures = _figures(trained, split, probs, result, out, seed)
-  writer = summary.SummaryWriter(workdir / "tensorboard" / f"eval_{name}")
+  board = (Path(output_dir) if output_dir else workdir) / "tensorboard"
+  writer = summary.SummaryWriter(board / f"eval_{name}")
   writer.scalars(
     trained.step, {k: result[k] for k in ("accuracy", "top3_accuracy", "macro_f1")}
   )
@@ -178,8 +192,9 @@ def show_data(workdir: str | os.PathLike, count: int = 9, seed: int = 0) -> Path
   workdir = Path(workdir)
   config, cmap = predict.load_config_and_map(workdir)
   out = workdir / "eval" / "training_data"
-  images = input_pipeline.usable_images(config, workdir, out)
-  train, _ = input_pipeline.training_splits(images, cmap, config)
+  out.mkdir(parents=True, exist_ok=True)
+  root = input_pipeline.data_dir(config, workdir)
+  train, _ = splits.load_in_use(workdir, root, cmap)
   rng = np.random.default_rng(seed)
   shown = rng.choice(len(train), size=min(count, len(train)), replace=False)
   path = out / "random_characters.png"

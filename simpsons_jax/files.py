@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
@@ -34,3 +36,16 @@ def _fsync_folder(folder: Path) -> None:
     os.fsync(descriptor)
   finally:
     os.close(descriptor)
+
+
+class DamagedFileError(ValueError):
+  """A file of the workdir cannot be read back; the message names it."""
+
+
+def read_json(path: str | os.PathLike, fix: str) -> Any:
+  """The JSON value in `path`; a damaged file is one error naming it and `fix`."""
+  path = Path(path)
+  try:
+    return json.loads(path.read_text())
+  except (ValueError, UnicodeDecodeError) as e:
+    raise DamagedFileError(f"{path} is damaged ({e}): {fix}") from e

@@ -1,81 +1,206 @@
-"""Which listed files are usable images, checked once before training.
+"""Which listed files are usable images, checked once, before any training.
 
-The checks are quick: the file can be read, is not empty, its header parses
-as a JPEG or PNG, and it is not cut short (a JPEG ends with its EOI marker, a
-PNG with its IEND chunk); only files that fail the trailer check are decoded
-in full to decide. Unusable files are skipped, counted by reason, logged once
-and listed in `<workdir>/skipped_files.json`.
+A file is usable when its name is valid UTF-8, it can be read, its header is
+a JPEG or PNG of at most `max_pixels` pixels (read before anything is
+decoded), and TensorFlow's decoder, the one training uses, decodes it in
+full. Each verdict is kept with the file's size, modification time and
+SHA-256 in `file_checks.json`, so a resumed run checks only new or changed
+files, and the content hashes find exact duplicates. Unusable files are
+skipped, counted by reason, logged once and listed in `skipped_files.json`.
 """
 
 from __future__ import annotations
 
 import collections
 import concurrent.futures
+import dataclasses
+import hashlib
+import io
 import json
 import os
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
+import tensorflow as tf
 from absl import logging
 from PIL import Image
 
 from simpsons_jax import files
 
 SKIPPED_FILENAME = "skipped_files.json"
-_JPEG_END = b"\xff\xd9"
-_PNG_END = b"IEND\xaeB`\x82"
+CHECKS_FILENAME = "file_checks.json"
+# Larger than a 48-megapixel phone photo; a decoded image of this many
+# pixels takes 300 MB.
+DEFAULT_MAX_PIXELS = 100_000_000
+_CHECKS_FORMAT = 1
+# The pixel limit is ours (checked from the header, before decoding).
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
-def check(path: Path) -> str | None:
-  """Why `path` cannot be used as an image, or None when it can."""
+def decode(contents: tf.Tensor) -> tf.Tensor:
+  """A JPEG or PNG of any mode as uint8 RGB (height, width, 3)."""
+  return tf.io.decode_image(
+    contents, channels=3, dtype=tf.uint8, expand_animations=False
+  )
+
+
+def name_problem(path: Path) -> str | None:
+  """Why a file or folder name cannot be used, or None."""
   try:
-    size = path.stat().st_size
-    if size == 0:
-      return "empty file"
-    with open(path, "rb") as f:
-      f.seek(max(0, size - 32))
-      tail = f.read()
-  except OSError as e:
-    return f"unreadable ({e.strerror or e})"
-  try:
-    with warnings.catch_warnings():
-      warnings.simplefilter("error", Image.DecompressionBombWarning)
-      with Image.open(path) as image:
-        kind = image.format
-        if kind not in ("JPEG", "PNG"):
-          return f"a {kind} image, not a JPEG or PNG"
-        complete = (_JPEG_END if kind == "JPEG" else _PNG_END) in tail
-        if not complete:
-          image.load()  # Raises if the data is cut short.
-  except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as e:
-    reason = str(e).split(" '")[0] or type(e).__name__
-    return f"not a readable JPEG or PNG ({reason})"
+    os.fsdecode(path).encode("utf-8")
+  except UnicodeEncodeError:
+    return "name is not valid UTF-8 (rename it)"
   return None
 
 
+def header_problem(contents: bytes, max_pixels: int) -> str | None:
+  """Why the header of `contents` is not a JPEG or PNG within the pixel limit."""
+  try:
+    with Image.open(io.BytesIO(contents)) as image:  # Reads the header only.
+      kind, (width, height) = image.format, image.size
+  except Image.DecompressionBombError:
+    limit = 2 * Image.MAX_IMAGE_PIXELS
+    return f"over the pixel limit (the header claims more than {limit:,} pixels)"
+  except (OSError, SyntaxError, ValueError) as e:
+    return f"not a readable JPEG or PNG ({str(e).split(' <')[0] or type(e).__name__})"
+  if kind not in ("JPEG", "PNG"):
+    return f"a {kind} image, not a JPEG or PNG"
+  if width * height > max_pixels:
+    return (
+      f"over the pixel limit ({width}x{height} pixels, more than "
+      f"max_image_pixels={max_pixels:,})"
+    )
+  return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+  """What the check of one file found: why it is unusable (None: usable) and
+  the SHA-256 of its bytes ('' when unreadable)."""
+
+  reason: str | None
+  sha256: str = ""
+
+
+def read(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Verdict, Any]:
+  """Reads, hashes, inspects and decodes one file: its verdict and the decoded
+  uint8 RGB image (None when unusable)."""
+  problem = name_problem(path)
+  if problem:
+    return Verdict(problem), None
+  try:
+    with open(path, "rb") as f:
+      contents = f.read()
+  except OSError as e:
+    return Verdict(f"unreadable ({e.strerror or e})"), None
+  if not contents:
+    return Verdict("empty file"), None
+  sha256 = hashlib.sha256(contents).hexdigest()
+  problem = header_problem(contents, max_pixels)
+  if problem:
+    return Verdict(problem, sha256), None
+  try:
+    image = decode(contents)
+  except tf.errors.OpError as e:
+    reason = f"not a readable JPEG or PNG (TensorFlow: {e.message.split(' [Op:')[0]})"
+    return Verdict(reason, sha256), None
+  return Verdict(None, sha256), image
+
+
+def check(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> str | None:
+  """Why `path` cannot be used as an image, or None when it can."""
+  return read(path, max_pixels)[0].reason
+
+
+def _stamp(path: Path) -> list[int] | None:
+  try:
+    stat = path.stat()
+  except OSError:
+    return None
+  return [stat.st_size, stat.st_mtime_ns]
+
+
+class _Checks:
+  """Verdicts kept in a JSON file, valid while a file's size and mtime hold."""
+
+  def __init__(self, path: Path | None, max_pixels: int):
+    self.path, self.max_pixels = path, max_pixels
+    self.entries: dict[str, list] = {}
+    if path is not None and path.exists():
+      try:
+        saved = json.loads(path.read_text())
+        if saved.get("format") == _CHECKS_FORMAT and saved["max_pixels"] == max_pixels:
+          self.entries = saved["files"]
+      except (ValueError, KeyError, TypeError, AttributeError):
+        logging.warning("%s is unreadable; all files are checked again.", path)
+
+  def verdicts(self, paths: list[Path]) -> dict[Path, Verdict]:
+    found, todo = {}, []
+    for path in paths:
+      key, stamp = os.fsdecode(path.absolute()), _stamp(path)
+      entry = self.entries.get(key)
+      if stamp is not None and entry is not None and entry[:2] == stamp:
+        found[path] = Verdict(entry[3], entry[2])
+      else:
+        todo.append(path)
+    if todo:
+      with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
+        checked = pool.map(lambda p: read(p, self.max_pixels)[0], todo)
+        for path, verdict in zip(todo, checked, strict=True):
+          found[path] = verdict
+          stamp = _stamp(path)
+          if stamp is not None and name_problem(path) is None:
+            key = os.fsdecode(path.absolute())
+            self.entries[key] = [*stamp, verdict.sha256, verdict.reason]
+      if self.path is not None:
+        data = {"format": _CHECKS_FORMAT, "max_pixels": self.max_pixels}
+        data["files"] = self.entries
+        files.write_text_atomic(self.path, json.dumps(data) + "\n")
+    return found
+
+
+@dataclasses.dataclass(frozen=True)
+class Checked:
+  """The usable images per character and the SHA-256 of each."""
+
+  images: dict[str, list[Path]]
+  sha256: dict[Path, str]
+
+
 def validate(
-  images: Mapping[str, list[Path]], report_dir: str | os.PathLike
-) -> dict[str, list[Path]]:
+  images: Mapping[str, list[Path]],
+  report_dir: str | os.PathLike | None,
+  max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> Checked:
   """Keeps the usable images of each character; reports the others.
 
-  The skipped files and their reasons go to `<report_dir>/skipped_files.json`.
+  The skipped files and their reasons go to `<report_dir>/skipped_files.json`,
+  the verdicts to `<report_dir>/file_checks.json` (None: nothing is written).
   """
   paths = [p for files in images.values() for p in files]
-  with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
-    reasons = dict(zip(paths, pool.map(check, paths), strict=True))
-  skipped = {str(p): reason for p, reason in reasons.items() if reason}
-  report = Path(report_dir, SKIPPED_FILENAME)
-  report.parent.mkdir(parents=True, exist_ok=True)
-  files.write_text_atomic(report, json.dumps(skipped, indent=2) + "\n")
+  cache = None
+  if report_dir is not None:
+    Path(report_dir).mkdir(parents=True, exist_ok=True)
+    cache = Path(report_dir, CHECKS_FILENAME)
+  verdicts = _Checks(cache, max_pixels).verdicts(paths)
+  skipped = {os.fsdecode(p): v.reason for p, v in verdicts.items() if v.reason}
+  if report_dir is not None:
+    report = Path(report_dir, SKIPPED_FILENAME)
+    files.write_text_atomic(report, json.dumps(skipped, indent=2) + "\n")
   if skipped:
     by_reason = collections.Counter(r.split(" (")[0] for r in skipped.values())
+    first = next(iter(skipped.items()))
     logging.warning(
-      "Skipped %d of %d image files (%s); the list is in %s. First: %s: %s",
+      "Skipped %d of %d image files (%s)%s. First: %r: %s",
       len(skipped),
       len(paths),
       ", ".join(f"{n} {r}" for r, n in by_reason.most_common()),
-      report,
-      *next(iter(skipped.items())),
+      f"; the list is in {report}" if report_dir is not None else "",
+      *first,
     )
-  return {name: [p for p in files if not reasons[p]] for name, files in images.items()}
+  usable = {
+    name: [p for p in files if not verdicts[p].reason] for name, files in images.items()
+  }
+  return Checked(usable, {p: v.sha256 for p, v in verdicts.items() if not v.reason})

@@ -21,7 +21,6 @@ from pathlib import Path
 import ml_collections
 import numpy as np
 import tensorflow as tf
-from absl import logging
 
 from simpsons_jax import augment, characters, image_files, synthetic
 
@@ -48,42 +47,6 @@ def examples(images: Mapping[str, list[Path]], cmap: characters.CharacterMap) ->
   return Split(np.asarray(paths, dtype=str), np.asarray(labels, dtype=np.int32))
 
 
-def _per_class_take(
-  split: Split, fraction: float, seed: int, leave: int = 0
-) -> np.ndarray:
-  """Seeded indices of about `fraction` of each class: at least one, and at
-  most all but `leave`."""
-  rng = np.random.default_rng(seed)
-  taken = []
-  for label in np.unique(split.labels):
-    idx = rng.permutation(np.flatnonzero(split.labels == label))
-    taken.append(idx[: min(len(idx) - leave, max(1, round(fraction * len(idx))))])
-  return np.sort(np.concatenate(taken)) if taken else np.zeros(0, np.int64)
-
-
-def _subset(split: Split, idx: np.ndarray) -> Split:
-  return Split(split.paths[idx], split.labels[idx])
-
-
-def split_train_val(
-  split: Split, val_fraction: float, seed: int
-) -> tuple[Split, Split]:
-  """A seeded split, stratified by character: `val_fraction` of each goes to val.
-
-  Every character with at least two images keeps one in each part.
-  """
-  val = _per_class_take(split, val_fraction, seed, leave=1)
-  train = np.setdiff1d(np.arange(len(split)), val)
-  return _subset(split, train), _subset(split, val)
-
-
-def subsample(split: Split, fraction: float, seed: int) -> Split:
-  """A seeded, stratified `fraction` of `split` (the notebook's small dataset)."""
-  if fraction >= 1.0:
-    return split
-  return _subset(split, _per_class_take(split, fraction, seed + 1))
-
-
 def data_dir(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Path:
   """The run's image folder; the synthetic one is generated on first use."""
   if config.dataset == "synthetic":
@@ -99,41 +62,13 @@ def data_dir(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> P
   )
 
 
-def usable_images(
-  config: ml_collections.ConfigDict,
-  workdir: str | os.PathLike,
-  report_dir: str | os.PathLike,
-) -> dict[str, list[Path]]:
-  """The run's images per character folder, less the unusable files.
-
-  Those are listed in `<report_dir>/skipped_files.json` (see `image_files`).
-  """
-  return image_files.validate(
-    characters.find_images(data_dir(config, workdir)), report_dir
-  )
-
-
-def training_splits(
-  images: Mapping[str, list[Path]],
-  cmap: characters.CharacterMap,
-  config: ml_collections.ConfigDict,
-) -> tuple[Split, Split]:
-  """The run's training split (its `train_fraction`) and validation split."""
-  train, val = split_train_val(examples(images, cmap), config.val_fraction, config.seed)
-  unseen = sorted(set(range(cmap.num_classes)) - set(val.labels.tolist()))
-  if unseen:
-    logging.warning(
-      "No validation image for %s: too few images to split.",
-      ", ".join(cmap.names[i] for i in unseen),
-    )
-  return subsample(train, config.train_fraction, config.seed), val
-
-
 def decode_and_resize(path: tf.Tensor, image_size: int) -> tf.Tensor:
   """Reads a JPEG or PNG of any mode and returns uint8 RGB (image_size, image_size)."""
-  image = tf.io.decode_image(
-    tf.io.read_file(path), channels=3, dtype=tf.uint8, expand_animations=False
-  )
+  return resize(image_files.decode(tf.io.read_file(path)), image_size)
+
+
+def resize(image: tf.Tensor, image_size: int) -> tf.Tensor:
+  """A decoded uint8 image, antialiased to (image_size, image_size)."""
   image = tf.image.resize(image, (image_size, image_size), antialias=True)
   return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
 
@@ -155,20 +90,18 @@ def _cache_file(cache_dir: str, split: Split, image_size: int) -> str:
 
 
 def decoded_dataset(
-  split: Split, image_size: int, cache_dir: str = "", skip_errors: bool = False
+  split: Split, image_size: int, cache_dir: str = ""
 ) -> tf.data.Dataset:
   """Decoded, resized examples in split order, cached after the first pass.
 
-  With `skip_errors`, an image that fails to decode despite the checks of
-  `image_files` is dropped with a warning instead of stopping the run.
+  The files passed `image_files`' checks, with the same decoder: one that
+  fails now changed during the run, and stops it.
   """
   ds = tf.data.Dataset.from_tensor_slices((split.paths, split.labels))
   ds = ds.map(
     lambda path, label: {"image": decode_and_resize(path, image_size), "label": label},
     num_parallel_calls=tf.data.AUTOTUNE,
   )
-  if skip_errors:
-    ds = ds.ignore_errors(log_warning=True)
   return ds.cache(_cache_file(cache_dir, split, image_size))
 
 
@@ -179,7 +112,8 @@ def epoch_seed(seed: int, epoch: tf.Tensor) -> tf.Tensor:
 
 def process_shard(split: Split, index: int, count: int) -> Split:
   """The examples process `index` of `count` reads: every count-th one."""
-  return _subset(split, np.arange(index, len(split), count))
+  idx = np.arange(index, len(split), count)
+  return Split(split.paths[idx], split.labels[idx])
 
 
 def train_batches(
@@ -204,17 +138,13 @@ def train_batches(
       f"{config.batch_size}: lower --config.batch_size or use more data."
     )
   split = process_shard(split, process_index, process_count)
-  decoded = decoded_dataset(
-    split, config.image_size, config.cache_dir, skip_errors=True
-  )
+  decoded = decoded_dataset(split, config.image_size, config.cache_dir)
   first_epoch, offset = divmod(start_step, steps_per_epoch)
 
   def one_epoch(epoch: tf.Tensor) -> tf.data.Dataset:
     seed = epoch_seed(config.seed, epoch)
     shuffled = decoded.shuffle(len(split), seed=seed)
-    # A second pass only fills the epoch if undecodable images were dropped.
-    batches = shuffled.repeat(2).batch(batch_size, drop_remainder=True)
-    batches = batches.take(steps_per_epoch)
+    batches = shuffled.batch(batch_size, drop_remainder=True).take(steps_per_epoch)
     if not augment.enabled(config.augment):
       return batches
 
@@ -265,7 +195,7 @@ def eval_batches(
 
 def pad_batch(batch: Batch, batch_size: int) -> Batch:
   """Pads every array to `batch_size` rows and adds `mask` (1 real, 0 padding)."""
-  n = len(batch["label"])
+  n = len(next(iter(batch.values())))
   padded = {
     key: np.concatenate(
       [value, np.zeros((batch_size - n, *value.shape[1:]), value.dtype)]

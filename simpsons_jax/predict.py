@@ -7,11 +7,13 @@ first local device, whatever number of devices wrote them.
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +22,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import logging
 
-from simpsons_jax import characters, checkpointing, input_pipeline, models
+from simpsons_jax import characters, checkpointing, image_files, input_pipeline, models
 
 UNKNOWN = "unknown"
 
@@ -56,8 +59,15 @@ def load(workdir: str | os.PathLike, checkpoint: str = "best") -> TrainedModel:
   shapes = {"params": shapes["params"], "batch_stats": shapes.get("batch_stats", {})}
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   abstract = checkpointing.abstract_like(shapes, device)
-  manager = checkpointing.create_manager(workdir, read_only=True)
+  metric = config.get("checkpoint_metric", "accuracy")
+  manager = checkpointing.create_manager(workdir, read_only=True, metric=metric)
   step = checkpointing.select_step(manager, checkpoint)
+  checkpointing.check_meta(
+    checkpointing.restore_meta(manager, step),
+    cmap.names,
+    config.image_size,
+    f"step {step} in {manager.directory}",
+  )
   if config.get("ema_decay", 0.0) > 0:
     variables = checkpointing.restore_fields(manager, step, {"ema": abstract})["ema"]
   else:
@@ -67,39 +77,119 @@ def load(workdir: str | os.PathLike, checkpoint: str = "best") -> TrainedModel:
 
 
 def probabilities(
-  trained: TrainedModel, batches: Sequence[input_pipeline.Batch]
+  trained: TrainedModel, batches: Iterable[input_pipeline.Batch]
 ) -> np.ndarray:
   """Softmax probabilities (N, characters) of the real rows of padded batches."""
+  probs = [
+    np.asarray(_forward(trained, batch["image"]))[batch["mask"].astype(bool)]
+    for batch in batches
+  ]
+  return np.concatenate(probs).reshape(-1, trained.cmap.num_classes)
 
+
+@functools.partial(jax.jit, static_argnums=0)
+def _softmax(apply_and_flip, variables, images):
+  apply, flip = apply_and_flip
+  return jax.nn.softmax(models.inference_logits(apply, variables, images, flip))
+
+
+def _forward(trained: TrainedModel, images: np.ndarray) -> jax.Array:
   flip = trained.config.get("eval_flip", False)
+  return _softmax((trained.model.apply, flip), trained.variables, images)
 
-  @jax.jit
-  def forward(variables, images):
-    logits = models.inference_logits(trained.model.apply, variables, images, flip)
-    return jax.nn.softmax(logits)
 
-  probs = [forward(trained.variables, batch["image"]) for batch in batches]
-  masks = [batch["mask"].astype(bool) for batch in batches]
-  return np.concatenate(
-    [np.asarray(p)[m] for p, m in zip(probs, masks, strict=True)]
-  ).reshape(-1, trained.cmap.num_classes)
+def _hidden(name: str) -> bool:
+  return name.startswith(".")
 
 
 def expand_paths(paths: Sequence[str | os.PathLike]) -> list[Path]:
-  """Files as given, and the images inside folders (recursively, sorted)."""
-  files = []
+  """Files as given, and the images inside folders.
+
+  Folders are walked recursively, through symlinked folders (but never back
+  up into a folder being walked), leaving out hidden files and folders; their
+  images come sorted.
+  A path that does not exist is kept, to be reported as such.
+  """
+  found = []
   for path in map(Path, paths):
-    if path.is_dir():
-      files += sorted(
-        p
-        for p in path.rglob("*")
-        if p.suffix.lower() in characters.IMAGE_EXTENSIONS and p.is_file()
+    if not path.is_dir():
+      found.append(path)
+      continue
+    images = []
+    for folder, subfolders, names in os.walk(path, followlinks=True):
+      real = os.path.realpath(folder)
+      subfolders[:] = sorted(
+        d
+        for d in subfolders
+        if not _hidden(d)
+        # A link to a folder above would be walked forever.
+        and not (real + os.sep).startswith(os.path.realpath(Path(folder, d)) + os.sep)
       )
-    elif path.is_file():
-      files.append(path)
-    else:
-      raise FileNotFoundError(f"{path} does not exist.")
-  return files
+      images += [
+        Path(folder, name)
+        for name in names
+        if not _hidden(name)
+        and Path(name).suffix.lower() in characters.IMAGE_EXTENSIONS
+      ]
+    found += sorted(images)
+  return found
+
+
+def _problem_or_image(
+  path: Path, image_size: int, max_pixels: int
+) -> tuple[str | None, np.ndarray | None]:
+  if not path.exists() and not path.is_symlink():
+    return f"{printable(path)} does not exist", None
+  if path.is_dir():
+    return "a folder, not an image", None
+  verdict, image = image_files.read(path, max_pixels)
+  if verdict.reason:
+    return verdict.reason, None
+  return None, input_pipeline.resize(image, image_size).numpy()
+
+
+def printable(path: str | os.PathLike) -> str:
+  """A path as text, with bytes that are not UTF-8 written as escapes."""
+  return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def classify_stream(
+  trained: TrainedModel,
+  paths: Sequence[str | os.PathLike],
+  top_k: int = 3,
+  threshold: float = 0.0,
+  batch_size: int = 64,
+) -> Iterator[dict[str, Any]]:
+  """Yields, per file in order, its top-k characters or its `error`.
+
+  `character` is 'unknown' below `threshold`. A file that cannot be used
+  (missing, unreadable, not a JPEG or PNG, over the pixel limit) gets an
+  `error` and the others are classified.
+  """
+  files = expand_paths(paths)
+  size = trained.config.image_size
+  max_pixels = trained.config.get("max_image_pixels", image_files.DEFAULT_MAX_PIXELS)
+  with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
+    for start in range(0, len(files), batch_size):
+      chunk = files[start : start + batch_size]
+      loaded = list(pool.map(lambda p: _problem_or_image(p, size, max_pixels), chunk))
+      images = [image for _, image in loaded if image is not None]
+      probs = iter(())
+      if images:
+        batch = input_pipeline.pad_batch({"image": np.stack(images)}, batch_size)
+        probs = iter(np.asarray(_forward(trained, batch["image"])))
+      for path, (problem, _) in zip(chunk, loaded, strict=True):
+        if problem:
+          yield {"path": printable(path), "error": problem}
+          continue
+        p = next(probs)
+        order = np.argsort(-p)[: min(top_k, len(p))]
+        top = [
+          {"character": trained.cmap.names[i], "probability": float(p[i])}
+          for i in order
+        ]
+        best = top[0]["character"] if top[0]["probability"] >= threshold else UNKNOWN
+        yield {"path": printable(path), "character": best, "top": top}
 
 
 def classify(
@@ -109,22 +199,8 @@ def classify(
   threshold: float = 0.0,
   batch_size: int = 64,
 ) -> list[dict[str, Any]]:
-  """Top-k characters per image; `character` is 'unknown' below `threshold`."""
-  files = expand_paths(paths)
-  split = input_pipeline.Split(
-    np.asarray([str(f) for f in files], dtype=str), np.zeros(len(files), np.int32)
-  )
-  batches = input_pipeline.eval_batches(split, trained.config.image_size, batch_size)
-  probs = probabilities(trained, batches)
-  results = []
-  for path, p in zip(files, probs, strict=True):
-    order = np.argsort(-p)[: min(top_k, len(p))]
-    top = [
-      {"character": trained.cmap.names[i], "probability": float(p[i])} for i in order
-    ]
-    best = top[0]["character"] if top[0]["probability"] >= threshold else UNKNOWN
-    results.append({"path": str(path), "character": best, "top": top})
-  return results
+  """The results of `classify_stream`, as a list."""
+  return list(classify_stream(trained, paths, top_k, threshold, batch_size))
 
 
 def run(
@@ -134,15 +210,30 @@ def run(
   threshold: float = 0.0,
   checkpoint: str = "best",
   output: str = "",
+  batch_size: int = 64,
 ) -> list[dict[str, Any]]:
-  """Classifies `paths`, prints one line per image and optionally writes JSON."""
+  """Classifies `paths`, printing one line per file as it goes.
+
+  With `output`, each result is also appended to that file as one line of
+  JSON (JSON Lines), flushed as it comes: an interrupted run keeps what it did.
+  """
   trained = load(workdir, checkpoint)
-  results = classify(trained, paths, top_k, threshold)
-  for result in results:
-    guesses = ", ".join(
-      f"{t['character']} {t['probability']:.3f}" for t in result["top"]
-    )
-    print(f"{result['path']}: {result['character']}  ({guesses})")
-  if output:
-    Path(output).write_text(json.dumps(results, indent=2) + "\n")
+  results = []
+  with contextlib.ExitStack() as stack:
+    sink = stack.enter_context(open(output, "w")) if output else None
+    for result in classify_stream(trained, paths, top_k, threshold, batch_size):
+      if "error" in result:
+        print(f"{result['path']}: skipped: {result['error']}")
+      else:
+        guesses = ", ".join(
+          f"{t['character']} {t['probability']:.3f}" for t in result["top"]
+        )
+        print(f"{result['path']}: {result['character']}  ({guesses})")
+      if sink:
+        sink.write(json.dumps(result) + "\n")
+        sink.flush()
+      results.append(result)
+  errors = sum("error" in r for r in results)
+  if errors:
+    logging.warning("%d of %d files could not be classified.", errors, len(results))
   return results

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import signal
 import threading
@@ -19,6 +20,7 @@ import numpy as np
 import optax
 from absl import logging
 from flax.training import train_state
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from simpsons_jax import (
@@ -30,7 +32,9 @@ from simpsons_jax import (
   mixing,
   models,
   optimizers,
+  run_folder,
   sharding,
+  splits,
   summary,
 )
 
@@ -307,13 +311,31 @@ def train_and_evaluate(
   workdir = Path(workdir)
   mesh = sharding.make_mesh() if mesh is None else mesh
   config_checks.check(config, mesh)
-  config_checks.prepare_workdir(config, workdir)
-  sharding.describe_devices(mesh, config.require_accelerator)
+  first = jax.process_index() == 0
+  with run_folder.lock(workdir) if first else contextlib.nullcontext():
+    if first:
+      run_folder.prepare(config, workdir)
+    sharding.describe_devices(mesh, config.require_accelerator)
+    if first:
+      cmap, train_split, val_split = splits.prepare(config, workdir)
+      checkpointing.save_config(workdir, config)
+    if jax.process_count() > 1:  # The others read what process 0 decided.
+      multihost_utils.sync_global_devices("workdir prepared")
+    if not first:
+      cmap = characters.CharacterMap.load(workdir / characters.MAP_FILENAME)
+      root = input_pipeline.data_dir(config, workdir)
+      train_split, val_split = splits.load_in_use(workdir, root, cmap)
+    return _train(config, workdir, mesh, cmap, train_split, val_split)
 
-  images = input_pipeline.usable_images(config, workdir, workdir)
-  cmap = characters.load_or_create(workdir, images, config.min_images)
-  train_split, val_split = input_pipeline.training_splits(images, cmap, config)
-  checkpointing.save_config(workdir, config)
+
+def _train(
+  config: ml_collections.ConfigDict,
+  workdir: Path,
+  mesh: Mesh,
+  cmap: characters.CharacterMap,
+  train_split: input_pipeline.Split,
+  val_split: input_pipeline.Split,
+) -> tuple[TrainState, dict[str, float]]:
   logging.info(
     "Data: %d characters, %d training and %d validation images.",
     cmap.num_classes,
@@ -325,8 +347,16 @@ def train_and_evaluate(
   total_steps = steps_per_epoch * config.num_epochs
 
   model = models.create(config, cmap.num_classes)
-  manager = checkpointing.create_manager(workdir, config.checkpoints_to_keep)
+  manager = checkpointing.create_manager(
+    workdir, config.checkpoints_to_keep, metric=config.checkpoint_metric
+  )
   if manager.latest_step() is not None:
+    checkpointing.check_meta(
+      checkpointing.restore_meta(manager, manager.latest_step()),
+      cmap.names,
+      config.image_size,
+      f"step {manager.latest_step()} in {manager.directory}",
+    )
     shapes = jax.eval_shape(
       functools.partial(
         create_train_state, model, config, steps_per_epoch=steps_per_epoch
@@ -422,9 +452,11 @@ def train_and_evaluate(
     val_metrics = evaluate(p_eval_step, state, val_batches, mesh)
   manager.close()
   logging.info(
-    "Finished at step %d: validation accuracy %.4f; best checkpoint: step %s in %s.",
+    "Finished at step %d: validation accuracy %.4f; best checkpoint by %s: "
+    "step %s in %s.",
     total_steps,
     val_metrics["accuracy"],
+    config.checkpoint_metric,
     manager.best_step(),
     manager.directory,
   )

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from simpsons_jax import characters, input_pipeline
+from simpsons_jax import characters, input_pipeline, splits
 
 
 def _make_folder(root, counts, size=(20, 12)):
@@ -76,38 +76,46 @@ def test_saved_map_is_reused_and_checked(tmp_path):
     characters.load_or_create(tmp_path / "w", characters.find_images(root), 1)
 
 
-def _split(counts):
-  labels = np.concatenate([np.full(n, i, np.int32) for i, n in enumerate(counts)])
-  paths = np.asarray([f"f{i}.jpg" for i in range(len(labels))])
-  return input_pipeline.Split(paths, labels)
+def _files(counts):
+  """Path under the data folder -> a distinct hash, `counts` images per character."""
+  names = tuple(f"c{i}" for i in range(len(counts)))
+  current = {
+    f"{names[i]}/f{j:03d}.jpg": f"{i}-{j}"
+    for i, n in enumerate(counts)
+    for j in range(n)
+  }
+  return current, names
+
+
+def _per_character(paths, names):
+  return [sum(p.startswith(f"{name}/") for p in paths) for name in names]
 
 
 def test_split_is_stratified_disjoint_and_seeded():
-  split = _split([100, 40, 20, 2])
-  train, val = input_pipeline.split_train_val(split, 0.05, seed=0)
-  assert np.bincount(val.labels).tolist() == [5, 2, 1, 1]
-  assert len(train) + len(val) == len(split)
-  assert not set(train.paths) & set(val.paths)
-  again = input_pipeline.split_train_val(split, 0.05, seed=0)[1]
-  other = input_pipeline.split_train_val(split, 0.05, seed=1)[1]
-  np.testing.assert_array_equal(val.paths, again.paths)
-  assert set(val.paths) != set(other.paths)
+  current, names = _files([100, 40, 20, 2])
+  record = splits.decide(current, names, 0.05, 1.0, seed=0)
+  assert _per_character(record.val, names) == [5, 2, 1, 1]
+  assert len(record.train) + len(record.val) == len(current)
+  assert not set(record.train) & set(record.val)
+  again = splits.decide(current, names, 0.05, 1.0, seed=0)
+  other = splits.decide(current, names, 0.05, 1.0, seed=1)
+  assert again.val == record.val
+  assert set(record.val) != set(other.val)
 
 
 def test_every_character_keeps_a_training_image():
-  train, val = input_pipeline.split_train_val(_split([10, 1, 2]), 0.9, seed=0)
-  assert np.bincount(val.labels, minlength=3).tolist() == [9, 0, 1]
-  assert np.bincount(train.labels).tolist() == [1, 1, 1]
+  current, names = _files([10, 1, 2])
+  record = splits.decide(current, names, 0.9, 1.0, seed=0)
+  assert _per_character(record.val, names) == [9, 0, 1]
+  assert _per_character(record.train, names) == [1, 1, 1]
 
 
-def test_subsample_takes_a_seeded_share_of_each_character():
-  split = _split([300, 100])
-  small = input_pipeline.subsample(split, 0.01, seed=0)
-  assert np.bincount(small.labels).tolist() == [3, 1]
-  np.testing.assert_array_equal(
-    small.paths, input_pipeline.subsample(split, 0.01, seed=0).paths
-  )
-  assert input_pipeline.subsample(split, 1.0, seed=0) is split
+def test_train_fraction_takes_a_seeded_share_of_each_character():
+  current, names = _files([300, 100])
+  record = splits.decide(current, names, 0.05, 0.01, seed=0)
+  assert _per_character(record.train, names) == [3, 1]
+  assert splits.decide(current, names, 0.05, 0.01, seed=0) == record
+  assert len(record.train) + len(record.unused) + len(record.val) == 400
 
 
 def test_decode_any_mode_to_rgb_uint8(tmp_path):

@@ -1,13 +1,14 @@
 """Evaluation reports, figures and prediction on a trained tiny run."""
 
 import json
+import os
 import shutil
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from simpsons_jax import characters, evaluate, plots, predict, train
+from simpsons_jax import characters, evaluate, files, plots, predict, train
 from tests.conftest import make_tiny_config
 
 
@@ -129,7 +130,7 @@ def test_predict_any_image_mode_and_size(trained_workdir, tiny_data_dir, tmp_pat
     image.convert("L").save(tmp_path / "gray.jpg")
     image.convert("RGBA").resize((301, 77)).save(tmp_path / "odd.png")
     image.convert("P").save(tmp_path / "palette.png")
-  output = tmp_path / "out.json"
+  output = tmp_path / "out.jsonl"
   results = predict.run(trained_workdir, [str(tmp_path)], top_k=2, output=str(output))
   assert [r["path"].split("/")[-1] for r in results] == [
     "gray.jpg",
@@ -139,7 +140,7 @@ def test_predict_any_image_mode_and_size(trained_workdir, tiny_data_dir, tmp_pat
   for r in results:
     assert len(r["top"]) == 2
     assert r["top"][0]["probability"] >= r["top"][1]["probability"]
-  assert json.loads(output.read_text()) == results
+  assert [json.loads(line) for line in output.read_text().splitlines()] == results
   sure = predict.run(trained_workdir, [str(tmp_path / "odd.png")], threshold=1.01)
   assert sure[0]["character"] == predict.UNKNOWN
 
@@ -147,3 +148,104 @@ def test_predict_any_image_mode_and_size(trained_workdir, tiny_data_dir, tmp_pat
 def test_show_data(trained_workdir):
   path = evaluate.show_data(trained_workdir)
   assert path.stat().st_size > 1000
+
+
+@pytest.fixture
+def copied_workdir(trained_workdir, tmp_path):
+  """A copy of the trained run that a test may damage."""
+  return shutil.copytree(trained_workdir, tmp_path / "copy")
+
+
+def test_a_reordered_map_or_an_edited_image_size_is_refused(copied_workdir):
+  path = copied_workdir / "characters.json"
+  saved = json.loads(path.read_text())
+  path.write_text(json.dumps({**saved, "names": saved["names"][::-1]}))
+  with pytest.raises(ValueError, match="characters .* are not characters.json's"):
+    predict.load(copied_workdir)
+  path.write_text(json.dumps(saved))
+  config = json.loads((copied_workdir / "config.json").read_text())
+  config["image_size"] = 64
+  (copied_workdir / "config.json").write_text(json.dumps(config))
+  with pytest.raises(ValueError, match="image_size=32, config.json says 64"):
+    evaluate.run(copied_workdir)
+
+
+@pytest.mark.parametrize(
+  "damaged", ["characters.json", "config.json", "split.json", "meta"]
+)
+def test_damaged_json_is_one_error_naming_the_file(copied_workdir, damaged):
+  if damaged == "meta":
+    path = next((copied_workdir / "checkpoints").glob("*/meta/metadata"))
+  else:
+    path = copied_workdir / damaged
+  path.write_text(path.read_text()[:20])  # Truncated, as by a full disk.
+  with pytest.raises(files.DamagedFileError, match=f"{path.parent.name}|{damaged}"):
+    if damaged == "meta":
+      predict.load(copied_workdir, path.parents[1].name)
+    else:
+      evaluate.run(copied_workdir)
+
+
+def test_evaluate_with_output_dir_writes_nothing_into_the_workdir(
+  trained_workdir, tmp_path
+):
+  def snapshot():
+    return {
+      p: (p.stat().st_size, p.stat().st_mtime_ns) for p in trained_workdir.rglob("*")
+    }
+
+  before = snapshot()
+  result = evaluate.run(trained_workdir, output_dir=tmp_path / "out")
+  assert snapshot() == before
+  assert (tmp_path / "out" / "validation" / "report.json").exists()
+  assert list((tmp_path / "out" / "tensorboard" / "eval_validation").iterdir())
+  assert result["num_examples"] == 24
+
+
+def test_predict_reports_bad_files_and_classifies_the_rest(
+  trained_workdir, tiny_data_dir, tmp_path
+):
+  folder = tmp_path / "mine"
+  (folder / "real").mkdir(parents=True)
+  shutil.copy(tiny_data_dir / "clown" / "pic_0001.jpg", folder / "real" / "a.jpg")
+  (folder / "linked").symlink_to(folder / "real")  # Walked once, as given.
+  (folder / "real" / "loop").symlink_to(folder)  # Never walked twice.
+  (folder / "real" / "._a.jpg").write_bytes(b"\x00\x05\x16\x07")  # macOS.
+  (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff nothing more")
+  (folder / os.fsdecode(b"caf\xe9.jpg")).write_bytes(b"")
+  results = predict.classify(
+    predict.load(trained_workdir), [folder, tmp_path / "missing.jpg"]
+  )
+  by_name = {r["path"].replace(f"{tmp_path}/", ""): r for r in results}
+  assert list(by_name) == [
+    "mine/broken.jpg",
+    "mine/caf\\xe9.jpg",
+    "mine/linked/a.jpg",
+    "mine/real/a.jpg",
+    "missing.jpg",
+  ]
+  assert by_name["mine/linked/a.jpg"]["top"] == by_name["mine/real/a.jpg"]["top"]
+  assert by_name["mine/broken.jpg"]["error"].startswith("not a readable JPEG or PNG")
+  assert by_name["mine/caf\\xe9.jpg"]["error"].startswith("name is not valid UTF-8")
+  assert by_name["missing.jpg"]["error"].endswith("missing.jpg does not exist")
+
+
+def test_predict_output_keeps_what_was_done_before_an_interruption(
+  trained_workdir, tiny_data_dir, tmp_path, monkeypatch
+):
+  paths = sorted((tiny_data_dir / "clown").glob("*.jpg"))[:5]
+  calls = []
+  real_forward = predict._forward
+
+  def forward_then_stop(*args):
+    calls.append(1)
+    if len(calls) == 3:
+      raise KeyboardInterrupt
+    return real_forward(*args)
+
+  monkeypatch.setattr(predict, "_forward", forward_then_stop)
+  output = tmp_path / "out.jsonl"
+  with pytest.raises(KeyboardInterrupt):
+    predict.run(trained_workdir, paths, output=str(output), batch_size=2)
+  lines = [json.loads(line) for line in output.read_text().splitlines()]
+  assert [r["path"] for r in lines] == [str(p) for p in paths[:4]]

@@ -3,8 +3,10 @@
 import importlib
 import json
 import os
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -38,9 +40,35 @@ def _good_jpeg_bytes(seed=0):
   return data
 
 
+def _png(width, height, rows, pixels=None):
+  """PNG bytes whose header says width x height, with only `rows` rows of data."""
+
+  def chunk(kind, data):
+    return (
+      struct.pack(">I", len(data))
+      + kind
+      + data
+      + struct.pack(">I", zlib.crc32(kind + data))
+    )
+
+  header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+  raw = pixels if pixels is not None else bytes(rows * (1 + 3 * width))
+  return (
+    b"\x89PNG\r\n\x1a\n"
+    + chunk(b"IHDR", header)
+    + chunk(b"IDAT", zlib.compress(raw[: rows * (1 + 3 * width)]))
+    + chunk(b"IEND", b"")
+  )
+
+
 def _write_bad_files(folder: Path) -> dict[str, str]:
   """Writes every kind of unusable file; returns name -> expected reason."""
   good = _good_jpeg_bytes()
+  # IEND is there, half the rows are not: PIL loads it, TensorFlow does not.
+  (folder / "rows_missing.png").write_bytes(_png(64, 48, rows=24))
+  # 90 bytes that claim 20000 x 20000 pixels.
+  (folder / "bomb.png").write_bytes(_png(20000, 20000, rows=1))
+  (folder / os.fsdecode(b"caf\xe9.jpg")).write_bytes(good)
   (folder / "garbage.jpg").write_bytes(b"\xff\xd8\xff" + bytes(range(256)) * 8)
   (folder / "truncated.jpg").write_bytes(good[: len(good) // 2])
   (folder / "empty.jpg").write_bytes(b"")
@@ -48,6 +76,9 @@ def _write_bad_files(folder: Path) -> dict[str, str]:
   _frame(1).save(folder / "really_a_gif.png", format="GIF")
   (folder / "broken_link.jpg").symlink_to(folder / "does_not_exist.jpg")
   return {
+    "rows_missing.png": "not a readable JPEG or PNG",
+    "bomb.png": "over the pixel limit",
+    os.fsdecode(b"caf\xe9.jpg"): "name is not valid UTF-8",
     "garbage.jpg": "not a readable JPEG or PNG",
     "truncated.jpg": "not a readable JPEG or PNG",
     "empty.jpg": "empty file",
@@ -86,6 +117,11 @@ def messy_dir(tmp_path):
   bad = _write_bad_files(homer)
   for name in ("Thumbs.db", ".DS_Store", "annotation.txt", "labels.csv"):
     (homer / name).write_text("x")
+  (homer / "._pic_0000.jpg").write_bytes(b"\x00\x05\x16\x07")  # macOS fork.
+  not_utf8 = root / os.fsdecode(b"b\xe4d_folder")
+  not_utf8.mkdir()
+  for i in range(6):
+    _frame(300 + i).save(not_utf8 / f"pic_{i:04d}.jpg")
   (root / "bart_simpson" / ".thumbnails").mkdir(parents=True)
   _frame(8).save(root / "bart_simpson" / ".thumbnails" / "hidden.jpg")
   for i in range(12):
@@ -132,10 +168,12 @@ def test_training_on_a_messy_folder_skips_and_counts(messy_dir, tmp_path, tiny_c
   cmap = characters.CharacterMap.load(tmp_path / "run" / "characters.json")
   assert cmap.names == ("bart_simpson", "homer_simpson")
   assert cmap.counts == (12, num_good_homer)
-  # Later steps over the same folder skip the same files, so see the same split.
-  evaluate.show_data(tmp_path / "run")
-  shown = tmp_path / "run" / "eval" / "training_data" / "skipped_files.json"
-  assert json.loads(shown.read_text()) == skipped
+  # The saved split, which show_data and evaluate read, holds no skipped file.
+  saved = json.loads((tmp_path / "run" / "split.json").read_text())
+  used = {*saved["in_use"]["train"], *saved["in_use"]["val"]}
+  assert len(used) == 12 + num_good_homer
+  assert not {f"homer_simpson/{name}" for name in bad} & used
+  assert evaluate.show_data(tmp_path / "run").exists()
 
 
 def test_nothing_left_after_filtering_fails_before_training(tmp_path, tiny_config):
@@ -285,3 +323,37 @@ def test_a_missing_data_dir_is_one_sentence_without_traceback(tmp_path):
   assert "Traceback" not in result.stderr
   assert "error: Data folder" in result.stderr
   assert "--config.data_dir" in result.stderr
+
+
+def test_file_verdicts_are_kept_until_a_file_changes(messy_dir, tmp_path, monkeypatch):
+  root, _, _ = messy_dir
+  images = characters.find_images(root)
+  first = image_files.validate(images, tmp_path)
+  reads = []
+  real_read = image_files.read
+  monkeypatch.setattr(
+    image_files, "read", lambda path, *a: reads.append(path) or real_read(path, *a)
+  )
+  again = image_files.validate(images, tmp_path)  # A resume reads no image again.
+  assert again == first
+  assert all(image_files.name_problem(p) or not p.exists() for p in reads)
+  reads.clear()
+  changed = root / "bart_simpson" / "pic_0003.jpg"
+  changed.write_bytes(b"not a picture any more")
+  third = image_files.validate(images, tmp_path)
+  assert [p for p in reads if p.exists() and not image_files.name_problem(p)] == [
+    changed
+  ]
+  assert changed not in third.images["bart_simpson"]
+
+
+def test_the_pixel_limit_is_checked_before_decoding(tmp_path, monkeypatch):
+  _frame(0).save(tmp_path / "frame.png")  # 40 x 30
+  assert image_files.check(tmp_path / "frame.png", max_pixels=1200) is None
+  decoded = []
+  monkeypatch.setattr(image_files, "decode", decoded.append)
+  reason = image_files.check(tmp_path / "frame.png", max_pixels=1199)
+  assert reason == (
+    "over the pixel limit (40x30 pixels, more than max_image_pixels=1,199)"
+  )
+  assert decoded == []

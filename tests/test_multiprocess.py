@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 
 from simpsons_jax import (
-  characters,
   input_pipeline,
   models,
   predict,
   sharding,
+  splits,
   train,
 )
 from tests.conftest import make_tiny_config
@@ -24,9 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _split(config, workdir):
-  images = input_pipeline.usable_images(config, workdir, workdir)
-  cmap = characters.select(images, config.min_images)
-  return cmap, *input_pipeline.training_splits(images, cmap, config)
+  return splits.prepare(config, workdir)
 
 
 def test_process_shards_cover_each_example_once(tiny_config, tmp_path):
@@ -88,6 +86,9 @@ def test_two_processes_train_like_one_with_the_same_global_batch(
     assert proc.returncode == 0, log[-3000:]
   assert "epoch 1 validation" in logs[0]
   assert "epoch 1 validation" not in logs[1]  # only process 0 reports
+  # Process 0 alone took the workdir (a second holder would have been refused)
+  # and wrote its files; process 1 read them.
+  assert f"pid {procs[0].pid} " in (workdir / "train.lock").read_text()
 
   # The same global batches, assembled here in one process on 8 devices.
   cmap, train_split, val_split = _split(config, tmp_path)

@@ -1,7 +1,9 @@
 """Training and evaluation: steps, exact metrics, resume and device count."""
 
 import functools
+from pathlib import Path
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,11 +13,13 @@ import pytest
 from configs import default, overfit, strong
 from simpsons_jax import (
   characters,
+  checkpointing,
   input_pipeline,
   metrics,
   models,
   predict,
   sharding,
+  splits,
   train,
 )
 from tests.conftest import shared_data
@@ -167,15 +171,10 @@ def test_overfit_config_fits_real_frames_exactly(tmp_path):
   config.data_dir = str(shared_data("simpsons-mnist", "train"))
   config.min_images = 1
   config.image_size = 28
-  config.num_epochs = 40
   state, _ = train.train_and_evaluate(config, tmp_path)
 
-  images = characters.find_images(config.data_dir)
   cmap = characters.CharacterMap.load(tmp_path / "characters.json")
-  train_split, _ = input_pipeline.split_train_val(
-    input_pipeline.examples(images, cmap), config.val_fraction, config.seed
-  )
-  small = input_pipeline.subsample(train_split, config.train_fraction, config.seed)
+  small, _ = splits.load_in_use(tmp_path, Path(config.data_dir), cmap)
   assert len(small) == 80
   mesh = sharding.make_mesh()
   _, eval_step = train.jit_steps(mesh, config, cmap.num_classes)
@@ -264,3 +263,30 @@ def test_batch_norm_statistics_cover_the_global_batch(resnet_config):
   # Eight devices of two images each normalise with the statistics of all 16.
   for x, y in zip(*map(jax.tree.leaves, results), strict=True):
     np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+
+
+@flax.struct.dataclass
+class _Step:
+  step: jax.Array
+  w: jax.Array
+
+
+@pytest.mark.parametrize(
+  ("metric", "best"), [("accuracy", 2), ("macro_f1", 3), ("balanced_accuracy", 1)]
+)
+def test_the_best_checkpoint_is_ranked_by_the_configured_metric(tmp_path, metric, best):
+  manager = checkpointing.create_manager(tmp_path, keep=1, metric=metric)
+  scores = {  # step: (accuracy, macro_f1, balanced_accuracy)
+    1: (0.5, 0.3, 0.9),
+    2: (0.9, 0.4, 0.5),
+    3: (0.7, 0.8, 0.6),
+    4: (0.1, 0.1, 0.1),
+  }
+  for step, (accuracy, f1, balanced) in scores.items():
+    values = {"accuracy": accuracy, "macro_f1": f1, "balanced_accuracy": balanced}
+    state = _Step(jnp.asarray(step), jnp.zeros(2))
+    checkpointing.save(manager, state, {}, {f"val_{k}": v for k, v in values.items()})
+  manager.wait_until_finished()
+  assert manager.best_step() == best
+  assert manager.all_steps() == sorted({best, 4})
+  manager.close()

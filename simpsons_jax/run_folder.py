@@ -1,0 +1,161 @@
+"""A run's folder: one training process at a time, and runs it can continue.
+
+`lock` keeps a second training process out of a workdir for the life of the
+first (the operating system drops the lock when its holder exits, however it
+dies). `prepare` refuses a config that cannot continue the run already there,
+or with `restart=True` moves that run to `<workdir>/archive/<time>/`; a run
+that was itself started by `restart=True` is resumed by the same command,
+never discarded by it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import shutil
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import ml_collections
+from absl import logging
+
+from simpsons_jax import checkpointing
+
+try:
+  import fcntl
+except ImportError:  # Windows.
+  fcntl = None
+
+LOCK_FILENAME = "train.lock"
+# What a resumed run must share with the run it continues: they fix the
+# labels, the split, the data order or the shapes of the saved arrays.
+RESUME_FIXED = (
+  "dataset",
+  "min_images",
+  "image_size",
+  "val_fraction",
+  "train_fraction",
+  "seed",
+  "batch_size",
+  "synthetic_images_per_character",
+  "model",
+  "conv_features",
+  "dense_features",
+  "stem_features",
+  "stem_pool",
+  "stage_features",
+  "blocks_per_stage",
+  "optimizer",
+  "schedule",
+  "ema_decay",
+)
+# What `restart` moves aside; synthetic data and the file checks are kept.
+RUN_FILES = (
+  "checkpoints",
+  "tensorboard",
+  "eval",
+  "characters.json",
+  "config.json",
+  "split.json",
+  "skipped_files.json",
+)
+
+
+class WorkdirBusy(RuntimeError):
+  """Another training process holds the workdir."""
+
+
+@contextlib.contextmanager
+def lock(workdir: str | os.PathLike) -> Iterator[None]:
+  """Holds `<workdir>/train.lock` until the block exits.
+
+  Raises WorkdirBusy, naming the holder, when another process holds it.
+  """
+  workdir = Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  path = workdir / LOCK_FILENAME
+  descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+  try:
+    if fcntl is None:
+      logging.warning("No file locks on this system: %s is not locked.", workdir)
+    else:
+      try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except BlockingIOError:
+        holder = os.pread(descriptor, 1000, 0).decode(errors="replace").strip()
+        raise WorkdirBusy(
+          f"{workdir} is in use by another training run ({holder or 'unknown'}): "
+          "wait for it or stop it, or train in another --workdir. evaluate and "
+          "predict can run beside it."
+        ) from None
+      except OSError as e:  # A file system without locks (some network ones).
+        logging.warning("Could not lock %s (%s); going on without.", path, e)
+    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    os.ftruncate(descriptor, 0)
+    os.pwrite(
+      descriptor,
+      f"pid {os.getpid()} on {socket.gethostname()} since {started}\n".encode(),
+      0,
+    )
+    yield
+  finally:
+    os.close(descriptor)  # Releases the lock.
+
+
+def _normalise(value):
+  return list(value) if isinstance(value, list | tuple) else value
+
+
+def _archive(workdir: Path, existing: list[Path]) -> None:
+  stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S")
+  archive = workdir / "archive" / stamp
+  archive.mkdir(parents=True)
+  for path in existing:
+    shutil.move(path, archive / path.name)
+  logging.warning("restart=True: the previous run was moved to %s.", archive)
+
+
+def prepare(config: ml_collections.ConfigDict, workdir: Path) -> None:
+  """Makes sure `workdir` can take this run; see the module docstring."""
+  workdir.mkdir(parents=True, exist_ok=True)
+  existing = [workdir / name for name in RUN_FILES if (workdir / name).exists()]
+  saved = None
+  if (workdir / checkpointing.CONFIG_FILENAME).exists():
+    saved = checkpointing.load_config(workdir)
+  started_by_restart = saved is not None and saved.get("restart", False)
+  if config.restart and existing and not started_by_restart:
+    _archive(workdir, existing)
+    return
+  if saved is None:
+    return
+  if config.restart:
+    logging.warning(
+      "restart=True, but the run in %s was itself started by restart=True: "
+      "this is taken as that command run again, and the run is resumed, not "
+      "discarded. To start afresh once more, move %s away.",
+      workdir,
+      workdir,
+    )
+  changed = [
+    f"{key}: {_normalise(saved.get(key))!r} -> {_normalise(config[key])!r}"
+    for key in RESUME_FIXED
+    if _normalise(saved.get(key)) != _normalise(config[key])
+  ]
+  if not changed:
+    return
+  if started_by_restart:
+    fix = (
+      f"Use another --workdir or the old settings; restart=True does not "
+      f"discard a run it started itself (rerunning its command would), so move "
+      f"{workdir} away to start afresh there."
+    )
+  else:
+    fix = (
+      "Use another --workdir, the old settings, or --config.restart=True to "
+      "move the old run to <workdir>/archive/ and start afresh."
+    )
+  raise ValueError(
+    f"{workdir} holds a run this config cannot continue ({'; '.join(changed)}). " + fix
+  )

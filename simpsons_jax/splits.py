@@ -1,0 +1,342 @@
+"""Which images train and which validate: decided once per run, then kept.
+
+The first run of a workdir splits the usable images of its characters, seeded
+and stratified by character (`val_fraction` of each to validation, then
+`train_fraction` of the rest to training), and saves the decision in
+`<workdir>/split.json`: every file by its path under the data folder, with its
+SHA-256. Resumes, `evaluate` and `show_data` use that decision, whatever
+happened to the folder since, by these rules:
+
+* exact copies (the same SHA-256) land on one side together; the same image
+  filed under two characters is reported and never validates;
+* a file once in validation never trains, and one in training never validates;
+* a new file, or a training file whose content changed, joins training,
+  unless its content is that of a validation image: then it is left out;
+* a validation file that went missing or changed is left out of validation.
+
+Every difference from the saved split is counted in the log with examples.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import ml_collections
+import numpy as np
+from absl import logging
+
+from simpsons_jax import characters, files, image_files, input_pipeline
+
+SPLIT_FILENAME = "split.json"
+_FORMAT = 1
+_SHOWN = 5  # Example paths per kind of change in the log.
+
+
+@dataclasses.dataclass
+class Record:
+  """The saved decision: path under the data folder -> SHA-256, per side.
+
+  `unused` holds the training side's files that `train_fraction` left out.
+  """
+
+  train: dict[str, str]
+  val: dict[str, str]
+  unused: dict[str, str]
+
+  def to_json(self) -> dict[str, dict[str, str]]:
+    return {"train": self.train, "val": self.val, "unused": self.unused}
+
+
+def _character(relative: str) -> str:
+  return relative.split("/", 1)[0]
+
+
+def _take(
+  labels: np.ndarray, eligible: np.ndarray, fraction: float, seed: int, leave: int
+) -> np.ndarray:
+  """Seeded positions of about `fraction` of each label's items, drawn from
+  the eligible ones: at least one, at most all but `leave` of the label."""
+  rng = np.random.default_rng(seed)
+  taken = []
+  for label in np.unique(labels):
+    every = np.flatnonzero(labels == label)
+    candidates = every[eligible[every]]
+    count = min(
+      len(every) - leave, len(candidates), max(1, round(fraction * len(every)))
+    )
+    taken.append(rng.permutation(candidates)[:count])
+  return np.sort(np.concatenate(taken)) if taken else np.zeros(0, np.int64)
+
+
+def decide(
+  current: Mapping[str, str],
+  names: tuple[str, ...],
+  val_fraction: float,
+  train_fraction: float,
+  seed: int,
+) -> Record:
+  """A fresh split of `current` (path under the data folder -> SHA-256).
+
+  Copies are split as one item; an image under two characters trains.
+  """
+  label_of = {name: i for i, name in enumerate(names)}
+  ordered = sorted(current, key=lambda p: (label_of[_character(p)], p))
+  groups: dict[tuple[int, str], list[str]] = {}
+  for path in ordered:
+    groups.setdefault((label_of[_character(path)], current[path]), []).append(path)
+  keys = list(groups)
+  labels_per_hash = collections.defaultdict(set)
+  for label, sha in keys:
+    labels_per_hash[sha].add(label)
+  labels = np.asarray([label for label, _ in keys], np.int64)
+  eligible = np.asarray([len(labels_per_hash[sha]) == 1 for _, sha in keys], bool)
+  val_groups = set(_take(labels, eligible, val_fraction, seed, leave=1).tolist())
+  val = [p for i, key in enumerate(keys) if i in val_groups for p in groups[key]]
+  train = [p for i, key in enumerate(keys) if i not in val_groups for p in groups[key]]
+  train.sort(key=lambda p: (label_of[_character(p)], p))
+  kept = set(range(len(train)))
+  if train_fraction < 1:
+    train_labels = np.asarray([label_of[_character(p)] for p in train])
+    everything = np.ones(len(train), bool)
+    kept = set(_take(train_labels, everything, train_fraction, seed + 1, 0).tolist())
+  return Record(
+    train={p: current[p] for i, p in enumerate(train) if i in kept},
+    val={p: current[p] for p in sorted(val)},
+    unused={p: current[p] for i, p in enumerate(train) if i not in kept},
+  )
+
+
+@dataclasses.dataclass
+class Changes:
+  """How the folder differs from the saved split, file by file."""
+
+  new: list[str] = dataclasses.field(default_factory=list)
+  changed: list[str] = dataclasses.field(default_factory=list)
+  missing: list[str] = dataclasses.field(default_factory=list)
+  val_changed: list[str] = dataclasses.field(default_factory=list)
+  copies_of_val: list[str] = dataclasses.field(default_factory=list)
+
+  def log(self, where: Path) -> None:
+    lines = {
+      "new files join training": self.new,
+      "training files changed and train with their new content": self.changed,
+      "files of the split are missing": self.missing,
+      "validation files changed and are left out of validation": self.val_changed,
+      "new or changed files are copies of validation images and are left out": (
+        self.copies_of_val
+      ),
+    }
+    for what, paths in lines.items():
+      if paths:
+        logging.warning(
+          "The data folder changed since %s was saved: %d %s: %s%s",
+          where,
+          len(paths),
+          what,
+          ", ".join(paths[:_SHOWN]),
+          ", ..." if len(paths) > _SHOWN else "",
+        )
+
+
+def reconcile(record: Record, current: Mapping[str, str]) -> tuple[Record, Changes]:
+  """The record updated for the folder as it is now, and what changed.
+
+  The returned record's `val` holds only the validation files present and
+  unchanged; its `train` every file that trains now.
+  """
+  changes = Changes()
+  val = {}
+  for path, sha in record.val.items():
+    if path not in current:
+      changes.missing.append(path)
+    elif current[path] != sha:
+      changes.val_changed.append(path)
+    else:
+      val[path] = sha
+  val_hashes = set(val.values())
+  train = {}
+  for path, sha in current.items():
+    if path in record.val or path in record.unused:
+      continue
+    if sha in val_hashes:
+      changes.copies_of_val.append(path)
+    elif path not in record.train:
+      changes.new.append(path)
+      train[path] = sha
+    else:
+      if record.train[path] != sha:
+        changes.changed.append(path)
+      train[path] = sha
+  changes.missing += [p for p in (*record.train, *record.unused) if p not in current]
+  return Record(train, val, record.unused), changes
+
+
+def _warn_about_conflicts(current: Mapping[str, str]) -> None:
+  """Logs the images filed under more than one character."""
+  by_hash = collections.defaultdict(list)
+  for path, sha in current.items():
+    by_hash[sha].append(path)
+  conflicts = [
+    paths for paths in by_hash.values() if len({_character(p) for p in paths}) > 1
+  ]
+  if conflicts:
+    logging.warning(
+      "%d images are filed under more than one character; they train with "
+      "each label and never validate: %s",
+      len(conflicts),
+      "; ".join(" = ".join(sorted(paths)) for paths in conflicts[:_SHOWN]),
+    )
+
+
+def _count_copies(record: Record) -> None:
+  for side, part in (("training", record.train), ("validation", record.val)):
+    copies = len(part) - len(set(part.values()))
+    if copies:
+      logging.info("%d %s images are exact copies of others there.", copies, side)
+
+
+def _as_split(
+  paths: Iterable[str], root: Path, cmap: characters.CharacterMap
+) -> input_pipeline.Split:
+  label_of = {name: i for i, name in enumerate(cmap.names)}
+  ordered = sorted(paths, key=lambda p: (label_of[_character(p)], p))
+  return input_pipeline.Split(
+    np.asarray([str(root / p) for p in ordered], dtype=str),
+    np.asarray([label_of[_character(p)] for p in ordered], dtype=np.int32),
+  )
+
+
+def _current(
+  checked: image_files.Checked, root: Path, cmap: characters.CharacterMap
+) -> dict[str, str]:
+  """Path under the data folder -> SHA-256 of the usable images of `cmap`."""
+  return {
+    f"{name}/{path.name}": checked.sha256[path]
+    for name in cmap.names
+    for path in checked.images[name]
+  }
+
+
+def _fix(workdir: Path) -> str:
+  return (
+    f"restore it, or start afresh with --config.restart=True (the run in "
+    f"{workdir} moves to archive/)."
+  )
+
+
+def _load(workdir: Path) -> dict:
+  path = workdir / SPLIT_FILENAME
+  if not path.exists():
+    raise FileNotFoundError(
+      f"{path} is missing: the run was trained before splits were saved, or "
+      "not at all. Run its training command (once more) to save it; evaluate "
+      "can score another folder with --eval_dir."
+    )
+  data = files.read_json(path, _fix(workdir))
+  try:
+    if data["format"] != _FORMAT:
+      raise ValueError(f"format {data['format']}")
+    Record(**{side: dict(data[side]) for side in ("train", "val", "unused")})
+    return data
+  except (KeyError, TypeError, ValueError) as e:
+    raise files.DamagedFileError(f"{path} is damaged ({e}): {_fix(workdir)}") from e
+
+
+def _record(data: Mapping) -> Record:
+  return Record(**{side: dict(data[side]) for side in ("train", "val", "unused")})
+
+
+def load_or_create(
+  workdir: str | os.PathLike,
+  root: Path,
+  checked: image_files.Checked,
+  cmap: characters.CharacterMap,
+  config: ml_collections.ConfigDict,
+) -> tuple[input_pipeline.Split, input_pipeline.Split]:
+  """The training and validation splits of this run; see the module docstring.
+
+  Saves the decision on the first run and the files in use on every run (for
+  the other processes of a multi-process run: `load_in_use`).
+  """
+  workdir = Path(workdir)
+  path = workdir / SPLIT_FILENAME
+  current = _current(checked, root, cmap)
+  _warn_about_conflicts(current)
+  if path.exists():
+    record = _record(_load(workdir))
+  else:
+    record = decide(
+      current, cmap.names, config.val_fraction, config.train_fraction, config.seed
+    )
+  in_use, changes = reconcile(record, current)
+  changes.log(path)
+  _count_copies(in_use)
+  saved = Record({**record.train, **in_use.train}, record.val, record.unused)
+  data = {"format": _FORMAT, **saved.to_json()}
+  data["in_use"] = {"train": sorted(in_use.train), "val": sorted(in_use.val)}
+  files.write_text_atomic(path, json.dumps(data, indent=1) + "\n")
+  train, val = _as_split(in_use.train, root, cmap), _as_split(in_use.val, root, cmap)
+  unseen = sorted(set(range(cmap.num_classes)) - set(val.labels.tolist()))
+  if unseen:
+    logging.warning(
+      "No validation image for %s: too few images to split.",
+      ", ".join(cmap.names[i] for i in unseen),
+    )
+  return train, val
+
+
+def load_in_use(
+  workdir: str | os.PathLike, root: Path, cmap: characters.CharacterMap
+) -> tuple[input_pipeline.Split, input_pipeline.Split]:
+  """The splits that `load_or_create` last chose for this workdir."""
+  in_use = _load(Path(workdir))["in_use"]
+  return _as_split(in_use["train"], root, cmap), _as_split(in_use["val"], root, cmap)
+
+
+def validation(
+  workdir: str | os.PathLike,
+  root: Path,
+  cmap: characters.CharacterMap,
+  report_dir: str | os.PathLike | None,
+  max_pixels: int,
+) -> input_pipeline.Split:
+  """The run's saved validation files that are still there and unchanged."""
+  workdir = Path(workdir)
+  record = _record(_load(workdir))
+  by_character = collections.defaultdict(list)
+  for path in record.val:
+    by_character[_character(path)].append(root / path)
+  checked = image_files.validate(by_character, report_dir, max_pixels)
+  current = {
+    f"{name}/{path.name}": checked.sha256[path]
+    for name, paths in checked.images.items()
+    for path in paths
+  }
+  in_use, changes = reconcile(Record({}, record.val, {}), current)
+  changes.log(workdir / SPLIT_FILENAME)
+  return _as_split(in_use.val, root, cmap)
+
+
+def prepare(
+  config: ml_collections.ConfigDict, workdir: str | os.PathLike
+) -> tuple[characters.CharacterMap, input_pipeline.Split, input_pipeline.Split]:
+  """Checks the data folder's files and returns the run's characters and splits.
+
+  Writes `characters.json`, `split.json`, `skipped_files.json` and
+  `file_checks.json` in `workdir`.
+  """
+  root = input_pipeline.data_dir(config, workdir)
+  found = characters.find_images(root)
+  checked = image_files.validate(found, workdir, max_pixels(config))
+  cmap = characters.load_or_create(workdir, checked.images, config.min_images)
+  return cmap, *load_or_create(workdir, root, checked, cmap, config)
+
+
+def max_pixels(config: ml_collections.ConfigDict) -> int:
+  """The pixel limit of a config, also of one saved before the option existed."""
+  return config.get("max_image_pixels", image_files.DEFAULT_MAX_PIXELS)

@@ -1,0 +1,77 @@
+"""One training process per workdir, and restart=True that acts only once."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from simpsons_jax import checkpointing, run_folder, train
+
+HOLD = """
+import sys, time
+from simpsons_jax import run_folder
+with run_folder.lock(sys.argv[1]):
+  print("locked", flush=True)
+  time.sleep(600)
+"""
+
+
+def test_a_second_process_is_refused_until_the_first_dies(tmp_path, tiny_config):
+  holder = subprocess.Popen(
+    [sys.executable, "-c", HOLD, str(tmp_path)], stdout=subprocess.PIPE, text=True
+  )
+  try:
+    assert holder.stdout.readline().strip() == "locked"
+    busy = pytest.raises(run_folder.WorkdirBusy, match=f"pid {holder.pid} on ")
+    with busy, run_folder.lock(tmp_path):
+      pass
+    with pytest.raises(run_folder.WorkdirBusy, match="in use by another training"):
+      train.train_and_evaluate(tiny_config, tmp_path)
+    assert not (tmp_path / "config.json").exists()
+  finally:
+    holder.send_signal(signal.SIGKILL)  # Dies without any clean-up.
+    holder.wait()
+  with run_folder.lock(tmp_path):  # A dead holder's lock is no lock.
+    assert f"pid {os.getpid()} " in (tmp_path / "train.lock").read_text()
+
+
+def test_the_lock_is_released_on_an_error(tmp_path):
+  with pytest.raises(ZeroDivisionError), run_folder.lock(tmp_path):
+    raise ZeroDivisionError
+  with run_folder.lock(tmp_path):
+    pass
+
+
+def _saved_run(workdir, config):
+  workdir.mkdir(parents=True, exist_ok=True)
+  checkpointing.save_config(workdir, config)
+  (workdir / "checkpoints").mkdir()
+  (workdir / "checkpoints" / "marker").write_text("the run's checkpoints")
+
+
+def test_restart_acts_once_and_the_same_command_then_resumes(tiny_config, tmp_path):
+  workdir = tmp_path / "run"
+  _saved_run(workdir, tiny_config)  # A run started without restart.
+  tiny_config.restart = True
+  run_folder.prepare(tiny_config, workdir)
+  assert len(list((workdir / "archive").iterdir())) == 1
+  _saved_run(workdir, tiny_config)  # The new run, started by restart=True.
+  run_folder.prepare(tiny_config, workdir)  # The same command again: resume.
+  assert (workdir / "checkpoints" / "marker").exists()
+  assert len(list((workdir / "archive").iterdir())) == 1
+  tiny_config.image_size = 48  # It cannot continue: say how to start afresh.
+  with pytest.raises(ValueError, match="move .* away to start afresh"):
+    run_folder.prepare(tiny_config, workdir)
+
+
+def test_restart_after_a_run_resumed_without_it_acts_again(tiny_config, tmp_path):
+  workdir = tmp_path / "run"
+  _saved_run(workdir, tiny_config)
+  saved = json.loads((workdir / "config.json").read_text())
+  assert saved["restart"] is False
+  tiny_config.restart = True
+  run_folder.prepare(tiny_config, workdir)
+  assert not (workdir / "checkpoints").exists()
