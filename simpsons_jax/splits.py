@@ -11,7 +11,8 @@ happened to the folder since, by these rules:
   filed under two characters is reported and never validates;
 * a file once in validation never trains, and one in training never validates;
 * a new file, or a training file whose content changed, joins training,
-  unless its content is that of a validation image: then it is left out;
+  unless its content is that of a validation image (even a missing one):
+  then it is left out;
 * a validation file that went missing or changed is left out of validation.
 
 Every difference from the saved split is counted in the log with examples.
@@ -123,11 +124,11 @@ class Changes:
 
   def log(self, where: Path) -> None:
     lines = {
-      "new files join training": self.new,
-      "training files changed and train with their new content": self.changed,
-      "files of the split are missing": self.missing,
-      "validation files changed and are left out of validation": self.val_changed,
-      "new or changed files are copies of validation images and are left out": (
+      "new file(s) joining training": self.new,
+      "changed training file(s), trained with their new content": self.changed,
+      "file(s) of the split missing": self.missing,
+      "changed validation file(s), left out of validation": self.val_changed,
+      "new or changed file(s) that copy a validation image, left out": (
         self.copies_of_val
       ),
     }
@@ -158,7 +159,8 @@ def reconcile(record: Record, current: Mapping[str, str]) -> tuple[Record, Chang
       changes.val_changed.append(path)
     else:
       val[path] = sha
-  val_hashes = set(val.values())
+  # Also those of missing validation files, which may come back.
+  val_hashes = set(record.val.values())
   train = {}
   for path, sha in current.items():
     if path in record.val or path in record.unused:
@@ -186,7 +188,7 @@ def _warn_about_conflicts(current: Mapping[str, str]) -> None:
   ]
   if conflicts:
     logging.warning(
-      "%d images are filed under more than one character; they train with "
+      "%d image(s) filed under more than one character; they train with "
       "each label and never validate: %s",
       len(conflicts),
       "; ".join(" = ".join(sorted(paths)) for paths in conflicts[:_SHOWN]),
@@ -197,7 +199,7 @@ def _count_copies(record: Record) -> None:
   for side, part in (("training", record.train), ("validation", record.val)):
     copies = len(part) - len(set(part.values()))
     if copies:
-      logging.info("%d %s images are exact copies of others there.", copies, side)
+      logging.info("%d %s image(s) are exact copies of others there.", copies, side)
 
 
 def _as_split(

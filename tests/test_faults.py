@@ -305,24 +305,34 @@ def test_require_accelerator_refuses_the_cpu(tiny_config, tmp_path):
     train.train_and_evaluate(tiny_config, tmp_path)
 
 
-def test_a_missing_data_dir_is_one_sentence_without_traceback(tmp_path):
-  result = subprocess.run(
-    [
-      sys.executable,
-      "main.py",
-      "--config=configs/full.py",
-      f"--workdir={tmp_path / 'w'}",
-      f"--config.data_dir={tmp_path / 'no_such_folder'}",
-    ],
+def _main(*args):
+  return subprocess.run(
+    [sys.executable, "main.py", *args],
     cwd=ROOT,
     capture_output=True,
     text=True,
     timeout=120,
   )
+
+
+def test_a_missing_data_dir_is_one_sentence_without_traceback(tmp_path):
+  result = _main(
+    "--config=configs/full.py",
+    f"--workdir={tmp_path / 'w'}",
+    f"--config.data_dir={tmp_path / 'no_such_folder'}",
+  )
   assert result.returncode == 1
   assert "Traceback" not in result.stderr
   assert "error: Data folder" in result.stderr
   assert "--config.data_dir" in result.stderr
+
+
+def test_a_damaged_workdir_file_is_one_sentence_without_traceback(tmp_path):
+  (tmp_path / "config.json").write_text('{"image_size": 12')  # Cut short.
+  result = _main("--mode=evaluate", f"--workdir={tmp_path}")
+  assert result.returncode == 1
+  assert "Traceback" not in result.stderr
+  assert f"error: {tmp_path / 'config.json'} is damaged" in result.stderr
 
 
 def test_file_verdicts_are_kept_until_a_file_changes(messy_dir, tmp_path, monkeypatch):

@@ -39,17 +39,19 @@ def test_a_resumed_run_keeps_its_validation_files_whatever_the_folder_does(
 
   for i in range(5):  # New files: before, this moved validation images.
     _new_image(folder / homer / f"new_{i}.jpg", seed=i)
-  (folder / homer_val[0]).unlink()  # A validation file goes missing,
-  _new_image(folder / homer_val[1], seed=99)  # another one changes,
+  _new_image(folder / homer_val[1], seed=99)  # A validation file changes,
   _new_image(folder / homer_train[0], seed=98)  # and a training file changes.
   shutil.copy(folder / homer_val[2], folder / homer / "copy_of_val.jpg")
+  shutil.copy(folder / homer_val[0], folder / homer / "copy_of_missing_val.jpg")
+  (folder / homer_val[0]).unlink()  # Its copy never trains: it may come back.
   _, train, val = splits.prepare(config, workdir)
 
   assert _names(val) == sorted(set(val_before) - {homer_val[0], homer_val[1]})
   assert _names(train) == sorted(
     {*train_before, *(f"{homer}/new_{i}.jpg" for i in range(5))}
   )
-  assert not {homer_val[1], f"{homer}/copy_of_val.jpg"} & set(_names(train))
+  copies = {f"{homer}/copy_of_val.jpg", f"{homer}/copy_of_missing_val.jpg"}
+  assert not {homer_val[1], *copies} & set(_names(train))
   # The decision stays on disk: the changed validation file never trains.
   _, train, again = splits.prepare(config, workdir)
   assert _names(again) == _names(val) and homer_val[1] not in _names(train)
@@ -88,7 +90,7 @@ def test_copies_stay_on_one_side_and_conflicting_labels_never_validate(
   val_hashes = set(record["val"].values())
   for path in conflicts:
     assert record["train"][f"{first}/{path.name}"] not in val_hashes
-  assert "4 images are filed under more than one character" in caplog.text
+  assert "4 image(s) filed under more than one character" in caplog.text
   assert len(train) + len(val) == 6 * 20 + 3 * 40 + 4
 
 
