@@ -55,10 +55,10 @@ def _config():
 
 
 def _splits(config):
-  from simpsons_jax import splits
+  from simpsons_jax import data
 
   with tempfile.TemporaryDirectory() as workdir:
-    return splits.prepare(config, workdir)
+    return data.create(config).prepare(Path(workdir))
 
 
 def _pipeline() -> dict:
@@ -85,8 +85,6 @@ def _keras() -> dict:
   epoch's validation accuracy."""
   import keras
   import tensorflow as tf
-
-  from simpsons_jax import input_pipeline
 
   config = _config()
   keras.utils.set_random_seed(config.seed)
@@ -116,7 +114,7 @@ def _keras() -> dict:
   )
 
   def batches(split, shuffle):
-    ds = input_pipeline.decoded_dataset(split, size)
+    ds = split.decoded(size)
     ds = ds.map(lambda e: (tf.cast(e["image"], tf.float32), e["label"]))
     if shuffle:
       ds = ds.shuffle(len(split), seed=0)

@@ -15,8 +15,12 @@ def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
 
   # Data.
-  config.dataset = "folder"  # 'folder': Kaggle layout in data_dir; 'synthetic'.
+  # 'folder': the Kaggle layout in data_dir; 'synthetic': the demo;
+  # 'tfds:NAME[:VERSION]': a prepared TFDS data set (see simpsons_jax/data).
+  config.dataset = "folder"
   config.data_dir = ""  # One sub-folder per character (simpsons_dataset).
+  config.tfds_data_dir = ""  # tfds: where it was prepared ('': TFDS's default).
+  config.tfds_split = "train"  # tfds: the split to carve train and val from.
   config.min_images = 800  # Keep characters with at least this many images.
   config.image_size = 128  # Images are resized to image_size x image_size.
   config.val_fraction = 0.05  # Stratified share of each character for val.
@@ -71,8 +75,20 @@ def get_config() -> ml_collections.ConfigDict:
   # Devices.
   config.require_accelerator = False  # True: fail rather than train on CPU.
 
+  # Evaluation: the validation split every epoch (and every eval_every_steps
+  # steps if > 0); extra data sets in config.evals, each a folder in either
+  # Kaggle layout scored every `every_epochs` epochs, e.g. in a config file:
+  #   config.evals.kaggle_test = ml_collections.ConfigDict(
+  #       {"eval_dir": "~/data/kaggle_simpson_testset", "every_epochs": 5})
+  config.eval_every_steps = 0
+  config.evals = ml_collections.ConfigDict()
+
   # Logging and checkpoints.
   config.log_every_steps = 50
+  config.checkpoint_every_steps = 0  # > 0: also save every this many steps.
+  # > 0: trace this many steps (after the first, which compiles) for
+  # TensorBoard's profile tab (pip install tensorboard-plugin-profile).
+  config.profile_steps = 0
   config.checkpoints_to_keep = 3  # The latest few; the best is always kept too.
   # The validation metric that picks the best checkpoint: 'accuracy',
   # 'balanced_accuracy', 'macro_f1' (for unbalanced data) or 'top3_accuracy'.

@@ -12,14 +12,11 @@ import functools
 import ml_collections
 from jax.sharding import Mesh
 
-from simpsons_jax import checkpointing, mixing, sharding
+from simpsons_jax import checkpointing, data, mixing, models, sharding
 
-NUM_POOLINGS = 4
 CHOICES = {
-  "dataset": ("folder", "synthetic"),
   "dtype": ("float32", "bfloat16"),
   "cpu_kernels": ("onednn", "xla"),
-  "model": ("simpsons_cnn", "resnet"),
   "optimizer": ("adam", "adamw", "sgd"),
   "schedule": ("constant", "cosine"),
   "class_weights": ("none", "balanced"),
@@ -42,12 +39,13 @@ RANGES = {
 def check(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
   """Raises ValueError naming the option and the fix for impossible values."""
   problems = []
-  smallest = 2**NUM_POOLINGS
-  if config.image_size < smallest:
-    problems.append(
-      f"image_size={config.image_size} is too small for {NUM_POOLINGS} 2x2 "
-      f"poolings: use at least {smallest}"
-    )
+  if config.model in models.MODELS:
+    smallest = models.MODELS[config.model].min_image_size(config)
+    if config.image_size < smallest:
+      problems.append(
+        f"image_size={config.image_size} is too small for model={config.model} "
+        f"with these layers: use at least {smallest}"
+      )
   if not 0 < config.val_fraction < 1:
     problems.append(f"val_fraction={config.val_fraction} must lie in (0, 1)")
   if not 0 < config.train_fraction <= 1:
@@ -81,6 +79,13 @@ def check(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
   for key, choices in CHOICES.items():
     if config[key] not in choices:
       problems.append(f"{key}={config[key]!r} must be one of {', '.join(choices)}")
+  if config.model not in models.MODELS:
+    problems.append(f"model={config.model!r} must be one of {', '.join(models.MODELS)}")
+  if data.kind(config.dataset) not in data.SOURCES:
+    problems.append(
+      f"dataset={config.dataset!r} must be one of {', '.join(data.SOURCES)} "
+      "(tfds as tfds:NAME[:VERSION])"
+    )
   if problems:
     raise ValueError("Invalid config: " + "; ".join(problems) + ".")
   sharding.check_batch_size(config.batch_size, mesh)

@@ -10,132 +10,68 @@ or under `--output_dir` when the workdir is read-only.
 
 from __future__ import annotations
 
-import json
 import os
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 from absl import logging
 
-from simpsons_jax import (
-  characters,
-  files,
-  image_files,
-  input_pipeline,
-  metrics,
-  plots,
-  predict,
-  splits,
-  summary,
-)
+from simpsons_jax import data, evaluators, plots, predict, sharding, summary
 
 VALIDATION = "validation"
 NUM_SHOWN = 9
 MAX_MISMATCHES = 16
 
 
-def report(
-  labels: np.ndarray, probs: np.ndarray, names: Sequence[str]
-) -> dict[str, Any]:
-  """Accuracy, top-3, loss, per-class and macro figures of predictions.
-
-  `labels` (N,) are character ids; `probs` (N, characters) probabilities.
-  """
-  labels = np.asarray(labels)
-  num_classes = len(names)
-  predicted = probs.argmax(axis=1)
-  confusion = np.zeros((num_classes, num_classes), np.int64)
-  np.add.at(confusion, (labels, predicted), 1)
-  top3 = np.argsort(-probs, axis=1)[:, :3]
-  true_probs = probs[np.arange(len(labels)), labels]
-  totals = {
-    "loss_sum": -np.log(np.maximum(true_probs, 1e-12)).sum(),
-    "correct": (predicted == labels).sum(),
-    "top3_correct": (top3 == labels[:, None]).any(axis=1).sum(),
-    "count": len(labels),
-    "confusion": confusion,
-  }
-  return {
-    "num_examples": len(labels),
-    **metrics.summarize(totals),
-    "per_class": metrics.per_class_report(confusion, names),
-    "characters": list(names),
-    "confusion_matrix": confusion.tolist(),
-  }
-
-
-def _dataset(
-  trained: predict.TrainedModel, workdir: Path, eval_dir: str, out: Path
-) -> tuple[input_pipeline.Split, dict[str, list[str]]]:
-  """The examples to score, and the files skipped per unknown character.
-
-  The file checks and skipped-file lists go to `out`.
-  """
-  config = trained.config
-  max_pixels = splits.max_pixels(config)
-  if not eval_dir:
-    root = input_pipeline.data_dir(config, workdir)
-    return splits.validation(workdir, root, trained.cmap, out, max_pixels), {}
-  checked = image_files.validate(
-    characters.find_labelled_images(eval_dir), out, max_pixels
-  )
-  images = checked.images
-  known = {character: images.get(character, []) for character in trained.cmap.names}
-  skipped = {
-    character or "<unparseable name>": [str(p) for p in files]
-    for character, files in images.items()
-    if character not in known
-  }
-  return input_pipeline.examples(known, trained.cmap), skipped
-
-
 def run(
   workdir: str | os.PathLike,
   eval_dir: str = "",
   checkpoint: str = "best",
-  batch_size: int = 64,
   seed: int = 0,
   output_dir: str | os.PathLike = "",
 ) -> dict[str, Any]:
   """Evaluates a checkpoint of `workdir`; writes report.json and the figures.
 
-  They go to `<output_dir or workdir/eval>/<name>/`, and TensorBoard's to
-  `<output_dir or workdir>/tensorboard/eval_<name>/`: with `output_dir`,
-  nothing is written into `workdir`, which may be read-only.
+  `eval_dir` is a folder in either Kaggle layout, or the name of one of the
+  run's `config.evals`; empty, the run's validation split. The numbers come
+  from the evaluator the training loop uses (`evaluators`), on the run's
+  batch size. They go to `<output_dir or workdir/eval>/<name>/`, and
+  TensorBoard's to `<output_dir or workdir>/tensorboard/eval_<name>/`: with
+  `output_dir`, nothing is written into `workdir`, which may be read-only.
   """
   workdir = Path(workdir)
   trained = predict.load(workdir, checkpoint)
-  name = Path(eval_dir).name if eval_dir else VALIDATION
+  config, names = trained.config, trained.cmap.names
+  evals = config.get("evals", None) or {}
+  if eval_dir in evals:
+    name, eval_dir = eval_dir, evals[eval_dir]["eval_dir"]
+  else:
+    name = Path(eval_dir).name if eval_dir else VALIDATION
   out = (Path(output_dir) if output_dir else workdir / "eval") / name
-  split, skipped = _dataset(trained, workdir, eval_dir, out)
-  if not len(split):
-    raise ValueError(
-      f"{eval_dir or 'The validation split'} has no image of the model's "
-      f"characters ({', '.join(trained.cmap.names)})."
-    )
-  batches = input_pipeline.eval_batches(split, trained.config.image_size, batch_size)
-  probs = predict.probabilities(trained, batches)
-  result = {
-    "name": name,
-    "checkpoint_step": trained.step,
-    **report(split.labels, probs, trained.cmap.names),
-    "skipped": sum(len(files) for files in skipped.values()),
-    "unknown_characters": {k: len(v) for k, v in skipped.items()},
-    "skipped_files": sorted(f for files in skipped.values() for f in files),
-  }
-  out.mkdir(parents=True, exist_ok=True)
-  files.write_text_atomic(out / "report.json", json.dumps(result, indent=2) + "\n")
-  figures = _figures(trained, split, probs, result, out, seed)
-  board = (Path(output_dir) if output_dir else workdir) / "tensorboard"
-  writer = summary.SummaryWriter(board / f"eval_{name}")
-  writer.scalars(
-    trained.step, {k: result[k] for k in ("accuracy", "top3_accuracy", "macro_f1")}
+  if eval_dir:
+    evaluator = evaluators.from_folder(name, eval_dir, trained.cmap, out, config)
+  else:
+    examples = data.create(config).validation(workdir, out)
+    if not len(examples):
+      raise ValueError(
+        f"The validation split of {workdir} has no image left: see the log."
+      )
+    evaluator = evaluators.Evaluator(VALIDATION, examples)
+  mesh = _mesh(config.batch_size)
+  score = evaluators.sums_fn(
+    mesh, trained.model.apply, len(names), config.get("eval_flip", False)
   )
-  for figure, image in figures.items():
-    writer.images(trained.step, figure, image[None])
-  writer.close()
+  result = {
+    "checkpoint_step": trained.step,
+    **evaluator.run(score, trained.variables, mesh, config, names),
+  }
+  probs = predict.probabilities(trained, evaluator.batches(config))
+  out.mkdir(parents=True, exist_ok=True)
+  figures = _figures(trained, evaluator.examples, probs, result, out, seed)
+  board = (Path(output_dir) if output_dir else workdir) / "tensorboard"
+  evaluators.write(result, out, board / f"eval_{name}", trained.step, figures)
   logging.info(
     "%s: accuracy %.4f, top-3 %.4f, macro-F1 %.4f on %d images (%d skipped); see %s",
     name,
@@ -149,6 +85,13 @@ def run(
   return result
 
 
+def _mesh(batch_size: int) -> jax.sharding.Mesh:
+  """A mesh of as many devices as divide the batch (all, on the trained ones)."""
+  devices = jax.devices()
+  count = max(n for n in range(1, len(devices) + 1) if batch_size % n == 0)
+  return sharding.make_mesh(devices[:count])
+
+
 def _figures(
   trained, split, probs, result, out: Path, seed: int
 ) -> dict[str, np.ndarray]:
@@ -159,7 +102,7 @@ def _figures(
 
   def grid(indices, filename, title):
     return plots.prediction_grid(
-      [split.paths[i] for i in indices],
+      split.frames(indices),
       [names[split.labels[i]] for i in indices],
       [names[predicted[i]] for i in indices],
       [confidence[i] for i in indices],
@@ -193,13 +136,12 @@ def show_data(workdir: str | os.PathLike, count: int = 9, seed: int = 0) -> Path
   config, cmap = predict.load_config_and_map(workdir)
   out = workdir / "eval" / "training_data"
   out.mkdir(parents=True, exist_ok=True)
-  root = input_pipeline.data_dir(config, workdir)
-  train, _ = splits.load_in_use(workdir, root, cmap)
+  _, train, _ = data.create(config).load(workdir)
   rng = np.random.default_rng(seed)
   shown = rng.choice(len(train), size=min(count, len(train)), replace=False)
   path = out / "random_characters.png"
   image = plots.frame_grid(
-    [train.paths[i] for i in shown],
+    train.frames(shown),
     [plots.title(cmap.names[train.labels[i]]) for i in shown],
     path,
     suptitle="Random training frames",

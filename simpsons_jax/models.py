@@ -112,6 +112,27 @@ class SimpsonsCNN(nn.Module):
   dtype: Any = jnp.float32
   onednn: bool = False  # Conv blocks through cpu_conv.conv_relu_pool.
 
+  # The config keys that fix its parameters (a resumed run may not change them).
+  CONFIG_FIELDS = ("conv_features", "dense_features")
+
+  @classmethod
+  def from_config(
+    cls, config: ml_collections.ConfigDict, num_classes: int, kernels: str
+  ) -> SimpsonsCNN:
+    return cls(
+      num_classes=num_classes,
+      conv_features=tuple(config.conv_features),
+      dense_features=tuple(config.dense_features),
+      dropout_rate=config.dropout_rate,
+      dtype=jnp.dtype(config.dtype),
+      onednn=kernels == "onednn",
+    )
+
+  @staticmethod
+  def min_image_size(config: ml_collections.ConfigDict) -> int:
+    """Each conv block halves the image: at least one pixel must be left."""
+    return 2 ** len(config.conv_features)
+
   @nn.compact
   def __call__(self, images: jax.Array, *, train: bool) -> jax.Array:
     glorot = nn.initializers.glorot_uniform()
@@ -197,6 +218,34 @@ class ResNet(nn.Module):
   dtype: Any = jnp.float32
   conv_fn: Callable | None = None
 
+  CONFIG_FIELDS = ("stem_features", "stem_pool", "stage_features", "blocks_per_stage")
+
+  @classmethod
+  def from_config(
+    cls, config: ml_collections.ConfigDict, num_classes: int, kernels: str
+  ) -> ResNet:
+    conv_fn = None
+    if kernels == "onednn":
+      conv_fn = cpu_conv.conv_general_dilated
+    elif jax.default_backend() == "cpu":
+      # On XLA:CPU the kernel gradients are faster summed over batch chunks.
+      conv_fn = chunked_kernel_grad_conv
+    return cls(
+      num_classes=num_classes,
+      stem_features=config.stem_features,
+      stem_pool=config.stem_pool,
+      stage_features=tuple(config.stage_features),
+      blocks_per_stage=config.blocks_per_stage,
+      dropout_rate=config.dropout_rate,
+      dtype=jnp.dtype(config.dtype),
+      conv_fn=conv_fn,
+    )
+
+  @staticmethod
+  def min_image_size(config: ml_collections.ConfigDict) -> int:
+    """The stem pool and each stage after the first halve the image."""
+    return 2 ** (len(config.stage_features) - 1 + int(config.stem_pool))
+
   @nn.compact
   def __call__(self, images: jax.Array, *, train: bool) -> jax.Array:
     conv_fn = self.conv_fn
@@ -249,39 +298,30 @@ def _set_up_convolutions(line: str) -> None:
     logging.info("Memory: freed blocks are kept for reuse (no page faults per step).")
 
 
+# Every network by its --config.model name. A model is an nn.Module with
+# `from_config(config, num_classes, kernels)`, `min_image_size(config)` and
+# the `CONFIG_FIELDS` that fix its parameters, and one line here.
+MODELS: dict[str, type[nn.Module]] = {
+  "simpsons_cnn": SimpsonsCNN,
+  "resnet": ResNet,
+}
+
+
+def family(config: ml_collections.ConfigDict) -> type[nn.Module]:
+  """The model class `config.model` names."""
+  if config.model not in MODELS:
+    raise ValueError(
+      f"Unknown --config.model={config.model!r}; known: {', '.join(MODELS)}."
+    )
+  return MODELS[config.model]
+
+
 def create(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
   """Builds the model named by `config.model` for `num_classes` characters."""
+  cls = family(config)
   kernels, line = conv_implementation(config)
   _set_up_convolutions(line)
-  if config.model == "resnet":
-    conv_fn = None
-    if kernels == "onednn":
-      conv_fn = cpu_conv.conv_general_dilated
-    elif jax.default_backend() == "cpu":
-      # On XLA:CPU the kernel gradients are faster summed over batch chunks.
-      conv_fn = chunked_kernel_grad_conv
-    return ResNet(
-      num_classes=num_classes,
-      stem_features=config.stem_features,
-      stem_pool=config.stem_pool,
-      stage_features=tuple(config.stage_features),
-      blocks_per_stage=config.blocks_per_stage,
-      dropout_rate=config.dropout_rate,
-      dtype=jnp.dtype(config.dtype),
-      conv_fn=conv_fn,
-    )
-  if config.model == "simpsons_cnn":
-    return SimpsonsCNN(
-      num_classes=num_classes,
-      conv_features=tuple(config.conv_features),
-      dense_features=tuple(config.dense_features),
-      dropout_rate=config.dropout_rate,
-      dtype=jnp.dtype(config.dtype),
-      onednn=kernels == "onednn",
-    )
-  raise ValueError(
-    f"Unknown --config.model={config.model!r}; known: simpsons_cnn, resnet."
-  )
+  return cls.from_config(config, num_classes, kernels)
 
 
 def inference_logits(

@@ -34,24 +34,28 @@ def _save(fig: plt.Figure, path: str | os.PathLike) -> np.ndarray:
 
 
 def frame_grid(
-  paths: Sequence[str],
+  frames: Sequence[str | np.ndarray],
   titles: Sequence[str],
   path: str | os.PathLike,
   colours: Sequence[str] | None = None,
   suptitle: str = "",
   columns: int = 3,
 ) -> np.ndarray:
-  """The frames of `paths` in a grid, each titled (and coloured) as given."""
-  rows = max(1, -(-len(paths) // columns))
+  """Frames (files or uint8 RGB pixels) in a grid, each titled (and coloured)
+  as given."""
+  rows = max(1, -(-len(frames) // columns))
   fig, axes = plt.subplots(
     rows, columns, figsize=(3.2 * columns, 3.6 * rows), squeeze=False
   )
   for ax in axes.flat:
     ax.axis("off")
-  for i, (frame, title) in enumerate(zip(paths, titles, strict=True)):
+  for i, (frame, title) in enumerate(zip(frames, titles, strict=True)):
     ax = axes.flat[i]
-    with Image.open(frame) as image:
-      ax.imshow(np.asarray(image.convert("RGB")))
+    if isinstance(frame, np.ndarray):
+      ax.imshow(frame)
+    else:
+      with Image.open(frame) as image:
+        ax.imshow(np.asarray(image.convert("RGB")))
     ax.set_title(title, fontsize=10, color=colours[i] if colours else "black")
   if suptitle:
     fig.suptitle(suptitle, fontsize=13)
@@ -60,7 +64,7 @@ def frame_grid(
 
 
 def prediction_grid(
-  paths: Sequence[str],
+  frames: Sequence[str | np.ndarray],
   true_names: Sequence[str],
   predicted_names: Sequence[str],
   probabilities: Sequence[float],
@@ -76,7 +80,7 @@ def prediction_grid(
     titles.append(text)
     colours.append(RIGHT if guess == truth else WRONG)
   return frame_grid(
-    paths, titles, path, colours, suptitle, columns=3 if len(paths) <= 9 else 4
+    frames, titles, path, colours, suptitle, columns=3 if len(frames) <= 9 else 4
   )
 
 

@@ -25,6 +25,7 @@ import numpy as np
 from absl import logging
 
 from simpsons_jax import characters, checkpointing, image_files, input_pipeline, models
+from simpsons_jax.data import core
 
 UNKNOWN = "unknown"
 
@@ -145,7 +146,7 @@ def _problem_or_image(
   verdict, image = image_files.read(path, max_pixels)
   if verdict.reason:
     return verdict.reason, None
-  return None, input_pipeline.resize(image, image_size).numpy()
+  return None, core.resize(image, image_size).numpy()
 
 
 def printable(path: str | os.PathLike) -> str:

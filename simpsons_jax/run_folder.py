@@ -21,7 +21,7 @@ from pathlib import Path
 import ml_collections
 from absl import logging
 
-from simpsons_jax import checkpointing
+from simpsons_jax import checkpointing, models
 
 try:
   import fcntl
@@ -30,7 +30,8 @@ except ImportError:  # Windows.
 
 LOCK_FILENAME = "train.lock"
 # What a resumed run must share with the run it continues: they fix the
-# labels, the split, the data order or the shapes of the saved arrays.
+# labels, the split, the data order or the shapes of the saved arrays; so do
+# the model's own CONFIG_FIELDS (`resume_fixed`).
 RESUME_FIXED = (
   "dataset",
   "min_images",
@@ -41,16 +42,17 @@ RESUME_FIXED = (
   "batch_size",
   "synthetic_images_per_character",
   "model",
-  "conv_features",
-  "dense_features",
-  "stem_features",
-  "stem_pool",
-  "stage_features",
-  "blocks_per_stage",
   "optimizer",
   "schedule",
   "ema_decay",
 )
+
+
+def resume_fixed(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The keys a run continuing `config`'s must keep."""
+  return RESUME_FIXED + tuple(models.family(config).CONFIG_FIELDS)
+
+
 # What `restart` moves aside; synthetic data and the file checks are kept.
 RUN_FILES = (
   "checkpoints",
@@ -140,7 +142,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: Path) -> None:
     )
   changed = [
     f"{key}: {_normalise(saved.get(key))!r} -> {_normalise(config[key])!r}"
-    for key in RESUME_FIXED
+    for key in resume_fixed(config)
     if _normalise(saved.get(key)) != _normalise(config[key])
   ]
   if not changed:

@@ -24,14 +24,14 @@ import collections
 import dataclasses
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import ml_collections
 import numpy as np
 from absl import logging
 
-from simpsons_jax import characters, files, image_files, input_pipeline
+from simpsons_jax import characters, files
 
 SPLIT_FILENAME = "split.json"
 _FORMAT = 1
@@ -202,26 +202,15 @@ def _count_copies(record: Record) -> None:
       logging.info("%d %s image(s) are exact copies of others there.", copies, side)
 
 
-def _as_split(
-  paths: Iterable[str], root: Path, cmap: characters.CharacterMap
-) -> input_pipeline.Split:
+def character(key: str) -> str:
+  """The character of a key: the part before its first '/'."""
+  return _character(key)
+
+
+def ordered(keys: Mapping[str, str], cmap: characters.CharacterMap) -> dict[str, str]:
+  """Key -> SHA-256 in the order the examples take: by character id, then key."""
   label_of = {name: i for i, name in enumerate(cmap.names)}
-  ordered = sorted(paths, key=lambda p: (label_of[_character(p)], p))
-  return input_pipeline.Split(
-    np.asarray([str(root / p) for p in ordered], dtype=str),
-    np.asarray([label_of[_character(p)] for p in ordered], dtype=np.int32),
-  )
-
-
-def _current(
-  checked: image_files.Checked, root: Path, cmap: characters.CharacterMap
-) -> dict[str, str]:
-  """Path under the data folder -> SHA-256 of the usable images of `cmap`."""
-  return {
-    f"{name}/{path.name}": checked.sha256[path]
-    for name in cmap.names
-    for path in checked.images[name]
-  }
+  return {k: keys[k] for k in sorted(keys, key=lambda k: (label_of[_character(k)], k))}
 
 
 def _fix(workdir: Path) -> str:
@@ -253,21 +242,21 @@ def _record(data: Mapping) -> Record:
   return Record(**{side: dict(data[side]) for side in ("train", "val", "unused")})
 
 
-def load_or_create(
+def keep(
   workdir: str | os.PathLike,
-  root: Path,
-  checked: image_files.Checked,
+  current: Mapping[str, str],
   cmap: characters.CharacterMap,
   config: ml_collections.ConfigDict,
-) -> tuple[input_pipeline.Split, input_pipeline.Split]:
-  """The training and validation splits of this run; see the module docstring.
+) -> tuple[dict[str, str], dict[str, str]]:
+  """The training and validation keys of this run, each with its SHA-256, in
+  example order; see the module docstring.
 
-  Saves the decision on the first run and the files in use on every run (for
-  the other processes of a multi-process run: `load_in_use`).
+  `current` maps each usable example of `cmap`'s characters, by its key
+  (`<character>/<name>`), to the SHA-256 of its bytes. Saves the decision on
+  the first run, and the keys in use on every run (`in_use` reads them).
   """
   workdir = Path(workdir)
   path = workdir / SPLIT_FILENAME
-  current = _current(checked, root, cmap)
   _warn_about_conflicts(current)
   if path.exists():
     record = _record(_load(workdir))
@@ -275,70 +264,47 @@ def load_or_create(
     record = decide(
       current, cmap.names, config.val_fraction, config.train_fraction, config.seed
     )
-  in_use, changes = reconcile(record, current)
+  used, changes = reconcile(record, current)
   changes.log(path)
-  _count_copies(in_use)
-  saved = Record({**record.train, **in_use.train}, record.val, record.unused)
+  _count_copies(used)
+  saved = Record({**record.train, **used.train}, record.val, record.unused)
   data = {"format": _FORMAT, **saved.to_json()}
-  data["in_use"] = {"train": sorted(in_use.train), "val": sorted(in_use.val)}
+  data["in_use"] = {"train": sorted(used.train), "val": sorted(used.val)}
   files.write_text_atomic(path, json.dumps(data, indent=1) + "\n")
-  train, val = _as_split(in_use.train, root, cmap), _as_split(in_use.val, root, cmap)
-  unseen = sorted(set(range(cmap.num_classes)) - set(val.labels.tolist()))
+  unseen = sorted(set(cmap.names) - {_character(k) for k in used.val})
   if unseen:
     logging.warning(
-      "No validation image for %s: too few images to split.",
-      ", ".join(cmap.names[i] for i in unseen),
+      "No validation image for %s: too few images to split.", ", ".join(unseen)
     )
-  return train, val
+  return ordered(used.train, cmap), ordered(used.val, cmap)
 
 
-def load_in_use(
-  workdir: str | os.PathLike, root: Path, cmap: characters.CharacterMap
-) -> tuple[input_pipeline.Split, input_pipeline.Split]:
-  """The splits that `load_or_create` last chose for this workdir."""
-  in_use = _load(Path(workdir))["in_use"]
-  return _as_split(in_use["train"], root, cmap), _as_split(in_use["val"], root, cmap)
+def in_use(
+  workdir: str | os.PathLike, cmap: characters.CharacterMap
+) -> tuple[dict[str, str], dict[str, str]]:
+  """The training and validation keys (with SHA-256) `keep` last chose."""
+  data = _load(Path(workdir))
+  record = _record(data)
+  train = {k: record.train[k] for k in data["in_use"]["train"]}
+  val = {k: record.val[k] for k in data["in_use"]["val"]}
+  return ordered(train, cmap), ordered(val, cmap)
 
 
-def validation(
+def saved_validation(workdir: str | os.PathLike) -> dict[str, str]:
+  """The saved validation keys and their SHA-256, present now or not."""
+  return _record(_load(Path(workdir))).val
+
+
+def still_valid(
   workdir: str | os.PathLike,
-  root: Path,
+  current: Mapping[str, str],
   cmap: characters.CharacterMap,
-  report_dir: str | os.PathLike | None,
-  max_pixels: int,
-) -> input_pipeline.Split:
-  """The run's saved validation files that are still there and unchanged."""
-  workdir = Path(workdir)
-  record = _record(_load(workdir))
-  by_character = collections.defaultdict(list)
-  for path in record.val:
-    by_character[_character(path)].append(root / path)
-  checked = image_files.validate(by_character, report_dir, max_pixels)
-  current = {
-    f"{name}/{path.name}": checked.sha256[path]
-    for name, paths in checked.images.items()
-    for path in paths
-  }
-  in_use, changes = reconcile(Record({}, record.val, {}), current)
-  changes.log(workdir / SPLIT_FILENAME)
-  return _as_split(in_use.val, root, cmap)
+) -> dict[str, str]:
+  """The saved validation keys whose content in `current` is unchanged.
 
-
-def prepare(
-  config: ml_collections.ConfigDict, workdir: str | os.PathLike
-) -> tuple[characters.CharacterMap, input_pipeline.Split, input_pipeline.Split]:
-  """Checks the data folder's files and returns the run's characters and splits.
-
-  Writes `characters.json`, `split.json`, `skipped_files.json` and
-  `file_checks.json` in `workdir`.
+  The others (missing, changed, unusable now) are logged.
   """
-  root = input_pipeline.data_dir(config, workdir)
-  found = characters.find_images(root)
-  checked = image_files.validate(found, workdir, max_pixels(config))
-  cmap = characters.load_or_create(workdir, checked.images, config.min_images)
-  return cmap, *load_or_create(workdir, root, checked, cmap, config)
-
-
-def max_pixels(config: ml_collections.ConfigDict) -> int:
-  """The pixel limit of a config, also of one saved before the option existed."""
-  return config.get("max_image_pixels", image_files.DEFAULT_MAX_PIXELS)
+  workdir = Path(workdir)
+  used, changes = reconcile(Record({}, saved_validation(workdir), {}), current)
+  changes.log(workdir / SPLIT_FILENAME)
+  return ordered(used.val, cmap)

@@ -27,6 +27,8 @@ from simpsons_jax import (
   characters,
   checkpointing,
   config_checks,
+  data,
+  evaluators,
   input_pipeline,
   metrics,
   mixing,
@@ -34,7 +36,6 @@ from simpsons_jax import (
   optimizers,
   run_folder,
   sharding,
-  splits,
   summary,
 )
 
@@ -175,38 +176,15 @@ def train_step(
   return state, sums
 
 
-def eval_step(
-  state: TrainState,
-  batch: Mapping[str, jax.Array],
-  num_classes: int,
-  flip: bool = False,
-) -> dict[str, jax.Array]:
-  """Metric sums over the real (mask=1) examples of a padded batch."""
-  logits = models.inference_logits(
-    state.apply_fn, state.inference_variables(), batch["image"], flip
-  )
-  labels, mask = batch["label"], batch["mask"]
-  losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-  predicted = logits.argmax(-1)
-  top3 = jax.lax.top_k(logits, min(3, num_classes))[1]
-  true_onehot = jax.nn.one_hot(labels, num_classes) * mask[:, None]
-  return {
-    "loss_sum": (losses * mask).sum(),
-    "correct": ((predicted == labels) * mask).sum(),
-    "top3_correct": ((top3 == labels[:, None]).any(-1) * mask).sum(),
-    "count": mask.sum(),
-    "confusion": true_onehot.T @ jax.nn.one_hot(predicted, num_classes),
-  }
-
-
 def jit_steps(
   mesh: Mesh,
   config: ml_collections.ConfigDict,
   num_classes: int,
   weights: np.ndarray | None = None,
 ) -> tuple[Callable, Callable]:
-  """`train_step` and `eval_step` with the config's options, compiled for
-  `mesh`, the state donated. `weights` are the per-character loss weights."""
+  """`train_step` with the config's options, compiled for `mesh`, the state
+  donated, and the metric sums of (state, batch) (`evaluators.sums_fn` of the
+  state's inference variables). `weights` are the per-character loss weights."""
   state_sharding = sharding.replicated(mesh)
   batch_sharding = sharding.data_sharding(mesh)
   step = functools.partial(
@@ -223,12 +201,15 @@ def jit_steps(
     out_shardings=(state_sharding, state_sharding),
     donate_argnums=0,
   )
-  jitted_eval = jax.jit(
-    functools.partial(eval_step, num_classes=num_classes, flip=config.eval_flip),
-    in_shardings=(state_sharding, batch_sharding),
-    out_shardings=state_sharding,
-  )
-  return jitted_train, jitted_eval
+
+  @functools.cache
+  def sums_for(apply_fn: Callable) -> Callable:
+    return evaluators.sums_fn(mesh, apply_fn, num_classes, config.eval_flip)
+
+  def eval_fn(state: TrainState, batch: Mapping[str, jax.Array]) -> dict:
+    return sums_for(state.apply_fn)(state.inference_variables(), batch)
+
+  return jitted_train, eval_fn
 
 
 def evaluate(
@@ -238,7 +219,7 @@ def evaluate(
   totals = None
   for batch in sharding.prefetch(batches, mesh):
     totals = metrics.add(totals, eval_fn(state, batch))
-  return metrics.summarize(totals)
+  return metrics.summarize(jax.device_get(totals))
 
 
 def _flat_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -316,15 +297,14 @@ def train_and_evaluate(
     if first:
       run_folder.prepare(config, workdir)
     sharding.describe_devices(mesh, config.require_accelerator)
+    source = data.create(config)
     if first:
-      cmap, train_split, val_split = splits.prepare(config, workdir)
+      cmap, train_split, val_split = source.prepare(workdir)
       checkpointing.save_config(workdir, config)
     if jax.process_count() > 1:  # The others read what process 0 decided.
       multihost_utils.sync_global_devices("workdir prepared")
     if not first:
-      cmap = characters.CharacterMap.load(workdir / characters.MAP_FILENAME)
-      root = input_pipeline.data_dir(config, workdir)
-      train_split, val_split = splits.load_in_use(workdir, root, cmap)
+      cmap, train_split, val_split = source.load(workdir)
     return _train(config, workdir, mesh, cmap, train_split, val_split)
 
 
@@ -333,8 +313,8 @@ def _train(
   workdir: Path,
   mesh: Mesh,
   cmap: characters.CharacterMap,
-  train_split: input_pipeline.Split,
-  val_split: input_pipeline.Split,
+  train_split: data.core.Examples,
+  val_split: data.core.Examples,
 ) -> tuple[TrainState, dict[str, float]]:
   logging.info(
     "Data: %d characters, %d training and %d validation images.",
@@ -376,10 +356,17 @@ def _train(
   )
 
   weights = class_weights(train_split.labels, cmap.num_classes, config.class_weights)
-  p_train_step, p_eval_step = jit_steps(mesh, config, cmap.num_classes, weights)
+  p_train_step, _ = jit_steps(mesh, config, cmap.num_classes, weights)
   val_batches = input_pipeline.eval_batches(
     val_split, config.image_size, config.batch_size, config.cache_dir, **process
   )
+  extra_evals = evaluators.from_config(config, cmap, workdir)
+  score = evaluators.sums_fn(mesh, model.apply, cmap.num_classes, config.eval_flip)
+
+  def validate() -> dict[str, float]:
+    variables = state.inference_variables()
+    return metrics.summarize(evaluators.accumulate(score, variables, val_batches, mesh))
+
   writer = summary.SummaryWriter(workdir / "tensorboard")
   if start_step == 0:
     writer.hparams(_flat_config(config))
@@ -398,6 +385,9 @@ def _train(
   val_metrics: dict[str, float] = {}
   totals, window_start, window_steps = None, time.perf_counter(), 0
   batches = input_pipeline.train_batches(train_split, config, start_step, **process)
+  profiler = _Profiler(
+    workdir / "tensorboard", start_step, config.get("profile_steps", 0)
+  )
   try:
     with _StopSignals() as stop:
       for step, batch in zip(
@@ -405,10 +395,15 @@ def _train(
         sharding.prefetch(_with_first_batch_shown(batches, writer, start_step), mesh),
         strict=True,
       ):
+        profiler.before(step)
         state, sums = p_train_step(state, batch)
+        profiler.after(step, sums)
         totals = _accumulate(totals, sums)
         window_steps += 1
         end_of_epoch = step % steps_per_epoch == 0
+        epoch = step // steps_per_epoch
+        validating = end_of_epoch or _every(step, config.eval_every_steps)
+        saving = validating or _every(step, config.checkpoint_every_steps)
         if step % config.log_every_steps == 0 or end_of_epoch:
           train_metrics = metrics.summarize(jax.device_get(totals))
           _check_finite(train_metrics, "Training", step, manager)
@@ -429,27 +424,33 @@ def _train(
             ),
           )
           totals, window_start, window_steps = None, time.perf_counter(), 0
-        if end_of_epoch:
-          val_metrics = evaluate(p_eval_step, state, val_batches, mesh)
+        if validating:
+          val_metrics = validate()
           _check_finite(val_metrics, "Validation", step, manager)
           writer.scalars(step, {f"val_{k}": v for k, v in val_metrics.items()})
           writer.flush()
           logging.info(
-            "epoch %d validation: %s",
-            step // steps_per_epoch,
+            "epoch %.4g validation: %s",
+            step / steps_per_epoch,
             ", ".join(f"{k} {v:.4f}" for k, v in val_metrics.items()),
           )
-          save(step, val_metrics)
+        if end_of_epoch:
+          for extra in extra_evals:
+            if epoch % extra.every_epochs == 0:
+              _run_extra(extra, score, state, mesh, config, cmap, workdir, step)
+        if saving:
+          save(step, val_metrics if validating else None)
         if stop.received is not None:
-          if not end_of_epoch:
+          if not saving:
             save(step, None)
           raise Interrupted(stop.received, step, manager.directory)
   finally:
+    profiler.stop()
     # A save already started completes, whatever ended the loop.
     manager.wait_until_finished()
     writer.close()
   if not val_metrics:
-    val_metrics = evaluate(p_eval_step, state, val_batches, mesh)
+    val_metrics = validate()
   manager.close()
   logging.info(
     "Finished at step %d: validation accuracy %.4f; best checkpoint by %s: "
@@ -461,6 +462,57 @@ def _train(
     manager.directory,
   )
   return state, val_metrics
+
+
+class _Profiler:
+  """Traces `count` steps (after the first, which compiles) for TensorBoard's
+  profile tab, under `<log_dir>/plugins/profile/`."""
+
+  def __init__(self, log_dir: Path, start_step: int, count: int):
+    self.log_dir, self.count = log_dir, count
+    self.first = start_step + 2
+    self.tracing = False
+
+  def before(self, step: int) -> None:
+    if self.count and step == self.first and jax.process_index() == 0:
+      jax.profiler.start_trace(str(self.log_dir))
+      self.tracing = True
+
+  def after(self, step: int, outputs: Any) -> None:
+    if self.tracing and step == self.first + self.count - 1:
+      jax.block_until_ready(outputs)
+      self.stop()
+
+  def stop(self) -> None:
+    if self.tracing:
+      jax.profiler.stop_trace()
+      self.tracing = False
+      logging.info("Profile of %d steps written under %s.", self.count, self.log_dir)
+
+
+def _every(step: int, interval: int) -> bool:
+  return interval > 0 and step % interval == 0
+
+
+def _run_extra(extra, score, state, mesh, config, cmap, workdir: Path, step: int):
+  """Scores an extra evaluator, writes its report and TensorBoard figures."""
+  variables = state.inference_variables()
+  result = {
+    "checkpoint_step": step,
+    **extra.run(score, variables, mesh, config, cmap.names),
+  }
+  logging.info(
+    "%s at step %d: accuracy %.4f, top-3 %.4f, macro-F1 %.4f on %d images",
+    extra.name,
+    step,
+    result["accuracy"],
+    result["top3_accuracy"],
+    result["macro_f1"],
+    result["num_examples"],
+  )
+  if jax.process_index() == 0:
+    board = workdir / "tensorboard" / f"eval_{extra.name}"
+    evaluators.write(result, workdir / "eval" / extra.name, board, step)
 
 
 def _accumulate(totals, sums):

@@ -8,6 +8,7 @@ import tensorflow as tf
 
 from configs import default
 from simpsons_jax import augment, input_pipeline, mixing
+from simpsons_jax.data import folder
 
 
 def _all_on(config):
@@ -78,7 +79,7 @@ def augmented_config(tiny_config):
 
 def test_training_batches_keep_shapes_and_labels(tiny_data_dir, augmented_config):
   images, cmap = _images_and_map(tiny_data_dir)
-  split = input_pipeline.examples(images, cmap)
+  split = folder.Files.of(images, cmap)
   plain_config = _all_on(augmented_config.copy_and_resolve_references())
   for key in ("flip", "shift", "rotation_degrees", "brightness", "contrast"):
     plain_config.augment[key] = type(plain_config.augment[key])(0)
@@ -97,7 +98,7 @@ def test_resumed_pipeline_sees_the_same_augmented_batches(
   tiny_data_dir, augmented_config
 ):
   images, cmap = _images_and_map(tiny_data_dir)
-  split = input_pipeline.examples(images, cmap)
+  split = folder.Files.of(images, cmap)
   whole = _batches(split, augmented_config)
   resumed = _batches(split, augmented_config, start_step=5)
   assert len(resumed) == len(whole) - 5

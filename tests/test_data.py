@@ -4,9 +4,11 @@ import json
 
 import numpy as np
 import pytest
+import tensorflow as tf
 from PIL import Image
 
-from simpsons_jax import characters, input_pipeline, splits
+from simpsons_jax import characters, image_files, input_pipeline, splits
+from simpsons_jax.data import core, folder
 
 
 def _make_folder(root, counts, size=(20, 12)):
@@ -118,22 +120,26 @@ def test_train_fraction_takes_a_seeded_share_of_each_character():
   assert len(record.train) + len(record.unused) + len(record.val) == 400
 
 
+def _decode(path):
+  return core.resize(image_files.decode(tf.io.read_file(str(path))), 24).numpy()
+
+
 def test_decode_any_mode_to_rgb_uint8(tmp_path):
   Image.new("L", (30, 10), 200).save(tmp_path / "gray.jpg")
   Image.new("RGBA", (7, 9), (255, 0, 0, 0)).save(tmp_path / "alpha.png")
   Image.new("P", (12, 12), 3).save(tmp_path / "palette.png")
   Image.new("CMYK", (16, 8), (0, 255, 255, 0)).save(tmp_path / "cmyk.jpg")
   for name in ("gray.jpg", "alpha.png", "palette.png", "cmyk.jpg"):
-    image = input_pipeline.decode_and_resize(str(tmp_path / name), 24).numpy()
+    image = _decode(tmp_path / name)
     assert image.shape == (24, 24, 3) and image.dtype == np.uint8, name
-  red = input_pipeline.decode_and_resize(str(tmp_path / "cmyk.jpg"), 24).numpy()
+  red = _decode(tmp_path / "cmyk.jpg")
   assert red[..., 0].mean() > 200 and red[..., 1:].mean() < 60
 
 
 def test_eval_batches_count_every_example_once(tmp_path):
   root = _make_folder(tmp_path / "d", {"bart": 6, "lisa": 7})
   images = characters.find_images(root)
-  split = input_pipeline.examples(images, characters.select(images, 1))
+  split = folder.Files.of(images, characters.select(images, 1))
   batches = input_pipeline.eval_batches(split, image_size=8, batch_size=8)
   assert [b["image"].shape for b in batches] == [(8, 8, 8, 3)] * 2
   mask = np.concatenate([b["mask"] for b in batches])
@@ -144,7 +150,7 @@ def test_eval_batches_count_every_example_once(tmp_path):
 
 def test_train_batches_resume_where_they_stopped(tiny_config, tiny_data_dir):
   images = characters.find_images(tiny_data_dir)
-  split = input_pipeline.examples(images, characters.select(images, 1))
+  split = folder.Files.of(images, characters.select(images, 1))
   tiny_config.num_epochs = 3
 
   def labels(start):

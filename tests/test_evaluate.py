@@ -4,33 +4,30 @@ import json
 import os
 import shutil
 
+import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
 
-from simpsons_jax import characters, evaluate, files, plots, predict, train
+from simpsons_jax import characters, evaluate, evaluators, files, plots, predict, train
 from tests.conftest import make_tiny_config
 
 
-def test_report_on_hand_built_predictions():
-  names = ["bart", "homer", "lisa"]
-  labels = np.array([0, 0, 0, 1, 1, 2, 2, 2])
-  probs = np.array(
-    [
-      [0.7, 0.2, 0.1],  # right
-      [0.6, 0.3, 0.1],  # right
-      [0.2, 0.5, 0.3],  # homer; bart is third
-      [0.1, 0.8, 0.1],  # right
-      [0.5, 0.4, 0.1],  # bart; homer second
-      [0.1, 0.1, 0.8],  # right
-      [0.3, 0.3, 0.4],  # right
-      [0.6, 0.3, 0.1],  # bart; lisa third
-    ]
-  )
-  result = evaluate.report(labels, probs, names)
+def test_report_on_hand_built_sums():
+  names = ("bart", "homer", "lisa")
+  confusion = np.array([[2, 1, 0], [1, 1, 0], [1, 0, 2]], np.float32)
+  totals = {
+    "loss_sum": np.float32(6.0),
+    "correct": np.float32(5),
+    "top3_correct": np.float32(8),
+    "count": np.float32(8),
+    "confusion": confusion,
+  }
+  result = evaluators.report(totals, names)
   assert result["num_examples"] == 8
   assert result["accuracy"] == 5 / 8
   assert result["top3_accuracy"] == 1.0
+  assert result["loss"] == 6.0 / 8
   assert result["confusion_matrix"] == [[2, 1, 0], [1, 1, 0], [1, 0, 2]]
   assert result["per_class"]["bart"] == {
     "precision": 0.5,
@@ -42,8 +39,7 @@ def test_report_on_hand_built_predictions():
   assert result["per_class"]["lisa"]["recall"] == 2 / 3
   f1 = [result["per_class"][n]["f1"] for n in names]
   assert result["macro_f1"] == pytest.approx(np.mean(f1))
-  expected_loss = -np.mean(np.log(probs[np.arange(8), labels]))
-  assert result["loss"] == pytest.approx(expected_loss)
+  assert result["balanced_accuracy"] == pytest.approx((2 / 3 + 1 / 2 + 2 / 3) / 3)
 
 
 @pytest.mark.parametrize(
@@ -249,3 +245,24 @@ def test_predict_output_keeps_what_was_done_before_an_interruption(
     predict.run(trained_workdir, paths, output=str(output), batch_size=2)
   lines = [json.loads(line) for line in output.read_text().splitlines()]
   assert [r["path"] for r in lines] == [str(p) for p in paths[:4]]
+
+
+def test_an_extra_evaluator_reports_every_epoch_and_evaluate_reproduces_it(
+  tiny_data_dir, tmp_path
+):
+  config = make_tiny_config(tiny_data_dir)
+  config.num_epochs = 2
+  config.evals.kaggle_test = ml_collections.ConfigDict(
+    {"eval_dir": str(tiny_data_dir), "every_epochs": 1}
+  )
+  train.train_and_evaluate(config, tmp_path)
+  path = tmp_path / "eval" / "kaggle_test" / "report.json"
+  during = json.loads(path.read_text())
+  assert during["checkpoint_step"] == 12 and during["num_examples"] == 120
+  events = list((tmp_path / "tensorboard" / "eval_kaggle_test").iterdir())
+  assert len(events) == 2  # One per epoch.
+  after = evaluate.run(tmp_path, eval_dir="kaggle_test", checkpoint="12")
+  assert {k: v for k, v in after.items() if k != "name"} == {
+    k: v for k, v in during.items() if k != "name"
+  }
+  assert json.loads(path.read_text()) == after

@@ -188,7 +188,7 @@ def test_nothing_left_after_filtering_fails_before_training(tmp_path, tiny_confi
 @pytest.mark.parametrize(
   "key, value, message",
   [
-    ("image_size", 8, "image_size=8 is too small for 4 2x2 poolings"),
+    ("image_size", 8, "image_size=8 is too small for model=simpsons_cnn .* 16"),
     ("val_fraction", 0.0, "val_fraction=0.0 must lie in \\(0, 1\\)"),
     ("val_fraction", 1.0, "val_fraction=1.0 must lie in \\(0, 1\\)"),
     ("min_images", 0, "min_images=0 must be at least 1"),

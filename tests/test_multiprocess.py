@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 
 from simpsons_jax import (
+  data,
   input_pipeline,
   models,
   predict,
   sharding,
-  splits,
   train,
 )
 from tests.conftest import make_tiny_config
@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _split(config, workdir):
-  return splits.prepare(config, workdir)
+  return data.create(config).prepare(workdir)
 
 
 def test_process_shards_cover_each_example_once(tiny_config, tmp_path):
@@ -39,8 +39,11 @@ def test_process_shards_cover_each_example_once(tiny_config, tmp_path):
       y for b in batches for y, m in zip(b["label"], b["mask"], strict=True) if m
     ]
   assert sorted(seen) == sorted(val_split.labels.tolist())
-  shards = [input_pipeline.process_shard(train_split, i, 2) for i in range(2)]
-  assert not set(shards[0].paths) & set(shards[1].paths)
+  shards = [
+    list(train_split.decoded(8, process_index=i, process_count=2).as_numpy_iterator())
+    for i in range(2)
+  ]
+  assert [train_split.shard_size(i, 2) for i in range(2)] == list(map(len, shards))
   assert len(shards[0]) + len(shards[1]) == len(train_split)
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from simpsons_jax import evaluate, splits, synthetic
+from simpsons_jax import data, evaluate, splits, synthetic
 from tests.conftest import make_tiny_config, shared_data
 
 
@@ -31,7 +31,7 @@ def test_a_resumed_run_keeps_its_validation_files_whatever_the_folder_does(
 ):
   config = make_tiny_config(folder)
   workdir = tmp_path / "run"
-  _, train, val = splits.prepare(config, workdir)
+  _, train, val = data.create(config).prepare(workdir)
   val_before, train_before = _names(val), _names(train)
   homer = synthetic.CHARACTERS[0]
   homer_val = [n for n in val_before if n.startswith(homer)]
@@ -44,7 +44,7 @@ def test_a_resumed_run_keeps_its_validation_files_whatever_the_folder_does(
   shutil.copy(folder / homer_val[2], folder / homer / "copy_of_val.jpg")
   shutil.copy(folder / homer_val[0], folder / homer / "copy_of_missing_val.jpg")
   (folder / homer_val[0]).unlink()  # Its copy never trains: it may come back.
-  _, train, val = splits.prepare(config, workdir)
+  _, train, val = data.create(config).prepare(workdir)
 
   assert _names(val) == sorted(set(val_before) - {homer_val[0], homer_val[1]})
   assert _names(train) == sorted(
@@ -53,17 +53,11 @@ def test_a_resumed_run_keeps_its_validation_files_whatever_the_folder_does(
   copies = {f"{homer}/copy_of_val.jpg", f"{homer}/copy_of_missing_val.jpg"}
   assert not {homer_val[1], *copies} & set(_names(train))
   # The decision stays on disk: the changed validation file never trains.
-  _, train, again = splits.prepare(config, workdir)
+  _, train, again = data.create(config).prepare(workdir)
   assert _names(again) == _names(val) and homer_val[1] not in _names(train)
   # evaluate scores exactly the files the run validates on.
-  validation = splits.validation(workdir, folder, _cmap(workdir), None, 10**8)
+  validation = data.create(config).validation(workdir, None)
   assert _names(validation) == _names(val)
-
-
-def _cmap(workdir):
-  from simpsons_jax import characters
-
-  return characters.CharacterMap.load(workdir / "characters.json")
 
 
 def test_copies_stay_on_one_side_and_conflicting_labels_never_validate(
@@ -80,7 +74,7 @@ def test_copies_stay_on_one_side_and_conflicting_labels_never_validate(
   for path in conflicts:  # The same picture under two characters.
     shutil.copy(path, folder / last / f"from_{first}_{path.name}")
   with caplog.at_level("WARNING"):
-    _, train, val = splits.prepare(config, tmp_path / "run")
+    _, train, val = data.create(config).prepare(tmp_path / "run")
   record = json.loads((tmp_path / "run" / "split.json").read_text())
   sides = {}
   for side in ("train", "val"):
@@ -117,7 +111,7 @@ def test_real_frames_with_duplicates_split_apart(tmp_path):
   """The real frames hold byte-identical pairs: each pair lands on one side."""
   config = make_tiny_config(shared_data("frames", "train"))
   config.val_fraction = 0.3
-  splits.prepare(config, tmp_path)
+  data.create(config).prepare(tmp_path)
   record = json.loads((tmp_path / "split.json").read_text())
   hashes = [*record["train"].values(), *record["val"].values()]
   assert len(hashes) - len(set(hashes)) >= 2

@@ -1,7 +1,6 @@
 """Training and evaluation: steps, exact metrics, resume and device count."""
 
 import functools
-from pathlib import Path
 
 import flax
 import jax
@@ -12,14 +11,13 @@ import pytest
 
 from configs import default, overfit, strong
 from simpsons_jax import (
-  characters,
   checkpointing,
+  data,
   input_pipeline,
   metrics,
   models,
   predict,
   sharding,
-  splits,
   train,
 )
 from tests.conftest import shared_data
@@ -173,8 +171,7 @@ def test_overfit_config_fits_real_frames_exactly(tmp_path):
   config.image_size = 28
   state, _ = train.train_and_evaluate(config, tmp_path)
 
-  cmap = characters.CharacterMap.load(tmp_path / "characters.json")
-  small, _ = splits.load_in_use(tmp_path, Path(config.data_dir), cmap)
+  cmap, small, _ = data.create(config).load(tmp_path)
   assert len(small) == 80
   mesh = sharding.make_mesh()
   _, eval_step = train.jit_steps(mesh, config, cmap.num_classes)
@@ -290,3 +287,13 @@ def test_the_best_checkpoint_is_ranked_by_the_configured_metric(tmp_path, metric
   assert manager.best_step() == best
   assert manager.all_steps() == sorted({best, 4})
   manager.close()
+
+
+def test_profile_steps_write_a_trace_tensorboard_opens(tiny_config, tmp_path):
+  tiny_config.num_epochs = 1
+  tiny_config.profile_steps = 2
+  train.train_and_evaluate(tiny_config, tmp_path)
+  traces = list(
+    (tmp_path / "tensorboard" / "plugins" / "profile").glob("*/*.xplane.pb")
+  )
+  assert len(traces) == 1 and traces[0].stat().st_size > 0

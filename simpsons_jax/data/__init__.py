@@ -1,0 +1,41 @@
+"""Data sources: where a run's images come from (see `core.DataSource`).
+
+`--config.dataset` names one: `folder` (the Kaggle layout in
+`config.data_dir`), `synthetic` (the demo) or `tfds:NAME[:VERSION]`. A new
+source is one `core.DataSource` class and one line in `SOURCES`.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import ml_collections
+
+from simpsons_jax.data import core
+
+# Imported when used: TFDS loads only for tfds: runs.
+SOURCES: dict[str, str] = {
+  "folder": "simpsons_jax.data.folder:FolderSource",
+  "synthetic": "simpsons_jax.data.folder:SyntheticSource",
+  "tfds": "simpsons_jax.data.tfds:TfdsSource",
+}
+
+
+def kind(dataset: str) -> str:
+  """The source named by a `config.dataset` value ('tfds:x' -> 'tfds')."""
+  return dataset.partition(":")[0]
+
+
+def create(config: ml_collections.ConfigDict) -> core.DataSource:
+  """The data source `config.dataset` names."""
+  name, _, spec = config.dataset.partition(":")
+  if name not in SOURCES:
+    raise ValueError(
+      f"Unknown --config.dataset={config.dataset!r}; use one of "
+      f"{', '.join(SOURCES)} (tfds as tfds:NAME[:VERSION])."
+    )
+  module, _, cls = SOURCES[name].partition(":")
+  return getattr(importlib.import_module(module), cls)(config, spec)
+
+
+__all__ = ["SOURCES", "core", "create", "kind"]

@@ -1,0 +1,112 @@
+"""What the training loop and the evaluators ask of a data set.
+
+A `DataSource` names the run's characters and hands out its training and
+validation `Examples`: a known number of labelled images in a fixed order,
+decoded and resized by `tf.data`, cached after the first pass under a key
+that changes with the content, and read by each process in its own shard
+(every `process_count`-th example from `process_index` on). The loop never
+learns where the images come from.
+"""
+
+from __future__ import annotations
+
+import abc
+import glob
+import hashlib
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from simpsons_jax import characters, image_files
+
+
+class Examples(abc.ABC):
+  """Labelled images in a fixed order; `labels` holds every label in it."""
+
+  labels: np.ndarray  # int32, character ids, in example order.
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+  @abc.abstractmethod
+  def cache_key(self) -> str:
+    """A text that changes whenever the examples' content or order change."""
+
+  @abc.abstractmethod
+  def encoded(self, process_index: int = 0, process_count: int = 1) -> tf.data.Dataset:
+    """(encoded image bytes, label) of every `process_count`-th example from
+    `process_index` on, in example order."""
+
+  @abc.abstractmethod
+  def frames(self, indices: Sequence[int]) -> list[str | np.ndarray]:
+    """The examples at `indices` at full size, to draw: a file, or pixels."""
+
+  def decoded(
+    self,
+    image_size: int,
+    cache_dir: str = "",
+    process_index: int = 0,
+    process_count: int = 1,
+  ) -> tf.data.Dataset:
+    """This process's share as {image: uint8 (size, size, 3), label}, cached.
+
+    The images passed `image_files`' checks with the same decoder: one that
+    fails now changed during the run, and stops it.
+    """
+    ds = self.encoded(process_index, process_count).map(
+      lambda contents, label: {
+        "image": resize(image_files.decode(contents), image_size),
+        "label": label,
+      },
+      num_parallel_calls=tf.data.AUTOTUNE,
+    )
+    key = f"{self.cache_key()}\0{image_size}\0{process_index}\0{process_count}"
+    return ds.cache(_cache_file(cache_dir, key))
+
+  def shard_size(self, process_index: int = 0, process_count: int = 1) -> int:
+    """How many examples process `process_index` of `process_count` reads."""
+    return len(range(process_index, len(self), process_count))
+
+
+Loaded = tuple[characters.CharacterMap, Examples, Examples]
+
+
+class DataSource(abc.ABC):
+  """Where a run's images come from: its characters and its two splits."""
+
+  @abc.abstractmethod
+  def prepare(self, workdir: Path) -> Loaded:
+    """Process 0, at the start of training: checks the data, decides (or
+    keeps) the character map and the split, and saves them in `workdir`."""
+
+  @abc.abstractmethod
+  def load(self, workdir: Path) -> Loaded:
+    """What `prepare` last decided, read back without writing anything."""
+
+  @abc.abstractmethod
+  def validation(self, workdir: Path, report_dir: Path | None) -> Examples:
+    """The run's validation examples as they are now, for `--mode=evaluate`;
+    file checks and reports go to `report_dir`."""
+
+
+def resize(image: tf.Tensor, image_size: int) -> tf.Tensor:
+  """A decoded uint8 image, antialiased to (image_size, image_size)."""
+  image = tf.image.resize(image, (image_size, image_size), antialias=True)
+  return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+
+
+def _cache_file(cache_dir: str, key: str) -> str:
+  """'' (in memory), or a file under `cache_dir` named by a hash of `key`."""
+  if not cache_dir:
+    return ""
+  os.makedirs(cache_dir, exist_ok=True)
+  digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+  prefix = os.path.join(cache_dir, f"images_{digest}")
+  if not os.path.exists(prefix + ".index"):
+    # Left by a run killed while writing it: tf.data would refuse the lock.
+    for stale in glob.glob(glob.escape(prefix) + "*"):
+      os.remove(stale)
+  return prefix

@@ -1,0 +1,140 @@
+"""Image files in the Kaggle layout, `<data_dir>/<character>/*.jpg`, and the
+synthetic demo folder.
+
+Every file is checked before training (`image_files`), the characters are
+chosen by `min_images` (`characters`), and the split is kept in the workdir
+(`splits`); an example's key is `<character>/<file name>`.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import ml_collections
+import numpy as np
+import tensorflow as tf
+
+from simpsons_jax import characters, image_files, splits, synthetic
+from simpsons_jax.data import core
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Files(core.Examples):
+  """Image files with their character ids; `sha256` (when known) per file."""
+
+  paths: np.ndarray  # str
+  labels: np.ndarray  # int32
+  sha256: tuple[str, ...] = ()
+
+  @classmethod
+  def of(
+    cls,
+    images: Mapping[str, Sequence[Path]],
+    cmap: characters.CharacterMap,
+    sha256: Mapping[Path, str] | None = None,
+  ) -> Files:
+    """Every image of the map's characters, in character id order."""
+    pairs = [(p, label) for label, name in enumerate(cmap.names) for p in images[name]]
+    return cls(
+      np.asarray([str(p) for p, _ in pairs], dtype=str),
+      np.asarray([label for _, label in pairs], dtype=np.int32),
+      tuple(sha256[p] for p, _ in pairs) if sha256 is not None else (),
+    )
+
+  def cache_key(self) -> str:
+    digest = hashlib.sha256()
+    for content, label in zip(self.sha256 or self.paths, self.labels, strict=True):
+      digest.update(f"{content}\0{label}\n".encode())
+    return digest.hexdigest()
+
+  def encoded(self, process_index: int = 0, process_count: int = 1) -> tf.data.Dataset:
+    shard = slice(process_index, None, process_count)
+    ds = tf.data.Dataset.from_tensor_slices((self.paths[shard], self.labels[shard]))
+    return ds.map(lambda path, label: (tf.io.read_file(path), label))
+
+  def frames(self, indices: Sequence[int]) -> list[str]:
+    return [str(self.paths[i]) for i in indices]
+
+
+def max_pixels(config: ml_collections.ConfigDict) -> int:
+  """The pixel limit of a config, also of one saved before the option existed."""
+  return config.get("max_image_pixels", image_files.DEFAULT_MAX_PIXELS)
+
+
+class FolderSource(core.DataSource):
+  """`config.data_dir` in the Kaggle layout (`--config.dataset=folder`)."""
+
+  def __init__(self, config: ml_collections.ConfigDict, spec: str = ""):
+    del spec  # No options.
+    self.config = config
+
+  def root(self, workdir: Path) -> Path:
+    """The folder that holds the character folders."""
+    del workdir
+    return characters.resolve_data_dir(self.config.data_dir)
+
+  def find(self, workdir: Path) -> dict[str, list[Path]]:
+    """Every candidate image file, per character."""
+    return characters.find_images(self.root(workdir))
+
+  def key(self, workdir: Path, character: str, path: Path) -> str:
+    """The name of a file in the split: `<character>/<name>`."""
+    del workdir
+    return f"{character}/{path.name}"
+
+  def path(self, workdir: Path, key: str) -> Path:
+    """The file a key names (the inverse of `key`)."""
+    return self.root(workdir) / key
+
+  def _files(self, workdir: Path, chosen: Mapping[str, str], cmap) -> Files:
+    labels = {name: i for i, name in enumerate(cmap.names)}
+    return Files(
+      np.asarray([str(self.path(workdir, key)) for key in chosen], dtype=str),
+      np.asarray([labels[splits.character(key)] for key in chosen], dtype=np.int32),
+      tuple(chosen.values()),
+    )
+
+  def prepare(self, workdir: Path) -> core.Loaded:
+    found = self.find(workdir)
+    checked = image_files.validate(found, workdir, max_pixels(self.config))
+    cmap = characters.load_or_create(workdir, checked.images, self.config.min_images)
+    current = {
+      self.key(workdir, name, path): checked.sha256[path]
+      for name in cmap.names
+      for path in checked.images[name]
+    }
+    train, val = splits.keep(workdir, current, cmap, self.config)
+    return cmap, self._files(workdir, train, cmap), self._files(workdir, val, cmap)
+
+  def load(self, workdir: Path) -> core.Loaded:
+    cmap = characters.CharacterMap.load(workdir / characters.MAP_FILENAME)
+    train, val = splits.in_use(workdir, cmap)
+    return cmap, self._files(workdir, train, cmap), self._files(workdir, val, cmap)
+
+  def validation(self, workdir: Path, report_dir: Path | None) -> Files:
+    cmap = characters.CharacterMap.load(workdir / characters.MAP_FILENAME)
+    by_character = collections.defaultdict(list)
+    for key in splits.saved_validation(workdir):
+      by_character[splits.character(key)].append(self.path(workdir, key))
+    checked = image_files.validate(by_character, report_dir, max_pixels(self.config))
+    current = {
+      self.key(workdir, name, path): checked.sha256[path]
+      for name, paths in checked.images.items()
+      for path in paths
+    }
+    return self._files(workdir, splits.still_valid(workdir, current, cmap), cmap)
+
+
+class SyntheticSource(FolderSource):
+  """The procedural demo set, drawn into `<workdir>/synthetic_data` once."""
+
+  def root(self, workdir: Path) -> Path:
+    return synthetic.generate(
+      workdir / "synthetic_data",
+      self.config.synthetic_images_per_character,
+      self.config.seed,
+    )

@@ -1,0 +1,181 @@
+"""Any prepared TFDS image-classification data set (`--config.dataset=tfds:NAME`).
+
+`tfds:NAME[:VERSION]` reads `config.tfds_split` ("train") of the data set
+prepared under `config.tfds_data_dir` (TFDS's default when empty): the class
+names come from its `label` feature, the images from its `image` feature.
+Characters are chosen by `min_images` and the split is carved, kept and
+saved exactly as for a folder (`splits`); an example's key is its
+`file_name` feature when it has one, else `<class>/<index>`. The project's
+own `simpsons_characters` builder (`simpsons_jax/tfds_builders`) is
+registered on import.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import ml_collections
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+import simpsons_jax.tfds_builders.simpsons_characters  # noqa: F401 (registers it)
+from simpsons_jax import characters, image_files, splits
+from simpsons_jax.data import core
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TfdsExamples(core.Examples):
+  """Chosen examples of a TFDS split, in the split's own order."""
+
+  builder: tfds.core.DatasetBuilder
+  split: str
+  indices: np.ndarray  # int64, positions in the split, ascending.
+  labels: np.ndarray  # int32, character ids.
+  content: str  # A hash of the chosen examples' keys and SHA-256.
+
+  def cache_key(self) -> str:
+    return f"{self.builder.info.full_name}\0{self.split}\0{self.content}"
+
+  def _chosen(self) -> tf.data.Dataset:
+    """(position among the chosen, image bytes, label) in split order."""
+    size = self.builder.info.splits[self.split].num_examples
+    slot = np.full(size, -1, np.int64)
+    slot[self.indices] = np.arange(len(self.indices))
+    slot_table, labels = tf.constant(slot), tf.constant(self.labels)
+    ds = _raw(self.builder, self.split).enumerate()
+    ds = ds.map(lambda i, example: (slot_table[i], example["image"]))
+    ds = ds.filter(lambda position, contents: position >= 0)
+    return ds.map(lambda position, contents: (position, contents, labels[position]))
+
+  def encoded(self, process_index: int = 0, process_count: int = 1) -> tf.data.Dataset:
+    ds = self._chosen().shard(process_count, process_index)
+    return ds.map(lambda position, contents, label: (contents, label))
+
+  def frames(self, indices: Sequence[int]) -> list[np.ndarray]:
+    wanted = {int(i) for i in indices}
+    found = {}
+    for position, contents, _ in self._chosen().as_numpy_iterator():
+      if position in wanted:
+        found[int(position)] = image_files.decode(contents).numpy()
+        if len(found) == len(wanted):
+          break
+    return [found[int(i)] for i in indices]
+
+
+def _raw(builder: tfds.core.DatasetBuilder, split: str) -> tf.data.Dataset:
+  """The split's examples in their stored order, images still encoded."""
+  return builder.as_dataset(
+    split=split,
+    shuffle_files=False,
+    decoders={"image": tfds.decode.SkipDecoding()},
+    read_config=tfds.ReadConfig(interleave_cycle_length=1),
+  )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Scan:
+  """Every example of a split: key -> (position, SHA-256), and keys per class."""
+
+  positions: dict[str, int]
+  sha256: dict[str, str]
+  by_class: dict[str, list[str]]
+
+
+class TfdsSource(core.DataSource):
+  """A prepared TFDS data set; `spec` is 'NAME' or 'NAME:VERSION'."""
+
+  def __init__(self, config: ml_collections.ConfigDict, spec: str):
+    self.config = config
+    name, _, version = spec.partition(":")
+    if not name:
+      raise ValueError(
+        "--config.dataset=tfds: needs a data set name, e.g. tfds:simpsons_characters."
+      )
+    self.name = f"{name}:{version}" if version else name
+
+  def _builder(self) -> tfds.core.DatasetBuilder:
+    data_dir = self.config.get("tfds_data_dir", "") or None
+    try:
+      builder = tfds.builder(self.name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError as e:
+      raise ValueError(f"No TFDS data set {self.name!r}: {e}") from None
+    if not builder.is_prepared():
+      raise FileNotFoundError(
+        f"The TFDS data set {self.name} is not prepared in "
+        f"{data_dir or 'the default data dir'}: build it first, for this "
+        "project's own data set with `python -m "
+        "simpsons_jax.tfds_builders.simpsons_characters --manual_dir=<Kaggle "
+        "folder> --data_dir=<dir>`, and pass --config.tfds_data_dir=<dir>."
+      )
+    return builder
+
+  def _split(self) -> str:
+    return self.config.get("tfds_split", "train")
+
+  def _scan(self, builder: tfds.core.DatasetBuilder, hashes: bool) -> _Scan:
+    names = builder.info.features["label"].names
+    positions, sha256, by_class = {}, {}, {name: [] for name in names}
+    for position, example in enumerate(
+      _raw(builder, self._split()).as_numpy_iterator()
+    ):
+      name = names[example["label"]]
+      file_name = example.get("file_name", b"").decode()
+      key = file_name if file_name.startswith(f"{name}/") else f"{name}/{position:06d}"
+      positions[key] = position
+      by_class[name].append(key)
+      if hashes:
+        sha256[key] = hashlib.sha256(example["image"]).hexdigest()
+    return _Scan(positions, sha256, by_class)
+
+  def _examples(
+    self,
+    builder: tfds.core.DatasetBuilder,
+    scan: _Scan,
+    chosen: Mapping[str, str],
+    cmap: characters.CharacterMap,
+  ) -> TfdsExamples:
+    labels = {name: i for i, name in enumerate(cmap.names)}
+    keys = sorted(chosen, key=scan.positions.__getitem__)
+    content = hashlib.sha256("".join(f"{k}\0{chosen[k]}\n" for k in keys).encode())
+    return TfdsExamples(
+      builder,
+      self._split(),
+      np.asarray([scan.positions[k] for k in keys], np.int64),
+      np.asarray([labels[splits.character(k)] for k in keys], np.int32),
+      content.hexdigest(),
+    )
+
+  def prepare(self, workdir: Path) -> core.Loaded:
+    builder = self._builder()
+    scan = self._scan(builder, hashes=True)
+    cmap = characters.load_or_create(workdir, scan.by_class, self.config.min_images)
+    current = {k: scan.sha256[k] for name in cmap.names for k in scan.by_class[name]}
+    train, val = splits.keep(workdir, current, cmap, self.config)
+    return (
+      cmap,
+      self._examples(builder, scan, train, cmap),
+      self._examples(builder, scan, val, cmap),
+    )
+
+  def load(self, workdir: Path) -> core.Loaded:
+    builder = self._builder()
+    scan = self._scan(builder, hashes=False)
+    cmap = characters.CharacterMap.load(workdir / characters.MAP_FILENAME)
+    train, val = splits.in_use(workdir, cmap)
+    return (
+      cmap,
+      self._examples(builder, scan, train, cmap),
+      self._examples(builder, scan, val, cmap),
+    )
+
+  def validation(self, workdir: Path, report_dir: Path | None) -> TfdsExamples:
+    del report_dir  # A prepared data set holds no unusable files.
+    builder = self._builder()
+    scan = self._scan(builder, hashes=True)
+    cmap = characters.CharacterMap.load(workdir / characters.MAP_FILENAME)
+    val = splits.still_valid(workdir, scan.sha256, cmap)
+    return self._examples(builder, scan, val, cmap)

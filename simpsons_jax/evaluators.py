@@ -1,0 +1,212 @@
+"""Scoring a model on a data set: one code path for the loop and `--mode=evaluate`.
+
+`sums_fn` is the one jitted function that turns a padded batch into metric
+sums (loss, correct, top-3, count, confusion matrix) over its real examples;
+`metrics.summarize` turns accumulated sums into figures. The training loop
+scores its validation split with it every epoch, and every extra evaluator
+of `config.evals` every `every_epochs`; `--mode=evaluate` goes through the
+same `Evaluator`, so a report written during training and one written by
+`evaluate` from the same checkpoint hold the same numbers.
+
+An extra evaluator is a folder in either Kaggle layout:
+
+  config.evals.kaggle_test = ml_collections.ConfigDict(
+      dict(eval_dir="~/data/kaggle_simpson_testset", every_epochs=5))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import Mesh
+
+from simpsons_jax import (
+  characters,
+  files,
+  image_files,
+  input_pipeline,
+  metrics,
+  models,
+  sharding,
+  summary,
+)
+from simpsons_jax.data import core, folder
+
+REPORT_FILENAME = "report.json"
+
+
+def batch_sums(
+  apply_fn: Callable,
+  variables: Any,
+  batch: Mapping[str, jax.Array],
+  num_classes: int,
+  flip: bool = False,
+) -> dict[str, jax.Array]:
+  """Metric sums over the real (mask=1) examples of a padded batch."""
+  logits = models.inference_logits(apply_fn, variables, batch["image"], flip)
+  labels, mask = batch["label"], batch["mask"]
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  predicted = logits.argmax(-1)
+  top3 = jax.lax.top_k(logits, min(3, num_classes))[1]
+  true_onehot = jax.nn.one_hot(labels, num_classes) * mask[:, None]
+  return {
+    "loss_sum": (losses * mask).sum(),
+    "correct": ((predicted == labels) * mask).sum(),
+    "top3_correct": ((top3 == labels[:, None]).any(-1) * mask).sum(),
+    "count": mask.sum(),
+    "confusion": true_onehot.T @ jax.nn.one_hot(predicted, num_classes),
+  }
+
+
+def sums_fn(
+  mesh: Mesh, apply_fn: Callable, num_classes: int, flip: bool = False
+) -> Callable[[Any, Mapping[str, jax.Array]], dict[str, jax.Array]]:
+  """`batch_sums` of (variables, batch), jitted for `mesh`: the batch sharded
+  on its `data` axis, the variables and the sums replicated."""
+  return jax.jit(
+    functools.partial(batch_sums, apply_fn, num_classes=num_classes, flip=flip),
+    in_shardings=(sharding.replicated(mesh), sharding.data_sharding(mesh)),
+    out_shardings=sharding.replicated(mesh),
+  )
+
+
+def accumulate(
+  fn: Callable, variables: Any, batches: list[input_pipeline.Batch], mesh: Mesh
+) -> dict[str, np.ndarray]:
+  """The sums of `fn` over all batches, added on the device, fetched once."""
+  totals = None
+  for batch in sharding.prefetch(batches, mesh):
+    totals = metrics.add(totals, fn(variables, batch))
+  return jax.device_get(totals)
+
+
+def report(totals: Mapping[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
+  """Accuracy, top-3, loss, macro figures, per character and the confusion
+  matrix (rows: true character) from accumulated sums."""
+  confusion = np.rint(np.asarray(totals["confusion"])).astype(np.int64)
+  return {
+    "num_examples": int(round(float(totals["count"]))),
+    **metrics.summarize(totals),
+    "per_class": metrics.per_class_report(confusion, names),
+    "characters": list(names),
+    "confusion_matrix": confusion.tolist(),
+  }
+
+
+@dataclasses.dataclass
+class Evaluator:
+  """One data set to score: its examples, and the files left out of it."""
+
+  name: str
+  examples: core.Examples
+  skipped: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+  every_epochs: int = 1
+  _batches: list | None = None
+
+  def batches(self, config: ml_collections.ConfigDict) -> list[input_pipeline.Batch]:
+    """The padded batches (made once: the decoded images are cached)."""
+    if self._batches is None:
+      self._batches = input_pipeline.eval_batches(
+        self.examples,
+        config.image_size,
+        config.batch_size,
+        config.cache_dir,
+        jax.process_index(),
+        jax.process_count(),
+      )
+    return self._batches
+
+  def run(
+    self,
+    fn: Callable,
+    variables: Any,
+    mesh: Mesh,
+    config: ml_collections.ConfigDict,
+    names: tuple[str, ...],
+  ) -> dict[str, Any]:
+    """The report of `variables` on this data set (see `report`)."""
+    result = report(accumulate(fn, variables, self.batches(config), mesh), names)
+    return {
+      "name": self.name,
+      **result,
+      "skipped": sum(len(f) for f in self.skipped.values()),
+      "unknown_characters": {k: len(v) for k, v in self.skipped.items()},
+      "skipped_files": sorted(p for paths in self.skipped.values() for p in paths),
+    }
+
+
+def from_folder(
+  name: str,
+  eval_dir: str,
+  cmap: characters.CharacterMap,
+  report_dir: Path | None,
+  config: ml_collections.ConfigDict,
+  every_epochs: int = 1,
+) -> Evaluator:
+  """An evaluator of a folder in the Kaggle training layout (`<character>/`)
+  or test-set layout (`<character>_<N>.jpg`). Images of characters the model
+  does not know are listed under `skipped`, never scored."""
+  checked = image_files.validate(
+    characters.find_labelled_images(Path(eval_dir).expanduser()),
+    report_dir,
+    folder.max_pixels(config),
+  )
+  images = checked.images
+  known = {c: images.get(c, []) for c in cmap.names}
+  skipped = {
+    c or "<unparseable name>": [str(p) for p in paths]
+    for c, paths in images.items()
+    if c not in known
+  }
+  examples = folder.Files.of(known, cmap, checked.sha256)
+  if not len(examples):
+    raise ValueError(
+      f"{eval_dir} has no image of the model's characters ({', '.join(cmap.names)})."
+    )
+  return Evaluator(name, examples, skipped, every_epochs)
+
+
+def from_config(
+  config: ml_collections.ConfigDict, cmap: characters.CharacterMap, workdir: Path
+) -> list[Evaluator]:
+  """The extra evaluators of `config.evals` (name -> eval_dir, every_epochs)."""
+  return [
+    from_folder(
+      name,
+      spec.eval_dir,
+      cmap,
+      workdir / "eval" / name,
+      config,
+      spec.get("every_epochs", 1),
+    )
+    for name, spec in config.get("evals", {}).items()
+  ]
+
+
+def write(
+  result: Mapping[str, Any],
+  out: Path,
+  board: Path,
+  step: int,
+  images: Mapping[str, np.ndarray] | None = None,
+) -> None:
+  """`out/report.json`; the headline figures (and `images`) in TensorBoard
+  under `board`."""
+  out.mkdir(parents=True, exist_ok=True)
+  files.write_text_atomic(out / REPORT_FILENAME, json.dumps(result, indent=2) + "\n")
+  writer = summary.SummaryWriter(board)
+  for tag, image in (images or {}).items():
+    writer.images(step, tag, image[None])
+  writer.scalars(
+    step, {k: result[k] for k in ("accuracy", "top3_accuracy", "macro_f1")}
+  )
+  writer.close()

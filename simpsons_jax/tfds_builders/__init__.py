@@ -1,0 +1,1 @@
+"""TFDS builders of this project (`tfds build` takes their folders)."""

@@ -1,0 +1,66 @@
+"""The README's "Extending" examples, run as written."""
+
+import re
+import sys
+from pathlib import Path
+
+from simpsons_jax import data, input_pipeline, synthetic
+from tests.conftest import make_tiny_config
+
+README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+
+
+def _block(first_line: str) -> str:
+  """The README's Python block that starts with `first_line`."""
+  blocks = re.findall(r"```python\n(.*?)```", README, re.S)
+  return next(b for b in blocks if b.startswith(first_line))
+
+
+def test_the_csv_data_source_of_the_readme(tiny_data_dir, tmp_path, monkeypatch):
+  (tmp_path / "my_sources.py").write_text(_block("# my_sources.py"))
+  monkeypatch.syspath_prepend(str(tmp_path))
+  registry_line = re.search(r'^  "csv": "(.*)",$', _block("SOURCES = {"), re.M)
+  monkeypatch.setitem(data.SOURCES, "csv", registry_line[1])
+  table = tmp_path / "frames.csv"
+  rows = [
+    f"{path.relative_to(tiny_data_dir.parent)},{name}"
+    for name in synthetic.CHARACTERS[:3]
+    for path in sorted((tiny_data_dir / name).glob("*.jpg"))
+  ]
+  table.write_text("\n".join(rows) + "\n")
+  (tmp_path / tiny_data_dir.name).symlink_to(tiny_data_dir)
+  config = make_tiny_config(tiny_data_dir)
+  config.dataset = f"csv:{table}"
+  cmap, train, val = data.create(config).prepare(tmp_path / "run")
+  assert cmap.names == tuple(sorted(synthetic.CHARACTERS[:3]))
+  assert (len(train), len(val)) == (48, 12)
+  _, again, _ = data.create(config).load(tmp_path / "run")
+  assert list(again.paths) == list(train.paths)
+  batches = input_pipeline.eval_batches(val, 32, 16)
+  assert sum(b["mask"].sum() for b in batches) == 12
+  del sys.modules["my_sources"]
+
+
+def test_the_model_of_the_readme_trains_resumes_and_predicts(
+  tiny_data_dir, tmp_path, monkeypatch
+):
+  from simpsons_jax import models, predict, train
+
+  (tmp_path / "my_models.py").write_text(_block("# my_models.py"))
+  monkeypatch.syspath_prepend(str(tmp_path))
+  import my_models
+
+  registry_line = re.search(r'^  "(\w+)": (\w+),$', _block("MODELS = {"), re.M)
+  monkeypatch.setitem(
+    models.MODELS, registry_line[1], getattr(my_models, registry_line[2])
+  )
+  config = make_tiny_config(tiny_data_dir)
+  config.model = "linear_probe"
+  config.num_epochs = 1
+  train.train_and_evaluate(config, tmp_path / "run")
+  config.num_epochs = 2
+  state, _ = train.train_and_evaluate(config, tmp_path / "run")
+  assert models.count_params(state.params) == 32 * 32 * 3 * 6 + 6
+  trained = predict.load(tmp_path / "run")
+  assert isinstance(trained.model, my_models.LinearProbe)
+  del sys.modules["my_models"]

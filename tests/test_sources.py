@@ -1,0 +1,96 @@
+"""Data sources: a TFDS data set built by the project's builder trains like
+the folder it was built from."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from simpsons_jax import data, input_pipeline, sharding, train
+from tests.conftest import make_tiny_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tfds_dir(tiny_data_dir, tmp_path_factory):
+  """The tiny folder built into TFDS shards by the project's build command."""
+  out = tmp_path_factory.mktemp("tfds")
+  subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "simpsons_jax.tfds_builders.simpsons_characters",
+      f"--manual_dir={tiny_data_dir}",
+      f"--data_dir={out}",
+    ],
+    cwd=ROOT,
+    check=True,
+    capture_output=True,
+    timeout=300,
+  )
+  return out
+
+
+def _tfds_config(tiny_data_dir, tfds_dir):
+  config = make_tiny_config(tiny_data_dir)
+  config.dataset = "tfds:simpsons_characters"
+  config.tfds_data_dir = str(tfds_dir)
+  return config
+
+
+def _pixels(examples):
+  """(label, image bytes) of every example, sorted."""
+  return sorted(
+    (int(label), image.tobytes())
+    for batch in input_pipeline.eval_batches(examples, 32, 16)
+    for image, label, mask in zip(
+      batch["image"], batch["label"], batch["mask"], strict=True
+    )
+    if mask
+  )
+
+
+def test_tfds_source_splits_and_decodes_like_the_folder(
+  tiny_data_dir, tfds_dir, tmp_path
+):
+  folder_config = make_tiny_config(tiny_data_dir)
+  tfds_config = _tfds_config(tiny_data_dir, tfds_dir)
+  cmap_f, train_f, val_f = data.create(folder_config).prepare(tmp_path / "folder")
+  cmap_t, train_t, val_t = data.create(tfds_config).prepare(tmp_path / "tfds")
+  assert cmap_t == cmap_f
+  for name in ("split.json", "characters.json"):
+    assert (tmp_path / "tfds" / name).read_text() == (
+      tmp_path / "folder" / name
+    ).read_text()
+  assert len(train_t) == len(train_f) and len(val_t) == len(val_f)
+  assert sorted(val_t.labels.tolist()) == sorted(val_f.labels.tolist())
+  # The same bytes through the same decoder: the same pixels, image by image.
+  assert _pixels(val_f) == _pixels(val_t)
+  # Read back by another process (load), the split is the same.
+  _, train_l, val_l = data.create(tfds_config).load(tmp_path / "tfds")
+  np.testing.assert_array_equal(train_l.indices, train_t.indices)
+  np.testing.assert_array_equal(val_l.labels, val_t.labels)
+  assert val_t.frames([0])[0].ndim == 3
+
+
+def test_training_from_tfds_scores_validation_like_evaluate(
+  tiny_data_dir, tfds_dir, tmp_path
+):
+  from simpsons_jax import evaluate
+
+  config = _tfds_config(tiny_data_dir, tfds_dir)
+  _, metrics = train.train_and_evaluate(config, tmp_path)
+  result = evaluate.run(tmp_path, checkpoint="latest")
+  assert result["num_examples"] == 24
+  assert result["accuracy"] == pytest.approx(metrics["accuracy"])
+  assert (tmp_path / "eval" / "validation" / "predictions.png").exists()
+
+
+def test_an_unprepared_tfds_data_set_is_one_clear_error(tiny_config, tmp_path):
+  tiny_config.dataset = "tfds:simpsons_characters"
+  tiny_config.tfds_data_dir = str(tmp_path / "empty")
+  with pytest.raises(FileNotFoundError, match="not prepared .* --manual_dir"):
+    train.train_and_evaluate(tiny_config, tmp_path / "run", sharding.make_mesh())
