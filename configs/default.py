@@ -56,6 +56,12 @@ def get_config() -> ml_collections.ConfigDict:
   # 'xla' (XLA:CPU's own). The same function and parameters either way.
   config.cpu_kernels = "onednn"
 
+  # Starting from another run (see simpsons_jax/finetune.py).
+  config.init_from = ""  # 'WORKDIR[:best|latest|STEP]': its weights at step 0.
+  config.freeze = ()  # Regexes on parameter paths, e.g. ('(?!logits/).*',).
+  config.unfreeze_after_epochs = 0.0  # > 0: frozen layers train after this.
+  config.lr_multipliers = ()  # ('PATTERN=FACTOR', ...), e.g. ('conv.*=0.1',).
+
   # Training.
   config.optimizer = "adam"  # 'adam', 'adamw' or 'sgd' (Nesterov momentum 0.9).
   config.learning_rate = 1e-3  # Peak learning rate.

@@ -146,7 +146,7 @@ def show_data(workdir: str | os.PathLike, count: int = 9, seed: int = 0) -> Path
     path,
     suptitle="Random training frames",
   )
-  writer = summary.SummaryWriter(workdir / "tensorboard" / "eval_training_data")
-  writer.images(0, "random_characters", image[None])
+  writer = summary.create_writer(workdir / "tensorboard" / "eval_training_data")
+  writer.write_images(0, {"random_characters": image[None]})
   writer.close()
   return path

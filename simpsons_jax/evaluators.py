@@ -203,10 +203,9 @@ def write(
   under `board`."""
   out.mkdir(parents=True, exist_ok=True)
   files.write_text_atomic(out / REPORT_FILENAME, json.dumps(result, indent=2) + "\n")
-  writer = summary.SummaryWriter(board)
-  for tag, image in (images or {}).items():
-    writer.images(step, tag, image[None])
-  writer.scalars(
+  writer = summary.create_writer(board)
+  writer.write_images(step, {tag: image[None] for tag, image in (images or {}).items()})
+  writer.write_scalars(
     step, {k: result[k] for k in ("accuracy", "top3_accuracy", "macro_f1")}
   )
   writer.close()

@@ -9,6 +9,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from simpsons_jax import finetune
+
 EMA_WARMUP = 10  # The EMA decay ramps up as (1 + t) / (EMA_WARMUP + t).
 
 
@@ -41,7 +43,19 @@ def decay_mask(params: Any) -> Any:
 def create(
   config: ml_collections.ConfigDict, steps_per_epoch: int
 ) -> optax.GradientTransformation:
-  """Adam (the notebook's), AdamW, or SGD with Nesterov momentum 0.9."""
+  """Adam (the notebook's), AdamW, or SGD with Nesterov momentum 0.9; then
+  the frozen layers and learning-rate multipliers of `finetune`, if any."""
+  tx = _base(config, steps_per_epoch)
+  freeze, multipliers = config.get("freeze", ()), config.get("lr_multipliers", ())
+  if freeze or multipliers:
+    unfreeze = round(config.get("unfreeze_after_epochs", 0) * steps_per_epoch)
+    tx = optax.chain(tx, finetune.scale_updates(freeze, multipliers, unfreeze))
+  return tx
+
+
+def _base(
+  config: ml_collections.ConfigDict, steps_per_epoch: int
+) -> optax.GradientTransformation:
   lr = learning_rate(config, steps_per_epoch)
   if config.optimizer == "adam":
     return optax.adam(lr)

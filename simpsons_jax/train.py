@@ -19,6 +19,7 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
+from clu import metric_writers, periodic_actions
 from flax.training import train_state
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
@@ -29,6 +30,7 @@ from simpsons_jax import (
   config_checks,
   data,
   evaluators,
+  finetune,
   input_pipeline,
   metrics,
   mixing,
@@ -123,6 +125,8 @@ def train_step(
   ema_decay: float = 0.0,
   mix: str = "none",
   mix_alpha: float = 1.0,
+  freeze: tuple[str, ...] = (),
+  unfreeze_step: int = 0,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step on (label-smoothed, class-weighted) softmax cross-entropy,
   of the batch as given or mixed (`mix`: mixup or cutmix, see `mixing`).
@@ -163,6 +167,9 @@ def train_step(
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   (_, (losses, logits, batch_stats)), grads = grad_fn(state.params)
+  batch_stats = finetune.keep_frozen_stats(
+    state.batch_stats, batch_stats, freeze, state.step, unfreeze_step
+  )
   state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
   if state.ema is not None:
     new = {"params": state.params, "batch_stats": state.batch_stats}
@@ -181,10 +188,12 @@ def jit_steps(
   config: ml_collections.ConfigDict,
   num_classes: int,
   weights: np.ndarray | None = None,
+  steps_per_epoch: int = 1,
 ) -> tuple[Callable, Callable]:
   """`train_step` with the config's options, compiled for `mesh`, the state
   donated, and the metric sums of (state, batch) (`evaluators.sums_fn` of the
-  state's inference variables). `weights` are the per-character loss weights."""
+  state's inference variables). `weights` are the per-character loss weights;
+  `steps_per_epoch` places `unfreeze_after_epochs`."""
   state_sharding = sharding.replicated(mesh)
   batch_sharding = sharding.data_sharding(mesh)
   step = functools.partial(
@@ -194,6 +203,8 @@ def jit_steps(
     ema_decay=config.ema_decay,
     mix=config.mix,
     mix_alpha=config.mix_alpha,
+    freeze=tuple(config.get("freeze", ())),
+    unfreeze_step=round(config.get("unfreeze_after_epochs", 0) * steps_per_epoch),
   )
   jitted_train = jax.jit(
     step,
@@ -220,10 +231,6 @@ def evaluate(
   for batch in sharding.prefetch(batches, mesh):
     totals = metrics.add(totals, eval_fn(state, batch))
   return metrics.summarize(jax.device_get(totals))
-
-
-def _flat_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  return {key: value for key, value in config.items() if not isinstance(value, dict)}
 
 
 class Interrupted(Exception):
@@ -350,13 +357,17 @@ def _train(
     )
   else:
     state = initial_state(model, config, mesh, steps_per_epoch)
+    if config.get("init_from", ""):
+      state = _start_from(state, config, cmap, mesh)
   start_step = int(jax.device_get(state.step))
   logging.info(
     "Model %s: %s parameters.", config.model, f"{models.count_params(state.params):,}"
   )
+  if config.get("freeze", ()) or config.get("lr_multipliers", ()):
+    logging.info("Fine-tuning: %s.", finetune.describe(state.params, config))
 
   weights = class_weights(train_split.labels, cmap.num_classes, config.class_weights)
-  p_train_step, _ = jit_steps(mesh, config, cmap.num_classes, weights)
+  p_train_step, _ = jit_steps(mesh, config, cmap.num_classes, weights, steps_per_epoch)
   val_batches = input_pipeline.eval_batches(
     val_split, config.image_size, config.batch_size, config.cache_dir, **process
   )
@@ -367,9 +378,23 @@ def _train(
     variables = state.inference_variables()
     return metrics.summarize(evaluators.accumulate(score, variables, val_batches, mesh))
 
-  writer = summary.SummaryWriter(workdir / "tensorboard")
+  writer = summary.create_writer(workdir / "tensorboard")
   if start_step == 0:
-    writer.hparams(_flat_config(config))
+    writer.write_hparams(summary.hparams(config))
+  report_progress = periodic_actions.ReportProgress(
+    num_train_steps=total_steps, writer=writer, every_steps=config.log_every_steps
+  )
+  actions = [report_progress]
+  if config.get("profile_steps", 0) and jax.process_index() == 0:
+    actions.append(
+      periodic_actions.Profile(
+        logdir=str(workdir / "tensorboard"),
+        num_profile_steps=config.profile_steps,
+        profile_duration_ms=None,
+        first_profile=start_step + 2,  # The first step compiles.
+        every_secs=None,
+      )
+    )
 
   def save(step: int, val_metrics: Mapping[str, float] | None) -> None:
     meta = {
@@ -385,9 +410,6 @@ def _train(
   val_metrics: dict[str, float] = {}
   totals, window_start, window_steps = None, time.perf_counter(), 0
   batches = input_pipeline.train_batches(train_split, config, start_step, **process)
-  profiler = _Profiler(
-    workdir / "tensorboard", start_step, config.get("profile_steps", 0)
-  )
   try:
     with _StopSignals() as stop:
       for step, batch in zip(
@@ -395,9 +417,9 @@ def _train(
         sharding.prefetch(_with_first_batch_shown(batches, writer, start_step), mesh),
         strict=True,
       ):
-        profiler.before(step)
         state, sums = p_train_step(state, batch)
-        profiler.after(step, sums)
+        for action in actions:
+          action(step)
         totals = _accumulate(totals, sums)
         window_steps += 1
         end_of_epoch = step % steps_per_epoch == 0
@@ -408,10 +430,12 @@ def _train(
           train_metrics = metrics.summarize(jax.device_get(totals))
           _check_finite(train_metrics, "Training", step, manager)
           rate = window_steps * config.batch_size / (time.perf_counter() - window_start)
-          writer.scalars(step, {f"train_{k}": v for k, v in train_metrics.items()})
-          writer.scalars(step, {"train_images_per_second": rate})
+          writer.write_scalars(
+            step, {f"train_{k}": v for k, v in train_metrics.items()}
+          )
+          writer.write_scalars(step, {"train_images_per_second": rate})
           logging.info(
-            "epoch %d/%d step %d/%d: loss %.4f, accuracy %.4f, %.0f images/s, ETA %s",
+            "epoch %d/%d step %d/%d: loss %.4f, accuracy %.4f, %.0f images/s",
             (step - 1) // steps_per_epoch + 1,
             config.num_epochs,
             step,
@@ -419,15 +443,12 @@ def _train(
             train_metrics["loss"],
             train_metrics["accuracy"],
             rate,
-            time.strftime(
-              "%H:%M:%S", time.gmtime((total_steps - step) * config.batch_size / rate)
-            ),
           )
           totals, window_start, window_steps = None, time.perf_counter(), 0
         if validating:
           val_metrics = validate()
           _check_finite(val_metrics, "Validation", step, manager)
-          writer.scalars(step, {f"val_{k}": v for k, v in val_metrics.items()})
+          writer.write_scalars(step, {f"val_{k}": v for k, v in val_metrics.items()})
           writer.flush()
           logging.info(
             "epoch %.4g validation: %s",
@@ -445,7 +466,6 @@ def _train(
             save(step, None)
           raise Interrupted(stop.received, step, manager.directory)
   finally:
-    profiler.stop()
     # A save already started completes, whatever ended the loop.
     manager.wait_until_finished()
     writer.close()
@@ -464,30 +484,24 @@ def _train(
   return state, val_metrics
 
 
-class _Profiler:
-  """Traces `count` steps (after the first, which compiles) for TensorBoard's
-  profile tab, under `<log_dir>/plugins/profile/`."""
-
-  def __init__(self, log_dir: Path, start_step: int, count: int):
-    self.log_dir, self.count = log_dir, count
-    self.first = start_step + 2
-    self.tracing = False
-
-  def before(self, step: int) -> None:
-    if self.count and step == self.first and jax.process_index() == 0:
-      jax.profiler.start_trace(str(self.log_dir))
-      self.tracing = True
-
-  def after(self, step: int, outputs: Any) -> None:
-    if self.tracing and step == self.first + self.count - 1:
-      jax.block_until_ready(outputs)
-      self.stop()
-
-  def stop(self) -> None:
-    if self.tracing:
-      jax.profiler.stop_trace()
-      self.tracing = False
-      logging.info("Profile of %d steps written under %s.", self.count, self.log_dir)
+def _start_from(
+  state: TrainState,
+  config: ml_collections.ConfigDict,
+  cmap: characters.CharacterMap,
+  mesh: Mesh,
+) -> TrainState:
+  """The fresh state with `config.init_from`'s weights (see `finetune`)."""
+  fresh = {"params": state.params, "batch_stats": state.batch_stats}
+  merged = jax.device_put(
+    finetune.initialize(jax.device_get(fresh), config, cmap),
+    sharding.replicated(mesh),
+  )
+  ema = None
+  if state.ema is not None:
+    ema = jax.tree.map(jnp.copy, merged)  # No buffers shared: the state is donated.
+  return state.replace(
+    params=merged["params"], batch_stats=merged["batch_stats"], ema=ema
+  )
 
 
 def _every(step: int, interval: int) -> bool:
@@ -522,9 +536,11 @@ def _accumulate(totals, sums):
   return jax.tree.map(jnp.add, totals, sums)
 
 
-def _with_first_batch_shown(batches, writer: summary.SummaryWriter, start_step: int):
+def _with_first_batch_shown(
+  batches, writer: metric_writers.MetricWriter, start_step: int
+):
   """Passes batches through, writing a grid of the first one to TensorBoard."""
   for i, batch in enumerate(batches):
     if i == 0 and start_step == 0:
-      writer.images(0, "train_inputs", batch["image"])
+      writer.write_images(0, {"train_inputs": batch["image"]})
     yield batch

@@ -1,0 +1,29 @@
+"""Fine-tune a strong Simpsons-MNIST run on the full-size frames.
+
+The ResNet of `strong.py`, trained on Simpsons-MNIST (28 px, 10 characters),
+starts `strong_small.py`'s training on the frames (64 px, 6 characters, all
+among the 10: the head is mapped by name) with a lower learning rate and
+fewer epochs.
+
+  python main.py --config=configs/strong.py --workdir=runs/strong_mnist \
+      --config.data_dir=../shared/data/simpsons-mnist/train \
+      --config.min_images=1 --config.image_size=28
+  python main.py --config=configs/finetune_frames.py --workdir=runs/finetune_frames \
+      --config.data_dir=../shared/data/frames/train --config.init_from=runs/strong_mnist
+
+Measured against training from scratch on the same split: README, "Fine-tuning".
+"""
+
+import ml_collections
+
+from configs import strong_small
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """`strong_small.py`, started from another run's weights."""
+  config = strong_small.get_config()
+  config.init_from = "runs/strong_mnist"  # WORKDIR[:best|latest|STEP]
+  config.learning_rate = 0.02
+  config.warmup_epochs = 1.0
+  config.num_epochs = 40
+  return config
