@@ -25,7 +25,7 @@ import numpy as np
 from absl import logging
 
 from simpsons_jax import characters, checkpointing, image_files, input_pipeline, models
-from simpsons_jax.data import core
+from simpsons_jax.data import core, folder
 
 UNKNOWN = "unknown"
 
@@ -117,17 +117,17 @@ def expand_paths(paths: Sequence[str | os.PathLike]) -> list[Path]:
       found.append(path)
       continue
     images = []
-    for folder, subfolders, names in os.walk(path, followlinks=True):
-      real = os.path.realpath(folder)
+    for here, subfolders, names in os.walk(path, followlinks=True):
+      real = os.path.realpath(here)
       subfolders[:] = sorted(
         d
         for d in subfolders
         if not _hidden(d)
         # A link to a folder above would be walked forever.
-        and not (real + os.sep).startswith(os.path.realpath(Path(folder, d)) + os.sep)
+        and not (real + os.sep).startswith(os.path.realpath(Path(here, d)) + os.sep)
       )
       images += [
-        Path(folder, name)
+        Path(here, name)
         for name in names
         if not _hidden(name)
         and Path(name).suffix.lower() in characters.IMAGE_EXTENSIONS
@@ -169,7 +169,7 @@ def classify_stream(
   """
   files = expand_paths(paths)
   size = trained.config.image_size
-  max_pixels = trained.config.get("max_image_pixels", image_files.DEFAULT_MAX_PIXELS)
+  max_pixels = folder.max_pixels(trained.config)
   with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
     for start in range(0, len(files), batch_size):
       chunk = files[start : start + batch_size]

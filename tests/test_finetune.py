@@ -137,3 +137,21 @@ def test_another_model_family_is_refused(source_run, tiny_config, tmp_path):
     ValueError, match="trained model=simpsons_cnn, this run model=resnet"
   ):
     train.train_and_evaluate(tiny_config, tmp_path)
+
+
+def test_frozen_batchnorm_layers_keep_their_statistics():
+  old = {
+    "Block/BatchNorm_0": {"mean": jnp.zeros(2)},
+    "BatchNorm_1": {"mean": jnp.zeros(2)},
+  }
+  new = jax.tree.map(lambda x: x + 1, old)
+  # Freezing a layer's scale freezes its statistics; others take the new ones.
+  kept = finetune.keep_frozen_stats(
+    old, new, ("Block/BatchNorm_0/scale",), jnp.asarray(5), unfreeze_step=0
+  )
+  assert kept["Block/BatchNorm_0"]["mean"].tolist() == [0, 0]
+  assert kept["BatchNorm_1"]["mean"].tolist() == [1, 1]
+  later = finetune.keep_frozen_stats(
+    old, new, ("Block/BatchNorm_0/scale",), jnp.asarray(5), unfreeze_step=5
+  )
+  assert later["Block/BatchNorm_0"]["mean"].tolist() == [1, 1]
