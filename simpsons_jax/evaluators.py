@@ -178,13 +178,17 @@ def from_folder(
 def from_config(
   config: ml_collections.ConfigDict, cmap: characters.CharacterMap, workdir: Path
 ) -> list[Evaluator]:
-  """The extra evaluators of `config.evals` (name -> eval_dir, every_epochs)."""
+  """The extra evaluators of `config.evals` (name -> eval_dir, every_epochs).
+
+  Their file checks are written under `<workdir>/eval/<name>` by process 0.
+  """
+  first = jax.process_index() == 0
   return [
     from_folder(
       name,
       spec.eval_dir,
       cmap,
-      workdir / "eval" / name,
+      workdir / "eval" / name if first else None,
       config,
       spec.get("every_epochs", 1),
     )

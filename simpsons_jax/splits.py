@@ -53,8 +53,9 @@ class Record:
     return {"train": self.train, "val": self.val, "unused": self.unused}
 
 
-def _character(relative: str) -> str:
-  return relative.split("/", 1)[0]
+def character(key: str) -> str:
+  """The character of a key (`<character>/<name>`): the part before the first '/'."""
+  return key.split("/", 1)[0]
 
 
 def _take(
@@ -86,10 +87,10 @@ def decide(
   Copies are split as one item; an image under two characters trains.
   """
   label_of = {name: i for i, name in enumerate(names)}
-  ordered = sorted(current, key=lambda p: (label_of[_character(p)], p))
+  ordered = sorted(current, key=lambda p: (label_of[character(p)], p))
   groups: dict[tuple[int, str], list[str]] = {}
   for path in ordered:
-    groups.setdefault((label_of[_character(path)], current[path]), []).append(path)
+    groups.setdefault((label_of[character(path)], current[path]), []).append(path)
   keys = list(groups)
   labels_per_hash = collections.defaultdict(set)
   for label, sha in keys:
@@ -99,10 +100,10 @@ def decide(
   val_groups = set(_take(labels, eligible, val_fraction, seed, leave=1).tolist())
   val = [p for i, key in enumerate(keys) if i in val_groups for p in groups[key]]
   train = [p for i, key in enumerate(keys) if i not in val_groups for p in groups[key]]
-  train.sort(key=lambda p: (label_of[_character(p)], p))
+  train.sort(key=lambda p: (label_of[character(p)], p))
   kept = set(range(len(train)))
   if train_fraction < 1:
-    train_labels = np.asarray([label_of[_character(p)] for p in train])
+    train_labels = np.asarray([label_of[character(p)] for p in train])
     everything = np.ones(len(train), bool)
     kept = set(_take(train_labels, everything, train_fraction, seed + 1, 0).tolist())
   return Record(
@@ -184,7 +185,7 @@ def _warn_about_conflicts(current: Mapping[str, str]) -> None:
   for path, sha in current.items():
     by_hash[sha].append(path)
   conflicts = [
-    paths for paths in by_hash.values() if len({_character(p) for p in paths}) > 1
+    paths for paths in by_hash.values() if len({character(p) for p in paths}) > 1
   ]
   if conflicts:
     logging.warning(
@@ -202,15 +203,10 @@ def _count_copies(record: Record) -> None:
       logging.info("%d %s image(s) are exact copies of others there.", copies, side)
 
 
-def character(key: str) -> str:
-  """The character of a key: the part before its first '/'."""
-  return _character(key)
-
-
 def ordered(keys: Mapping[str, str], cmap: characters.CharacterMap) -> dict[str, str]:
   """Key -> SHA-256 in the order the examples take: by character id, then key."""
   label_of = {name: i for i, name in enumerate(cmap.names)}
-  return {k: keys[k] for k in sorted(keys, key=lambda k: (label_of[_character(k)], k))}
+  return {k: keys[k] for k in sorted(keys, key=lambda k: (label_of[character(k)], k))}
 
 
 def _fix(workdir: Path) -> str:
@@ -271,7 +267,7 @@ def keep(
   data = {"format": _FORMAT, **saved.to_json()}
   data["in_use"] = {"train": sorted(used.train), "val": sorted(used.val)}
   files.write_text_atomic(path, json.dumps(data, indent=1) + "\n")
-  unseen = sorted(set(cmap.names) - {_character(k) for k in used.val})
+  unseen = sorted(set(cmap.names) - {character(k) for k in used.val})
   if unseen:
     logging.warning(
       "No validation image for %s: too few images to split.", ", ".join(unseen)
