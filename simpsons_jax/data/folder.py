@@ -90,6 +90,16 @@ class FolderSource(core.DataSource):
     """The file a key names (the inverse of `key`)."""
     return self.root(workdir) / key
 
+  def _hashes(
+    self, workdir: Path, checked: image_files.Checked, names: Sequence[str]
+  ) -> dict[str, str]:
+    """Key -> SHA-256 of the usable files of the characters `names`."""
+    return {
+      self.key(workdir, name, path): checked.sha256[path]
+      for name in names
+      for path in checked.images[name]
+    }
+
   def _files(self, workdir: Path, chosen: Mapping[str, str], cmap) -> Files:
     labels = {name: i for i, name in enumerate(cmap.names)}
     return Files(
@@ -102,11 +112,7 @@ class FolderSource(core.DataSource):
     found = self.find(workdir)
     checked = image_files.validate(found, workdir, max_pixels(self.config))
     cmap = characters.load_or_create(workdir, checked.images, self.config.min_images)
-    current = {
-      self.key(workdir, name, path): checked.sha256[path]
-      for name in cmap.names
-      for path in checked.images[name]
-    }
+    current = self._hashes(workdir, checked, cmap.names)
     train, val = splits.keep(workdir, current, cmap, self.config)
     return cmap, self._files(workdir, train, cmap), self._files(workdir, val, cmap)
 
@@ -121,11 +127,7 @@ class FolderSource(core.DataSource):
     for key in splits.saved_validation(workdir):
       by_character[splits.character(key)].append(self.path(workdir, key))
     checked = image_files.validate(by_character, report_dir, max_pixels(self.config))
-    current = {
-      self.key(workdir, name, path): checked.sha256[path]
-      for name, paths in checked.images.items()
-      for path in paths
-    }
+    current = self._hashes(workdir, checked, tuple(checked.images))
     return self._files(workdir, splits.still_valid(workdir, current, cmap), cmap)
 
 
