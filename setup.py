@@ -54,7 +54,7 @@ def _onednn_extension() -> list[Extension]:
       include_dirs=[include, ffi_include],
       library_dirs=[lib],
       libraries=[":libdnnl.so.3"],
-      extra_compile_args=["-std=c++17", "-O3", "-fopenmp"]
+      extra_compile_args=["-std=c++17", "-O3", "-fopenmp", "-ffp-contract=fast"]
       + ["-Wno-attributes", "-Wno-return-type"],
       extra_link_args=["-fopenmp"],
       language="c++",

@@ -79,22 +79,32 @@ class ConvReluPool(nn.Conv):
 
   Its parameters are `nn.Conv`'s (same names, shapes and initialisers). With
   `onednn`, a float32 block runs as `cpu_conv.conv_relu_pool` (bias, ReLU and
-  pool fused around oneDNN's convolution); otherwise as `nn.Conv`, `nn.relu`
-  and `max_pool_2x2`. Both compute the same function and gradients.
+  pool fused around oneDNN's convolution, or a direct one on uint8 images);
+  otherwise as `nn.Conv`, `nn.relu` and `max_pool_2x2`. Both compute the same
+  function and gradients.
   """
 
   onednn: bool = False
+  # Set for the first block: its inputs are pixel values (uint8 images, or
+  # float after mixing), used as `inputs.astype(dtype) / input_divisor`.
+  input_divisor: float | None = None
 
   @nn.compact
   def __call__(self, inputs: jax.Array) -> jax.Array:
-    if not (self.onednn and inputs.dtype == jnp.float32 == jnp.dtype(self.dtype)):
+    fused = self.onednn and jnp.dtype(self.dtype) == jnp.float32
+    # uint8 images go to the fused kernel as they are: it divides them itself.
+    if self.input_divisor and not (fused and inputs.dtype == jnp.uint8):
+      inputs = inputs.astype(self.dtype) / self.input_divisor
+    if not (fused and inputs.dtype in (jnp.float32, jnp.uint8)):
       return max_pool_2x2(nn.relu(super().__call__(inputs)))
     kernel_shape = (*self.kernel_size, inputs.shape[-1], self.features)
     kernel = self.param("kernel", self.kernel_init, kernel_shape, self.param_dtype)
     bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
     strides = self.strides or 1
     strides = (strides,) * 2 if isinstance(strides, int) else tuple(strides)
-    return cpu_conv.conv_relu_pool(inputs, kernel, bias, strides, self.padding)
+    return cpu_conv.conv_relu_pool(
+      inputs, kernel, bias, strides, self.padding, self.input_divisor or 1.0
+    )
 
 
 class SimpsonsCNN(nn.Module):
@@ -136,7 +146,7 @@ class SimpsonsCNN(nn.Module):
   @nn.compact
   def __call__(self, images: jax.Array, *, train: bool) -> jax.Array:
     glorot = nn.initializers.glorot_uniform()
-    x = images.astype(self.dtype) / 255.0
+    x = images  # The first block divides them by 255.
     for i, features in enumerate(self.conv_features):
       x = ConvReluPool(
         features,
@@ -145,6 +155,7 @@ class SimpsonsCNN(nn.Module):
         kernel_init=glorot,
         dtype=self.dtype,
         onednn=self.onednn,
+        input_divisor=255.0 if i == 0 else None,
         name=f"conv{i}",
       )(x)
     x = x.reshape(x.shape[0], -1)

@@ -258,22 +258,72 @@ def test_the_fused_pool_equals_the_jax_pool_with_ties(shape):
   np.testing.assert_array_equal(vjp(g)[0], expected_vjp(g)[0])
 
 
-def test_fused_block_equals_conv_bias_relu_pool():
+@pytest.mark.parametrize(
+  "shape, kernel, padding",
+  [
+    # Up to 4 input channels: the direct convolution. 129 rows: the last is dropped.
+    ((10, 129, 128, 3), (3, 3, 3, 8), "SAME"),
+    ((3, 13, 21, 1), (3, 3, 1, 16), ((1, 0), (2, 1))),  # odd, asymmetric padding
+    ((2, 9, 11, 4), (5, 5, 4, 8), "SAME"),  # not 3x3: the pixel-at-a-time path
+    ((2, 6, 6, 2), (3, 3, 2, 8), "VALID"),
+    # More channels: oneDNN, whose 4 MB chunks hold 15 of these images, then 5.
+    ((20, 65, 64, 8), (3, 3, 8, 16), "SAME"),
+  ],
+)
+def test_fused_block_equals_conv_bias_relu_pool(shape, kernel, padding):
   _needs_kernels()
   rng = np.random.default_rng(0)
-  # 10 images of 129x128: the kernel's 4 MB chunks hold 7, then 3.
-  x = jnp.asarray(rng.standard_normal((10, 129, 128, 3), np.float32))
-  k = jnp.asarray(rng.standard_normal((3, 3, 3, 8), np.float32))
-  b = jnp.asarray(rng.standard_normal((8,), np.float32))
-  g = jnp.asarray(rng.standard_normal((10, 64, 64, 8), np.float32))
+  x = jnp.asarray(rng.standard_normal(shape, np.float32))
+  k = jnp.asarray(rng.standard_normal(kernel, np.float32))
+  b = jnp.asarray(rng.standard_normal(kernel[-1:], np.float32))
 
   def plain(x, k, b):
-    y = lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=NHWC) + b
+    y = lax.conv_general_dilated(x, k, (1, 1), padding, dimension_numbers=NHWC) + b
     return _relu_pool(y)
+
+  g = jnp.asarray(rng.standard_normal(jax.eval_shape(plain, x, k, b).shape, np.float32))
 
   def run(f):
     loss = lambda x, k, b: (f(x, k, b) * g).sum()  # noqa: E731
     return jax.jit(f)(x, k, b), *jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(x, k, b)
 
-  for a, c in zip(run(plain), run(cpu_conv.conv_relu_pool), strict=True):
+  for a, c in zip(
+    run(plain),
+    run(lambda x, k, b: cpu_conv.conv_relu_pool(x, k, b, padding=padding)),
+    strict=True,
+  ):
     np.testing.assert_allclose(c, a, rtol=1e-5, atol=1e-5 * float(jnp.abs(a).max()))
+
+
+@pytest.mark.parametrize(
+  "shape, kernel",
+  [
+    ((6, 33, 32, 3), (3, 3, 3, 8)),  # the first block: divided inside the kernel
+    ((2, 10, 12, 8), (3, 3, 8, 16)),  # 8 channels: converted by XLA, then oneDNN
+  ],
+)
+def test_uint8_images_equal_their_float_values(shape, kernel):
+  _needs_kernels()
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.integers(0, 256, shape, dtype=np.uint8))
+  k = jnp.asarray(rng.standard_normal(kernel, np.float32))
+  b = jnp.asarray(rng.standard_normal(kernel[-1:], np.float32))
+
+  def plain(k, b):
+    y = x.astype(jnp.float32) / 255.0
+    y = lax.conv_general_dilated(y, k, (1, 1), "SAME", dimension_numbers=NHWC) + b
+    return _relu_pool(y)
+
+  def fused(k, b):
+    return cpu_conv.conv_relu_pool(x, k, b, divisor=255.0)
+
+  g = jnp.asarray(rng.standard_normal(jax.eval_shape(plain, k, b).shape, np.float32))
+
+  def value_and_grads(f):
+    y, vjp = jax.vjp(jax.jit(f), k, b)
+    return (y, *vjp(g))
+
+  for a, c in zip(value_and_grads(plain), value_and_grads(fused), strict=True):
+    np.testing.assert_allclose(c, a, rtol=1e-5, atol=1e-5 * float(jnp.abs(a).max()))
+  lowered = jax.jit(fused).lower(k, b).as_text()
+  assert ("ConvBiasReluPoolForwardU8" in lowered) == (shape[-1] <= 4)

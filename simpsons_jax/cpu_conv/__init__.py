@@ -29,6 +29,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 _EXTENSION = "simpsons_jax.cpu_conv._onednn"
@@ -39,6 +40,7 @@ _TARGETS = {
   "backward_weights": "OnednnConvBackwardWeights",
   "backward_weights_bias": "OnednnConvBackwardWeightsBias",
   "conv_relu_pool_forward": "ConvBiasReluPoolForward",
+  "conv_relu_pool_forward_u8": "ConvBiasReluPoolForwardU8",
   "relu_pool_backward": "ReluMaxPoolBackward",
 }
 _NHWC = ("NHWC", "HWIO", "NHWC")
@@ -142,15 +144,14 @@ def _f32(*shape: int) -> jax.ShapeDtypeStruct:
   return jax.ShapeDtypeStruct(tuple(shape), jnp.float32)
 
 
-def _call(kind: str, out_shape, *operands: jax.Array, geometry=None):
+def _call(kind: str, out_shape, *operands: jax.Array, geometry=None, **attributes):
   """Calls one FFI handler; `out_shape` is one ShapeDtypeStruct or a tuple."""
   loaded, why = available()  # Registers the handlers on first use.
   if not loaded:
     raise RuntimeError(f"oneDNN's convolutions are unavailable here: {why}.")
-  attributes = {}
   if geometry is not None:
     stride_h, stride_w, (pad_top, pad_bottom), (pad_left, pad_right) = geometry
-    attributes = dict(
+    attributes.update(
       stride_h=stride_h,
       stride_w=stride_w,
       pad_top=pad_top,
@@ -205,35 +206,45 @@ def _geometry(shape, kernel_shape, window_strides, padding) -> tuple:
   )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _conv_relu_pool(x, kernel, bias, geometry):
-  return _conv_relu_pool_forward(x, kernel, bias, geometry)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _conv_relu_pool(x, kernel, bias, geometry, divisor):
+  return _conv_relu_pool_forward(x, kernel, bias, geometry, divisor)[0]
 
 
-def _conv_relu_pool_forward(x, kernel, bias, geometry):
+def _conv_relu_pool_forward(x, kernel, bias, geometry, divisor):
   n, h, w, c = _output_shape(x, kernel, geometry)
   pooled = (n, h // 2, w // 2, c)
-  y, code = _call(
-    "conv_relu_pool_forward",
-    (_f32(*pooled), jax.ShapeDtypeStruct(pooled, jnp.int8)),
-    x,
-    kernel,
-    bias,
-    geometry=geometry,
-  )
+  outputs = (_f32(*pooled), jax.ShapeDtypeStruct(pooled, jnp.int8))
+  if x.dtype == jnp.uint8:
+    y, code = _call(
+      "conv_relu_pool_forward_u8",
+      outputs,
+      x,
+      kernel,
+      bias,
+      geometry=geometry,
+      divisor=np.float32(divisor),
+    )
+  else:
+    y, code = _call(
+      "conv_relu_pool_forward", outputs, x, kernel, bias, geometry=geometry
+    )
   return y, (x, kernel, code, (n, h, w, c))
 
 
-def _conv_relu_pool_backward(geometry, residuals, g):
+def _conv_relu_pool_backward(geometry, divisor, residuals, g):
   x, kernel, code, y_shape = residuals
   dy = _call("relu_pool_backward", _f32(*y_shape), code, g)
+  images = x.dtype == jnp.uint8
   dkernel, dbias = _call(
     "backward_weights_bias",
     (_f32(*kernel.shape), _f32(kernel.shape[-1])),
-    x,
+    x.astype(jnp.float32) / divisor if images else x,
     dy,
     geometry=geometry,
   )
+  if images:  # Images have no gradient.
+    return None, dkernel, dbias
   dx = _call("backward_data", _f32(*x.shape), dy, kernel, geometry=geometry)
   return dx, dkernel, dbias
 
@@ -247,17 +258,29 @@ def conv_relu_pool(
   bias: jax.Array,
   window_strides: Sequence[int] = (1, 1),
   padding: str | Sequence[tuple[int, int]] = "SAME",
+  divisor: float = 255.0,
 ) -> jax.Array:
   """A float32 NHWC convolution with HWIO `kernel`, plus `bias`, then ReLU and a
-  2x2 max pool ('VALID'), as one oneDNN convolution and one pass of the pool.
+  2x2 max pool ('VALID'), as one oneDNN convolution and one pass of the pool;
+  with at most 4 input channels and stride 1 (the first block's RGB), as a
+  direct convolution that pools each pair of rows while it is in L1.
 
+  `x` may also be uint8 images, used as `x.astype(float32) / divisor` (computed
+  a few rows at a time inside the direct convolution; they get no gradient).
   The same values and gradients as `models.max_pool_2x2(nn.relu(...))` of
   `lax.conv_general_dilated(...) + bias` within float32 rounding: the pool's
   gradient goes to each window's positive maximum, split evenly between ties.
   """
-  return _conv_relu_pool(
-    x, kernel, bias, _geometry(x.shape, kernel.shape, window_strides, padding)
-  )
+  geometry = _geometry(x.shape, kernel.shape, window_strides, padding)
+  if x.dtype == jnp.uint8 and not _direct(x.shape, kernel.shape, geometry):
+    x = x.astype(jnp.float32) / divisor
+  return _conv_relu_pool(x, kernel, bias, geometry, divisor)
+
+
+def _direct(shape, kernel_shape, geometry) -> bool:
+  """Whether the block runs as the direct convolution (onednn_conv.cc's
+  DirectConvHandles), the one path that reads uint8 images."""
+  return 1 <= shape[-1] <= 4 and kernel_shape[-1] % 8 == 0 and geometry[:2] == (1, 1)
 
 
 def _handled(lhs, rhs, lhs_dilation, rhs_dilation, dimension_numbers, groups) -> bool:

@@ -15,6 +15,8 @@
 // edges dropped):
 //   ConvBiasReluPoolForward(x, w, b) -> y, code  (code: 4 bits a window, where
 //                                                 its positive maximum stands)
+//   ConvBiasReluPoolForwardU8(x, w, b) -> y, code  (x: uint8 images, divided
+//                                                 by the divisor attribute)
 //   ReluMaxPoolBackward(code, dy) -> d(conv)     (each window's gradient split
 //                                                 evenly between its code's)
 
@@ -26,6 +28,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <type_traits>
 #include <unordered_map>
 #include <vector>
 
@@ -302,9 +305,35 @@ inline PoolOut PoolWindow(F8 v0, F8 v1, F8 v2, F8 v3) {
   return {nan ? v0 + v1 + v2 + v3 : m, top > zero ? bits : I8{}};
 }
 
-// ReLU + 2x2 max pool of x (n, h, w, c) into out (n, h/2, w/2, c). Bit k
-// (k = 2 * row + column in the window) of a window's code is set where x
-// equals the window's maximum and is positive.
+// ReLU + 2x2 max pool of two rows of x (each w by c, p0 the upper) into one
+// row of out (w/2 by c). Bit k (k = 2 * row + column in the window) of a
+// window's code is set where x equals the window's maximum and is positive.
+__attribute__((always_inline)) inline void ReluMaxPoolRow(const float* p0,
+                                                          const float* p1,
+                                                          int64_t w, int64_t c,
+                                                          float* out,
+                                                          int8_t* bits) {
+  for (int64_t j = 0; j < w / 2; ++j) {
+    const float* q0 = p0 + 2 * j * c;
+    const float* q1 = p1 + 2 * j * c;
+    float* q = out + j * c;
+    int8_t* k = bits + j * c;
+    int64_t ch = 0;
+    for (; ch + kLanes <= c; ch += kLanes) {
+      PoolOut r = PoolWindow(Load(q0 + ch), Load(q0 + c + ch), Load(q1 + ch),
+                             Load(q1 + c + ch));
+      Store(q + ch, r.y);
+      for (int64_t l = 0; l < kLanes; ++l) k[ch + l] = static_cast<int8_t>(r.code[l]);
+    }
+    for (; ch < c; ++ch) {  // The last c % 8 channels, one lane used.
+      PoolOut r = PoolWindow(F8{q0[ch]}, F8{q0[c + ch]}, F8{q1[ch]}, F8{q1[c + ch]});
+      q[ch] = r.y[0];
+      k[ch] = static_cast<int8_t>(r.code[0]);
+    }
+  }
+}
+
+// ReLU + 2x2 max pool of x (n, h, w, c) into out (n, h/2, w/2, c) and codes.
 __attribute__((target_clones("avx512f", "avx2", "default"))) void ReluMaxPool(
     const float* in, int64_t n, int64_t h, int64_t w, int64_t c, float* out,
     int8_t* bits) {
@@ -312,26 +341,146 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void ReluMaxPool(
 #pragma omp parallel for
   for (int64_t row = 0; row < n * h2; ++row) {
     const int64_t b = row / h2, i = row % h2;
-    for (int64_t j = 0; j < w2; ++j) {
-      const float* p0 = in + ((b * h + 2 * i) * w + 2 * j) * c;
-      const float* p1 = p0 + w * c;
-      float* q = out + (row * w2 + j) * c;
-      int8_t* k = bits + (row * w2 + j) * c;
-      int64_t ch = 0;
-      for (; ch + kLanes <= c; ch += kLanes) {
-        PoolOut r = PoolWindow(Load(p0 + ch), Load(p0 + c + ch), Load(p1 + ch),
-                               Load(p1 + c + ch));
-        Store(q + ch, r.y);
-        for (int64_t l = 0; l < kLanes; ++l) k[ch + l] = static_cast<int8_t>(r.code[l]);
+    const float* p0 = in + (b * h + 2 * i) * w * c;
+    ReluMaxPoolRow(p0, p0 + w * c, w, c, out + row * w2 * c, bits + row * w2 * c);
+  }
+}
+
+// Convolution + bias with stride 1 for few input channels (C <= 4: the first
+// layer's RGB), written directly: oneDNN's kernels for 3 input channels keep
+// most of the vector unit idle (the first block took a third of the inference
+// pass). Output channels go in vectors of 8. Away from the edges, eight output
+// pixels at a time with the kernel's width and the channels known at compile
+// time, so each kernel vector loaded serves eight FMAs held in registers; at
+// the edges, one pixel at a time, skipping the padding. Each sum runs over
+// (dy, dx, c) in order, as a plain convolution's does.
+// Rows row0, row0 + 1, ... of the image are at x.
+template <int C, int KW>
+__attribute__((always_inline)) inline void DirectConvBiasRow(
+    const float* x, int64_t row0, int64_t h, int64_t w, const float* k, int64_t kh,
+    int64_t kw_runtime, int64_t oc, const float* bias, int64_t i, int64_t ow,
+    int64_t pad_top, int64_t pad_left, float* out) {
+  constexpr int64_t kPixels = 8;
+  const int64_t kw = KW > 0 ? KW : kw_runtime;
+  for (int64_t o = 0; o < oc; o += kLanes) {
+    const F8 b = Load(bias + o);
+    int64_t j = 0;
+    while (j < ow) {
+      const int64_t left = j - pad_left;
+      if (KW > 0 && left >= 0 && left + kPixels - 1 + KW - 1 < w && j + kPixels <= ow) {
+        F8 acc[kPixels];
+        for (int64_t p = 0; p < kPixels; ++p) acc[p] = b;
+        for (int64_t dy = 0; dy < kh; ++dy) {
+          const int64_t iy = i - pad_top + dy;
+          if (iy < 0 || iy >= h) continue;
+          const float* row = x + ((iy - row0) * w + left) * C;
+          const float* kv = k + dy * KW * C * oc + o;
+          for (int dx = 0; dx < KW; ++dx)
+            for (int c = 0; c < C; ++c) {
+              const F8 kvec = Load(kv + (dx * C + c) * oc);
+              for (int64_t p = 0; p < kPixels; ++p)
+                acc[p] += row[(p + dx) * C + c] * kvec;
+            }
+        }
+        for (int64_t p = 0; p < kPixels; ++p) Store(out + (j + p) * oc + o, acc[p]);
+        j += kPixels;
+        continue;
       }
-      for (; ch < c; ++ch) {  // The last c % 8 channels, one lane used.
-        PoolOut r = PoolWindow(F8{p0[ch]}, F8{p0[c + ch]}, F8{p1[ch]}, F8{p1[c + ch]});
-        q[ch] = r.y[0];
-        k[ch] = static_cast<int8_t>(r.code[0]);
+      F8 acc = b;
+      for (int64_t dy = 0; dy < kh; ++dy) {
+        const int64_t iy = i - pad_top + dy;
+        if (iy < 0 || iy >= h) continue;
+        for (int64_t dx = 0; dx < kw; ++dx) {
+          const int64_t ix = left + dx;
+          if (ix < 0 || ix >= w) continue;
+          const float* kv = k + (dy * kw + dx) * C * oc + o;
+          for (int c = 0; c < C; ++c)
+            acc += x[((iy - row0) * w + ix) * C + c] * Load(kv + c * oc);
+        }
       }
+      Store(out + j * oc + o, acc);
+      ++j;
     }
   }
 }
+
+bool DirectConvHandles(const std::array<int64_t, 4>& xs,
+                       const std::array<int64_t, 4>& ws, int64_t stride_h,
+                       int64_t stride_w) {
+  return xs[3] >= 1 && xs[3] <= 4 && ws[3] % kLanes == 0 && stride_h == 1 &&
+         stride_w == 1;
+}
+
+// One pooled output row r (of n * oh/2) of the whole block for
+// DirectConvHandles' cases: conv + bias of x (n, h, w, c) with the HWIO kernel
+// k, two output rows into `rows` (which stays in L1), then ReLU + pool into y
+// (n, oh/2, ow/2, oc) and its codes. The conv rows the pool drops (an odd
+// last row) are never computed. uint8 images are divided by `divisor` (as
+// XLA's convert and divide would) into `converted`, the rows this output row
+// reads, so the float copy of the batch is never written to memory.
+template <typename T>
+__attribute__((always_inline)) inline void DirectBlockRow(
+    int64_t r, const T* x, float divisor, int64_t h, int64_t w, int64_t c,
+    const float* k, int64_t kh, int64_t kw, int64_t oc, const float* bias,
+    int64_t oh, int64_t ow, int64_t pad_top, int64_t pad_left, float* y,
+    int8_t* bits, float* rows, float* converted) {
+  const int64_t h2 = oh / 2, row_out = (ow / 2) * oc;
+  const T* image = x + (r / h2) * h * w * c;
+  const float* in = nullptr;
+  int64_t row0 = 0;
+  if constexpr (std::is_same_v<T, float>) {
+    in = image;
+  } else {
+    row0 = std::max<int64_t>(0, 2 * (r % h2) - pad_top);
+    const int64_t end = std::min<int64_t>(h, 2 * (r % h2) + 1 - pad_top + kh);
+    for (int64_t e = 0; e < (end - row0) * w * c; ++e)
+      converted[e] = static_cast<float>(image[row0 * w * c + e]) / divisor;
+    in = converted;
+  }
+  for (int64_t half = 0; half < 2; ++half) {
+    const int64_t i = 2 * (r % h2) + half;
+    float* out = rows + half * ow * oc;
+    // The notebook's 3x3 kernels get the fast interior path.
+#define SIMPSONS_ROW(C, KW)                                                      \
+  DirectConvBiasRow<C, KW>(in, row0, h, w, k, kh, kw, oc, bias, i, ow, pad_top, \
+                           pad_left, out)
+    if (kw == 3) {
+      if (c == 1) SIMPSONS_ROW(1, 3);
+      else if (c == 2) SIMPSONS_ROW(2, 3);
+      else if (c == 3) SIMPSONS_ROW(3, 3);
+      else SIMPSONS_ROW(4, 3);
+    } else {
+      if (c == 1) SIMPSONS_ROW(1, 0);
+      else if (c == 2) SIMPSONS_ROW(2, 0);
+      else if (c == 3) SIMPSONS_ROW(3, 0);
+      else SIMPSONS_ROW(4, 0);
+    }
+#undef SIMPSONS_ROW
+  }
+  ReluMaxPoolRow(rows, rows + ow * oc, ow, oc, y + r * row_out, bits + r * row_out);
+}
+
+// The block over the batch, for float and for uint8 images, each compiled for
+// AVX-512, AVX2 and plain x86-64. (The OpenMP region must be in the cloned
+// function itself for its body to be compiled for each.)
+#define SIMPSONS_DIRECT(NAME, T)                                                 \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) \
+  void NAME(const T* x, float divisor, int64_t n, int64_t h, int64_t w,          \
+            int64_t c, const float* k, int64_t kh, int64_t kw, int64_t oc,       \
+            const float* bias, int64_t oh, int64_t ow, int64_t pad_top,          \
+            int64_t pad_left, float* y, int8_t* bits) {                          \
+    _Pragma("omp parallel") {                                                    \
+      std::vector<float> rows(2 * ow * oc);                                      \
+      std::vector<float> converted(std::is_same_v<T, float> ? 0 : (kh + 1) * w * c); \
+      _Pragma("omp for") for (int64_t r = 0; r < n * (oh / 2); ++r)              \
+        DirectBlockRow<T>(r, x, divisor, h, w, c, k, kh, kw, oc, bias, oh, ow,  \
+                          pad_top, pad_left, y, bits, rows.data(),              \
+                          converted.data());                                    \
+    }                                                                            \
+  }
+SIMPSONS_DIRECT(DirectConvBiasReluPool, float)
+SIMPSONS_DIRECT(DirectConvBiasReluPoolU8, uint8_t)
+#undef SIMPSONS_DIRECT
 
 // Convolution + bias, ReLU and pool, a few images at a time: each chunk's
 // convolution output stays in cache between oneDNN writing it and the pool
@@ -348,6 +497,12 @@ ffi::Error ConvBiasReluPoolForwardImpl(
   const int64_t oh = (xs[1] + pad_top + pad_bottom - ws[0]) / stride_h + 1;
   const int64_t ow = (xs[2] + pad_left + pad_right - ws[1]) / stride_w + 1;
   const int64_t oc = ws[3], per_image = oh * ow * oc;
+  if (DirectConvHandles(xs, ws, stride_h, stride_w)) {
+    DirectConvBiasReluPool(x.typed_data(), 1.0f, n, xs[1], xs[2], xs[3], w.typed_data(),
+                           ws[0], ws[1], oc, b.typed_data(), oh, ow, pad_top,
+                           pad_left, y->typed_data(), code->typed_data());
+    return ffi::Error::Success();
+  }
   const int64_t pooled = (oh / 2) * (ow / 2) * oc;
   const int64_t rows = std::max<int64_t>(1, std::min(n, kChunkFloats / per_image));
   std::vector<float> scratch(rows * per_image);
@@ -363,6 +518,27 @@ ffi::Error ConvBiasReluPoolForwardImpl(
     ReluMaxPool(scratch.data(), m, oh, ow, oc, y->typed_data() + start * pooled,
                 code->typed_data() + start * pooled);
   }
+  return ffi::Error::Success();
+}
+
+// The block on uint8 images divided by `divisor` first; DirectConvHandles'
+// cases only (the caller converts the others itself).
+ffi::Error ConvBiasReluPoolForwardU8Impl(
+    ffi::Buffer<ffi::U8> x, ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> b,
+    ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::S8> code,
+    int64_t stride_h, int64_t stride_w, int64_t pad_top, int64_t pad_bottom,
+    int64_t pad_left, int64_t pad_right, float divisor) {
+  auto xs = Shape4(x), ws = Shape4(w);
+  if (!DirectConvHandles(xs, ws, stride_h, stride_w))
+    return ffi::Error::InvalidArgument(
+        "uint8 blocks need at most 4 input channels, output channels in 8s and "
+        "stride 1");
+  const int64_t oh = (xs[1] + pad_top + pad_bottom - ws[0]) + 1;
+  const int64_t ow = (xs[2] + pad_left + pad_right - ws[1]) + 1;
+  DirectConvBiasReluPoolU8(x.typed_data(), divisor, xs[0], xs[1], xs[2], xs[3],
+                           w.typed_data(), ws[0], ws[1], ws[3], b.typed_data(), oh,
+                           ow, pad_top, pad_left, y->typed_data(),
+                           code->typed_data());
   return ffi::Error::Success();
 }
 
@@ -467,6 +643,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ConvBiasReluPoolForward,
                                                .Arg<ffi::Buffer<ffi::F32>>()
                                                .Ret<ffi::Buffer<ffi::F32>>()
                                                .Ret<ffi::Buffer<ffi::S8>>()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ConvBiasReluPoolForwardU8,
+                              ConvBiasReluPoolForwardU8Impl,
+                              WithGeometry(ffi::Ffi::Bind()
+                                               .Arg<ffi::Buffer<ffi::U8>>()
+                                               .Arg<ffi::Buffer<ffi::F32>>()
+                                               .Arg<ffi::Buffer<ffi::F32>>()
+                                               .Ret<ffi::Buffer<ffi::F32>>()
+                                               .Ret<ffi::Buffer<ffi::S8>>())
+                                  .Attr<float>("divisor"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnConvBackwardWeightsBias,
                               BackwardWeightsBiasImpl,
                               WithGeometry(ffi::Ffi::Bind()
