@@ -1,19 +1,29 @@
-"""Images/second of the notebook's network: simpsons_jax beside Keras and PyTorch.
+"""Images/second of training and inference: simpsons_jax beside Keras and PyTorch.
 
   pip install -e ".[bench]"
-  python benchmarks/speed.py                      # the full table, a few minutes
+  python benchmarks/speed.py                      # the notebook network, a few minutes
+  python benchmarks/speed.py --model=resnet       # strong.py's ResNet beside PyTorch
   python benchmarks/speed.py --frameworks=simpsons_jax --sizes=64 --json=out.json
 
 Every measurement runs in a fresh worker process (one framework at a time, so
 they never compete for the cores), the frameworks take turns round after
 round, and each figure is the median over rounds of a timed window of steps
-after warm-up. The references build the same network (4 conv+pool blocks of
-8/16/32/64, 4 dense layers of 512 with dropout 0.4, 13 outputs, Adam 1e-3,
-softmax cross-entropy) and are never imported by the package.
+after warm-up. The references are never imported by the package and build the
+same network:
+- `notebook` (configs/full.py; Keras and PyTorch): 4 conv+pool blocks of
+  8/16/32/64, 4 dense layers of 512 with dropout 0.4, 13 outputs, Adam 1e-3,
+  softmax cross-entropy; sizes 64 and 128, training batch 64.
+- `resnet` (configs/strong.py; PyTorch, channels-last): a 3x3 stem of 32 with
+  BatchNorm, ReLU and a 2x2 max pool, one residual block per stage of
+  48/96/192, global average pool, 13 outputs; SGD with Nesterov momentum and
+  weight decay, label smoothing 0.1 and an EMA of the weights, as strong.py
+  trains; sizes 28 (Simpsons-MNIST) and 64, training batch 128. Inference is
+  one forward pass (strong.py's flip test-time augmentation off on both).
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import statistics
@@ -28,9 +38,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from simpsons_jax import cpu_conv  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("frameworks", ["simpsons_jax", "keras", "torch"], "What to compare.")
-flags.DEFINE_list("sizes", ["64", "128"], "Image sizes.")
-flags.DEFINE_integer("train_batch", 64, "Training batch size.")
+flags.DEFINE_enum("model", "notebook", ["notebook", "resnet"], "The network.")
+flags.DEFINE_list(
+  "frameworks",
+  None,
+  "What to compare (default: simpsons_jax, keras, torch for the notebook's "
+  "network; simpsons_jax, torch for the ResNet).",
+)
+flags.DEFINE_list("sizes", None, "Image sizes (default: 64,128; the ResNet's 28,64).")
+flags.DEFINE_integer(
+  "train_batch", None, "Training batch size (default: the config's, 64 or 128)."
+)
 flags.DEFINE_integer("infer_batch", 256, "Inference batch size.")
 flags.DEFINE_integer("rounds", 3, "Rounds; each framework is measured once per round.")
 flags.DEFINE_float("window", 10.0, "Seconds of timed steps per measurement.")
@@ -43,7 +61,24 @@ flags.DEFINE_string("mode", "train", "Internal: train or infer.")
 flags.DEFINE_integer("size", 128, "Internal: image size.")
 flags.DEFINE_integer("batch", 64, "Internal: batch size.")
 
+# Per model: its config, and the defaults of the flags above.
+MODELS = {
+  "notebook": dict(
+    config="full", frameworks=["simpsons_jax", "keras", "torch"], sizes=["64", "128"]
+  ),
+  "resnet": dict(
+    config="strong", frameworks=["simpsons_jax", "torch"], sizes=["28", "64"]
+  ),
+}
+
 NUM_CLASSES = 13
+
+
+def _config():
+  """The config of `--model`."""
+  return importlib.import_module(
+    f"configs.{MODELS[FLAGS.model]['config']}"
+  ).get_config()
 
 
 def _timed(step, window: float, batches_per_call: int = 1) -> float:
@@ -61,12 +96,12 @@ def _simpsons_jax(mode: str, size: int, batch: int) -> tuple[float, str]:
   import jax
   import numpy as np
 
-  from configs import full
   from simpsons_jax import models, sharding, train
 
-  config = full.get_config()
+  config = _config()
   config.image_size = size
   config.cpu_kernels = FLAGS.cpu_kernels
+  config.eval_flip = False  # One forward pass, as the references' inference.
   mesh = sharding.make_mesh(jax.devices()[:1])
   state = train.initial_state(
     models.create(config, NUM_CLASSES), config, mesh, steps_per_epoch=1
@@ -95,6 +130,8 @@ def _simpsons_jax(mode: str, size: int, batch: int) -> tuple[float, str]:
 
 
 def _keras(mode: str, size: int, batch: int) -> tuple[float, str]:
+  if FLAGS.model != "notebook":
+    raise ValueError("the Keras reference builds the notebook's network only")
   import keras
   import numpy as np
 
@@ -140,7 +177,62 @@ def _keras(mode: str, size: int, batch: int) -> tuple[float, str]:
   return timer.rate, f"keras {keras.__version__}"
 
 
-def _torch(mode: str, size: int, batch: int) -> tuple[float, str]:
+def _torch_resnet(size: int):
+  """strong.py's ResNet, its optimizer and its EMA, in PyTorch."""
+  import torch
+  from torch import nn
+
+  def norm(features: int, zero: bool = False) -> nn.BatchNorm2d:
+    layer = nn.BatchNorm2d(features, momentum=0.1)  # Flax's momentum 0.9.
+    if zero:
+      nn.init.zeros_(layer.weight)
+    return layer
+
+  class Block(nn.Module):
+    def __init__(self, channels: int, features: int, stride: int):
+      super().__init__()
+      self.body = nn.Sequential(
+        nn.Conv2d(channels, features, 3, stride, 1, bias=False),
+        norm(features),
+        nn.ReLU(),
+        nn.Conv2d(features, features, 3, 1, 1, bias=False),
+        norm(features, zero=True),
+      )
+      self.shortcut = nn.Identity()
+      if stride != 1 or channels != features:
+        self.shortcut = nn.Sequential(
+          nn.Conv2d(channels, features, 1, stride, bias=False), norm(features)
+        )
+
+    def forward(self, x):
+      return torch.relu(self.body(x) + self.shortcut(x))
+
+  layers: list[nn.Module] = [
+    nn.Conv2d(3, 32, 3, 1, 1, bias=False),
+    norm(32),
+    nn.ReLU(),
+    nn.MaxPool2d(2),
+  ]
+  channels = 32
+  for i, features in enumerate((48, 96, 192)):
+    layers.append(Block(channels, features, 2 if i else 1))
+    channels = features
+  layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, NUM_CLASSES)]
+  model = nn.Sequential(*layers).to(memory_format=torch.channels_last)
+  optimizer = torch.optim.SGD(
+    model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4
+  )
+  ema = [p.detach().clone() for p in model.parameters()]
+
+  def after_step():
+    with torch.no_grad():
+      torch._foreach_lerp_(ema, list(model.parameters()), 1 - 0.995)
+
+  return model, optimizer, 0.1, after_step, lambda x: x.float() / 127.5 - 1
+
+
+def _torch_notebook(size: int):
+  """The notebook's network and Adam in PyTorch."""
   import torch
   from torch import nn
 
@@ -157,16 +249,29 @@ def _torch(mode: str, size: int, batch: int) -> tuple[float, str]:
   layers += [nn.Dropout(0.4), nn.Linear(512, NUM_CLASSES)]
   model = nn.Sequential(*layers).to(memory_format=torch.channels_last)
   optimizer = torch.optim.Adam(model.parameters(), 1e-3)
+  return model, optimizer, 0.0, lambda: None, lambda x: x.float() / 255
+
+
+def _torch(mode: str, size: int, batch: int) -> tuple[float, str]:
+  import torch
+  from torch import nn
+
+  build = _torch_resnet if FLAGS.model == "resnet" else _torch_notebook
+  model, optimizer, label_smoothing, after_step, scale = build(size)
   images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8)
   labels = torch.randint(0, NUM_CLASSES, (batch,))
 
   def step():
-    x = (images.float() / 255).contiguous(memory_format=torch.channels_last)
+    x = scale(images).contiguous(memory_format=torch.channels_last)
     if mode == "train":
       model.train()
       optimizer.zero_grad()
-      nn.functional.cross_entropy(model(x), labels).backward()
+      loss = nn.functional.cross_entropy(
+        model(x), labels, label_smoothing=label_smoothing
+      )
+      loss.backward()
       optimizer.step()
+      after_step()
     else:
       model.eval()
       with torch.no_grad():
@@ -182,6 +287,7 @@ def _measure(framework: str, mode: str, size: int, batch: int) -> tuple[float, s
   """Runs one worker process and returns its images/s and version."""
   result = subprocess.run(
     [sys.executable, __file__, f"--worker={framework}", f"--mode={mode}"]
+    + [f"--model={FLAGS.model}"]
     + [f"--size={size}", f"--batch={batch}", f"--window={FLAGS.window}"]
     + [f"--cpu_kernels={FLAGS.cpu_kernels}"],
     cwd=Path(__file__).resolve().parents[1],
@@ -202,9 +308,12 @@ def main(argv: list[str]) -> None:
     rate, version = WORKERS[FLAGS.worker](FLAGS.mode, FLAGS.size, FLAGS.batch)
     print(json.dumps({"images_per_second": rate, "version": version}))
     return
+  defaults = MODELS[FLAGS.model]
+  FLAGS.frameworks = FLAGS.frameworks or defaults["frameworks"]
+  train_batch = FLAGS.train_batch or _config().batch_size
   cases = [
-    (mode, int(size), FLAGS.train_batch if mode == "train" else FLAGS.infer_batch)
-    for size in FLAGS.sizes
+    (mode, int(size), train_batch if mode == "train" else FLAGS.infer_batch)
+    for size in FLAGS.sizes or defaults["sizes"]
     for mode in ("train", "infer")
   ]
   rates: dict[tuple, list[float]] = {}
@@ -221,20 +330,18 @@ def main(argv: list[str]) -> None:
   machine = f"{cpu_conv.cpu_description()}, {os.cpu_count()} cores"
   rows = []
   print(
-    f"\nImages/s on {machine} (median of {FLAGS.rounds} rounds); "
+    f"\n{FLAGS.model}: images/s on {machine} (median of {FLAGS.rounds} rounds); "
     + ", ".join(versions.values())
   )
   header = f"{'mode':6} {'size':>4} {'batch':>5} " + " ".join(
     f"{f:>13}" for f in FLAGS.frameworks
   )
-  print(header + "   jax/keras")
+  reference = next((f for f in ("keras", "torch") if f in FLAGS.frameworks), None)
+  compare = "simpsons_jax" in FLAGS.frameworks and reference
+  print(header + (f"   jax/{reference}" if compare else ""))
   for case in cases:
     medians = {f: statistics.median(rates[(f, *case)]) for f in FLAGS.frameworks}
-    ratio = (
-      f"{medians['simpsons_jax'] / medians['keras']:.2f}x"
-      if {"simpsons_jax", "keras"} <= medians.keys()
-      else ""
-    )
+    ratio = f"{medians['simpsons_jax'] / medians[reference]:.2f}x" if compare else ""
     print(
       f"{case[0]:6} {case[1]:>4} {case[2]:>5} "
       + " ".join(f"{medians[f]:>13.0f}" for f in FLAGS.frameworks)

@@ -36,20 +36,24 @@ def _needs_kernels():
 
 
 @pytest.mark.parametrize(
-  "shape, kernel, strides, padding",
+  "shape, kernel, strides, padding, features",
   [
-    ((1, 7, 5, 3), (3, 3), (1, 1), "SAME"),  # batch 1, odd sizes, 3 channels
-    ((3, 9, 8, 5), (3, 3), (2, 2), "SAME"),  # stride 2, odd height (ResNet)
-    ((2, 8, 8, 4), (1, 1), (2, 2), "VALID"),  # the ResNet's 1x1 shortcut
-    ((5, 11, 13, 3), (3, 3), (1, 1), ((1, 0), (2, 1))),  # asymmetric padding
-    ((4, 16, 16, 8), (3, 3), (1, 1), "SAME"),
+    ((1, 7, 5, 3), (3, 3), (1, 1), "SAME", 6),  # batch 1, odd sizes, 3 channels
+    ((3, 9, 8, 5), (3, 3), (2, 2), "SAME", 6),  # stride 2, odd height (ResNet)
+    ((2, 8, 8, 4), (1, 1), (2, 2), "VALID", 6),  # the ResNet's 1x1 shortcut
+    ((5, 11, 13, 3), (3, 3), (1, 1), ((1, 0), (2, 1)), 6),  # asymmetric padding
+    ((4, 16, 16, 8), (3, 3), (1, 1), "SAME", 6),
+    # <= 4 channels, outputs in 8s: the direct convolution (the ResNet's stem).
+    ((2, 28, 28, 3), (3, 3), (1, 1), "SAME", 32),
+    ((3, 11, 13, 1), (3, 3), (1, 1), ((1, 0), (2, 1)), 8),
+    ((2, 9, 7, 2), (5, 5), (1, 1), "VALID", 16),
   ],
 )
-def test_forward_and_gradients_equal_lax(shape, kernel, strides, padding):
+def test_forward_and_gradients_equal_lax(shape, kernel, strides, padding, features):
   _needs_kernels()
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.standard_normal(shape, np.float32))
-  k = jnp.asarray(rng.standard_normal((*kernel, shape[-1], 6), np.float32))
+  k = jnp.asarray(rng.standard_normal((*kernel, shape[-1], features), np.float32))
 
   def run(conv):
     def f(x, k):

@@ -175,15 +175,6 @@ ffi::Error Forward(const Geometry& g, float* x, float* w, float* b, float* y) {
   });
 }
 
-ffi::Error ForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                       ffi::ResultBuffer<ffi::F32> y, int64_t stride_h,
-                       int64_t stride_w, int64_t pad_top, int64_t pad_bottom,
-                       int64_t pad_left, int64_t pad_right) {
-  Geometry g{Shape4(x),    Shape4(w),  Shape4(*y), stride_h, stride_w,
-             pad_top,      pad_bottom, pad_left,   pad_right};
-  return Forward(g, x.typed_data(), w.typed_data(), nullptr, y->typed_data());
-}
-
 ffi::Error BackwardDataImpl(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w,
                             ffi::ResultBuffer<ffi::F32> dx, int64_t stride_h,
                             int64_t stride_w, int64_t pad_top,
@@ -363,7 +354,7 @@ __attribute__((always_inline)) inline void DirectConvBiasRow(
   constexpr int64_t kPixels = 8;
   const int64_t kw = KW > 0 ? KW : kw_runtime;
   for (int64_t o = 0; o < oc; o += kLanes) {
-    const F8 b = Load(bias + o);
+    const F8 b = bias ? Load(bias + o) : F8{};
     int64_t j = 0;
     while (j < ow) {
       const int64_t left = j - pad_left;
@@ -481,6 +472,49 @@ __attribute__((always_inline)) inline void DirectBlockRow(
 SIMPSONS_DIRECT(DirectConvBiasReluPool, float)
 SIMPSONS_DIRECT(DirectConvBiasReluPoolU8, uint8_t)
 #undef SIMPSONS_DIRECT
+
+// A plain convolution (no bias, no pool) of DirectConvHandles' cases: the
+// ResNet's stem. Compiled for AVX-512, AVX2 and plain x86-64.
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) void
+DirectConv(const float* x, int64_t n, int64_t h, int64_t w, int64_t c, const float* k,
+           int64_t kh, int64_t kw, int64_t oc, int64_t oh, int64_t ow,
+           int64_t pad_top, int64_t pad_left, float* y) {
+#pragma omp parallel for
+  for (int64_t r = 0; r < n * oh; ++r) {
+    const float* image = x + (r / oh) * h * w * c;
+    float* out = y + r * ow * oc;
+#define SIMPSONS_ROW(C, KW)                                                    \
+  DirectConvBiasRow<C, KW>(image, 0, h, w, k, kh, kw, oc, nullptr, r % oh, ow, \
+                           pad_top, pad_left, out)
+    if (kw == 3) {
+      if (c == 1) SIMPSONS_ROW(1, 3);
+      else if (c == 2) SIMPSONS_ROW(2, 3);
+      else if (c == 3) SIMPSONS_ROW(3, 3);
+      else SIMPSONS_ROW(4, 3);
+    } else {
+      if (c == 1) SIMPSONS_ROW(1, 0);
+      else if (c == 2) SIMPSONS_ROW(2, 0);
+      else if (c == 3) SIMPSONS_ROW(3, 0);
+      else SIMPSONS_ROW(4, 0);
+    }
+#undef SIMPSONS_ROW
+  }
+}
+
+ffi::Error ForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                       ffi::ResultBuffer<ffi::F32> y, int64_t stride_h,
+                       int64_t stride_w, int64_t pad_top, int64_t pad_bottom,
+                       int64_t pad_left, int64_t pad_right) {
+  Geometry g{Shape4(x),    Shape4(w),  Shape4(*y), stride_h, stride_w,
+             pad_top,      pad_bottom, pad_left,   pad_right};
+  if (DirectConvHandles(g.x, g.w, stride_h, stride_w)) {
+    DirectConv(x.typed_data(), g.x[0], g.x[1], g.x[2], g.x[3], w.typed_data(),
+               g.w[0], g.w[1], g.w[3], g.y[1], g.y[2], pad_top, pad_left,
+               y->typed_data());
+    return ffi::Error::Success();
+  }
+  return Forward(g, x.typed_data(), w.typed_data(), nullptr, y->typed_data());
+}
 
 // Convolution + bias, ReLU and pool, a few images at a time: each chunk's
 // convolution output stays in cache between oneDNN writing it and the pool
