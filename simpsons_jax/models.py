@@ -217,7 +217,8 @@ class ResNet(nn.Module):
   statistics live in the `batch_stats` collection; under `jax.jit` on a
   sharded batch they are computed over the global batch, on every device.
   `conv_fn` replaces `lax.conv_general_dilated` in every convolution (see
-  `conv_implementation`).
+  `conv_implementation`); with `onednn`, the stem's ReLU + pool is
+  `cpu_conv.relu_max_pool` (the same function and gradients).
   """
 
   num_classes: int
@@ -228,6 +229,7 @@ class ResNet(nn.Module):
   dropout_rate: float = 0.0
   dtype: Any = jnp.float32
   conv_fn: Callable | None = None
+  onednn: bool = False
 
   CONFIG_FIELDS = ("stem_features", "stem_pool", "stage_features", "blocks_per_stage")
 
@@ -250,6 +252,7 @@ class ResNet(nn.Module):
       dropout_rate=config.dropout_rate,
       dtype=jnp.dtype(config.dtype),
       conv_fn=conv_fn,
+      onednn=kernels == "onednn",
     )
 
   @staticmethod
@@ -262,9 +265,13 @@ class ResNet(nn.Module):
     conv_fn = self.conv_fn
     x = images.astype(self.dtype) / 127.5 - 1.0
     x = _conv(self.dtype, conv_fn)(self.stem_features, (3, 3), padding="SAME")(x)
-    x = nn.relu(_norm(self.dtype, train)()(x))
-    if self.stem_pool:
-      x = max_pool_2x2(x)
+    x = _norm(self.dtype, train)()(x)
+    if self.stem_pool and self.onednn and x.dtype == jnp.float32:
+      x = cpu_conv.relu_max_pool(x)
+    elif self.stem_pool:
+      x = max_pool_2x2(nn.relu(x))
+    else:
+      x = nn.relu(x)
     for i, features in enumerate(self.stage_features):
       for j in range(self.blocks_per_stage):
         strides = 2 if i > 0 and j == 0 else 1

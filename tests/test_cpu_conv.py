@@ -1,5 +1,6 @@
 """oneDNN's convolutions (cpu_conv) against lax's, and the written-out pool backward."""
 
+import functools
 import json
 import os
 import platform
@@ -146,7 +147,7 @@ def test_the_same_parameters_and_function_on_both_paths(get_config):
   )
   plain = models.create(config, num_classes=13)
   if config.model == "resnet":
-    ours = plain.clone(conv_fn=cpu_conv.conv_general_dilated)
+    ours = plain.clone(conv_fn=cpu_conv.conv_general_dilated, onednn=True)
   else:
     ours = plain.clone(onednn=True)
   variables = plain.init(jax.random.PRNGKey(0), images, train=False)
@@ -158,6 +159,26 @@ def test_the_same_parameters_and_function_on_both_paths(get_config):
     plain.apply(variables, images, train=False),
     rtol=1e-4,
     atol=1e-4,
+  )
+
+  def train_loss(model, params):  # Batch statistics, and the gradient through them.
+    logits, _ = model.apply(
+      {**variables, "params": params},
+      images,
+      train=True,
+      mutable=["batch_stats"],
+      rngs={"dropout": jax.random.PRNGKey(1)},  # The same dropout on both.
+    )
+    return (logits * jnp.arange(13.0)).sum()
+
+  expected = jax.grad(functools.partial(train_loss, plain))(variables["params"])
+  got = jax.grad(functools.partial(train_loss, ours))(variables["params"])
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(
+      b, a, rtol=1e-4, atol=1e-4 * float(jnp.abs(a).max())
+    ),
+    expected,
+    got,
   )
 
 
@@ -256,10 +277,14 @@ def test_the_fused_pool_equals_the_jax_pool_with_ties(shape):
   zero = jnp.zeros(shape[-1], jnp.float32)
   pooled_shape = (shape[0], shape[1] // 2, shape[2] // 2, shape[3])
   g = jnp.asarray(rng.standard_normal(pooled_shape).astype(np.float32))
-  y, vjp = jax.vjp(lambda x: cpu_conv.conv_relu_pool(x, identity, zero), x)
   expected_y, expected_vjp = jax.vjp(_relu_pool, x)
-  np.testing.assert_array_equal(y, expected_y)
-  np.testing.assert_array_equal(vjp(g)[0], expected_vjp(g)[0])
+  for fused in (
+    lambda x: cpu_conv.conv_relu_pool(x, identity, zero),
+    cpu_conv.relu_max_pool,  # The pool alone (the ResNet's stem).
+  ):
+    y, vjp = jax.vjp(fused, x)
+    np.testing.assert_array_equal(y, expected_y)
+    np.testing.assert_array_equal(vjp(g)[0], expected_vjp(g)[0])
 
 
 @pytest.mark.parametrize(

@@ -41,6 +41,7 @@ _TARGETS = {
   "backward_weights_bias": "OnednnConvBackwardWeightsBias",
   "conv_relu_pool_forward": "ConvBiasReluPoolForward",
   "conv_relu_pool_forward_u8": "ConvBiasReluPoolForwardU8",
+  "relu_pool_forward": "ReluMaxPoolForward",
   "relu_pool_backward": "ReluMaxPoolBackward",
 }
 _NHWC = ("NHWC", "HWIO", "NHWC")
@@ -250,6 +251,38 @@ def _conv_relu_pool_backward(geometry, divisor, residuals, g):
 
 
 _conv_relu_pool.defvjp(_conv_relu_pool_forward, _conv_relu_pool_backward)
+
+
+@jax.custom_vjp
+def _relu_pool(x):
+  return _relu_pool_forward(x)[0]
+
+
+def _relu_pool_forward(x):
+  n, h, w, c = x.shape
+  pooled = (n, h // 2, w // 2, c)
+  y, code = _call(
+    "relu_pool_forward", (_f32(*pooled), jax.ShapeDtypeStruct(pooled, jnp.int8)), x
+  )
+  return y, (code, x.shape)
+
+
+def _relu_pool_backward(residuals, g):
+  code, shape = residuals
+  return (_call("relu_pool_backward", _f32(*shape), code, g),)
+
+
+_relu_pool.defvjp(_relu_pool_forward, _relu_pool_backward)
+
+
+def relu_max_pool(x: jax.Array) -> jax.Array:
+  """ReLU, then a 2x2 max pool ('VALID', odd edges dropped) of float32 NHWC
+  `x`: `conv_relu_pool`'s pool alone, one pass forward and one backward. The
+  same values and gradients as `models.max_pool_2x2(nn.relu(x))`, ties split
+  evenly as autodiff splits them (equal to the bit)."""
+  if x.ndim != 4 or x.dtype != jnp.float32:
+    raise ValueError(f"relu_max_pool takes float32 NHWC arrays, not {x.dtype}{x.shape}")
+  return _relu_pool(x)
 
 
 def conv_relu_pool(

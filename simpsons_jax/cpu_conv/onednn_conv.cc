@@ -17,6 +17,7 @@
 //                                                 its positive maximum stands)
 //   ConvBiasReluPoolForwardU8(x, w, b) -> y, code  (x: uint8 images, divided
 //                                                 by the divisor attribute)
+//   ReluMaxPoolForward(x) -> y, code              (ReLU and pool alone)
 //   ReluMaxPoolBackward(code, dy) -> d(conv)     (each window's gradient split
 //                                                 evenly between its code's)
 
@@ -633,6 +634,16 @@ ReluMaxPoolGradient(const int8_t* bits, const float* g, int64_t n, int64_t h,
       std::fill(out + ((b * h + h - 1) * w) * c, out + (b * h + h) * w * c, 0.0f);
 }
 
+// ReLU + 2x2 max pool alone (the ResNet's stem, after its BatchNorm).
+ffi::Error ReluMaxPoolForwardImpl(ffi::Buffer<ffi::F32> x,
+                                  ffi::ResultBuffer<ffi::F32> y,
+                                  ffi::ResultBuffer<ffi::S8> code) {
+  auto s = Shape4(x);
+  ReluMaxPool(x.typed_data(), s[0], s[1], s[2], s[3], y->typed_data(),
+              code->typed_data());
+  return ffi::Error::Success();
+}
+
 ffi::Error ReluMaxPoolBackwardImpl(ffi::Buffer<ffi::S8> code,
                                    ffi::Buffer<ffi::F32> dy,
                                    ffi::ResultBuffer<ffi::F32> dx) {
@@ -693,6 +704,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnConvBackwardWeightsBias,
                                                .Arg<ffi::Buffer<ffi::F32>>()
                                                .Ret<ffi::Buffer<ffi::F32>>()
                                                .Ret<ffi::Buffer<ffi::F32>>()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ReluMaxPoolForward, ReluMaxPoolForwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S8>>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ReluMaxPoolBackward, ReluMaxPoolBackwardImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::S8>>()
