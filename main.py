@@ -3,6 +3,8 @@
   python main.py --config=configs/demo.py --workdir=runs/demo
   python main.py --mode=evaluate --workdir=runs/demo [--eval_dir=DIR] [--output_dir=DIR]
   python main.py --mode=predict --workdir=runs/demo frame.jpg folder/ ...
+  python main.py --mode=predict --workdir=runs/demo clip.mp4 [--annotate_video=out.mp4]
+  python main.py --mode=predict --workdir=runs/demo --camera=0
   python main.py --mode=show_data --workdir=runs/demo
 
 Training again with the same --workdir resumes the run.
@@ -50,7 +52,28 @@ flags.DEFINE_string(
   "output_dir",
   "",
   "evaluate: write the report, figures and summaries here instead of into "
-  "the workdir (for a read-only workdir).",
+  "the workdir (for a read-only workdir). predict: where a video's frame "
+  "table, segments and timeline go (default: ./predictions).",
+)
+flags.DEFINE_float(
+  "video_fps", 2.0, "predict: video frames classified per second; 0: every frame."
+)
+flags.DEFINE_integer(
+  "smooth_window",
+  3,
+  "predict: a video's probabilities are averaged over this many neighbouring "
+  "samples before it is cut into segments (the camera's: over the last ones).",
+)
+flags.DEFINE_string(
+  "annotate_video",
+  "",
+  "predict: also write the (one) video with the character and probability "
+  "drawn on every frame, to this .mp4 file.",
+)
+flags.DEFINE_integer(
+  "camera",
+  -1,
+  "predict: classify live camera N (0: the first) in a window instead of files.",
 )
 flags.DEFINE_string(
   "coordinator_address",
@@ -118,7 +141,7 @@ def _run(argv: list[str]) -> None:
 
   # tf.data only feeds the host; keep TensorFlow off the accelerators.
   tf.config.set_visible_devices([], "GPU")
-  from simpsons_jax import evaluate, predict, train
+  from simpsons_jax import evaluate, predict, train, video
 
   if FLAGS.mode == "train":
     if FLAGS.config is None:
@@ -133,9 +156,21 @@ def _run(argv: list[str]) -> None:
     evaluate.run(
       FLAGS.workdir, FLAGS.eval_dir, FLAGS.checkpoint, output_dir=FLAGS.output_dir
     )
+  elif FLAGS.mode == "predict" and FLAGS.camera >= 0:
+    if paths:
+      raise app.UsageError("--camera reads the camera: give no files.")
+    predict.live(
+      FLAGS.workdir,
+      FLAGS.camera,
+      FLAGS.threshold,
+      FLAGS.checkpoint,
+      FLAGS.smooth_window,
+    )
   elif FLAGS.mode == "predict":
     if not paths:
-      raise app.UsageError("predict needs image files or folders after the flags.")
+      raise app.UsageError(
+        "predict needs image or video files or folders after the flags (or --camera)."
+      )
     predict.run(
       FLAGS.workdir,
       paths,
@@ -143,6 +178,11 @@ def _run(argv: list[str]) -> None:
       FLAGS.threshold,
       FLAGS.checkpoint,
       FLAGS.output,
+      video_options=video.Options(
+        fps=FLAGS.video_fps, smooth_window=FLAGS.smooth_window
+      ),
+      output_dir=FLAGS.output_dir,
+      annotate_video=FLAGS.annotate_video,
     )
   else:
     print(evaluate.show_data(FLAGS.workdir))

@@ -119,3 +119,52 @@ def confusion_matrix(
   ax.set_title(title or "Confusion matrix (rows sum to 1)")
   fig.tight_layout()
   return _save(fig, path)
+
+
+def timeline(
+  times: np.ndarray,
+  probabilities: np.ndarray,
+  names: Sequence[str],
+  segments: Sequence[dict],
+  duration: float,
+  path: str | os.PathLike,
+  rows: int = 12,
+) -> np.ndarray:
+  """Who is on screen when: a row per character (those of the segments first,
+  then the likeliest others, at most `rows`), time along x, each sample's
+  probability as colour, and each segment outlined on its row."""
+  shown = [n for n in dict.fromkeys(s["character"] for s in segments) if n in names]
+  by_peak = np.argsort(-probabilities.max(axis=0))
+  shown += [names[i] for i in by_peak if names[i] not in shown]
+  shown = shown[: max(rows, 1)]
+  index = [list(names).index(n) for n in shown]
+  edges = np.append(times, max(duration, times[-1]) if len(times) else duration)
+  fig, ax = plt.subplots(figsize=(10, 0.45 * len(shown) + 1.4))
+  mesh = ax.pcolormesh(
+    edges,
+    np.arange(len(shown) + 1),
+    probabilities[:, index].T,
+    cmap="viridis",
+    vmin=0.0,
+    vmax=1.0,
+    shading="flat",
+  )
+  for s in segments:
+    if s["character"] in shown:
+      row = shown.index(s["character"])
+      ax.add_patch(
+        plt.Rectangle(
+          (s["start"], row + 0.05),
+          s["end"] - s["start"],
+          0.9,
+          fill=False,
+          edgecolor="white",
+          linewidth=1.5,
+        )
+      )
+  ax.set_yticks(np.arange(len(shown)) + 0.5, [title(n) for n in shown])
+  ax.invert_yaxis()
+  ax.set_xlabel("seconds")
+  ax.set_xlim(0, edges[-1])
+  fig.colorbar(mesh, ax=ax, label="probability (smoothed)", pad=0.01)
+  return _save(fig, path)

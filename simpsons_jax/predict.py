@@ -24,7 +24,14 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from simpsons_jax import characters, checkpointing, image_files, input_pipeline, models
+from simpsons_jax import (
+  characters,
+  checkpointing,
+  image_files,
+  input_pipeline,
+  models,
+  video,
+)
 from simpsons_jax.data import core, folder
 
 UNKNOWN = "unknown"
@@ -99,6 +106,21 @@ def _forward(trained: TrainedModel, images: np.ndarray) -> jax.Array:
   return _softmax((trained.model.apply, flip), trained.variables, images)
 
 
+def classifier(trained: TrainedModel, batch_size: int) -> video.Classifier:
+  """A function from uint8 images (N, S, S, 3), any N, to their probabilities
+  (N, characters), run in padded batches of `batch_size` (one compilation)."""
+
+  def classify(images: np.ndarray) -> np.ndarray:
+    probs = []
+    for start in range(0, len(images), batch_size):
+      chunk = images[start : start + batch_size]
+      batch = input_pipeline.pad_batch({"image": chunk}, batch_size)
+      probs.append(np.asarray(_forward(trained, batch["image"]))[: len(chunk)])
+    return np.concatenate(probs)
+
+  return classify
+
+
 def _hidden(name: str) -> bool:
   return name.startswith(".")
 
@@ -170,15 +192,13 @@ def classify_stream(
   files = expand_paths(paths)
   size = trained.config.image_size
   max_pixels = folder.max_pixels(trained.config)
+  classify = classifier(trained, batch_size)
   with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
     for start in range(0, len(files), batch_size):
       chunk = files[start : start + batch_size]
       loaded = list(pool.map(lambda p: _problem_or_image(p, size, max_pixels), chunk))
       images = [image for _, image in loaded if image is not None]
-      probs = iter(())
-      if images:
-        batch = input_pipeline.pad_batch({"image": np.stack(images)}, batch_size)
-        probs = iter(np.asarray(_forward(trained, batch["image"])))
+      probs = iter(classify(np.stack(images)) if images else ())
       for path, (problem, _) in zip(chunk, loaded, strict=True):
         if problem:
           yield {"path": printable(path), "error": problem}
@@ -212,14 +232,39 @@ def run(
   checkpoint: str = "best",
   output: str = "",
   batch_size: int = 64,
+  video_options: video.Options | None = None,
+  output_dir: str = "",
+  annotate_video: str = "",
 ) -> list[dict[str, Any]]:
-  """Classifies `paths`, printing one line per file as it goes.
+  """Classifies `paths`, printing one line per image file as it goes; video
+  files (by extension) get `video.run` with `video_options`, their tables,
+  segments and timelines written to `output_dir` (default: ./predictions).
 
-  With `output`, each result is also appended to that file as one line of
-  JSON (JSON Lines), flushed as it comes: an interrupted run keeps what it did.
+  With `output`, each image's result is also appended to that file as one line
+  of JSON (JSON Lines), flushed as it comes: an interrupted run keeps what it
+  did.
   """
   trained = load(workdir, checkpoint)
+  videos = [p for p in paths if video.is_video(p) and not os.path.isdir(p)]
+  paths = [p for p in paths if p not in videos]
   results = []
+  if videos:
+    options = dataclasses.replace(
+      video_options or video.Options(), threshold=threshold, top_k=top_k
+    )
+    results += video.run(
+      videos,
+      classifier(trained, options.batch_size),
+      trained.cmap.names,
+      trained.config.image_size,
+      options,
+      output_dir or "predictions",
+      annotate_video,
+    )
+  elif annotate_video:
+    raise ValueError("--annotate_video needs a video file among the paths")
+  if not paths:
+    return results
   with contextlib.ExitStack() as stack:
     sink = stack.enter_context(open(output, "w")) if output else None
     for result in classify_stream(trained, paths, top_k, threshold, batch_size):
@@ -238,3 +283,22 @@ def run(
   if errors:
     logging.warning("%d of %d files could not be classified.", errors, len(results))
   return results
+
+
+def live(
+  workdir: str | os.PathLike,
+  camera: int,
+  threshold: float = 0.0,
+  checkpoint: str = "best",
+  smooth_window: int = 3,
+) -> None:
+  """The camera `camera` in a window, the character drawn on each frame."""
+  trained = load(workdir, checkpoint)
+  video.live(
+    camera,
+    classifier(trained, 1),
+    trained.cmap.names,
+    trained.config.image_size,
+    threshold,
+    smooth_window,
+  )
