@@ -5,6 +5,7 @@
   python main.py --mode=predict --workdir=runs/demo frame.jpg folder/ ...
   python main.py --mode=predict --workdir=runs/demo clip.mp4 [--annotate_video=out.mp4]
   python main.py --mode=predict --workdir=runs/demo --camera=0
+  python main.py --mode=export --workdir=runs/demo [--formats=jax,savedmodel]
   python main.py --mode=show_data --workdir=runs/demo
 
 Training again with the same --workdir resumes the run.
@@ -25,9 +26,10 @@ flags.DEFINE_string("workdir", None, "Folder of the run: checkpoints, summaries,
 flags.DEFINE_enum(
   "mode",
   "train",
-  ["train", "evaluate", "predict", "show_data"],
+  ["train", "evaluate", "predict", "export", "show_data"],
   "train (or resume); evaluate a checkpoint; predict the character of images; "
-  "show_data draws random training frames with their labels.",
+  "export a checkpoint as files that run without this code; show_data draws "
+  "random training frames with their labels.",
 )
 flags.DEFINE_string(
   "checkpoint", "best", "evaluate/predict: 'best', 'latest' or a step number."
@@ -37,6 +39,11 @@ flags.DEFINE_string(
   "",
   "evaluate: a folder in the Kaggle training layout (<character>/*.jpg) or "
   "test-set layout (<character>_<N>.jpg); default: the run's validation split.",
+)
+flags.DEFINE_list(
+  "formats",
+  ["jax", "savedmodel"],
+  "export: jax (model.jax, jax.export) and/or savedmodel (TensorFlow SavedModel).",
 )
 flags.DEFINE_integer("top_k", 3, "predict: how many characters to list per image.")
 flags.DEFINE_float(
@@ -53,7 +60,8 @@ flags.DEFINE_string(
   "",
   "evaluate: write the report, figures and summaries here instead of into "
   "the workdir (for a read-only workdir). predict: where a video's frame "
-  "table, segments and timeline go (default: ./predictions).",
+  "table, segments and timeline go (default: ./predictions). export: "
+  "instead of <workdir>/export.",
 )
 flags.DEFINE_float(
   "video_fps", 2.0, "predict: video frames classified per second; 0: every frame."
@@ -141,7 +149,7 @@ def _run(argv: list[str]) -> None:
 
   # tf.data only feeds the host; keep TensorFlow off the accelerators.
   tf.config.set_visible_devices([], "GPU")
-  from simpsons_jax import evaluate, predict, train, video
+  from simpsons_jax import evaluate, export, predict, train, video
 
   if FLAGS.mode == "train":
     if FLAGS.config is None:
@@ -184,6 +192,11 @@ def _run(argv: list[str]) -> None:
       output_dir=FLAGS.output_dir,
       annotate_video=FLAGS.annotate_video,
     )
+  elif FLAGS.mode == "export":
+    written = export.run(
+      FLAGS.workdir, FLAGS.checkpoint, FLAGS.formats, FLAGS.top_k, FLAGS.output_dir
+    )
+    print(f"Exported {', '.join(written.formats)} to {written.folder}")
   else:
     print(evaluate.show_data(FLAGS.workdir))
 

@@ -46,6 +46,7 @@ class TrainedModel:
   cmap: characters.CharacterMap
   config: ml_collections.ConfigDict
   step: int
+  meta: dict[str, Any]  # The checkpoint's: epoch, validation figures ('val'), ...
 
 
 def load_config_and_map(
@@ -70,8 +71,9 @@ def load(workdir: str | os.PathLike, checkpoint: str = "best") -> TrainedModel:
   metric = config.get("checkpoint_metric", "accuracy")
   manager = checkpointing.create_manager(workdir, read_only=True, metric=metric)
   step = checkpointing.select_step(manager, checkpoint)
+  meta = checkpointing.restore_meta(manager, step)
   checkpointing.check_meta(
-    checkpointing.restore_meta(manager, step),
+    meta,
     cmap.names,
     config.image_size,
     f"step {step} in {manager.directory}",
@@ -81,7 +83,7 @@ def load(workdir: str | os.PathLike, checkpoint: str = "best") -> TrainedModel:
   else:
     variables = checkpointing.restore_fields(manager, step, abstract)
   manager.close()
-  return TrainedModel(model, variables, cmap, config, step)
+  return TrainedModel(model, variables, cmap, config, step, meta)
 
 
 def probabilities(

@@ -396,6 +396,29 @@ __attribute__((always_inline)) inline void DirectConvBiasRow(
   }
 }
 
+// DirectConvBiasRow for the input's channels (1 to 4); the notebook's 3x3
+// kernels get the fast interior path.
+__attribute__((always_inline)) inline void DirectConvRow(
+    const float* x, int64_t row0, int64_t h, int64_t w, int64_t c, const float* k,
+    int64_t kh, int64_t kw, int64_t oc, const float* bias, int64_t i, int64_t ow,
+    int64_t pad_top, int64_t pad_left, float* out) {
+#define SIMPSONS_ROW(C, KW)                                                     \
+  DirectConvBiasRow<C, KW>(x, row0, h, w, k, kh, kw, oc, bias, i, ow, pad_top, \
+                           pad_left, out)
+  if (kw == 3) {
+    if (c == 1) SIMPSONS_ROW(1, 3);
+    else if (c == 2) SIMPSONS_ROW(2, 3);
+    else if (c == 3) SIMPSONS_ROW(3, 3);
+    else SIMPSONS_ROW(4, 3);
+  } else {
+    if (c == 1) SIMPSONS_ROW(1, 0);
+    else if (c == 2) SIMPSONS_ROW(2, 0);
+    else if (c == 3) SIMPSONS_ROW(3, 0);
+    else SIMPSONS_ROW(4, 0);
+  }
+#undef SIMPSONS_ROW
+}
+
 bool DirectConvHandles(const std::array<int64_t, 4>& xs,
                        const std::array<int64_t, 4>& ws, int64_t stride_h,
                        int64_t stride_w) {
@@ -432,22 +455,8 @@ __attribute__((always_inline)) inline void DirectBlockRow(
   for (int64_t half = 0; half < 2; ++half) {
     const int64_t i = 2 * (r % h2) + half;
     float* out = rows + half * ow * oc;
-    // The notebook's 3x3 kernels get the fast interior path.
-#define SIMPSONS_ROW(C, KW)                                                      \
-  DirectConvBiasRow<C, KW>(in, row0, h, w, k, kh, kw, oc, bias, i, ow, pad_top, \
-                           pad_left, out)
-    if (kw == 3) {
-      if (c == 1) SIMPSONS_ROW(1, 3);
-      else if (c == 2) SIMPSONS_ROW(2, 3);
-      else if (c == 3) SIMPSONS_ROW(3, 3);
-      else SIMPSONS_ROW(4, 3);
-    } else {
-      if (c == 1) SIMPSONS_ROW(1, 0);
-      else if (c == 2) SIMPSONS_ROW(2, 0);
-      else if (c == 3) SIMPSONS_ROW(3, 0);
-      else SIMPSONS_ROW(4, 0);
-    }
-#undef SIMPSONS_ROW
+    DirectConvRow(in, row0, h, w, c, k, kh, kw, oc, bias, i, ow, pad_top, pad_left,
+                  out);
   }
   ReluMaxPoolRow(rows, rows + ow * oc, ow, oc, y + r * row_out, bits + r * row_out);
 }
@@ -484,21 +493,8 @@ DirectConv(const float* x, int64_t n, int64_t h, int64_t w, int64_t c, const flo
   for (int64_t r = 0; r < n * oh; ++r) {
     const float* image = x + (r / oh) * h * w * c;
     float* out = y + r * ow * oc;
-#define SIMPSONS_ROW(C, KW)                                                    \
-  DirectConvBiasRow<C, KW>(image, 0, h, w, k, kh, kw, oc, nullptr, r % oh, ow, \
-                           pad_top, pad_left, out)
-    if (kw == 3) {
-      if (c == 1) SIMPSONS_ROW(1, 3);
-      else if (c == 2) SIMPSONS_ROW(2, 3);
-      else if (c == 3) SIMPSONS_ROW(3, 3);
-      else SIMPSONS_ROW(4, 3);
-    } else {
-      if (c == 1) SIMPSONS_ROW(1, 0);
-      else if (c == 2) SIMPSONS_ROW(2, 0);
-      else if (c == 3) SIMPSONS_ROW(3, 0);
-      else SIMPSONS_ROW(4, 0);
-    }
-#undef SIMPSONS_ROW
+    DirectConvRow(image, 0, h, w, c, k, kh, kw, oc, nullptr, r % oh, ow, pad_top,
+                  pad_left, out);
   }
 }
 

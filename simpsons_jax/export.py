@@ -1,0 +1,205 @@
+"""A trained model as files that run without this repository.
+
+`python main.py --mode=export --workdir=W` writes `W/export/<step>/`:
+- `model.jax`: the classifier as serialized StableHLO (`jax.export`), uint8
+  images (B, S, S, 3) of any batch size B in, softmax probabilities
+  (B, characters) out, the parameters inside; `jax.export.deserialize` and
+  `.call` run it with jax alone, on CPU, GPU or TPU;
+- `saved_model/`: a TensorFlow SavedModel (the same StableHLO inside, through
+  `jax2tf`) for TF Serving and TensorFlow programs. Its `serving_default`
+  signature takes encoded images (JPEG or PNG bytes, any size and colour mode),
+  decodes and resizes them as training does, and returns the top-k character
+  names and probabilities; `probabilities` takes uint8 images as `model.jax`
+  does;
+- `characters.json` and `model.json`: the characters in output order, the image
+  size and the input contract, the checkpoint's validation figures and the
+  versions that wrote it.
+
+`jax.export` artifacts have a compatibility window: a newer JAX refuses
+exports older than about six months. Export again after upgrading JAX
+(`model.json` names the version that wrote them). Convolutions are XLA's own
+here (the oneDNN CPU kernels are a custom call of this package, which the
+artifacts must not need).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import tensorflow as tf
+
+from simpsons_jax import files, image_files, models, predict
+from simpsons_jax.data import core
+
+FORMATS = ("jax", "savedmodel")
+PLATFORMS = ("cpu", "cuda", "tpu")  # Where model.jax runs.
+
+
+def probability_fn(trained: predict.TrainedModel):
+  """uint8 images (B, S, S, 3) -> probabilities, with XLA's convolutions and the
+  run's test-time augmentation, the parameters as constants."""
+  config = ml_collections.ConfigDict(trained.config.to_dict())
+  config.cpu_kernels = "xla"  # No custom calls in a portable artifact.
+  model = models.family(config).from_config(config, trained.cmap.num_classes, "xla")
+  flip = trained.config.get("eval_flip", False)
+  variables = trained.variables
+
+  def probabilities(images: jax.Array) -> jax.Array:
+    logits = models.inference_logits(model.apply, variables, images, flip)
+    return jax.nn.softmax(logits)
+
+  return probabilities
+
+
+def _image_spec(size: int, batch: str = "b") -> jax.ShapeDtypeStruct:
+  (b,) = jax.export.symbolic_shape(batch)
+  return jax.ShapeDtypeStruct((b, size, size, 3), jnp.uint8)
+
+
+def export_jax(trained: predict.TrainedModel, path: Path) -> None:
+  """Writes model.jax: batch-polymorphic, for every platform in PLATFORMS."""
+  exported = jax.export.export(jax.jit(probability_fn(trained)), platforms=PLATFORMS)(
+    _image_spec(trained.config.image_size)
+  )
+  path.write_bytes(exported.serialize())
+
+
+class _Serving(tf.Module):
+  """The SavedModel's functions; the JAX function inside through jax2tf."""
+
+  def __init__(self, trained: predict.TrainedModel, top_k: int):
+    super().__init__()
+    from jax.experimental import jax2tf
+
+    size = trained.config.image_size
+    self._size = size
+    self._top_k = min(top_k, trained.cmap.num_classes)
+    self._names = tf.constant(list(trained.cmap.names))
+    self._probabilities = jax2tf.convert(
+      probability_fn(trained),
+      polymorphic_shapes=[f"(b, {size}, {size}, 3)"],
+      with_gradient=False,
+      native_serialization_platforms=PLATFORMS,
+    )
+    self.probabilities = tf.function(
+      self._probabilities,
+      input_signature=[tf.TensorSpec([None, size, size, 3], tf.uint8, "images")],
+      autograph=False,
+    )
+    self.serve = tf.function(
+      self._serve,
+      input_signature=[tf.TensorSpec([None], tf.string, "image_bytes")],
+      autograph=False,
+    )
+
+  def _serve(self, image_bytes: tf.Tensor) -> dict[str, tf.Tensor]:
+    def one(contents: tf.Tensor) -> tf.Tensor:
+      image = image_files.decode(contents)
+      image.set_shape([None, None, 3])
+      return core.resize(image, self._size)
+
+    images = tf.map_fn(
+      one,
+      image_bytes,
+      fn_output_signature=tf.TensorSpec([self._size] * 2 + [3], tf.uint8),
+    )
+    probabilities = self._probabilities(images)
+    top = tf.math.top_k(probabilities, k=self._top_k)
+    return {
+      "characters": tf.gather(self._names, top.indices),
+      "probabilities": top.values,
+      "all_probabilities": probabilities,
+    }
+
+
+def export_savedmodel(trained: predict.TrainedModel, path: Path, top_k: int) -> None:
+  """Writes the SavedModel with its two signatures."""
+  module = _Serving(trained, top_k)
+  tf.saved_model.save(
+    module,
+    str(path),
+    signatures={"serving_default": module.serve, "probabilities": module.probabilities},
+  )
+
+
+@dataclasses.dataclass(frozen=True)
+class Written:
+  folder: Path
+  formats: tuple[str, ...]
+
+
+def run(
+  workdir: str | os.PathLike,
+  checkpoint: str = "best",
+  formats: Sequence[str] = FORMATS,
+  top_k: int = 3,
+  output_dir: str = "",
+) -> Written:
+  """Exports checkpoint `checkpoint` of `workdir` in `formats` into
+  `<output_dir or workdir/export>/<step>/`."""
+  unknown = sorted(set(formats) - set(FORMATS))
+  if unknown:
+    raise ValueError(
+      f"--formats: {', '.join(unknown)} unknown; choose from {', '.join(FORMATS)}"
+    )
+  trained = predict.load(workdir, checkpoint)
+  folder = Path(output_dir or Path(workdir) / "export") / str(trained.step)
+  folder.mkdir(parents=True, exist_ok=True)
+  if "jax" in formats:
+    export_jax(trained, folder / "model.jax")
+  if "savedmodel" in formats:
+    export_savedmodel(trained, folder / "saved_model", top_k)
+  files.write_text_atomic(
+    folder / "characters.json", json.dumps(list(trained.cmap.names), indent=2) + "\n"
+  )
+  files.write_text_atomic(
+    folder / "model.json", json.dumps(_card(trained), indent=2) + "\n"
+  )
+  return Written(folder, tuple(f for f in FORMATS if f in formats))
+
+
+def _card(trained: predict.TrainedModel) -> dict[str, Any]:
+  """model.json: what a user of the files needs to know."""
+  size = trained.config.image_size
+  return {
+    "model": trained.config.model,
+    "image_size": size,
+    "input": (
+      f"uint8 RGB images (batch, {size}, {size}, 3), pixel values 0-255; "
+      "resize each image to it as training did: decode to RGB, then "
+      f"tf.image.resize to {size}x{size} (bilinear, antialias=True, aspect "
+      "ratio not kept), round and clip to uint8"
+    ),
+    "output": "softmax probabilities (batch, characters), in characters.json's order",
+    "characters": list(trained.cmap.names),
+    "test_time_flip": bool(trained.config.get("eval_flip", False)),
+    "checkpoint_step": trained.step,
+    "validation": trained.meta.get("val", {}),
+    "platforms": list(PLATFORMS),
+    "versions": {
+      name: importlib.metadata.version(name)
+      for name in ("jax", "jaxlib", "flax", "tensorflow-cpu")
+      if _installed(name)
+    },
+    "compatibility": (
+      "jax.export artifacts load in JAX versions within about six months of "
+      "the one that wrote them: export again after upgrading JAX"
+    ),
+  }
+
+
+def _installed(name: str) -> bool:
+  try:
+    importlib.metadata.version(name)
+  except importlib.metadata.PackageNotFoundError:
+    return False
+  return True

@@ -1,0 +1,149 @@
+"""--mode=export: each artifact runs without simpsons_jax and equals predict."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from simpsons_jax import export, image_files, predict, train
+from simpsons_jax.data import core
+from tests.conftest import make_tiny_config
+
+# The artifacts are loaded by fresh processes that never import this package.
+LOAD_JAX = """
+import sys
+import jax, numpy as np
+jax.config.update("jax_enable_x64", False)
+exported = jax.export.deserialize(open(sys.argv[1], "rb").read())
+images = np.load(sys.argv[2])
+out = [np.asarray(exported.call(images[:n])) for n in (1, len(images))]
+np.save(sys.argv[3], out[1])
+assert np.allclose(out[0], out[1][:1], atol=1e-6)  # Any batch size.
+assert "simpsons_jax" not in sys.modules
+"""
+
+LOAD_SAVEDMODEL = """
+import json, sys
+import numpy as np, tensorflow as tf
+model = tf.saved_model.load(sys.argv[1])
+paths = json.loads(sys.argv[2])
+served = model.signatures["serving_default"](
+  image_bytes=tf.constant([open(p, "rb").read() for p in paths])
+)
+np.save(sys.argv[3], served["all_probabilities"].numpy())
+json.dump(
+  [[c.decode() for c in row] for row in served["characters"].numpy()],
+  open(sys.argv[4], "w"),
+)
+direct = model.signatures["probabilities"](images=tf.constant(np.load(sys.argv[5])))
+np.save(sys.argv[6], direct["output_0"].numpy())
+assert "simpsons_jax" not in sys.modules
+"""
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, tiny_data_dir):
+  config = make_tiny_config(tiny_data_dir)
+  config.eval_flip = True  # The test-time flip travels inside the artifacts.
+  workdir = tmp_path_factory.mktemp("run")
+  train.train_and_evaluate(config, workdir)
+  return workdir, export.run(workdir)
+
+
+def _run(script: str, *args) -> None:
+  env = {**os.environ, "XLA_FLAGS": "", "TF_CPP_MIN_LOG_LEVEL": "2"}
+  result = subprocess.run(
+    [sys.executable, "-c", textwrap.dedent(script), *map(str, args)],
+    capture_output=True,
+    text=True,
+    env=env,
+    check=False,
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+
+
+def _frames(tiny_data_dir):
+  return sorted(tiny_data_dir.glob("*/*.jpg"))[::13][:7]
+
+
+def _images(paths):
+  """uint8 (N, 32, 32, 3): decoded and resized as predict does."""
+  return np.stack([core.resize(image_files.read(p)[1], 32).numpy() for p in paths])
+
+
+def _expected(workdir, paths):
+  trained = predict.load(workdir)
+  results = predict.classify(trained, paths, top_k=trained.cmap.num_classes)
+  names = trained.cmap.names
+  probs = np.array(
+    [
+      [next(t["probability"] for t in r["top"] if t["character"] == n) for n in names]
+      for r in results
+    ]
+  )
+  return trained, probs
+
+
+def test_export_writes_the_artifacts_and_a_model_card(exported):
+  workdir, written = exported
+  trained = predict.load(workdir)
+  assert written.folder == workdir / "export" / str(trained.step)
+  assert written.formats == ("jax", "savedmodel")
+  assert (written.folder / "model.jax").stat().st_size > 0
+  assert (written.folder / "saved_model" / "saved_model.pb").exists()
+  names = json.loads((written.folder / "characters.json").read_text())
+  assert tuple(names) == trained.cmap.names
+  card = json.loads((written.folder / "model.json").read_text())
+  assert card["image_size"] == 32
+  assert card["test_time_flip"] is True
+  assert card["checkpoint_step"] == trained.step
+  assert card["validation"]["accuracy"] == trained.meta["val"]["accuracy"]
+  assert card["versions"]["jax"] == __import__("jax").__version__
+
+
+def test_model_jax_equals_predict_in_a_process_without_simpsons_jax(
+  exported, tiny_data_dir, tmp_path
+):
+  workdir, written = exported
+  paths = _frames(tiny_data_dir)
+  trained, expected = _expected(workdir, paths)
+  np.save(tmp_path / "images.npy", _images(paths))
+  _run(
+    LOAD_JAX, written.folder / "model.jax", tmp_path / "images.npy", tmp_path / "p.npy"
+  )
+  np.testing.assert_allclose(np.load(tmp_path / "p.npy"), expected, atol=1e-5)
+
+
+def test_savedmodel_takes_image_bytes_and_equals_predict(
+  exported, tiny_data_dir, tmp_path
+):
+  workdir, written = exported
+  paths = _frames(tiny_data_dir)
+  trained, expected = _expected(workdir, paths)
+  np.save(tmp_path / "images.npy", _images(paths))
+  _run(
+    LOAD_SAVEDMODEL,
+    written.folder / "saved_model",
+    json.dumps([str(p) for p in paths]),
+    tmp_path / "served.npy",
+    tmp_path / "names.json",
+    tmp_path / "images.npy",
+    tmp_path / "direct.npy",
+  )
+  np.testing.assert_allclose(np.load(tmp_path / "served.npy"), expected, atol=1e-5)
+  np.testing.assert_allclose(np.load(tmp_path / "direct.npy"), expected, atol=1e-5)
+  top = json.loads((tmp_path / "names.json").read_text())
+  assert [row[0] for row in top] == [
+    trained.cmap.names[i] for i in expected.argmax(axis=1)
+  ]
+  assert len(top[0]) == 3
+
+
+def test_an_unknown_format_is_one_sentence(exported):
+  workdir, _ = exported
+  with pytest.raises(ValueError, match="--formats: onnx unknown; choose from jax"):
+    export.run(workdir, formats=["jax", "onnx"])
