@@ -5,7 +5,8 @@
   python main.py --mode=predict --workdir=runs/demo frame.jpg folder/ ...
   python main.py --mode=predict --workdir=runs/demo clip.mp4 [--annotate_video=out.mp4]
   python main.py --mode=predict --workdir=runs/demo --camera=0
-  python main.py --mode=export --workdir=runs/demo [--formats=jax,savedmodel]
+  python main.py --mode=export --workdir=runs/demo [--formats=jax,savedmodel,tflite]
+  python main.py --mode=serve --workdir=runs/demo [--port=8000]
   python main.py --mode=show_data --workdir=runs/demo
 
 Training again with the same --workdir resumes the run.
@@ -26,10 +27,15 @@ flags.DEFINE_string("workdir", None, "Folder of the run: checkpoints, summaries,
 flags.DEFINE_enum(
   "mode",
   "train",
-  ["train", "evaluate", "predict", "export", "show_data"],
+  ["train", "evaluate", "predict", "export", "serve", "show_data"],
   "train (or resume); evaluate a checkpoint; predict the character of images; "
-  "export a checkpoint as files that run without this code; show_data draws "
-  "random training frames with their labels.",
+  "export a checkpoint as files that run without this code; serve a web page "
+  "and JSON API to try it; show_data draws random training frames with their "
+  "labels.",
+)
+flags.DEFINE_integer("port", 8000, "serve: the HTTP port.")
+flags.DEFINE_string(
+  "host", "127.0.0.1", "serve: the address to listen on (0.0.0.0: every interface)."
 )
 flags.DEFINE_string(
   "checkpoint", "best", "evaluate/predict: 'best', 'latest' or a step number."
@@ -42,8 +48,9 @@ flags.DEFINE_string(
 )
 flags.DEFINE_list(
   "formats",
-  ["jax", "savedmodel"],
-  "export: jax (model.jax, jax.export) and/or savedmodel (TensorFlow SavedModel).",
+  ["jax", "savedmodel", "tflite"],
+  "export: jax (model.jax, jax.export), savedmodel (TensorFlow SavedModel), "
+  "tflite (model.tflite, converted from the SavedModel).",
 )
 flags.DEFINE_integer("top_k", 3, "predict: how many characters to list per image.")
 flags.DEFINE_float(
@@ -149,7 +156,7 @@ def _run(argv: list[str]) -> None:
 
   # tf.data only feeds the host; keep TensorFlow off the accelerators.
   tf.config.set_visible_devices([], "GPU")
-  from simpsons_jax import evaluate, export, predict, train, video
+  from simpsons_jax import evaluate, export, predict, serve, train, video
 
   if FLAGS.mode == "train":
     if FLAGS.config is None:
@@ -197,6 +204,15 @@ def _run(argv: list[str]) -> None:
       FLAGS.workdir, FLAGS.checkpoint, FLAGS.formats, FLAGS.top_k, FLAGS.output_dir
     )
     print(f"Exported {', '.join(written.formats)} to {written.folder}")
+  elif FLAGS.mode == "serve":
+    serve.run(
+      FLAGS.workdir,
+      FLAGS.checkpoint,
+      FLAGS.threshold,
+      FLAGS.top_k,
+      FLAGS.host,
+      FLAGS.port,
+    )
   else:
     print(evaluate.show_data(FLAGS.workdir))
 

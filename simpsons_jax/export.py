@@ -11,6 +11,9 @@
   decodes and resizes them as training does, and returns the top-k character
   names and probabilities; `probabilities` takes uint8 images as `model.jax`
   does;
+- `model.tflite`: that `probabilities` signature converted to TensorFlow Lite
+  (uint8 images at the model's size in, probabilities out), for phones and
+  small devices;
 - `characters.json` and `model.json`: the characters in output order, the image
   size and the input contract, the checkpoint's validation figures and the
   versions that wrote it.
@@ -40,7 +43,7 @@ import tensorflow as tf
 from simpsons_jax import files, image_files, models, predict
 from simpsons_jax.data import core
 
-FORMATS = ("jax", "savedmodel")
+FORMATS = ("jax", "savedmodel", "tflite")
 PLATFORMS = ("cpu", "cuda", "tpu")  # Where model.jax runs.
 
 
@@ -131,6 +134,16 @@ def export_savedmodel(trained: predict.TrainedModel, path: Path, top_k: int) -> 
   )
 
 
+def export_tflite(saved_model: Path, path: Path) -> None:
+  """Converts the SavedModel's `probabilities` signature (uint8 images at the
+  model's size, any batch) to TensorFlow Lite: TFLite's converter reads the
+  StableHLO inside."""
+  converter = tf.lite.TFLiteConverter.from_saved_model(
+    str(saved_model), signature_keys=["probabilities"]
+  )
+  path.write_bytes(converter.convert())
+
+
 @dataclasses.dataclass(frozen=True)
 class Written:
   folder: Path
@@ -156,15 +169,18 @@ def run(
   folder.mkdir(parents=True, exist_ok=True)
   if "jax" in formats:
     export_jax(trained, folder / "model.jax")
-  if "savedmodel" in formats:
+  if "savedmodel" in formats or "tflite" in formats:  # TFLite converts it.
     export_savedmodel(trained, folder / "saved_model", top_k)
+  if "tflite" in formats:
+    export_tflite(folder / "saved_model", folder / "model.tflite")
   files.write_text_atomic(
     folder / "characters.json", json.dumps(list(trained.cmap.names), indent=2) + "\n"
   )
   files.write_text_atomic(
     folder / "model.json", json.dumps(_card(trained), indent=2) + "\n"
   )
-  return Written(folder, tuple(f for f in FORMATS if f in formats))
+  written = set(formats) | ({"savedmodel"} if "tflite" in formats else set())
+  return Written(folder, tuple(f for f in FORMATS if f in written))
 
 
 def _card(trained: predict.TrainedModel) -> dict[str, Any]:

@@ -350,7 +350,7 @@ def inference_logits(
   logits = apply_fn(variables, images, train=False)
   if not flip:
     return logits
-  mirrored = apply_fn(variables, images[:, :, ::-1], train=False)
+  mirrored = apply_fn(variables, jnp.flip(images, axis=2), train=False)
   both = jnp.stack([jax.nn.log_softmax(logits), jax.nn.log_softmax(mirrored)])
   return jax.nn.logsumexp(both, axis=0) - jnp.log(2.0)
 

@@ -45,6 +45,18 @@ assert "simpsons_jax" not in sys.modules
 """
 
 
+LOAD_TFLITE = """
+import sys
+import numpy as np, tensorflow as tf
+interpreter = tf.lite.Interpreter(model_path=sys.argv[1])
+images = np.load(sys.argv[2])
+run = interpreter.get_signature_runner()
+out = run(images=images)
+np.save(sys.argv[3], next(iter(out.values())))
+assert "simpsons_jax" not in sys.modules
+"""
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, tiny_data_dir):
   config = make_tiny_config(tiny_data_dir)
@@ -92,8 +104,9 @@ def test_export_writes_the_artifacts_and_a_model_card(exported):
   workdir, written = exported
   trained = predict.load(workdir)
   assert written.folder == workdir / "export" / str(trained.step)
-  assert written.formats == ("jax", "savedmodel")
+  assert written.formats == ("jax", "savedmodel", "tflite")
   assert (written.folder / "model.jax").stat().st_size > 0
+  assert (written.folder / "model.tflite").stat().st_size > 0
   assert (written.folder / "saved_model" / "saved_model.pb").exists()
   names = json.loads((written.folder / "characters.json").read_text())
   assert tuple(names) == trained.cmap.names
@@ -145,5 +158,21 @@ def test_savedmodel_takes_image_bytes_and_equals_predict(
 
 def test_an_unknown_format_is_one_sentence(exported):
   workdir, _ = exported
-  with pytest.raises(ValueError, match="--formats: onnx unknown; choose from jax"):
+  with pytest.raises(ValueError, match="--formats: onnx unknown; choose from jax, "):
     export.run(workdir, formats=["jax", "onnx"])
+
+
+def test_tflite_takes_uint8_images_and_equals_predict(
+  exported, tiny_data_dir, tmp_path
+):
+  workdir, written = exported
+  paths = _frames(tiny_data_dir)
+  _, expected = _expected(workdir, paths)
+  np.save(tmp_path / "images.npy", _images(paths))
+  _run(
+    LOAD_TFLITE,
+    written.folder / "model.tflite",
+    tmp_path / "images.npy",
+    tmp_path / "p.npy",
+  )
+  np.testing.assert_allclose(np.load(tmp_path / "p.npy"), expected, atol=1e-5)
