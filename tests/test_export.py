@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +13,8 @@ import pytest
 from simpsons_jax import export, image_files, predict, train
 from simpsons_jax.data import core
 from tests.conftest import make_tiny_config
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # The artifacts are loaded by fresh processes that never import this package.
 LOAD_JAX = """
@@ -176,3 +179,50 @@ def test_tflite_takes_uint8_images_and_equals_predict(
     tmp_path / "p.npy",
   )
   np.testing.assert_allclose(np.load(tmp_path / "p.npy"), expected, atol=1e-5)
+
+
+def _printed(stdout: str) -> dict[str, list[tuple[str, float]]]:
+  """The examples' lines: path name=probability name=probability ..."""
+  rows = {}
+  for line in stdout.strip().splitlines():
+    path, *pairs = line.split(" ")
+    rows[path] = [(n, float(p)) for n, p in (pair.split("=") for pair in pairs)]
+  return rows
+
+
+@pytest.mark.parametrize(
+  "script, target, exact",
+  [
+    ("run_saved_model.py", "saved_model", True),
+    ("run_tflite.py", "", True),
+    ("run_model_jax.py", "", False),  # Pillow's JPEG decoder: a few levels off.
+  ],
+)
+def test_the_examples_print_what_predict_says(
+  exported, tiny_data_dir, script, target, exact
+):
+  workdir, written = exported
+  paths = _frames(tiny_data_dir)[:3]
+  expected = predict.classify(predict.load(workdir), paths, top_k=3)
+  result = subprocess.run(
+    [sys.executable, str(ROOT / "examples" / script), str(written.folder / target)]
+    + [str(p) for p in paths],
+    capture_output=True,
+    text=True,
+    env={**os.environ, "XLA_FLAGS": "", "TF_CPP_MIN_LOG_LEVEL": "2"},
+    check=False,
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  printed = _printed(result.stdout)
+  for path, want in zip(paths, expected, strict=True):
+    got = printed[str(path)]
+    want = [(t["character"], t["probability"]) for t in want["top"]]
+    if exact:
+      assert [n for n, _ in got] == [n for n, _ in want]
+      np.testing.assert_allclose([p for _, p in got], [p for _, p in want], atol=1e-4)
+    else:
+      assert {n for n, _ in got} <= set(predict.load(workdir).cmap.names)
+      probs = dict(got)
+      for name, p in want:
+        if name in probs:
+          assert abs(probs[name] - p) < 0.05
