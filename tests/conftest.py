@@ -58,3 +58,14 @@ def make_tiny_config(data_dir: Path):
 @pytest.fixture
 def tiny_config(tiny_data_dir):
   return make_tiny_config(tiny_data_dir)
+
+
+@pytest.fixture(scope="session")
+def trained_workdir(tmp_path_factory, tiny_data_dir):
+  """A tiny run trained for two epochs on 8 simulated devices (tests read it;
+  a test that damages a workdir works on a copy)."""
+  from simpsons_jax import train
+
+  workdir = tmp_path_factory.mktemp("trained")
+  train.train_and_evaluate(make_tiny_config(tiny_data_dir), workdir)
+  return workdir

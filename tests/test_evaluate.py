@@ -76,15 +76,6 @@ def test_figures_are_written(tmp_path):
   assert (tmp_path / "cm.png").stat().st_size > 1000
 
 
-@pytest.fixture(scope="module")
-def trained_workdir(tmp_path_factory, tiny_data_dir):
-  """A tiny run trained for two epochs on 8 simulated devices."""
-  config = make_tiny_config(tiny_data_dir)
-  workdir = tmp_path_factory.mktemp("trained")
-  train.train_and_evaluate(config, workdir)
-  return workdir
-
-
 def test_evaluate_validation_split(trained_workdir):
   result = evaluate.run(trained_workdir)
   out = trained_workdir / "eval" / "validation"

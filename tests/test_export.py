@@ -121,16 +121,17 @@ def test_export_writes_the_artifacts_and_a_model_card(exported):
   assert card["versions"]["jax"] == __import__("jax").__version__
 
 
-def test_model_jax_equals_predict_in_a_process_without_simpsons_jax(
-  exported, tiny_data_dir, tmp_path
+@pytest.mark.parametrize(
+  "artifact, loader", [("model.jax", LOAD_JAX), ("model.tflite", LOAD_TFLITE)]
+)
+def test_uint8_artifacts_equal_predict_in_a_process_without_simpsons_jax(
+  exported, tiny_data_dir, tmp_path, artifact, loader
 ):
   workdir, written = exported
   paths = _frames(tiny_data_dir)
-  trained, expected = _expected(workdir, paths)
+  _, expected = _expected(workdir, paths)
   np.save(tmp_path / "images.npy", _images(paths))
-  _run(
-    LOAD_JAX, written.folder / "model.jax", tmp_path / "images.npy", tmp_path / "p.npy"
-  )
+  _run(loader, written.folder / artifact, tmp_path / "images.npy", tmp_path / "p.npy")
   np.testing.assert_allclose(np.load(tmp_path / "p.npy"), expected, atol=1e-5)
 
 
@@ -163,22 +164,6 @@ def test_an_unknown_format_is_one_sentence(exported):
   workdir, _ = exported
   with pytest.raises(ValueError, match="--formats: onnx unknown; choose from jax, "):
     export.run(workdir, formats=["jax", "onnx"])
-
-
-def test_tflite_takes_uint8_images_and_equals_predict(
-  exported, tiny_data_dir, tmp_path
-):
-  workdir, written = exported
-  paths = _frames(tiny_data_dir)
-  _, expected = _expected(workdir, paths)
-  np.save(tmp_path / "images.npy", _images(paths))
-  _run(
-    LOAD_TFLITE,
-    written.folder / "model.tflite",
-    tmp_path / "images.npy",
-    tmp_path / "p.npy",
-  )
-  np.testing.assert_allclose(np.load(tmp_path / "p.npy"), expected, atol=1e-5)
 
 
 def _printed(stdout: str) -> dict[str, list[tuple[str, float]]]:

@@ -10,19 +10,10 @@ import urllib.request
 
 import pytest
 
-from simpsons_jax import export, predict, serve, train
-from tests.conftest import make_tiny_config
+from simpsons_jax import export, predict, serve
 
 pytest.importorskip("fastapi", reason='the serve extra: pip install -e ".[serve]"')
 uvicorn = pytest.importorskip("uvicorn")
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory, tiny_data_dir):
-  config = make_tiny_config(tiny_data_dir)
-  workdir = tmp_path_factory.mktemp("run")
-  train.train_and_evaluate(config, workdir)
-  return workdir
 
 
 def _free_port() -> int:
@@ -32,9 +23,9 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(workdir):
+def server(trained_workdir):
   """The app on localhost in a thread, with a 200 KB body limit."""
-  app = serve.create_app(serve.load(workdir), threshold=0.99, max_bytes=200_000)
+  app = serve.create_app(serve.load(trained_workdir), threshold=0.99, max_bytes=200_000)
   port = _free_port()
   config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
   running = uvicorn.Server(config)
@@ -58,8 +49,8 @@ def _request(url: str, data: bytes | None = None) -> tuple[int, dict]:
     return e.code, json.loads(e.read())
 
 
-def test_the_api_answers_as_predict_does(server, workdir, tiny_data_dir):
-  trained = predict.load(workdir)
+def test_the_api_answers_as_predict_does(server, trained_workdir, tiny_data_dir):
+  trained = predict.load(trained_workdir)
   status, health = _request(f"{server}/health")
   assert status == 200 and health["status"] == "ok"
   assert health["characters"] == trained.cmap.num_classes
@@ -94,10 +85,10 @@ def test_bad_uploads_get_a_4xx_with_a_message(server, body, status, message):
   assert message in json.loads(error.value.read())["error"]
 
 
-def test_an_exported_folder_serves_the_same_answers(workdir, tiny_data_dir):
-  written = export.run(workdir, formats=["jax"])
+def test_an_exported_folder_serves_the_same_answers(trained_workdir, tiny_data_dir):
+  written = export.run(trained_workdir, formats=["jax"])
   from_export = serve.predictor(serve.load(written.folder), threshold=0.0)
-  from_run = serve.predictor(serve.load(workdir), threshold=0.0)
+  from_run = serve.predictor(serve.load(trained_workdir), threshold=0.0)
   frame = sorted(tiny_data_dir.glob("*/*.jpg"))[5].read_bytes()
   a, b = from_export(frame), from_run(frame)
   assert a["character"] == b["character"]
@@ -107,7 +98,7 @@ def test_an_exported_folder_serves_the_same_answers(workdir, tiny_data_dir):
 
 
 def test_the_page_in_a_headless_browser_names_the_character(
-  server, workdir, tiny_data_dir, tmp_path
+  server, trained_workdir, tiny_data_dir, tmp_path
 ):
   webdriver = pytest.importorskip("selenium.webdriver")
   from selenium.webdriver.common.by import By
@@ -126,7 +117,7 @@ def test_the_page_in_a_headless_browser_names_the_character(
   try:
     driver.get(server)
     frame = sorted(tiny_data_dir.glob("*/*.jpg"))[3]
-    (want,) = predict.classify(predict.load(workdir), [frame], threshold=0.99)
+    (want,) = predict.classify(predict.load(trained_workdir), [frame], threshold=0.99)
     driver.find_element(By.ID, "file").send_keys(str(frame))
     shown = WebDriverWait(driver, 60).until(
       lambda d: d.find_element(By.ID, "character").get_attribute("data-name")
