@@ -325,13 +325,15 @@ def test_fused_block_equals_conv_bias_relu_pool(shape, kernel, padding):
 
 
 @pytest.mark.parametrize(
-  "shape, kernel",
+  "shape, kernel, padding",
   [
-    ((6, 33, 32, 3), (3, 3, 3, 8)),  # the first block: divided inside the kernel
-    ((2, 10, 12, 8), (3, 3, 8, 16)),  # 8 channels: converted by XLA, then oneDNN
+    # The first block: divided inside the kernel, forward and backward.
+    ((6, 33, 32, 3), (3, 3, 3, 8), "SAME"),
+    ((3, 13, 21, 2), (3, 3, 2, 16), ((1, 0), (2, 1))),  # odd, asymmetric
+    ((2, 10, 12, 8), (3, 3, 8, 16), "SAME"),  # 8 channels: XLA converts, then oneDNN
   ],
 )
-def test_uint8_images_equal_their_float_values(shape, kernel):
+def test_uint8_images_equal_their_float_values(shape, kernel, padding):
   _needs_kernels()
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.integers(0, 256, shape, dtype=np.uint8))
@@ -340,11 +342,11 @@ def test_uint8_images_equal_their_float_values(shape, kernel):
 
   def plain(k, b):
     y = x.astype(jnp.float32) / 255.0
-    y = lax.conv_general_dilated(y, k, (1, 1), "SAME", dimension_numbers=NHWC) + b
+    y = lax.conv_general_dilated(y, k, (1, 1), padding, dimension_numbers=NHWC) + b
     return _relu_pool(y)
 
   def fused(k, b):
-    return cpu_conv.conv_relu_pool(x, k, b, divisor=255.0)
+    return cpu_conv.conv_relu_pool(x, k, b, padding=padding, divisor=255.0)
 
   g = jnp.asarray(rng.standard_normal(jax.eval_shape(plain, k, b).shape, np.float32))
 
@@ -354,5 +356,6 @@ def test_uint8_images_equal_their_float_values(shape, kernel):
 
   for a, c in zip(value_and_grads(plain), value_and_grads(fused), strict=True):
     np.testing.assert_allclose(c, a, rtol=1e-5, atol=1e-5 * float(jnp.abs(a).max()))
-  lowered = jax.jit(fused).lower(k, b).as_text()
+  lowered = jax.jit(jax.grad(lambda k, b: fused(k, b).sum())).lower(k, b).as_text()
   assert ("ConvBiasReluPoolForwardU8" in lowered) == (shape[-1] <= 4)
+  assert ("ConvBiasReluPoolBackwardU8" in lowered) == (shape[-1] <= 4)

@@ -41,6 +41,7 @@ _TARGETS = {
   "backward_weights_bias": "OnednnConvBackwardWeightsBias",
   "conv_relu_pool_forward": "ConvBiasReluPoolForward",
   "conv_relu_pool_forward_u8": "ConvBiasReluPoolForwardU8",
+  "conv_relu_pool_backward_u8": "ConvBiasReluPoolBackwardU8",
   "relu_pool_forward": "ReluMaxPoolForward",
   "relu_pool_backward": "ReluMaxPoolBackward",
 }
@@ -235,11 +236,24 @@ def _conv_relu_pool_forward(x, kernel, bias, geometry, divisor):
 
 def _conv_relu_pool_backward(geometry, divisor, residuals, g):
   x, kernel, code, y_shape = residuals
-  dy = _call("relu_pool_backward", _f32(*y_shape), code, g)
   images = x.dtype == jnp.uint8
+  gradients = (_f32(*kernel.shape), _f32(kernel.shape[-1]))
+  if images and kernel.shape[:2] == (3, 3):
+    # The first block: the convolution's gradient never leaves the kernel.
+    dkernel, dbias = _call(
+      "conv_relu_pool_backward_u8",
+      gradients,
+      x,
+      code,
+      g,
+      geometry=geometry,
+      divisor=np.float32(divisor),
+    )
+    return None, dkernel, dbias
+  dy = _call("relu_pool_backward", _f32(*y_shape), code, g)
   dkernel, dbias = _call(
     "backward_weights_bias",
-    (_f32(*kernel.shape), _f32(kernel.shape[-1])),
+    gradients,
     x.astype(jnp.float32) / divisor if images else x,
     dy,
     geometry=geometry,
@@ -299,7 +313,9 @@ def conv_relu_pool(
   direct convolution that pools each pair of rows while it is in L1.
 
   `x` may also be uint8 images, used as `x.astype(float32) / divisor` (computed
-  a few rows at a time inside the direct convolution; they get no gradient).
+  a few rows at a time inside the direct convolution; they get no gradient;
+  with a 3x3 kernel the kernel and bias gradients come from one pass that
+  never writes the convolution's gradient).
   The same values and gradients as `models.max_pool_2x2(nn.relu(...))` of
   `lax.conv_general_dilated(...) + bias` within float32 rounding: the pool's
   gradient goes to each window's positive maximum, split evenly between ties.

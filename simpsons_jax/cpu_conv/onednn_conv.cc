@@ -17,6 +17,8 @@
 //                                                 its positive maximum stands)
 //   ConvBiasReluPoolForwardU8(x, w, b) -> y, code  (x: uint8 images, divided
 //                                                 by the divisor attribute)
+//   ConvBiasReluPoolBackwardU8(x, code, g) -> dw, db  (3x3 kernels; the conv's
+//                                                 gradient stays in L1)
 //   ReluMaxPoolForward(x) -> y, code              (ReLU and pool alone)
 //   ReluMaxPoolBackward(code, dy) -> d(conv)     (each window's gradient split
 //                                                 evenly between its code's)
@@ -32,6 +34,8 @@
 #include <type_traits>
 #include <unordered_map>
 #include <vector>
+
+#include <omp.h>
 
 #include "oneapi/dnnl/dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
@@ -630,6 +634,120 @@ ReluMaxPoolGradient(const int8_t* bits, const float* g, int64_t n, int64_t h,
       std::fill(out + ((b * h + h - 1) * w) * c, out + (b * h + h) * w * c, 0.0f);
 }
 
+// The kernel and bias gradients of ConvBiasReluPoolForwardU8's block with a
+// 3x3 kernel, from the pool's codes and the pooled gradient g, without the
+// convolution's gradient ever reaching memory: each row pair's gradient is
+// formed in L1 (as ReluMaxPoolGradient would write it) and multiplied into the
+// kernel gradient at once, held in registers. Each thread sums its row pairs
+// (a static partition: the same sums on every run) into double-precision
+// totals, added in thread order at the end.
+template <int C>
+__attribute__((always_inline)) inline void DirectBackwardRowPair(
+    int64_t r, const uint8_t* x, float divisor, int64_t h, int64_t w,
+    const int8_t* bits, const float* g, int64_t oh, int64_t ow, int64_t oc,
+    int64_t pad_top, int64_t pad_left, float* dy, float* converted, double* dk,
+    double* db) {
+  constexpr int K = 3;
+  const int64_t h2 = oh / 2, w2 = ow / 2;
+  const uint8_t* image = x + (r / h2) * h * w * C;
+  const int64_t row0 = std::max<int64_t>(0, 2 * (r % h2) - pad_top);
+  const int64_t end = std::min<int64_t>(h, 2 * (r % h2) + 1 - pad_top + K);
+  for (int64_t e = 0; e < (end - row0) * w * C; ++e)
+    converted[e] = static_cast<float>(image[row0 * w * C + e]) / divisor;
+  // The two conv rows' gradients (an odd last column gets none).
+  std::fill(dy, dy + 2 * ow * oc, 0.0f);
+  for (int64_t j = 0; j < w2; ++j)
+    for (int64_t ch = 0; ch < oc; ch += kLanes) {
+      I8 code;
+      for (int64_t l = 0; l < kLanes; ++l)
+        code[l] = static_cast<uint8_t>(bits[(r * w2 + j) * oc + ch + l]);
+      F8 d0, d1, d2, d3;
+      PoolWindowGradient(code, Load(g + (r * w2 + j) * oc + ch), d0, d1, d2, d3);
+      Store(dy + (2 * j) * oc + ch, d0);
+      Store(dy + (2 * j + 1) * oc + ch, d1);
+      Store(dy + (ow + 2 * j) * oc + ch, d2);
+      Store(dy + (ow + 2 * j + 1) * oc + ch, d3);
+    }
+  for (int64_t o = 0; o < oc; o += kLanes) {
+    F8 acc[K * K * C] = {};
+    F8 bias = {};
+    for (int64_t half = 0; half < 2; ++half) {
+      const int64_t i = 2 * (r % h2) + half;
+      const float* drow = dy + half * ow * oc + o;
+      for (int64_t ox = 0; ox < ow; ++ox) {
+        const F8 d = Load(drow + ox * oc);
+        bias += d;
+        for (int dyk = 0; dyk < K; ++dyk) {
+          const int64_t iy = i - pad_top + dyk;
+          if (iy < 0 || iy >= h) continue;
+          const float* row = converted + (iy - row0) * w * C;
+          for (int dxk = 0; dxk < K; ++dxk) {
+            const int64_t ix = ox - pad_left + dxk;
+            if (ix < 0 || ix >= w) continue;
+            for (int c = 0; c < C; ++c) acc[(dyk * K + dxk) * C + c] += row[ix * C + c] * d;
+          }
+        }
+      }
+    }
+    for (int t = 0; t < K * K * C; ++t)
+      for (int64_t l = 0; l < kLanes; ++l) dk[t * oc + o + l] += acc[t][l];
+    for (int64_t l = 0; l < kLanes; ++l) db[o + l] += bias[l];
+  }
+}
+
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) void
+DirectBlockBackward(const uint8_t* x, float divisor, int64_t n, int64_t h, int64_t w,
+                    int64_t c, const int8_t* bits, const float* g, int64_t oh,
+                    int64_t ow, int64_t oc, int64_t pad_top, int64_t pad_left,
+                    float* dk, float* db) {
+  const int64_t weights = 9 * c * oc;
+  std::vector<double> totals;
+#pragma omp parallel
+  {
+#pragma omp single
+    totals.assign(omp_get_num_threads() * (weights + oc), 0.0);
+    double* mine = totals.data() + omp_get_thread_num() * (weights + oc);
+    std::vector<float> dy(2 * ow * oc), converted(4 * w * c);
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < n * (oh / 2); ++r) {
+#define SIMPSONS_PAIR(C)                                                      \
+  DirectBackwardRowPair<C>(r, x, divisor, h, w, bits, g, oh, ow, oc, pad_top, \
+                           pad_left, dy.data(), converted.data(), mine,       \
+                           mine + weights)
+      if (c == 1) SIMPSONS_PAIR(1);
+      else if (c == 2) SIMPSONS_PAIR(2);
+      else if (c == 3) SIMPSONS_PAIR(3);
+      else SIMPSONS_PAIR(4);
+#undef SIMPSONS_PAIR
+    }
+  }
+  const int64_t threads = totals.size() / (weights + oc);
+  for (int64_t e = 0; e < weights + oc; ++e) {
+    double sum = 0.0;
+    for (int64_t t = 0; t < threads; ++t) sum += totals[t * (weights + oc) + e];
+    (e < weights ? dk[e] : db[e - weights]) = static_cast<float>(sum);
+  }
+}
+
+// The gradients of ConvBiasReluPoolForwardU8 (3x3 kernels): dk (HWIO), db.
+ffi::Error ConvBiasReluPoolBackwardU8Impl(
+    ffi::Buffer<ffi::U8> x, ffi::Buffer<ffi::S8> code, ffi::Buffer<ffi::F32> g,
+    ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> db,
+    int64_t stride_h, int64_t stride_w, int64_t pad_top, int64_t pad_bottom,
+    int64_t pad_left, int64_t pad_right, float divisor) {
+  auto xs = Shape4(x), ks = Shape4(*dk);
+  if (!DirectConvHandles(xs, ks, stride_h, stride_w) || ks[0] != 3 || ks[1] != 3)
+    return ffi::Error::InvalidArgument(
+        "the uint8 block's backward takes 3x3 kernels, at most 4 input "
+        "channels, output channels in 8s and stride 1");
+  const int64_t oh = xs[1] + pad_top + pad_bottom - 2;
+  const int64_t ow = xs[2] + pad_left + pad_right - 2;
+  DirectBlockBackward(x.typed_data(), divisor, xs[0], xs[1], xs[2], xs[3],
+                      code.typed_data(), g.typed_data(), oh, ow, ks[3], pad_top,
+                      pad_left, dk->typed_data(), db->typed_data());
+  return ffi::Error::Success();
+}
+
 // ReLU + 2x2 max pool alone (the ResNet's stem, after its BatchNorm).
 ffi::Error ReluMaxPoolForwardImpl(ffi::Buffer<ffi::F32> x,
                                   ffi::ResultBuffer<ffi::F32> y,
@@ -692,6 +810,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ConvBiasReluPoolForwardU8,
                                                .Arg<ffi::Buffer<ffi::F32>>()
                                                .Ret<ffi::Buffer<ffi::F32>>()
                                                .Ret<ffi::Buffer<ffi::S8>>())
+                                  .Attr<float>("divisor"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ConvBiasReluPoolBackwardU8,
+                              ConvBiasReluPoolBackwardU8Impl,
+                              WithGeometry(ffi::Ffi::Bind()
+                                               .Arg<ffi::Buffer<ffi::U8>>()
+                                               .Arg<ffi::Buffer<ffi::S8>>()
+                                               .Arg<ffi::Buffer<ffi::F32>>()
+                                               .Ret<ffi::Buffer<ffi::F32>>()
+                                               .Ret<ffi::Buffer<ffi::F32>>())
                                   .Attr<float>("divisor"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnConvBackwardWeightsBias,
                               BackwardWeightsBiasImpl,
