@@ -37,7 +37,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import tensorflow as tf
 
 from simpsons_jax import files, image_files, models, predict
@@ -50,8 +49,8 @@ PLATFORMS = ("cpu", "cuda", "tpu")  # Where model.jax runs.
 def probability_fn(trained: predict.TrainedModel):
   """uint8 images (B, S, S, 3) -> probabilities, with XLA's convolutions and the
   run's test-time augmentation, the parameters as constants."""
-  config = ml_collections.ConfigDict(trained.config.to_dict())
-  config.cpu_kernels = "xla"  # No custom calls in a portable artifact.
+  config = trained.config
+  # XLA's convolutions: no custom calls in a portable artifact.
   model = models.family(config).from_config(config, trained.cmap.num_classes, "xla")
   flip = trained.config.get("eval_flip", False)
   variables = trained.variables

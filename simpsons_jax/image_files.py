@@ -97,16 +97,25 @@ def read(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Verdict, Any
     return Verdict(f"unreadable ({e.strerror or e})"), None
   if not contents:
     return Verdict("empty file"), None
-  sha256 = hashlib.sha256(contents).hexdigest()
+  problem, image = inspect(contents, max_pixels)
+  return Verdict(problem, hashlib.sha256(contents).hexdigest()), image
+
+
+def inspect(
+  contents: bytes, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[str | None, Any]:
+  """Why a file's bytes are not a usable image (header, pixel limit, full
+  decode), or None and the decoded uint8 RGB image."""
   problem = header_problem(contents, max_pixels)
   if problem:
-    return Verdict(problem, sha256), None
+    return problem, None
   try:
-    image = decode(contents)
+    return None, decode(contents)
   except tf.errors.OpError as e:
-    reason = f"not a readable JPEG or PNG (TensorFlow: {e.message.split(' [Op:')[0]})"
-    return Verdict(reason, sha256), None
-  return Verdict(None, sha256), image
+    return (
+      f"not a readable JPEG or PNG (TensorFlow: {e.message.split(' [Op:')[0]})",
+      None,
+    )
 
 
 def check(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> str | None:

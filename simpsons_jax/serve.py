@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import tensorflow as tf
 
 from simpsons_jax import image_files, predict, video
 from simpsons_jax.data import core, folder
@@ -90,13 +89,9 @@ def predictor(model: Model, threshold: float, top_k: int = 3) -> Callable:
   def answer(contents: bytes) -> dict[str, Any]:
     if not contents:
       raise BadUpload(400, "the request has no image: send its bytes as the body")
-    problem = image_files.header_problem(contents, model.max_pixels)
+    problem, image = image_files.inspect(contents, model.max_pixels)
     if problem:
       raise BadUpload(415, f"not usable: {problem}")
-    try:
-      image = image_files.decode(contents)
-    except tf.errors.OpError:
-      raise BadUpload(415, "not usable: the JPEG or PNG does not decode") from None
     images = core.resize(image, model.image_size).numpy()[None]
     with lock:
       p = np.asarray(model.classify(images))[0]

@@ -91,56 +91,52 @@ class Analysis:
   interval: float  # Seconds between samples.
 
 
-def _open(av: Any, path: Path) -> Any:
-  try:
-    container = av.open(str(path))
-  except (av.error.FFmpegError, UnicodeDecodeError) as e:
-    raise NotAVideo(f"not a video FFmpeg can read ({e})") from None
-  if not container.streams.video:
-    container.close()
-    raise NotAVideo("no video stream in the file")
-  return container
+class Frames:
+  """The frames of one video, streamed: iterating yields (index, seconds, RGB
+  uint8 array) of the frames one `every` seconds apart by their timestamps
+  (0: every frame).
 
-
-def _duration(container: Any, stream: Any) -> float:
-  if stream.duration is not None and stream.time_base is not None:
-    return float(stream.duration * stream.time_base)
-  if container.duration is not None:
-    return container.duration / 1_000_000  # av.time_base
-  return 0.0
-
-
-def decode(
-  path: str | os.PathLike, every: float = 0.0
-) -> Iterator[tuple[int, float, np.ndarray]]:
-  """Yields (index, seconds, RGB uint8 array) of the frames one `every`
-  seconds apart by their timestamps (0: every frame), streaming.
-
-  Raises NotAVideo before the first frame for a file that is not a video. A
-  decoding error later ends the stream after the frames that decoded. The
-  generator's return value (StopIteration.value) is (frames decoded, the
-  error or '').
+  Opening raises NotAVideo for a file that is not a video. A decoding error
+  ends the iteration after the frames that decoded; afterwards `decoded` is
+  the number of frames decoded and `error` the error, or ''.
   """
-  av = require_av()
-  container = _open(av, Path(path))
-  stream = container.streams.video[0]
-  stream.thread_type = "AUTO"
-  rate = float(stream.average_rate or 25)
-  next_time, index, error = 0.0, 0, ""
-  try:
-    for frame in container.decode(stream):
-      seconds = frame.time if frame.time is not None else index / rate
-      if every <= 0 or seconds >= next_time - 1e-6:
-        yield index, float(seconds), frame.to_ndarray(format="rgb24")
-        if every > 0:
-          while next_time <= seconds + 1e-6:
-            next_time += every
-      index += 1
-  except av.error.FFmpegError as e:
-    error = str(e)
-  finally:
-    container.close()
-  return index, error
+
+  def __init__(self, path: str | os.PathLike, every: float = 0.0):
+    self.av = require_av()
+    try:
+      self._container = self.av.open(str(path))
+    except (self.av.error.FFmpegError, UnicodeDecodeError) as e:
+      raise NotAVideo(f"not a video FFmpeg can read ({e})") from None
+    if not self._container.streams.video:
+      self._container.close()
+      raise NotAVideo("no video stream in the file")
+    self._stream = self._container.streams.video[0]
+    self._stream.thread_type = "AUTO"
+    self.every = every
+    self.frame_rate = self._stream.average_rate or 25  # A Fraction, e.g. 30000/1001.
+    self.rate = float(self.frame_rate)
+    if self._stream.duration is not None and self._stream.time_base is not None:
+      self.duration = float(self._stream.duration * self._stream.time_base)
+    else:  # The container's, in microseconds (av.time_base), or unknown.
+      self.duration = (self._container.duration or 0) / 1_000_000
+    self.total = self._stream.frames or int(self.duration * self.rate)
+    self.decoded, self.error = 0, ""
+
+  def __iter__(self) -> Iterator[tuple[int, float, np.ndarray]]:
+    next_time = 0.0
+    try:
+      for frame in self._container.decode(self._stream):
+        index = self.decoded
+        self.decoded += 1
+        seconds = frame.time if frame.time is not None else index / self.rate
+        if self.every <= 0 or seconds >= next_time - 1e-6:
+          yield index, float(seconds), frame.to_ndarray(format="rgb24")
+          while self.every > 0 and next_time <= seconds + 1e-6:
+            next_time += self.every
+    except self.av.error.FFmpegError as e:
+      self.error = str(e)
+    finally:
+      self._container.close()
 
 
 def _progress(total: int, label: str) -> Any:
@@ -159,13 +155,8 @@ def analyse(
   options: Options,
 ) -> Analysis:
   """Samples, resizes and classifies the frames of one video, in batches."""
-  av = require_av()
-  with _open(av, Path(path)) as container:
-    stream = container.streams.video[0]
-    duration = _duration(container, stream)
-    rate = float(stream.average_rate or 25)
-    total = stream.frames or int(duration * rate)
-  interval = 1.0 / options.fps if options.fps > 0 else 1.0 / rate
+  frames = Frames(path, 1.0 / options.fps if options.fps > 0 else 0.0)
+  interval = 1.0 / options.fps if options.fps > 0 else 1.0 / frames.rate
   times, probs, pending = [], [], []
 
   def flush() -> None:
@@ -173,28 +164,20 @@ def analyse(
       probs.append(np.asarray(classify(np.stack(pending))))
       pending.clear()
 
-  frames = decode(path, 1.0 / options.fps if options.fps > 0 else 0.0)
-  decoded, stopped = 0, ""
-  with _progress(total, Path(path).name) as bar:
-    while True:
-      try:
-        index, seconds, rgb = next(frames)
-      except StopIteration as end:
-        count, stopped = end.value
-        bar.update(count - decoded)
-        decoded = count
-        break
-      bar.update(index + 1 - decoded)
-      decoded = index + 1
+  with _progress(frames.total, Path(path).name) as bar:
+    for _, seconds, rgb in frames:
+      bar.update(frames.decoded - bar.n)
       times.append(seconds)
       pending.append(core.resize(rgb, image_size).numpy())
       if len(pending) == options.batch_size:
         flush()
+    bar.update(frames.decoded - bar.n)
     flush()
+  stopped, rate = frames.error, frames.rate
   if not times:
     raise NotAVideo(f"no frame decoded{f' ({stopped})' if stopped else ''}")
   last = times[-1]
-  duration = duration or last + interval
+  duration = frames.duration or last + interval
   if stopped:
     stopped = f"decoding stopped at {last:.2f} s of {duration:.2f} s ({stopped})"
   elif last < duration - 2 * max(interval, 1.0 / rate) - 1e-6:
@@ -202,7 +185,7 @@ def analyse(
   return Analysis(
     times=np.asarray(times),
     probabilities=np.concatenate(probs),
-    frames_decoded=decoded,
+    frames_decoded=frames.decoded,
     duration=duration,
     stopped=stopped,
     interval=interval,
@@ -359,17 +342,16 @@ def write_annotated(
   """Re-decodes the video and writes every frame with the caption of the
   latest sample at or before it (H.264, the source's frame rate; no audio).
   Returns the number of frames written."""
-  av = require_av()
+  frames = Frames(path)
+  av = frames.av
   output = Path(output)
   output.parent.mkdir(parents=True, exist_ok=True)
-  with _open(av, Path(path)) as source:
-    rate = source.streams.video[0].average_rate or 25
   written = 0
   with av.open(str(output), "w", options={"movflags": "+faststart"}) as sink:
-    stream = sink.add_stream("libx264", rate=rate)
+    stream = sink.add_stream("libx264", rate=frames.frame_rate)
     stream.pix_fmt = "yuv420p"
     font = None
-    for _, seconds, rgb in decode(path):
+    for _, seconds, rgb in frames:
       if font is None:
         # 4:2:0 needs even sides: an odd last row or column is dropped.
         stream.height, stream.width = rgb.shape[0] // 2 * 2, rgb.shape[1] // 2 * 2

@@ -70,10 +70,10 @@ def test_segments_labels_and_screen_time_on_hand_built_samples():
 def test_frames_are_sampled_by_their_timestamps(tmp_path):
   clip = tmp_path / "clip.mkv"
   _write_clip(clip, [np.full((*SIZE[::-1], 3), i * 8, np.uint8) for i in range(30)])
-  every = list(video.decode(clip))
+  every = list(video.Frames(clip))
   assert [i for i, _, _ in every] == list(range(30))
   assert every[0][2].shape == (SIZE[1], SIZE[0], 3)
-  sampled = list(video.decode(clip, every=0.5))  # 2 per second of a 3 s clip.
+  sampled = list(video.Frames(clip, every=0.5))  # 2 per second of a 3 s clip.
   assert [i for i, _, _ in sampled] == [0, 5, 10, 15, 20, 25]
   np.testing.assert_allclose([t for _, t, _ in sampled], [0, 0.5, 1, 1.5, 2, 2.5])
 
@@ -81,7 +81,7 @@ def test_frames_are_sampled_by_their_timestamps(tmp_path):
 def test_a_missing_extra_is_one_sentence(monkeypatch):
   monkeypatch.setitem(sys.modules, "av", None)  # import av then fails.
   with pytest.raises(ValueError, match=r'pip install -e "\.\[video\]"'):
-    list(video.decode("clip.mp4"))
+    list(video.Frames("clip.mp4"))
 
 
 def test_without_a_display_the_camera_is_a_clear_error(monkeypatch):
