@@ -13,9 +13,9 @@ import json
 import os
 import re
 from collections.abc import Mapping
-from pathlib import Path
 
 from absl import logging
+from etils import epath
 
 from simpsons_jax import files, image_files
 
@@ -64,7 +64,7 @@ class CharacterMap:
     return cls(names=tuple(names), counts=tuple(counts))
 
 
-def resolve_data_dir(data_dir: str | os.PathLike) -> Path:
+def resolve_data_dir(data_dir: str | os.PathLike) -> epath.Path:
   """Returns the folder that holds the character folders.
 
   Accepts the Kaggle archive's nesting (`simpsons_dataset/simpsons_dataset/`)
@@ -74,7 +74,7 @@ def resolve_data_dir(data_dir: str | os.PathLike) -> Path:
     raise DatasetError(
       "No data folder given: set --config.data_dir=/path/to/simpsons_dataset."
     )
-  path = Path(data_dir).expanduser()
+  path = files.as_path(data_dir)
   if not path.exists():
     raise DatasetError(
       f"Data folder {path} does not exist: point --config.data_dir at the "
@@ -91,22 +91,24 @@ def resolve_data_dir(data_dir: str | os.PathLike) -> Path:
   return path
 
 
-def list_images(folder: Path) -> list[Path]:
+def list_images(folder: epath.Path) -> list[epath.Path]:
   """Image files directly in `folder`, sorted by name.
 
   Hidden files are left out; broken links are listed, for the checks of
-  `image_files` to report.
+  `image_files` to report. On object stores a name is a file or a folder
+  prefix, never both, and folders are not asked about one by one.
   """
+  local = files.is_local(folder)
   return sorted(
     p
     for p in folder.iterdir()
     if not p.name.startswith(".")
     and p.suffix.lower() in IMAGE_EXTENSIONS
-    and not p.is_dir()
+    and not (local and p.is_dir())
   )
 
 
-def find_images(data_dir: str | os.PathLike) -> dict[str, list[Path]]:
+def find_images(data_dir: str | os.PathLike) -> dict[str, list[epath.Path]]:
   """Maps every character folder of `data_dir` to its image files.
 
   Folders whose names are not valid UTF-8 are left out with a warning.
@@ -130,7 +132,7 @@ def find_images(data_dir: str | os.PathLike) -> dict[str, list[Path]]:
   }
 
 
-def select(images: Mapping[str, list[Path]], min_images: int) -> CharacterMap:
+def select(images: Mapping[str, list[epath.Path]], min_images: int) -> CharacterMap:
   """Keeps characters with at least `min_images` pictures, in sorted order."""
   kept = sorted(name for name, files in images.items() if len(files) >= min_images)
   if not kept:
@@ -156,7 +158,7 @@ def select(images: Mapping[str, list[Path]], min_images: int) -> CharacterMap:
 
 def load_or_create(
   workdir: str | os.PathLike,
-  images: Mapping[str, list[Path]],
+  images: Mapping[str, list[epath.Path]],
   min_images: int,
 ) -> CharacterMap:
   """Returns the workdir's saved map, or selects one and saves it.
@@ -164,7 +166,7 @@ def load_or_create(
   A saved map whose characters are no longer exactly those selected from the
   folder is an error: continuing would silently relabel the model's outputs.
   """
-  path = Path(workdir) / MAP_FILENAME
+  path = files.as_path(workdir) / MAP_FILENAME
   current = select(images, min_images)
   if not path.exists():
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -187,11 +189,13 @@ def parse_test_filename(path: str | os.PathLike) -> str | None:
 
   Returns None when the name does not end in `_<number>` before the extension.
   """
-  match = _TEST_FILENAME.match(Path(path).stem)
+  match = _TEST_FILENAME.match(epath.Path(path).stem)
   return match["name"] if match else None
 
 
-def find_labelled_images(folder: str | os.PathLike) -> dict[str, list[Path]]:
+def find_labelled_images(
+  folder: str | os.PathLike,
+) -> dict[str, list[epath.Path]]:
   """Images per character of a folder in either Kaggle layout.
 
   The training layout (`<folder>/<character>/*.jpg`) or the test-set layout
@@ -202,7 +206,7 @@ def find_labelled_images(folder: str | os.PathLike) -> dict[str, list[Path]]:
   flat = list_images(root)
   if not flat:
     return find_images(root)
-  images: dict[str, list[Path]] = {}
+  images: dict[str, list[epath.Path]] = {}
   for path in flat:
     images.setdefault(parse_test_filename(path) or "", []).append(path)
   return dict(sorted(images.items()))

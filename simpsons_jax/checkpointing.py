@@ -15,12 +15,12 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from etils import epath
 from jax.sharding import Sharding
 from orbax.checkpoint import checkpoint_managers
 
@@ -56,8 +56,14 @@ def create_manager(
     create=not read_only,
     cleanup_tmp_directories=not read_only,
   )
-  directory = Path(workdir).absolute() / "checkpoints"
+  directory = checkpoint_dir(workdir)
   return ocp.CheckpointManager(directory, options=options, item_names=("state", "meta"))
+
+
+def checkpoint_dir(workdir: str | os.PathLike) -> epath.Path:
+  """`<workdir>/checkpoints`, absolute: local, or on `gs://` for Orbax."""
+  workdir = files.as_path(workdir)
+  return (workdir.absolute() if files.is_local(workdir) else workdir) / "checkpoints"
 
 
 def _metric(name: str, metrics: Mapping[str, float]) -> float:
@@ -107,13 +113,13 @@ def restore(
 def save_config(workdir: str | os.PathLike, config: ml_collections.ConfigDict) -> None:
   """Writes the run's config as `<workdir>/config.json`."""
   files.write_text_atomic(
-    Path(workdir, CONFIG_FILENAME), config.to_json(indent=2) + "\n"
+    files.as_path(workdir) / CONFIG_FILENAME, config.to_json(indent=2) + "\n"
   )
 
 
 def load_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
   """The config a workdir was trained with."""
-  path = Path(workdir, CONFIG_FILENAME)
+  path = files.as_path(workdir) / CONFIG_FILENAME
   if not path.exists():
     raise FileNotFoundError(
       f"{path} is missing: {workdir} holds no training run (train it with "

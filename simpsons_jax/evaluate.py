@@ -11,14 +11,14 @@ or under `--output_dir` when the workdir is read-only.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 from absl import logging
+from etils import epath
 
-from simpsons_jax import data, evaluators, plots, predict, sharding, summary
+from simpsons_jax import data, evaluators, files, plots, predict, sharding, summary
 
 VALIDATION = "validation"
 NUM_SHOWN = 9
@@ -41,15 +41,15 @@ def run(
   TensorBoard's to `<output_dir or workdir>/tensorboard/eval_<name>/`: with
   `output_dir`, nothing is written into `workdir`, which may be read-only.
   """
-  workdir = Path(workdir)
+  workdir = files.as_path(workdir)
   trained = predict.load(workdir, checkpoint)
   config, names = trained.config, trained.cmap.names
   evals = config.get("evals", None) or {}
   if eval_dir in evals:
     name, eval_dir = eval_dir, evals[eval_dir]["eval_dir"]
   else:
-    name = Path(eval_dir).name if eval_dir else VALIDATION
-  out = (Path(output_dir) if output_dir else workdir / "eval") / name
+    name = files.as_path(eval_dir).name if eval_dir else VALIDATION
+  out = (files.as_path(output_dir) if output_dir else workdir / "eval") / name
   if eval_dir:
     evaluator = evaluators.from_folder(name, eval_dir, trained.cmap, out, config)
   else:
@@ -70,7 +70,7 @@ def run(
   probs = predict.probabilities(trained, evaluator.batches(config))
   out.mkdir(parents=True, exist_ok=True)
   figures = _figures(trained, evaluator.examples, probs, result, out, seed)
-  board = (Path(output_dir) if output_dir else workdir) / "tensorboard"
+  board = (files.as_path(output_dir) if output_dir else workdir) / "tensorboard"
   evaluators.write(result, out, board / f"eval_{name}", trained.step, figures)
   logging.info(
     "%s: accuracy %.4f, top-3 %.4f, macro-F1 %.4f on %d images (%d skipped); see %s",
@@ -93,7 +93,7 @@ def _mesh(batch_size: int) -> jax.sharding.Mesh:
 
 
 def _figures(
-  trained, split, probs, result, out: Path, seed: int
+  trained, split, probs, result, out: epath.Path, seed: int
 ) -> dict[str, np.ndarray]:
   """Random predictions, mismatches and the confusion matrix, as PNGs."""
   names = trained.cmap.names
@@ -129,10 +129,10 @@ def _figures(
   return figures
 
 
-def show_data(workdir: str | os.PathLike, count: int = 9, seed: int = 0) -> Path:
+def show_data(workdir: str | os.PathLike, count: int = 9, seed: int = 0) -> epath.Path:
   """A grid of random training frames with their characters (the notebook's
   `show_random_characters`), saved as `<workdir>/eval/training_data/`."""
-  workdir = Path(workdir)
+  workdir = files.as_path(workdir)
   config, cmap = predict.load_config_and_map(workdir)
   out = workdir / "eval" / "training_data"
   out.mkdir(parents=True, exist_ok=True)

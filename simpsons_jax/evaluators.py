@@ -20,13 +20,13 @@ import dataclasses
 import functools
 import json
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
 import optax
+from etils import epath
 from jax.sharding import Mesh
 
 from simpsons_jax import (
@@ -148,7 +148,7 @@ def from_folder(
   name: str,
   eval_dir: str,
   cmap: characters.CharacterMap,
-  report_dir: Path | None,
+  report_dir: epath.Path | None,
   config: ml_collections.ConfigDict,
   every_epochs: int = 1,
 ) -> Evaluator:
@@ -156,7 +156,7 @@ def from_folder(
   or test-set layout (`<character>_<N>.jpg`). Images of characters the model
   does not know are listed under `skipped`, never scored."""
   checked = image_files.validate(
-    characters.find_labelled_images(Path(eval_dir).expanduser()),
+    characters.find_labelled_images(eval_dir),
     report_dir,
     folder.max_pixels(config),
   )
@@ -176,7 +176,7 @@ def from_folder(
 
 
 def from_config(
-  config: ml_collections.ConfigDict, cmap: characters.CharacterMap, workdir: Path
+  config: ml_collections.ConfigDict, cmap: characters.CharacterMap, workdir: epath.Path
 ) -> list[Evaluator]:
   """The extra evaluators of `config.evals` (name -> eval_dir, every_epochs).
 
@@ -198,8 +198,8 @@ def from_config(
 
 def write(
   result: Mapping[str, Any],
-  out: Path,
-  board: Path,
+  out: epath.Path,
+  board: epath.Path,
   step: int,
   images: Mapping[str, np.ndarray] | None = None,
 ) -> None:

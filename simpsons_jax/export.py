@@ -32,12 +32,12 @@ import importlib.metadata
 import json
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import tensorflow as tf
+from etils import epath
 
 from simpsons_jax import files, image_files, models, predict
 from simpsons_jax.data import core
@@ -67,7 +67,7 @@ def _image_spec(size: int, batch: str = "b") -> jax.ShapeDtypeStruct:
   return jax.ShapeDtypeStruct((b, size, size, 3), jnp.uint8)
 
 
-def export_jax(trained: predict.TrainedModel, path: Path) -> None:
+def export_jax(trained: predict.TrainedModel, path: epath.Path) -> None:
   """Writes model.jax: batch-polymorphic, for every platform in PLATFORMS."""
   exported = jax.export.export(jax.jit(probability_fn(trained)), platforms=PLATFORMS)(
     _image_spec(trained.config.image_size)
@@ -123,7 +123,9 @@ class _Serving(tf.Module):
     }
 
 
-def export_savedmodel(trained: predict.TrainedModel, path: Path, top_k: int) -> None:
+def export_savedmodel(
+  trained: predict.TrainedModel, path: epath.Path, top_k: int
+) -> None:
   """Writes the SavedModel with its two signatures."""
   module = _Serving(trained, top_k)
   tf.saved_model.save(
@@ -133,7 +135,7 @@ def export_savedmodel(trained: predict.TrainedModel, path: Path, top_k: int) -> 
   )
 
 
-def export_tflite(saved_model: Path, path: Path) -> None:
+def export_tflite(saved_model: epath.Path, path: epath.Path) -> None:
   """Converts the SavedModel's `probabilities` signature (uint8 images at the
   model's size, any batch) to TensorFlow Lite: TFLite's converter reads the
   StableHLO inside."""
@@ -145,7 +147,7 @@ def export_tflite(saved_model: Path, path: Path) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class Written:
-  folder: Path
+  folder: epath.Path
   formats: tuple[str, ...]
 
 
@@ -164,7 +166,8 @@ def run(
       f"--formats: {', '.join(unknown)} unknown; choose from {', '.join(FORMATS)}"
     )
   trained = predict.load(workdir, checkpoint)
-  folder = Path(output_dir or Path(workdir) / "export") / str(trained.step)
+  folder = files.as_path(output_dir or files.as_path(workdir) / "export")
+  folder /= str(trained.step)
   folder.mkdir(parents=True, exist_ok=True)
   if "jax" in formats:
     export_jax(trained, folder / "model.jax")

@@ -20,11 +20,11 @@ import json
 import os
 import warnings
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import tensorflow as tf
 from absl import logging
+from etils import epath
 from PIL import Image
 
 from simpsons_jax import files
@@ -46,7 +46,7 @@ def decode(contents: tf.Tensor) -> tf.Tensor:
   )
 
 
-def name_problem(path: Path) -> str | None:
+def name_problem(path: epath.Path) -> str | None:
   """Why a file or folder name cannot be used, or None."""
   try:
     os.fsdecode(path).encode("utf-8")
@@ -84,17 +84,19 @@ class Verdict:
   sha256: str = ""
 
 
-def read(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Verdict, Any]:
+def read(path: epath.Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Verdict, Any]:
   """Reads, hashes, inspects and decodes one file: its verdict and the decoded
   uint8 RGB image (None when unusable)."""
   problem = name_problem(path)
   if problem:
     return Verdict(problem), None
   try:
-    with open(path, "rb") as f:
+    with files.as_path(path).open("rb") as f:
       contents = f.read()
   except OSError as e:
     return Verdict(f"unreadable ({e.strerror or e})"), None
+  except tf.errors.OpError as e:  # Through tf.io.gfile (gs://).
+    return Verdict(f"unreadable ({e.message})"), None
   if not contents:
     return Verdict("empty file"), None
   problem, image = inspect(contents, max_pixels)
@@ -118,23 +120,31 @@ def inspect(
     )
 
 
-def check(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> str | None:
+def check(path: epath.Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> str | None:
   """Why `path` cannot be used as an image, or None when it can."""
   return read(path, max_pixels)[0].reason
 
 
-def _stamp(path: Path) -> list[int] | None:
+def _stamp(path: epath.Path) -> list[int] | None:
+  """Size and modification time (ns where local, s on object stores)."""
   try:
+    if files.is_local(path):
+      stat = os.stat(path)
+      return [stat.st_size, stat.st_mtime_ns]
     stat = path.stat()
-  except OSError:
+  except (OSError, tf.errors.OpError):
     return None
-  return [stat.st_size, stat.st_mtime_ns]
+  return [stat.length, stat.mtime]
+
+
+def _key(path: epath.Path) -> str:
+  return os.fsdecode(path.absolute() if files.is_local(path) else path)
 
 
 class _Checks:
   """Verdicts kept in a JSON file, valid while a file's size and mtime hold."""
 
-  def __init__(self, path: Path | None, max_pixels: int):
+  def __init__(self, path: epath.Path | None, max_pixels: int):
     self.path, self.max_pixels = path, max_pixels
     self.entries: dict[str, list] = {}
     if path is not None and path.exists():
@@ -145,10 +155,10 @@ class _Checks:
       except (ValueError, KeyError, TypeError, AttributeError):
         logging.warning("%s is unreadable; all files are checked again.", path)
 
-  def verdicts(self, paths: list[Path]) -> dict[Path, Verdict]:
+  def verdicts(self, paths: list[epath.Path]) -> dict[epath.Path, Verdict]:
     found, todo = {}, []
     for path in paths:
-      key, stamp = os.fsdecode(path.absolute()), _stamp(path)
+      key, stamp = _key(path), _stamp(path)
       entry = self.entries.get(key)
       if stamp is not None and entry is not None and entry[:2] == stamp:
         found[path] = Verdict(entry[3], entry[2])
@@ -161,7 +171,7 @@ class _Checks:
           found[path] = verdict
           stamp = _stamp(path)
           if stamp is not None and name_problem(path) is None:
-            key = os.fsdecode(path.absolute())
+            key = _key(path)
             self.entries[key] = [*stamp, verdict.sha256, verdict.reason]
       if self.path is not None:
         data = {"format": _CHECKS_FORMAT, "max_pixels": self.max_pixels}
@@ -174,12 +184,12 @@ class _Checks:
 class Checked:
   """The usable images per character and the SHA-256 of each."""
 
-  images: dict[str, list[Path]]
-  sha256: dict[Path, str]
+  images: dict[str, list[epath.Path]]
+  sha256: dict[epath.Path, str]
 
 
 def validate(
-  images: Mapping[str, list[Path]],
+  images: Mapping[str, list[epath.Path]],
   report_dir: str | os.PathLike | None,
   max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> Checked:
@@ -191,12 +201,13 @@ def validate(
   paths = [p for files in images.values() for p in files]
   cache = None
   if report_dir is not None:
-    Path(report_dir).mkdir(parents=True, exist_ok=True)
-    cache = Path(report_dir, CHECKS_FILENAME)
+    report_dir = files.as_path(report_dir)
+    report_dir.mkdir(parents=True, exist_ok=True)
+    cache = report_dir / CHECKS_FILENAME
   verdicts = _Checks(cache, max_pixels).verdicts(paths)
   skipped = {os.fsdecode(p): v.reason for p, v in verdicts.items() if v.reason}
   if report_dir is not None:
-    report = Path(report_dir, SKIPPED_FILENAME)
+    report = report_dir / SKIPPED_FILENAME
     files.write_text_atomic(report, json.dumps(skipped, indent=2) + "\n")
   if skipped:
     by_reason = collections.Counter(r.split(" (")[0] for r in skipped.values())

@@ -17,6 +17,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from simpsons_jax import files  # noqa: E402
+
 RIGHT, WRONG = "#1a7f37", "#cf222e"
 
 
@@ -26,7 +28,9 @@ def title(name: str) -> str:
 
 
 def _save(fig: plt.Figure, path: str | os.PathLike) -> np.ndarray:
-  fig.savefig(path, dpi=100, bbox_inches="tight")
+  path = files.as_path(path)
+  with path.open("wb") as f:  # Also on gs://.
+    fig.savefig(f, format=path.suffix[1:], dpi=100, bbox_inches="tight")
   fig.canvas.draw()
   rgb = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
   plt.close(fig)

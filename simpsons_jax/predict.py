@@ -27,6 +27,7 @@ from absl import logging
 from simpsons_jax import (
   characters,
   checkpointing,
+  files,
   image_files,
   input_pipeline,
   models,
@@ -54,7 +55,9 @@ def load_config_and_map(
 ) -> tuple[ml_collections.ConfigDict, characters.CharacterMap]:
   """The config and the character map a workdir was trained with."""
   config = checkpointing.load_config(workdir)
-  return config, characters.CharacterMap.load(Path(workdir) / characters.MAP_FILENAME)
+  return config, characters.CharacterMap.load(
+    files.as_path(workdir) / characters.MAP_FILENAME
+  )
 
 
 def load(workdir: str | os.PathLike, checkpoint: str = "best") -> TrainedModel:

@@ -2,7 +2,8 @@
 
 `lock` keeps a second training process out of a workdir for the life of the
 first (the operating system drops the lock when its holder exits, however it
-dies). `prepare` refuses a config that cannot continue the run already there,
+dies); object stores (`gs://`) have no locks, and there the workdir is not
+locked. `prepare` refuses a config that cannot continue the run already there,
 or with `restart=True` moves that run to `<workdir>/archive/<time>/`; a run
 that was itself started by `restart=True` is resumed by the same command,
 never discarded by it.
@@ -13,15 +14,14 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
-import shutil
 import socket
 from collections.abc import Iterator
-from pathlib import Path
 
 import ml_collections
 from absl import logging
+from etils import epath
 
-from simpsons_jax import checkpointing, models
+from simpsons_jax import checkpointing, files, models
 
 try:
   import fcntl
@@ -75,8 +75,16 @@ def lock(workdir: str | os.PathLike) -> Iterator[None]:
 
   Raises WorkdirBusy, naming the holder, when another process holds it.
   """
-  workdir = Path(workdir)
+  workdir = files.as_path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
+  if not files.is_local(workdir):
+    logging.warning(
+      "%s is not on a local disk and has no file locks: it is not locked, so "
+      "start one training run per workdir.",
+      workdir,
+    )
+    yield
+    return
   path = workdir / LOCK_FILENAME
   descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
   try:
@@ -110,16 +118,16 @@ def _normalise(value):
   return list(value) if isinstance(value, list | tuple) else value
 
 
-def _archive(workdir: Path, existing: list[Path]) -> None:
+def _archive(workdir: epath.Path, existing: list[epath.Path]) -> None:
   stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S")
   archive = workdir / "archive" / stamp
   archive.mkdir(parents=True)
   for path in existing:
-    shutil.move(path, archive / path.name)
+    files.move(path, archive / path.name)
   logging.warning("restart=True: the previous run was moved to %s.", archive)
 
 
-def prepare(config: ml_collections.ConfigDict, workdir: Path) -> None:
+def prepare(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
   """Makes sure `workdir` can take this run; see the module docstring."""
   workdir.mkdir(parents=True, exist_ok=True)
   existing = [workdir / name for name in RUN_FILES if (workdir / name).exists()]

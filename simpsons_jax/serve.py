@@ -26,12 +26,11 @@ import json
 import os
 import threading
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from simpsons_jax import image_files, predict, video
+from simpsons_jax import files, image_files, predict, video
 from simpsons_jax.data import core, folder
 
 MAX_BYTES = 20 * 2**20
@@ -50,7 +49,7 @@ class Model:
 
 def load(path: str | os.PathLike, checkpoint: str = "best") -> Model:
   """A training run's checkpoint, or an exported folder's model.jax."""
-  path = Path(path)
+  path = files.as_path(path)
   if (path / "model.jax").is_file():
     import jax
 

@@ -25,11 +25,11 @@ import dataclasses
 import json
 import os
 from collections.abc import Mapping
-from pathlib import Path
 
 import ml_collections
 import numpy as np
 from absl import logging
+from etils import epath
 
 from simpsons_jax import characters, files
 
@@ -123,7 +123,7 @@ class Changes:
   val_changed: list[str] = dataclasses.field(default_factory=list)
   copies_of_val: list[str] = dataclasses.field(default_factory=list)
 
-  def log(self, where: Path) -> None:
+  def log(self, where: epath.Path) -> None:
     lines = {
       "new file(s) joining training": self.new,
       "changed training file(s), trained with their new content": self.changed,
@@ -209,14 +209,14 @@ def ordered(keys: Mapping[str, str], cmap: characters.CharacterMap) -> dict[str,
   return {k: keys[k] for k in sorted(keys, key=lambda k: (label_of[character(k)], k))}
 
 
-def _fix(workdir: Path) -> str:
+def _fix(workdir: epath.Path) -> str:
   return (
     f"restore it, or start afresh with --config.restart=True (the run in "
     f"{workdir} moves to archive/)."
   )
 
 
-def _load(workdir: Path) -> dict:
+def _load(workdir: epath.Path) -> dict:
   path = workdir / SPLIT_FILENAME
   if not path.exists():
     raise FileNotFoundError(
@@ -251,7 +251,7 @@ def keep(
   (`<character>/<name>`), to the SHA-256 of its bytes. Saves the decision on
   the first run, and the keys in use on every run (`in_use` reads them).
   """
-  workdir = Path(workdir)
+  workdir = files.as_path(workdir)
   path = workdir / SPLIT_FILENAME
   _warn_about_conflicts(current)
   if path.exists():
@@ -279,7 +279,7 @@ def in_use(
   workdir: str | os.PathLike, cmap: characters.CharacterMap
 ) -> tuple[dict[str, str], dict[str, str]]:
   """The training and validation keys (with SHA-256) `keep` last chose."""
-  data = _load(Path(workdir))
+  data = _load(files.as_path(workdir))
   record = _record(data)
   train = {k: record.train[k] for k in data["in_use"]["train"]}
   val = {k: record.val[k] for k in data["in_use"]["val"]}
@@ -288,7 +288,7 @@ def in_use(
 
 def saved_validation(workdir: str | os.PathLike) -> dict[str, str]:
   """The saved validation keys and their SHA-256, present now or not."""
-  return _record(_load(Path(workdir))).val
+  return _record(_load(files.as_path(workdir))).val
 
 
 def still_valid(
@@ -300,7 +300,7 @@ def still_valid(
 
   The others (missing, changed, unusable now) are logged.
   """
-  workdir = Path(workdir)
+  workdir = files.as_path(workdir)
   used, changes = reconcile(Record({}, saved_validation(workdir), {}), current)
   changes.log(workdir / SPLIT_FILENAME)
   return ordered(used.val, cmap)

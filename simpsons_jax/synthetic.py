@@ -8,11 +8,12 @@ images of random size. It needs no download and is the same for the same seed.
 from __future__ import annotations
 
 import os
-import shutil
-from pathlib import Path
 
 import numpy as np
+from etils import epath
 from PIL import Image, ImageDraw
+
+from simpsons_jax import files
 
 YELLOW = (255, 217, 15)
 CHARACTERS = (
@@ -132,25 +133,41 @@ def render(name: str, rng: np.random.Generator) -> Image.Image:
   return image
 
 
-def generate(root: str | os.PathLike, images_per_character: int, seed: int = 0) -> Path:
+def generate(
+  root: str | os.PathLike, images_per_character: int, seed: int = 0
+) -> epath.Path:
   """Writes `root/<character>/pic_NNNN.jpg` unless it is already there.
 
-  The images are drawn into a temporary folder renamed at the end, so that a
-  process sharing the workdir, or a run killed halfway, never sees half of it.
+  On a local disk the images are drawn into a temporary folder renamed at the
+  end, so that a process sharing the workdir, or a run killed halfway, never
+  sees half of it. Object stores (`gs://`) cannot rename a folder at once:
+  there `root/.complete`, written last, says the folder is whole.
   """
-  root = Path(root)
-  if root.exists():
+  root = files.as_path(root)
+  if files.is_local(root):
+    if root.exists():
+      return root
+    partial = root.with_name(f".{root.name}.{os.getpid()}.tmp")
+    if partial.exists():
+      partial.rmtree()
+    _draw(partial, images_per_character, seed)
+    try:
+      partial.rename(root)
+    except OSError:  # Another process of the run finished first.
+      partial.rmtree()
     return root
-  partial = root.with_name(f".{root.name}.{os.getpid()}.tmp")
-  shutil.rmtree(partial, ignore_errors=True)
+  complete = root / ".complete"
+  if not complete.exists():
+    _draw(root, images_per_character, seed)
+    complete.write_text("")
+  return root
+
+
+def _draw(root: epath.Path, images_per_character: int, seed: int) -> None:
   for label, name in enumerate(CHARACTERS):
-    folder = partial / name
-    folder.mkdir(parents=True)
+    folder = root / name
+    folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng([seed, label])
     for i in range(images_per_character):
-      render(name, rng).save(folder / f"pic_{i:04d}.jpg", quality=90)
-  try:
-    partial.rename(root)
-  except OSError:  # Another process of the run finished first.
-    shutil.rmtree(partial)
-  return root
+      with (folder / f"pic_{i:04d}.jpg").open("wb") as f:
+        render(name, rng).save(f, format="JPEG", quality=90)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import signal
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from pathlib import Path
 from typing import Any
 
 import flax
@@ -20,6 +20,7 @@ import numpy as np
 import optax
 from absl import logging
 from clu import metric_writers, periodic_actions
+from etils import epath
 from flax.training import train_state
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
@@ -30,6 +31,7 @@ from simpsons_jax import (
   config_checks,
   data,
   evaluators,
+  files,
   finetune,
   input_pipeline,
   metrics,
@@ -236,7 +238,7 @@ def evaluate(
 class Interrupted(Exception):
   """Training stopped on SIGINT or SIGTERM after saving a checkpoint."""
 
-  def __init__(self, signum: int, step: int, directory: Path):
+  def __init__(self, signum: int, step: int, directory: epath.Path):
     self.signum, self.step = signum, step
     super().__init__(
       f"{signal.Signals(signum).name} received: stopped at step {step} with a "
@@ -288,7 +290,7 @@ def _check_finite(values: Mapping[str, float], what: str, step: int, manager) ->
 
 def train_and_evaluate(
   config: ml_collections.ConfigDict,
-  workdir: str | Path,
+  workdir: str | os.PathLike,
   mesh: Mesh | None = None,
 ) -> tuple[TrainState, dict[str, float]]:
   """Trains to `config.num_epochs`, resuming from `workdir` if it holds a run.
@@ -296,7 +298,7 @@ def train_and_evaluate(
   Returns the final state and the last validation metrics. Raises
   `Interrupted` after saving a checkpoint when SIGINT or SIGTERM arrives.
   """
-  workdir = Path(workdir)
+  workdir = files.as_path(workdir)
   mesh = sharding.make_mesh() if mesh is None else mesh
   config_checks.check(config, mesh)
   first = jax.process_index() == 0
@@ -317,7 +319,7 @@ def train_and_evaluate(
 
 def _train(
   config: ml_collections.ConfigDict,
-  workdir: Path,
+  workdir: epath.Path,
   mesh: Mesh,
   cmap: characters.CharacterMap,
   train_split: data.core.Examples,
@@ -508,7 +510,7 @@ def _every(step: int, interval: int) -> bool:
   return interval > 0 and step % interval == 0
 
 
-def _run_extra(extra, score, state, mesh, config, cmap, workdir: Path, step: int):
+def _run_extra(extra, score, state, mesh, config, cmap, workdir: epath.Path, step: int):
   """Scores an extra evaluator, writes its report and TensorBoard figures."""
   variables = state.inference_variables()
   result = {

@@ -15,12 +15,12 @@ import glob
 import hashlib
 import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
+from etils import epath
 
-from simpsons_jax import characters, image_files
+from simpsons_jax import characters, files, image_files
 
 
 class Examples(abc.ABC):
@@ -78,16 +78,16 @@ class DataSource(abc.ABC):
   """Where a run's images come from: its characters and its two splits."""
 
   @abc.abstractmethod
-  def prepare(self, workdir: Path) -> Loaded:
+  def prepare(self, workdir: epath.Path) -> Loaded:
     """Process 0, at the start of training: checks the data, decides (or
     keeps) the character map and the split, and saves them in `workdir`."""
 
   @abc.abstractmethod
-  def load(self, workdir: Path) -> Loaded:
+  def load(self, workdir: epath.Path) -> Loaded:
     """What `prepare` last decided, read back without writing anything."""
 
   @abc.abstractmethod
-  def validation(self, workdir: Path, report_dir: Path | None) -> Examples:
+  def validation(self, workdir: epath.Path, report_dir: epath.Path | None) -> Examples:
     """The run's validation examples as they are now, for `--mode=evaluate`;
     file checks and reports go to `report_dir`."""
 
@@ -102,11 +102,12 @@ def _cache_file(cache_dir: str, key: str) -> str:
   """'' (in memory), or a file under `cache_dir` named by a hash of `key`."""
   if not cache_dir:
     return ""
-  os.makedirs(cache_dir, exist_ok=True)
+  cache_dir = os.fspath(files.as_path(cache_dir))
+  tf.io.gfile.makedirs(cache_dir)
   digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-  prefix = os.path.join(cache_dir, f"images_{digest}")
-  if not os.path.exists(prefix + ".index"):
+  prefix = f"{cache_dir.rstrip('/')}/images_{digest}"
+  if not tf.io.gfile.exists(prefix + ".index"):
     # Left by a run killed while writing it: tf.data would refuse the lock.
-    for stale in glob.glob(glob.escape(prefix) + "*"):
-      os.remove(stale)
+    for stale in tf.io.gfile.glob(glob.escape(prefix) + "*"):
+      tf.io.gfile.remove(stale)
   return prefix

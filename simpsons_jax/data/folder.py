@@ -12,11 +12,11 @@ import collections
 import dataclasses
 import hashlib
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import ml_collections
 import numpy as np
 import tensorflow as tf
+from etils import epath
 
 from simpsons_jax import characters, image_files, splits, synthetic
 from simpsons_jax.data import core
@@ -33,9 +33,9 @@ class Files(core.Examples):
   @classmethod
   def of(
     cls,
-    images: Mapping[str, Sequence[Path]],
+    images: Mapping[str, Sequence[epath.Path]],
     cmap: characters.CharacterMap,
-    sha256: Mapping[Path, str] | None = None,
+    sha256: Mapping[epath.Path, str] | None = None,
   ) -> Files:
     """Every image of the map's characters, in character id order."""
     pairs = [(p, label) for label, name in enumerate(cmap.names) for p in images[name]]
@@ -72,26 +72,26 @@ class FolderSource(core.DataSource):
     del spec  # No options.
     self.config = config
 
-  def root(self, workdir: Path) -> Path:
+  def root(self, workdir: epath.Path) -> epath.Path:
     """The folder that holds the character folders."""
     del workdir
     return characters.resolve_data_dir(self.config.data_dir)
 
-  def find(self, workdir: Path) -> dict[str, list[Path]]:
+  def find(self, workdir: epath.Path) -> dict[str, list[epath.Path]]:
     """Every candidate image file, per character."""
     return characters.find_images(self.root(workdir))
 
-  def key(self, workdir: Path, character: str, path: Path) -> str:
+  def key(self, workdir: epath.Path, character: str, path: epath.Path) -> str:
     """The name of a file in the split: `<character>/<name>`."""
     del workdir
     return f"{character}/{path.name}"
 
-  def path(self, workdir: Path, key: str) -> Path:
+  def path(self, workdir: epath.Path, key: str) -> epath.Path:
     """The file a key names (the inverse of `key`)."""
     return self.root(workdir) / key
 
   def _hashes(
-    self, workdir: Path, checked: image_files.Checked, names: Sequence[str]
+    self, workdir: epath.Path, checked: image_files.Checked, names: Sequence[str]
   ) -> dict[str, str]:
     """Key -> SHA-256 of the usable files of the characters `names`."""
     return {
@@ -100,7 +100,7 @@ class FolderSource(core.DataSource):
       for path in checked.images[name]
     }
 
-  def _files(self, workdir: Path, chosen: Mapping[str, str], cmap) -> Files:
+  def _files(self, workdir: epath.Path, chosen: Mapping[str, str], cmap) -> Files:
     labels = {name: i for i, name in enumerate(cmap.names)}
     return Files(
       np.asarray([str(self.path(workdir, key)) for key in chosen], dtype=str),
@@ -108,7 +108,7 @@ class FolderSource(core.DataSource):
       tuple(chosen.values()),
     )
 
-  def prepare(self, workdir: Path) -> core.Loaded:
+  def prepare(self, workdir: epath.Path) -> core.Loaded:
     found = self.find(workdir)
     checked = image_files.validate(found, workdir, max_pixels(self.config))
     cmap = characters.load_or_create(workdir, checked.images, self.config.min_images)
@@ -116,12 +116,12 @@ class FolderSource(core.DataSource):
     train, val = splits.keep(workdir, current, cmap, self.config)
     return cmap, self._files(workdir, train, cmap), self._files(workdir, val, cmap)
 
-  def load(self, workdir: Path) -> core.Loaded:
+  def load(self, workdir: epath.Path) -> core.Loaded:
     cmap = characters.CharacterMap.load(workdir / characters.MAP_FILENAME)
     train, val = splits.in_use(workdir, cmap)
     return cmap, self._files(workdir, train, cmap), self._files(workdir, val, cmap)
 
-  def validation(self, workdir: Path, report_dir: Path | None) -> Files:
+  def validation(self, workdir: epath.Path, report_dir: epath.Path | None) -> Files:
     cmap = characters.CharacterMap.load(workdir / characters.MAP_FILENAME)
     by_character = collections.defaultdict(list)
     for key in splits.saved_validation(workdir):
@@ -134,7 +134,7 @@ class FolderSource(core.DataSource):
 class SyntheticSource(FolderSource):
   """The procedural demo set, drawn into `<workdir>/synthetic_data` once."""
 
-  def root(self, workdir: Path) -> Path:
+  def root(self, workdir: epath.Path) -> epath.Path:
     return synthetic.generate(
       workdir / "synthetic_data",
       self.config.synthetic_images_per_character,

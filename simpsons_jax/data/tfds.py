@@ -15,12 +15,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import ml_collections
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from etils import epath
 
 import simpsons_jax.tfds_builders.simpsons_characters  # noqa: F401 (registers it)
 from simpsons_jax import characters, image_files, splits
@@ -149,7 +149,7 @@ class TfdsSource(core.DataSource):
       content.hexdigest(),
     )
 
-  def prepare(self, workdir: Path) -> core.Loaded:
+  def prepare(self, workdir: epath.Path) -> core.Loaded:
     builder = self._builder()
     scan = self._scan(builder, hashes=True)
     cmap = characters.load_or_create(workdir, scan.by_class, self.config.min_images)
@@ -161,7 +161,7 @@ class TfdsSource(core.DataSource):
       self._examples(builder, scan, val, cmap),
     )
 
-  def load(self, workdir: Path) -> core.Loaded:
+  def load(self, workdir: epath.Path) -> core.Loaded:
     builder = self._builder()
     scan = self._scan(builder, hashes=False)
     cmap = characters.CharacterMap.load(workdir / characters.MAP_FILENAME)
@@ -172,7 +172,9 @@ class TfdsSource(core.DataSource):
       self._examples(builder, scan, val, cmap),
     )
 
-  def validation(self, workdir: Path, report_dir: Path | None) -> TfdsExamples:
+  def validation(
+    self, workdir: epath.Path, report_dir: epath.Path | None
+  ) -> TfdsExamples:
     del report_dir  # A prepared data set holds no unusable files.
     builder = self._builder()
     scan = self._scan(builder, hashes=True)
