@@ -26,6 +26,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.val_fraction = 0.05  # Stratified share of each character for val.
   config.train_fraction = 1.0  # Seeded share of the training split to use.
   config.cache_dir = ""  # '' caches decoded images in memory; else on disk.
+  # A folder (either Kaggle layout) whose images, and their near-copies at any
+  # size, this run never trains or validates on (see simpsons_jax/near_copies).
+  config.exclude_copies_of = ""
   config.synthetic_images_per_character = 250  # For dataset='synthetic'.
   # Larger images are skipped (and listed) before they are decoded; also in
   # evaluate and predict.

@@ -18,7 +18,7 @@ import numpy as np
 import tensorflow as tf
 from etils import epath
 
-from simpsons_jax import characters, image_files, splits, synthetic
+from simpsons_jax import characters, image_files, near_copies, splits, synthetic
 from simpsons_jax.data import core
 
 
@@ -111,6 +111,11 @@ class FolderSource(core.DataSource):
   def prepare(self, workdir: epath.Path) -> core.Loaded:
     found = self.find(workdir)
     checked = image_files.validate(found, workdir, max_pixels(self.config))
+    if self.config.get("exclude_copies_of", ""):
+      kept = near_copies.exclude(
+        checked.images, self.config.exclude_copies_of, workdir, max_pixels(self.config)
+      )
+      checked = dataclasses.replace(checked, images=kept)
     cmap = characters.load_or_create(workdir, checked.images, self.config.min_images)
     current = self._hashes(workdir, checked, cmap.names)
     train, val = splits.keep(workdir, current, cmap, self.config)

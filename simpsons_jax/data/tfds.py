@@ -96,6 +96,12 @@ class TfdsSource(core.DataSource):
         "--config.dataset=tfds: needs a data set name, e.g. tfds:simpsons_characters."
       )
     self.name = f"{name}:{version}" if version else name
+    if config.get("exclude_copies_of", ""):
+      raise ValueError(
+        "exclude_copies_of applies to folders of image files, not to "
+        f"dataset={config.dataset}: train from the folder (--config.dataset="
+        "folder), or build the TFDS data set from a folder without those images."
+      )
 
   def _builder(self) -> tfds.core.DatasetBuilder:
     data_dir = self.config.get("tfds_data_dir", "") or None
