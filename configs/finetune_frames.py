@@ -5,13 +5,18 @@ starts `strong_small.py`'s training on the frames (64 px, 6 characters, all
 among the 10: the head is mapped by name) with a lower learning rate and
 fewer epochs.
 
-  python main.py --config=configs/strong.py --workdir=runs/strong_mnist \
+  python main.py --config=configs/strong.py --workdir=runs/strong_mnist_pretrain \
       --config.data_dir=../shared/data/simpsons-mnist/train \
-      --config.min_images=1 --config.image_size=28
+      --config.min_images=1 --config.image_size=28 \
+      --config.exclude_copies_of=../shared/data/frames/train
   python main.py --config=configs/finetune_frames.py --workdir=runs/finetune_frames \
-      --config.data_dir=../shared/data/frames/train --config.init_from=runs/strong_mnist
+      --config.data_dir=../shared/data/frames/train \
+      --config.init_from=runs/strong_mnist_pretrain
 
-Measured against training from scratch on the same split: README, "Fine-tuning".
+The start must not have trained on the frames this run validates on:
+Simpsons-MNIST holds shrunk copies of most of them, hence exclude_copies_of.
+Measured against training from scratch on the same split: README, "Fine-tuning"
+(94.2% on the frames' validation split, 6 min 54 s with the start, 2 cores).
 """
 
 import ml_collections
@@ -22,7 +27,7 @@ from configs import strong_small
 def get_config() -> ml_collections.ConfigDict:
   """`strong_small.py`, started from another run's weights."""
   config = strong_small.get_config()
-  config.init_from = "runs/strong_mnist"  # WORKDIR[:best|latest|STEP]
+  config.init_from = "runs/strong_mnist_pretrain"  # WORKDIR[:best|latest|STEP]
   config.learning_rate = 0.02
   config.warmup_epochs = 1.0
   config.num_epochs = 40
