@@ -78,9 +78,9 @@ def exclude(
     characters.find_labelled_images(reference_dir), None, max_pixels
   ).images
   reference_paths = [p for paths in reference.values() for p in paths]
-  candidates = [(name, p) for name, paths in images.items() for p in paths]
-  dropped = copies(thumbnails(reference_paths), thumbnails([p for _, p in candidates]))
-  left_out = {os.fspath(candidates[i][1]) for i in dropped}
+  candidates = [p for paths in images.values() for p in paths]
+  dropped = copies(thumbnails(reference_paths), thumbnails(candidates))
+  left_out = {os.fspath(candidates[i]) for i in dropped}
   logging.info(
     "Left out %d of %d images as near-copies of the %d images of %s.",
     len(left_out),
