@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import ml_collections
 from absl import logging
 
-from simpsons_jax import cpu_conv
+from simpsons_jax import cpu_conv, host_memory
 
 # XLA:CPU's kernel-gradient convolution slows down sharply once the batch's
 # pixels outgrow the cache (7x slower on 128 rows of 28x28x32 than on 8 rows
@@ -309,11 +309,11 @@ def conv_implementation(config: ml_collections.ConfigDict) -> tuple[str, str]:
 
 @functools.cache
 def _set_up_convolutions(line: str) -> None:
-  """Once per process: logs which convolutions run; on CPU, has glibc keep
-  freed memory for the next step (see `cpu_conv.keep_freed_memory`)."""
+  """Once per process: logs which convolutions run and, on CPU, whether a
+  step's memory is reused (see `host_memory`)."""
   logging.info("Convolutions: %s.", line)
-  if jax.default_backend() == "cpu" and cpu_conv.keep_freed_memory():
-    logging.info("Memory: freed blocks are kept for reuse (no page faults per step).")
+  if jax.default_backend() == "cpu" and host_memory.keep_freed_memory():
+    logging.info("Memory: one malloc arena, freed blocks kept (no faults per step).")
 
 
 # Every network by its --config.model name. A model is an nn.Module with

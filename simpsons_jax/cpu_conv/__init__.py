@@ -6,8 +6,7 @@ time). `onednn_conv.cc`, built by `pip install` into `_onednn`, wraps oneDNN's
 forward, input-gradient and kernel-gradient convolutions as XLA FFI handlers;
 `conv_general_dilated` here is a drop-in for `lax.conv_general_dilated` that calls
 them, with a `jax.custom_vjp` tying the three together. `conv_relu_pool` fuses the
-notebook network's block (conv + bias, ReLU, 2x2 max pool) around them, and
-`keep_freed_memory` spares XLA:CPU a page fault per activation per step.
+notebook network's block (conv + bias, ReLU, 2x2 max pool) around them.
 
 It computes the same function on the same parameters (equal to `lax` within
 float32 rounding, tested), so checkpoints move freely between the two paths.
@@ -80,28 +79,6 @@ def cpu_description() -> str:
     if flag in flags
   ]
   return f"{model} ({', '.join(extensions) or 'no avx2'})"
-
-
-@functools.cache
-def keep_freed_memory() -> bool:
-  """Has glibc's malloc keep freed blocks for reuse instead of unmapping them.
-
-  XLA:CPU allocates each step's activations afresh; by default glibc maps
-  every block over 32 MiB (a 128 px activation is 34 MB) anew and frees it
-  back, so each step first page-faults through its memory: on a 2-core EPYC
-  that tripled the first convolution's time (18 ms against 6) and slowed XLA's
-  own convolutions as much. Memory is then held at its peak instead. Returns
-  whether glibc took the settings (False on other C libraries).
-  """
-  try:
-    libc = ctypes.CDLL("libc.so.6")
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    return bool(
-      libc.mallopt(m_mmap_threshold, 1 << 30)
-      and libc.mallopt(m_trim_threshold, (1 << 31) - 1)
-    )
-  except (OSError, AttributeError):
-    return False
 
 
 def _runtime_library() -> str:

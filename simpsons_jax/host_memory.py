@@ -1,0 +1,64 @@
+"""glibc's malloc set up so that XLA:CPU reuses a step's memory.
+
+XLA:CPU allocates the temporaries of each step afresh: one block per executable
+run (110 MB for `configs/strong.py` at 28 px, batch 128), from its own threads.
+glibc gives threads other than the main one arenas whose heaps hold at most
+64 MiB, so a larger block is mapped anew at every step and unmapped when freed,
+and the step then page-faults through all of it (27,000 faults, about 30 ms of
+a 160 ms step on a 2-core EPYC). With one arena every block comes from the main
+heap, where a high mmap threshold keeps it and a high trim threshold keeps its
+pages when freed: the next step finds them mapped. Memory then stays at its peak
+instead of shrinking between steps.
+
+The arena limit counts only for threads that have not allocated yet, so it is
+set when `simpsons_jax` is imported, before JAX starts its CPU client. It is
+left alone where JAX has an accelerator plugin or `JAX_PLATFORMS` names another
+platform first: there the host runs the input pipeline, whose threads would
+then share one arena, and the device holds the step's memory. Set
+`SIMPSONS_JAX_KEEP_MEMORY=0` to leave malloc as it is (the benchmarks' reference
+frameworks run so).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import importlib.metadata
+import importlib.util
+import os
+import platform
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
+
+
+def _cpu_is_the_device() -> bool:
+  """Whether JAX will run on the CPU, decided without starting JAX."""
+  platforms = os.environ.get("JAX_PLATFORMS") or os.environ.get("JAX_PLATFORM_NAME")
+  if platforms:
+    return platforms.split(",")[0].strip() == "cpu"
+  if importlib.util.find_spec("libtpu") is not None:
+    return False
+  return not importlib.metadata.entry_points(group="jax_plugins")
+
+
+@functools.cache
+def keep_freed_memory() -> bool:
+  """Has glibc serve every block from one arena and keep freed blocks mapped.
+
+  Returns whether glibc took the settings: False off Linux, on other C
+  libraries, where JAX runs on an accelerator or `SIMPSONS_JAX_KEEP_MEMORY=0`.
+  Called once, when `simpsons_jax` is imported.
+  """
+  if os.environ.get("SIMPSONS_JAX_KEEP_MEMORY", "1") == "0":
+    return False
+  if platform.system() != "Linux" or not _cpu_is_the_device():
+    return False
+  try:
+    libc = ctypes.CDLL("libc.so.6")
+    return bool(
+      libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30)
+      and libc.mallopt(_M_TRIM_THRESHOLD, (1 << 31) - 1)
+      and libc.mallopt(_M_ARENA_MAX, 1)
+    )
+  except (OSError, AttributeError):
+    return False
