@@ -22,7 +22,9 @@ import ctypes
 import functools
 import importlib.metadata
 import importlib.util
+import os
 import platform
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -60,7 +62,8 @@ class _Version(ctypes.Structure):
 
 def cpu_description() -> str:
   """The CPU's model name and the vector extensions that decide oneDNN's
-  kernels, e.g. 'AMD EPYC (avx2, avx512)'."""
+  kernels, e.g. 'AMD EPYC (avx2, avx512)', and any limit set on them through
+  the environment (ONEDNN_MAX_CPU_ISA, XLA's --xla_cpu_max_isa)."""
   model, flags = platform.processor() or platform.machine(), set()
   try:
     with open("/proc/cpuinfo") as f:
@@ -78,7 +81,10 @@ def cpu_description() -> str:
     for name, flag in (("avx2", "avx2"), ("avx512", "avx512f"), ("amx", "amx_tile"))
     if flag in flags
   ]
-  return f"{model} ({', '.join(extensions) or 'no avx2'})"
+  limits = re.findall(r"--xla_cpu_max_isa=\S+", os.environ.get("XLA_FLAGS", ""))
+  if os.environ.get("ONEDNN_MAX_CPU_ISA"):
+    limits.insert(0, f"oneDNN at most {os.environ['ONEDNN_MAX_CPU_ISA']}")
+  return f"{model} ({', '.join(extensions + limits) or 'no avx2'})"
 
 
 def _runtime_library() -> str:
