@@ -133,13 +133,23 @@ dnnl::memory Scratchpad(const Entry& entry) {
   return dnnl::memory(entry.scratchpad_desc, Engine());
 }
 
+// Reorders a kernel (at most 1.3 MB here) on the calling thread. A team of
+// OpenMP threads for it waited on the other core, which XLA keeps busy with an
+// independent op meanwhile: a 6 KB kernel took 0.46 ms (0.01 ms in PyTorch).
+void ReorderKernel(dnnl::memory& from, dnnl::memory& to, dnnl::stream& stream) {
+  const int threads = omp_get_max_threads();
+  omp_set_num_threads(1);
+  dnnl::reorder(from, to).execute(stream, from, to);
+  omp_set_num_threads(threads);
+}
+
 // The kernel in `want`'s layout: the HWIO buffer itself, or a reordered copy.
 dnnl::memory KernelIn(const dnnl::memory::desc& want, const Geometry& g,
                       float* hwio, dnnl::stream& stream) {
   dnnl::memory user(g.Kernel(tag::hwio), Engine(), hwio);
   if (want == user.get_desc()) return user;
   dnnl::memory packed(want, Engine());
-  dnnl::reorder(user, packed).execute(stream, user, packed);
+  ReorderKernel(user, packed, stream);
   return packed;
 }
 
@@ -241,7 +251,7 @@ ffi::Error BackwardWeights(const Geometry& g, float* x, float* dy, float* dw,
       args.emplace(DNNL_ARG_DIFF_BIAS, dnnl::memory(BiasDesc(g), Engine(), db));
     args.emplace(DNNL_ARG_SCRATCHPAD, Scratchpad(*entry));
     entry->primitive.execute(stream, args);
-    if (!direct) dnnl::reorder(diff_kernel, user).execute(stream, diff_kernel, user);
+    if (!direct) ReorderKernel(diff_kernel, user, stream);
     stream.wait();
   });
 }
