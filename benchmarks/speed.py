@@ -82,9 +82,13 @@ def _config():
 
 
 def _timed(step, window: float, batches_per_call: int = 1) -> float:
-  """Images/s of `step()` (which returns after the work is done) over `window` s."""
-  for _ in range(3):
+  """Images/s of `step()` (which returns after the work is done) over `window` s,
+  after 2 s (and at least 3 steps) of warm-up: compilation, and the first steps
+  in which the allocator's heap grows to its working size."""
+  steps, start = 0, time.perf_counter()
+  while steps < 3 or time.perf_counter() - start < 2.0:
     step()
+    steps += 1
   calls, start = 0, time.perf_counter()
   while time.perf_counter() - start < window:
     step()
