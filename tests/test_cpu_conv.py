@@ -211,9 +211,9 @@ def test_the_log_line_names_the_kernels():
 
 ONE_DEVICE_RUN = """
 import json, sys
-import jax, numpy as np
+import jax, jax.numpy as jnp, numpy as np
 from configs import default
-from simpsons_jax import models, synthetic, train
+from simpsons_jax import characters, models, sharding, synthetic, train
 
 root, out = sys.argv[1], sys.argv[2]
 config = default.get_config()
@@ -227,6 +227,21 @@ config.num_epochs = 1
 train.train_and_evaluate(config, root + "/b")
 config.num_epochs = 2
 resumed, _ = train.train_and_evaluate(config, root + "/b")
+
+# The step as compiled (scheduled for memory) and as XLA schedules by default.
+num_classes = len(characters.CharacterMap.load(root + "/a/characters.json").names)
+mesh = sharding.make_mesh(jax.devices())
+rng = np.random.default_rng(0)
+batch = sharding.shard_batch({
+  "image": rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8),
+  "label": rng.integers(0, num_classes, 16, dtype=np.int32),
+  "mask": np.ones(16, np.float32),
+}, mesh)
+options = train._compiler_options(config)
+by_memory = train.jit_steps(mesh, config, num_classes)[0]
+train._compiler_options = lambda config: None
+by_default = train.jit_steps(mesh, config, num_classes)[0]
+stepped = [f(jax.tree.map(jnp.copy, whole), batch) for f in (by_memory, by_default)]
 json.dump({
   "devices": jax.device_count(),
   "convolutions": models.conv_implementation(config)[1],
@@ -234,6 +249,10 @@ json.dump({
     np.array_equal(a, b) for a, b in zip(leaves(whole), leaves(resumed))
   ),
   "loss": float(metrics["loss"]),
+  "options": options,
+  "schedules_equal": all(
+    np.array_equal(a, b) for a, b in zip(*(jax.tree.leaves(s) for s in stepped))
+  ),
 }, open(out, "w"))
 """
 
@@ -254,6 +273,9 @@ def test_one_device_trains_through_onednn_and_resumes_bitwise(tmp_path):
   assert result["convolutions"].startswith("oneDNN 3.")
   assert result["bitwise_equal"]
   assert np.isfinite(result["loss"])
+  # The step is scheduled for memory with oneDNN, and computes the same bits.
+  assert result["options"] == {"xla_cpu_enable_concurrency_optimized_scheduler": False}
+  assert result["schedules_equal"]
 
 
 def _relu_pool(x):
