@@ -381,3 +381,43 @@ def test_uint8_images_equal_their_float_values(shape, kernel, padding):
   lowered = jax.jit(jax.grad(lambda k, b: fused(k, b).sum())).lower(k, b).as_text()
   assert ("ConvBiasReluPoolForwardU8" in lowered) == (shape[-1] <= 4)
   assert ("ConvBiasReluPoolBackwardU8" in lowered) == (shape[-1] <= 4)
+
+
+def test_kernels_that_fail_their_self_check_are_refused_once(monkeypatch, caplog):
+  # A CPU or oneDNN build computing wrong values: XLA's convolutions run.
+  _needs_kernels()
+  monkeypatch.setattr(
+    cpu_conv.self_check,
+    "failures",
+    lambda *args: ["conv (2, 8, 8, 4): kernel gradient"],
+  )
+  cpu_conv.available.cache_clear()
+  try:
+    with caplog.at_level("WARNING"):
+      loaded, why = cpu_conv.available()
+      cpu_conv.available()
+    assert not loaded
+    assert "wrong results" in why and "kernel gradient" in why
+    assert sum("Not using oneDNN" in r.getMessage() for r in caplog.records) == 1
+    config = full.get_config()
+    config.cpu_kernels = "onednn"
+    monkeypatch.setattr(jax, "device_count", lambda: 1)
+    assert models.conv_implementation(config) == (
+      "xla",
+      f"XLA:CPU's (oneDNN kernels unavailable: {why})",
+    )
+    x, k = jnp.ones((1, 5, 5, 3)), jnp.ones((3, 3, 3, 4))
+    hlo = (
+      jax.jit(
+        lambda x: cpu_conv.conv_general_dilated(
+          x, k, (1, 1), "SAME", dimension_numbers=NHWC
+        )
+      )
+      .lower(x)
+      .as_text()
+    )
+    assert "Onednn" not in hlo and "convolution" in hlo
+    with pytest.raises(RuntimeError, match="not used here"):
+      cpu_conv.relu_max_pool(x)
+  finally:
+    cpu_conv.available.cache_clear()

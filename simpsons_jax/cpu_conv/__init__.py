@@ -12,8 +12,14 @@ It computes the same function on the same parameters (equal to `lax` within
 float32 rounding, tested), so checkpoints move freely between the two paths.
 Convolutions it does not handle (other dtypes, dilation, groups, layouts) go to
 `lax.conv_general_dilated` unchanged. `available()` says whether the kernels
-loaded, and why not where they did not (not x86-64 Linux, no compiler at install,
-the oneDNN wheel missing): the model then uses XLA's convolutions.
+loaded and compute the right values here (a self-check against the plain
+formulation, `self_check.py`, run once), and why not where they do not (not
+x86-64 Linux, no compiler at install, the oneDNN wheel missing, wrong results on
+this CPU): the models then use XLA's convolutions.
+
+The direct kernels (`direct_kernels.inc`) are compiled for x86-64-v4 (AVX-512),
+x86-64-v3 (AVX2) and the x86-64 baseline; the best the CPU runs is used, and
+`use_kernel_variant` caps it (the tests run each).
 """
 
 from __future__ import annotations
@@ -31,7 +37,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from jax import lax
+
+from simpsons_jax.cpu_conv import self_check
 
 _EXTENSION = "simpsons_jax.cpu_conv._onednn"
 _RUNTIME = "onednn-cpu-gomp"
@@ -96,8 +105,13 @@ def _runtime_library() -> str:
   raise FileNotFoundError(f"{_RUNTIME} has no libdnnl.so.3")
 
 
+# The direct kernels' compiled variants, best first (onednn_conv.cc numbers
+# them 2, 1, 0).
+KERNEL_VARIANTS = ("x86-64-v4", "x86-64-v3", "baseline")
+
+
 @functools.cache
-def available() -> tuple[bool, str]:
+def _load() -> tuple[bool, str]:
   """(True, oneDNN's version) once the kernels are registered with XLA:CPU, or
   (False, why not). Loads and registers on the first call only."""
   if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
@@ -122,7 +136,79 @@ def available() -> tuple[bool, str]:
     )
   dnnl.dnnl_version.restype = ctypes.POINTER(_Version)
   v = dnnl.dnnl_version().contents
+  global _use_variant
+  _use_variant = library.SimpsonsUseKernelVariant
   return True, f"oneDNN {v.major}.{v.minor}.{v.patch}"
+
+
+_use_variant = None  # onednn_conv.cc's SimpsonsUseKernelVariant, once loaded.
+
+
+@functools.cache
+def available() -> tuple[bool, str]:
+  """(True, oneDNN's version) where the kernels are registered with XLA:CPU and
+  compute the plain formulation's values and gradients on this CPU, else
+  (False, why not), logged once. The first call loads them and checks."""
+  loaded, detail = _load()
+  if not loaded:
+    return False, detail
+  # Concrete values even when the first call comes while tracing.
+  with jax.ensure_compile_time_eval():
+    wrong = self_check.failures(_checked_conv, _checked_block, jax.jit)
+  if not wrong:
+    return True, detail
+  why = (
+    f"{detail} computed wrong results on {cpu_description()} in the self-check "
+    f"({'; '.join(wrong)})"
+  )
+  logging.warning("Not using oneDNN's convolutions: %s. XLA's run instead.", why)
+  return False, why
+
+
+def _checked_conv(x, k, strides, pads, g):
+  y, vjp = jax.vjp(
+    lambda x, k: _conv(x, k, _geometry(x.shape, k.shape, strides, pads)), x, k
+  )
+  return (y, *vjp(g))
+
+
+def _checked_block(x, k, b, pads, g):
+  geometry = _geometry(x.shape, k.shape, (1, 1), pads)
+  if x.dtype == jnp.uint8:  # Images get no gradient.
+    y, vjp = jax.vjp(lambda k, b: _conv_relu_pool(x, k, b, geometry, 255.0), k, b)
+    return (y, None, *vjp(g))
+  y, vjp = jax.vjp(lambda x, k, b: _conv_relu_pool(x, k, b, geometry, 255.0), x, k, b)
+  return (y, *vjp(g))
+
+
+def kernel_variants_here() -> tuple[str, ...]:
+  """The direct kernels' variants this CPU runs, best first ('x86-64-v4',
+  'x86-64-v3', 'baseline'); none where the kernels did not load."""
+  if not _load()[0]:
+    return ()
+  previous = _use_variant(-1)
+  _use_variant(2)
+  best = _use_variant(-1)
+  _use_variant(previous)
+  return KERNEL_VARIANTS[len(KERNEL_VARIANTS) - 1 - best :]
+
+
+def use_kernel_variant(variant: str | None) -> str | None:
+  """Runs the direct kernels' `variant` (one of `kernel_variants_here()`), or
+  the best this CPU runs for None, from the next call on; returns the variant
+  set before (None where that was the best). Convolutions already compiled
+  follow too: the choice is made at each call."""
+  if not _load()[0]:
+    raise RuntimeError(f"oneDNN's convolutions are unavailable here: {_load()[1]}.")
+  here = kernel_variants_here()
+  if variant is not None and variant not in here:
+    raise ValueError(f"this CPU runs the kernel variants {here}, not {variant!r}")
+  previous = _use_variant(-1)
+  _use_variant(
+    2 if variant is None else len(KERNEL_VARIANTS) - 1 - KERNEL_VARIANTS.index(variant)
+  )
+  name = KERNEL_VARIANTS[len(KERNEL_VARIANTS) - 1 - previous]
+  return None if name == here[0] else name
 
 
 def _f32(*shape: int) -> jax.ShapeDtypeStruct:
@@ -131,7 +217,7 @@ def _f32(*shape: int) -> jax.ShapeDtypeStruct:
 
 def _call(kind: str, out_shape, *operands: jax.Array, geometry=None, **attributes):
   """Calls one FFI handler; `out_shape` is one ShapeDtypeStruct or a tuple."""
-  loaded, why = available()  # Registers the handlers on first use.
+  loaded, why = _load()  # Registers the handlers on first use.
   if not loaded:
     raise RuntimeError(f"oneDNN's convolutions are unavailable here: {why}.")
   if geometry is not None:
@@ -279,7 +365,14 @@ def relu_max_pool(x: jax.Array) -> jax.Array:
   evenly as autodiff splits them (equal to the bit)."""
   if x.ndim != 4 or x.dtype != jnp.float32:
     raise ValueError(f"relu_max_pool takes float32 NHWC arrays, not {x.dtype}{x.shape}")
+  _require()
   return _relu_pool(x)
+
+
+def _require() -> None:
+  loaded, why = available()
+  if not loaded:
+    raise RuntimeError(f"oneDNN's convolutions are not used here: {why}.")
 
 
 def conv_relu_pool(
@@ -303,6 +396,7 @@ def conv_relu_pool(
   `lax.conv_general_dilated(...) + bias` within float32 rounding: the pool's
   gradient goes to each window's positive maximum, split evenly between ties.
   """
+  _require()
   geometry = _geometry(x.shape, kernel.shape, window_strides, padding)
   if x.dtype == jnp.uint8 and not _direct(x.shape, kernel.shape, geometry):
     x = x.astype(jnp.float32) / divisor
@@ -343,9 +437,11 @@ def conv_general_dilated(
   preferred_element_type: Any = None,
 ) -> jax.Array:
   """`lax.conv_general_dilated`, through oneDNN for float32 NHWC/HWIO 2-D
-  convolutions without dilation or groups, through `lax` otherwise."""
+  convolutions without dilation or groups where `available()`, through `lax`
+  otherwise."""
   if (
-    batch_group_count != 1
+    not available()[0]
+    or batch_group_count != 1
     or preferred_element_type is not None
     or not _handled(
       lhs, rhs, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count
@@ -364,14 +460,4 @@ def conv_general_dilated(
       precision,
       preferred_element_type,
     )
-  if isinstance(padding, str):
-    padding = lax.padtype_to_pads(
-      lhs.shape[1:3], rhs.shape[:2], window_strides, padding
-    )
-  geometry = (
-    int(window_strides[0]),
-    int(window_strides[1]),
-    tuple(int(p) for p in padding[0]),
-    tuple(int(p) for p in padding[1]),
-  )
-  return _conv(lhs, rhs, geometry)
+  return _conv(lhs, rhs, _geometry(lhs.shape, rhs.shape, window_strides, padding))

@@ -1,0 +1,280 @@
+"""cpu_conv over the whole shape space, on every instruction set it can take.
+
+A few hundred seeded random convolutions and fused blocks (forward, input,
+kernel and bias gradients) are compared with the plain formulation written out
+in float64 NumPy (`cpu_conv.self_check`: a sum over the kernel's offsets of
+strided slices; the pool's gradient to each window's positive maximum, split
+between ties): it runs in milliseconds, where `lax`'s own convolutions take
+many seconds to compile for 200 shapes (`test_cpu_conv.py` compares with them
+on chosen cases).
+All cases run through `cpu_conv` in one compiled function.
+
+oneDNN picks its implementation for the CPU and for the `ONEDNN_MAX_CPU_ISA`
+cap it reads when it loads, so each cap this CPU allows runs the cases in a
+process of its own; the direct kernels' compiled variants are switched within
+one process (`cpu_conv.use_kernel_variant`).
+"""
+
+import json
+import os
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from jax import lax
+
+from simpsons_jax import cpu_conv
+from simpsons_jax.cpu_conv.self_check import close, plain_block, plain_conv
+
+NHWC = ("NHWC", "HWIO", "NHWC")
+ROOT = Path(__file__).resolve().parents[1]
+CONV_CASES, BLOCK_CASES = 200, 60
+
+
+def _padding(rng: np.random.Generator, kernel: int) -> str | list[list[int]]:
+  padding = str(rng.choice(["SAME", "VALID", "explicit"]))
+  if padding != "explicit":
+    return padding
+  return rng.integers(0, kernel, (2, 2)).tolist()  # Asymmetric, often.
+
+
+def conv_cases(count: int, seed: int = 0) -> list[dict]:
+  """Seeded convolutions: input channels 1-9 and a few wide ones, outputs 1-17
+  and a few multiples of 8 (the direct kernels' case), kernels 1/3/5, strides
+  1/2 on each axis, SAME, VALID and explicit padding, odd sizes, batches 1-5."""
+  rng = np.random.default_rng(seed)
+  cases = []
+  for _ in range(count):
+    kernel = int(rng.choice([1, 3, 5]))
+    cases.append(
+      dict(
+        shape=[
+          int(rng.integers(1, 6)),
+          int(rng.integers(kernel, 14)),
+          int(rng.integers(kernel, 14)),
+          int(rng.choice([*range(1, 10), 12, 16, 33])),
+        ],
+        kernel=[kernel, kernel],
+        strides=[int(rng.integers(1, 3)), int(rng.integers(1, 3))],
+        padding=_padding(rng, kernel),
+        features=int(rng.choice([*range(1, 18), 8, 16, 24])),
+      )
+    )
+  return cases
+
+
+def block_cases(count: int, seed: int = 1) -> list[dict]:
+  """Seeded conv + bias, ReLU and 2x2 pool blocks (stride 1) on float or uint8
+  images: the direct kernels (at most 4 channels, outputs in 8s) and oneDNN."""
+  rng = np.random.default_rng(seed)
+  cases = []
+  for _ in range(count):
+    kernel = int(rng.choice([1, 3, 3, 5]))
+    cases.append(
+      dict(
+        shape=[
+          int(rng.integers(1, 6)),
+          int(rng.integers(kernel + 1, 20)),
+          int(rng.integers(kernel + 1, 20)),
+          int(rng.choice([1, 2, 3, 4, 5, 8])),
+        ],
+        kernel=[kernel, kernel],
+        strides=[1, 1],
+        padding=_padding(rng, kernel),
+        features=int(rng.choice([8, 16, 24, 5, 12])),
+        uint8=bool(rng.integers(0, 2)),
+      )
+    )
+  return cases
+
+
+def _pads(case: dict) -> list[tuple[int, int]]:
+  if isinstance(case["padding"], str):
+    return lax.padtype_to_pads(
+      case["shape"][1:3], case["kernel"], case["strides"], case["padding"]
+    )
+  return [tuple(p) for p in case["padding"]]
+
+
+def _operands(case: dict, block: bool) -> tuple[np.ndarray, ...]:
+  """The case's input, kernel, bias and output gradient, seeded by the case."""
+  rng = np.random.default_rng(zlib.crc32(json.dumps(case, sort_keys=True).encode()))
+  if case.get("uint8"):
+    x = rng.integers(0, 256, case["shape"], dtype=np.uint8)
+  else:
+    x = rng.standard_normal(case["shape"]).astype(np.float32)
+  k = rng.standard_normal((*case["kernel"], case["shape"][-1], case["features"]))
+  b = rng.standard_normal(case["features"])
+  (top, bottom), (left, right) = _pads(case)
+  oh = (case["shape"][1] + top + bottom - case["kernel"][0]) // case["strides"][0] + 1
+  ow = (case["shape"][2] + left + right - case["kernel"][1]) // case["strides"][1] + 1
+  if block:  # The gradient of the pooled output.
+    oh, ow = oh // 2, ow // 2
+  g = rng.standard_normal((case["shape"][0], oh, ow, case["features"]))
+  return x, k.astype(np.float32), b.astype(np.float32), g.astype(np.float32)
+
+
+def _ours(convs: list[dict], blocks: list[dict]) -> list[tuple]:
+  """cpu_conv's value and gradients for every case, from one compiled function:
+  (y, dx, dk) for a convolution, (y, dx or None, dk, db) for a block."""
+
+  def conv(case, x, k, g):
+    y, vjp = jax.vjp(
+      lambda x, k: cpu_conv.conv_general_dilated(
+        x, k, case["strides"], _pads(case), dimension_numbers=NHWC
+      ),
+      x,
+      k,
+    )
+    return (y, *vjp(g))
+
+  def block(case, x, k, b, g):
+    def f(x, k, b):
+      return cpu_conv.conv_relu_pool(x, k, b, padding=_pads(case), divisor=255.0)
+
+    if case["uint8"]:  # Images get no gradient.
+      y, vjp = jax.vjp(lambda k, b: f(x, k, b), k, b)
+      return (y, None, *vjp(g))
+    y, vjp = jax.vjp(f, x, k, b)
+    return (y, *vjp(g))
+
+  def all_cases(conv_operands, block_operands):
+    outputs = [
+      conv(c, x, k, g) for c, (x, k, _, g) in zip(convs, conv_operands, strict=True)
+    ]
+    outputs += [block(c, *o) for c, o in zip(blocks, block_operands, strict=True)]
+    return outputs
+
+  operands = (
+    [_operands(c, block=False) for c in convs],
+    [_operands(c, block=True) for c in blocks],
+  )
+  return jax.device_get(jax.jit(all_cases)(*operands))
+
+
+def shape_space_failures(conv_count: int, block_count: int) -> list[str]:
+  """One line for each case whose value or gradients differ from the plain
+  formulation's, naming the case and what differs."""
+  convs, blocks = conv_cases(conv_count), block_cases(block_count)
+  outputs = _ours(convs, blocks)
+  names = ("forward", "input gradient", "kernel gradient", "bias gradient")
+  failures = []
+  for case, ours in zip(convs + blocks, outputs, strict=True):
+    if "uint8" in case:
+      x, k, b, g = _operands(case, block=True)
+      expected = plain_block(x, k, b, _pads(case), g, 255.0)
+    else:
+      x, k, _, g = _operands(case, block=False)
+      expected = plain_conv(x, k, case["strides"], _pads(case), g)
+    wrong = [
+      name
+      for name, got, want in zip(names, ours, expected, strict=False)
+      if not close(got, want)
+    ]
+    if wrong:
+      kind = "block" if "uint8" in case else "conv"
+      failures.append(f"{kind} {json.dumps(case)}: {', '.join(wrong)}")
+  return failures
+
+
+def _needs_kernels():
+  if not cpu_conv.available()[0]:
+    pytest.skip(cpu_conv.available()[1])
+
+
+def test_the_cases_cover_the_shape_space():
+  cases = conv_cases(CONV_CASES)
+  assert {c["shape"][-1] for c in cases} >= {*range(1, 10), 12, 16, 33}
+  assert {c["features"] for c in cases} >= set(range(1, 18))
+  assert {c["kernel"][0] for c in cases} == {1, 3, 5}
+  assert {s for c in cases for s in c["strides"]} == {1, 2}
+  assert {c["shape"][0] for c in cases} == {1, 2, 3, 4, 5}
+  paddings = [c["padding"] for c in cases]
+  assert {"SAME", "VALID"} <= {p for p in paddings if isinstance(p, str)}
+  assert any(isinstance(p, list) and p[0][0] != p[0][1] for p in paddings)
+  blocks = block_cases(BLOCK_CASES)
+  direct = [c for c in blocks if c["shape"][-1] <= 4 and c["features"] % 8 == 0]
+  assert {c["uint8"] for c in direct} == {True, False}
+  assert any(c["uint8"] and c["kernel"][0] == 3 for c in direct)
+  assert any(c["shape"][-1] > 4 or c["features"] % 8 for c in blocks)
+
+
+def test_the_plain_formulation_is_lax_on_a_case():
+  # The reference itself, against lax and autodiff.
+  case = conv_cases(1, seed=3)[0] | dict(strides=[2, 1], padding=[[1, 0], [2, 1]])
+  x, k, _, g = _operands(case, block=False)
+
+  def f(x, k):
+    return lax.conv_general_dilated(x, k, (2, 1), _pads(case), dimension_numbers=NHWC)
+
+  y, vjp = jax.vjp(f, x, k)
+  for got, want in zip(
+    plain_conv(x, k, (2, 1), _pads(case), g), (y, *vjp(g)), strict=True
+  ):
+    np.testing.assert_allclose(
+      got, want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max())
+    )
+
+
+@pytest.mark.parametrize("variant", ["best", *cpu_conv.KERNEL_VARIANTS])
+def test_the_shape_space_with_each_direct_kernel_variant(variant):
+  # The direct kernels are compiled for x86-64-v4 (AVX-512), v3 (AVX2) and the
+  # x86-64 baseline: the CPU picks the best, the override any below it.
+  _needs_kernels()
+  if variant != "best" and variant not in cpu_conv.kernel_variants_here():
+    pytest.skip(f"this CPU cannot run the {variant} kernels")
+  previous = cpu_conv.use_kernel_variant(None if variant == "best" else variant)
+  try:
+    # The convolutions with oneDNN once; the blocks (the direct kernels' and
+    # the pool's users) with every variant.
+    failures = shape_space_failures(CONV_CASES if variant == "best" else 0, BLOCK_CASES)
+  finally:
+    cpu_conv.use_kernel_variant(previous)
+  assert not failures, "\n".join(failures)
+
+
+def onednn_caps_here() -> list[str]:
+  """The ONEDNN_MAX_CPU_ISA caps at or below this CPU's instruction sets."""
+  cpuinfo = Path("/proc/cpuinfo")
+  flags = set(cpuinfo.read_text().split()) if cpuinfo.exists() else set()
+  caps = ["SSE41"]
+  caps += ["AVX2"] if "avx2" in flags else []
+  caps += ["AVX512_CORE"] if "avx512bw" in flags else []
+  return caps
+
+
+@pytest.mark.parametrize("cap", ["SSE41", "AVX2", "AVX512_CORE"])
+def test_the_shape_space_under_each_onednn_isa_cap(cap, tmp_path):
+  # oneDNN reads its cap once, when it loads: a process of its own for each.
+  # Two OpenMP threads at least: some of oneDNN's faults need more than one.
+  _needs_kernels()
+  if cap not in onednn_caps_here():
+    pytest.skip(f"this CPU does not reach {cap}")
+  out = tmp_path / "failures.json"
+  script = (
+    "import json, sys\n"
+    "from simpsons_jax import cpu_conv\n"
+    "from tests.test_cpu_conv_shapes import shape_space_failures\n"
+    "assert cpu_conv.available()[0], cpu_conv.available()[1]\n"
+    "json.dump(shape_space_failures(int(sys.argv[2]), int(sys.argv[3])),"
+    " open(sys.argv[1], 'w'))\n"
+  )
+  env = {
+    **os.environ,
+    "ONEDNN_MAX_CPU_ISA": cap,
+    "XLA_FLAGS": "",
+    "OMP_NUM_THREADS": "2",
+  }
+  subprocess.run(
+    [sys.executable, "-c", script, str(out), str(CONV_CASES), str(BLOCK_CASES)],
+    cwd=ROOT,
+    env=env,
+    check=True,
+    timeout=600,
+  )
+  failures = json.loads(out.read_text())
+  assert not failures, f"under ONEDNN_MAX_CPU_ISA={cap}:\n" + "\n".join(failures)
