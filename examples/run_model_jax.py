@@ -8,21 +8,22 @@ TensorFlow): within a few pixel levels of what training saw, since the two
 JPEG decoders differ slightly.
 """
 
-import json
 import sys
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from export_folder import checked_card
 from PIL import Image
 
 
 def main(folder: str, *images: str) -> None:
   folder = Path(folder)
+  card = checked_card(folder)
   model = jax.export.deserialize((folder / "model.jax").read_bytes())
-  names = json.loads((folder / "characters.json").read_text())
-  size = json.loads((folder / "model.json").read_text())["image_size"]
+  names = card["characters"]
+  size = card["image_size"]
   batch = []
   for path in images:
     pixels = jnp.asarray(np.asarray(Image.open(path).convert("RGB")), jnp.float32)

@@ -8,11 +8,14 @@ inside, exactly as training does (the same for TF Serving's REST API:
 """
 
 import sys
+from pathlib import Path
 
 import tensorflow as tf
+from export_folder import checked_card
 
 
 def main(saved_model: str, *images: str) -> None:
+  checked_card(Path(saved_model).parent)  # The export it belongs to, whole.
   serve = tf.saved_model.load(saved_model).signatures["serving_default"]
   out = serve(image_bytes=tf.stack([tf.io.read_file(p) for p in images]))
   for path, names, probabilities in zip(

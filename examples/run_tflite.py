@@ -6,18 +6,18 @@ The images are decoded and resized with TensorFlow as training does (on a
 device, any decoder and a bilinear, antialiased resize to the model's size).
 """
 
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
+from export_folder import checked_card
 
 
 def main(folder: str, *images: str) -> None:
   folder = Path(folder)
-  names = json.loads((folder / "characters.json").read_text())
-  size = json.loads((folder / "model.json").read_text())["image_size"]
+  card = checked_card(folder)
+  names, size = card["characters"], card["image_size"]
   run = tf.lite.Interpreter(str(folder / "model.tflite")).get_signature_runner()
   batch = []
   for path in images:

@@ -28,6 +28,7 @@ artifacts must not need).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.metadata
 import json
 import os
@@ -159,36 +160,90 @@ def run(
   output_dir: str = "",
 ) -> Written:
   """Exports checkpoint `checkpoint` of `workdir` in `formats` into
-  `<output_dir or workdir/export>/<step>/`."""
+  `<output_dir or workdir/export>/<step>/`, replacing that folder whole: it
+  is written beside it and moved into place when complete, with `model.json`
+  listing every file it holds (`verify` checks them)."""
   unknown = sorted(set(formats) - set(FORMATS))
   if unknown:
     raise ValueError(
       f"--formats: {', '.join(unknown)} unknown; choose from {', '.join(FORMATS)}"
     )
+  parent = files.as_path(output_dir or files.as_path(workdir) / "export")
+  files.check_writable(parent, "give --output_dir a folder you can write to")
   trained = predict.load(workdir, checkpoint)
-  folder = files.as_path(output_dir or files.as_path(workdir) / "export")
-  folder /= str(trained.step)
-  folder.mkdir(parents=True, exist_ok=True)
-  if "jax" in formats:
-    export_jax(trained, folder / "model.jax")
-  if "savedmodel" in formats or "tflite" in formats:  # TFLite converts it.
-    export_savedmodel(trained, folder / "saved_model", top_k)
-  if "tflite" in formats:
-    export_tflite(folder / "saved_model", folder / "model.tflite")
-  files.write_text_atomic(
-    folder / "characters.json", json.dumps(list(trained.cmap.names), indent=2) + "\n"
-  )
-  files.write_text_atomic(
-    folder / "model.json", json.dumps(_card(trained), indent=2) + "\n"
-  )
   written = set(formats) | ({"savedmodel"} if "tflite" in formats else set())
-  return Written(folder, tuple(f for f in FORMATS if f in written))
+  written = tuple(f for f in FORMATS if f in written)
+  target = parent / str(trained.step)
+  with files.folder_written_whole(target) as folder:
+    if "jax" in written:
+      export_jax(trained, folder / "model.jax")
+    if "savedmodel" in written:  # TFLite converts it.
+      export_savedmodel(trained, folder / "saved_model", top_k)
+    if "tflite" in written:
+      export_tflite(folder / "saved_model", folder / "model.tflite")
+    files.write_text_atomic(
+      folder / "characters.json", json.dumps(list(trained.cmap.names), indent=2) + "\n"
+    )
+    card = _card(trained, workdir, written) | {"files": _manifest(folder)}
+    files.write_text_atomic(folder / "model.json", json.dumps(card, indent=2) + "\n")
+  return Written(target, written)
 
 
-def _card(trained: predict.TrainedModel) -> dict[str, Any]:
+# The file (or folder) each format is, in an export folder.
+FORMAT_FILES = {
+  "jax": "model.jax",
+  "savedmodel": "saved_model",
+  "tflite": "model.tflite",
+}
+
+
+def _manifest(folder: epath.Path) -> dict[str, dict[str, Any]]:
+  """Every file under `folder` (model.json aside): its size and SHA-256."""
+  listed = {}
+  every = [where / name for where, _, names in folder.walk() for name in names]
+  for path in sorted(every):
+    name = path.relative_to(folder).as_posix()
+    if name != "model.json":
+      data = path.read_bytes()
+      listed[name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+  return listed
+
+
+class ExportMismatch(ValueError):
+  """An export folder whose files are not the ones its model.json lists."""
+
+
+def verify(folder: str | os.PathLike) -> dict[str, Any]:
+  """model.json of the export `folder`, once every file it lists is there with
+  its size and SHA-256 and no other is; else ExportMismatch naming the file."""
+  folder = files.as_path(folder)
+  card = files.read_json(folder / "model.json", "export the run again")
+  listed = card.get("files")
+  fix = "export the run again (python main.py --mode=export --workdir=...)"
+  if listed is None:
+    raise ExportMismatch(f"{folder}/model.json lists no files (an older export): {fix}")
+  present = _manifest(folder)
+  for name in sorted(set(listed) | set(present)):
+    if name not in present:
+      problem = "is missing"
+    elif name not in listed:
+      problem = "is not in model.json (left by another export?)"
+    elif present[name] != listed[name]:
+      problem = "differs from the one model.json lists"
+    else:
+      continue
+    raise ExportMismatch(f"{folder}/{name} {problem}: {fix}")
+  return card
+
+
+def _card(
+  trained: predict.TrainedModel, workdir: str | os.PathLike, formats: Sequence[str]
+) -> dict[str, Any]:
   """model.json: what a user of the files needs to know."""
   size = trained.config.image_size
   return {
+    "formats": list(formats),
+    "run": os.fspath(workdir),
     "model": trained.config.model,
     "image_size": size,
     "input": (

@@ -9,8 +9,11 @@ What only a local disk offers (file locks, fsync, atomic renames) is used where
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+from collections.abc import Iterator
 from typing import Any
 
 from etils import epath
@@ -75,6 +78,69 @@ def _fsync_folder(folder: epath.Path) -> None:
     os.fsync(descriptor)
   finally:
     os.close(descriptor)
+
+
+@contextlib.contextmanager
+def folder_written_whole(target: str | os.PathLike) -> Iterator[epath.Path]:
+  """Yields a new temporary folder beside `target` to write into; when the
+  block ends without an exception it replaces `target` whole (whatever
+  `target` held before is gone), else it is removed and `target` is left as
+  it was. Readers see the old folder or the new one, never a mix, nor a half.
+
+  On a local disk the swap is two renames; on an object store, which has no
+  folders to rename, the old objects are removed and the new ones moved in.
+  """
+  target = as_path(target)
+  target.parent.mkdir(parents=True, exist_ok=True)
+  temporary = target.parent / f".{target.name}.{os.getpid()}.tmp"
+  if temporary.exists():
+    temporary.rmtree()
+  temporary.mkdir()
+  try:
+    yield temporary
+  except BaseException:
+    temporary.rmtree(missing_ok=True)
+    raise
+  if not is_local(target):
+    if target.exists():
+      target.rmtree()
+    move(temporary, target)
+    return
+  old = target.parent / f".{target.name}.{os.getpid()}.old"
+  if target.exists():
+    os.replace(target, old)
+  os.replace(temporary, target)
+  _fsync_folder(target.parent)
+  if old.exists():
+    old.rmtree()
+
+
+class UnwritablePath(ValueError):
+  """A folder the user named cannot be written; the message says which and how
+  to choose another."""
+
+
+def check_writable(folder: str | os.PathLike, choose: str) -> epath.Path:
+  """Creates `folder` if needed and writes and removes a file in it, before
+  any long work whose results would go there; `choose` names the way out
+  (e.g. 'give --output_dir a folder you can write to')."""
+  folder = as_path(folder)
+  probe = folder / f".write-check.{os.getpid()}"
+  try:
+    folder.mkdir(parents=True, exist_ok=True)
+    probe.write_text("")
+    probe.unlink()
+  except OSError as e:
+    raise UnwritablePath(
+      f"cannot write to {folder} ({describe_os_error(e)}): {choose}"
+    ) from e
+  return folder
+
+
+def describe_os_error(error: OSError) -> str:
+  """An OSError in words, without Python's decoration: 'Permission denied',
+  'No space left on device'."""
+  return error.strerror or errno.errorcode.get(error.errno or 0, "") or str(error)
 
 
 class DamagedFileError(ValueError):

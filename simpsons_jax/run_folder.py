@@ -58,6 +58,7 @@ RUN_FILES = (
   "checkpoints",
   "tensorboard",
   "eval",
+  "export",
   "characters.json",
   "config.json",
   "split.json",

@@ -50,11 +50,13 @@ class Model:
 def load(path: str | os.PathLike, checkpoint: str = "best") -> Model:
   """A training run's checkpoint, or an exported folder's model.jax."""
   path = files.as_path(path)
-  if (path / "model.jax").is_file():
+  if (path / "model.json").is_file():  # An export folder.
     import jax
 
+    from simpsons_jax import export
+
+    card = export.verify(path)  # Files of one export, all there.
     exported = jax.export.deserialize((path / "model.jax").read_bytes())
-    card = json.loads((path / "model.json").read_text())
     return Model(
       lambda images: np.asarray(exported.call(images)),
       tuple(json.loads((path / "characters.json").read_text())),

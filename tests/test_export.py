@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from simpsons_jax import export, image_files, predict, train
+from simpsons_jax import export, image_files, predict, serve, train
 from simpsons_jax.data import core
 from tests.conftest import make_tiny_config
 
@@ -211,3 +211,78 @@ def test_the_examples_print_what_predict_says(
       for name, p in want:
         if name in probs:
           assert abs(probs[name] - p) < 0.05
+
+
+def test_a_new_export_replaces_the_folder_whole_and_lists_its_files(exported, tmp_path):
+  workdir, _ = exported
+  out = tmp_path / "out"
+  full = export.run(workdir, output_dir=str(out))
+  assert (full.folder / "model.tflite").exists()
+  only_jax = export.run(workdir, formats=["jax"], output_dir=str(out))
+  assert only_jax.folder == full.folder
+  # Nothing of the first export is left beside the second, nor a temporary.
+  assert sorted(p.name for p in full.folder.iterdir()) == [
+    "characters.json",
+    "model.jax",
+    "model.json",
+  ]
+  assert [p.name for p in out.iterdir()] == [full.folder.name]
+  card = export.verify(only_jax.folder)
+  assert card["formats"] == ["jax"]
+  assert card["run"] == os.fspath(workdir)
+  assert card["checkpoint_step"] == int(full.folder.name)
+  assert sorted(card["files"]) == ["characters.json", "model.jax"]
+
+
+def test_a_failed_export_leaves_the_previous_one_as_it_was(
+  exported, tmp_path, monkeypatch
+):
+  workdir, _ = exported
+  out = tmp_path / "out"
+  before = export.run(workdir, formats=["jax"], output_dir=str(out))
+  listing = sorted(p.name for p in before.folder.iterdir())
+
+  def fails(*args):
+    raise OSError(28, "No space left on device")
+
+  monkeypatch.setattr(export, "export_savedmodel", fails)
+  with pytest.raises(OSError, match="No space"):
+    export.run(workdir, output_dir=str(out))
+  assert sorted(p.name for p in before.folder.iterdir()) == listing
+  assert [p.name for p in out.iterdir()] == [before.folder.name]
+  export.verify(before.folder)
+
+
+@pytest.mark.parametrize("fault", ["stray", "missing", "changed"])
+def test_a_folder_that_does_not_match_its_model_json_is_refused(
+  exported, tmp_path, fault
+):
+  workdir, _ = exported
+  folder = export.run(workdir, formats=["jax"], output_dir=str(tmp_path)).folder
+  if fault == "stray":  # A file of another export, e.g. an older 32 px one.
+    (folder / "model.tflite").write_bytes(b"old")
+  elif fault == "missing":  # Cut short.
+    (folder / "model.jax").unlink()
+  else:
+    (folder / "characters.json").write_text('["someone", "else"]')
+  with pytest.raises(export.ExportMismatch, match="export the run again"):
+    export.verify(folder)
+  with pytest.raises(export.ExportMismatch):
+    serve.load(folder)
+  result = subprocess.run(
+    [sys.executable, str(ROOT / "examples" / "run_model_jax.py"), str(folder), "x.jpg"],
+    capture_output=True,
+    text=True,
+    env={**os.environ, "XLA_FLAGS": ""},
+    check=False,
+  )
+  assert result.returncode != 0
+  assert "does not match model.json" in result.stderr
+
+
+def test_an_unwritable_output_folder_is_named_before_any_work(exported, tmp_path):
+  workdir, _ = exported
+  blocker = tmp_path / "file"
+  blocker.write_text("")
+  with pytest.raises(ValueError, match=f"cannot write to {blocker}/sub.*--output_dir"):
+    export.run(workdir, output_dir=str(blocker / "sub"))

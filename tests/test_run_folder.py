@@ -55,9 +55,11 @@ def _saved_run(workdir, config):
 def test_restart_acts_once_and_the_same_command_then_resumes(tiny_config, tmp_path):
   workdir = tmp_path / "run"
   _saved_run(workdir, tiny_config)  # A run started without restart.
+  (workdir / "export" / "8").mkdir(parents=True)  # Its export goes with it.
   tiny_config.restart = True
   run_folder.prepare(tiny_config, workdir)
-  assert len(list((workdir / "archive").iterdir())) == 1
+  (archived,) = (workdir / "archive").iterdir()
+  assert (archived / "export" / "8").is_dir() and not (workdir / "export").exists()
   _saved_run(workdir, tiny_config)  # The new run, started by restart=True.
   run_folder.prepare(tiny_config, workdir)  # The same command again: resume.
   assert (workdir / "checkpoints" / "marker").exists()
