@@ -26,6 +26,7 @@ from __future__ import annotations
 import collections
 import csv
 import dataclasses
+import io
 import json
 import os
 import sys
@@ -88,6 +89,7 @@ class Analysis:
   frames_decoded: int
   duration: float  # Seconds, from the stream's header (or the last frame).
   stopped: str  # '' when the whole video decoded, else where and why not.
+  seconds_read: float  # What the decoded frames cover: `duration` if whole.
   interval: float  # Seconds between samples.
 
 
@@ -182,12 +184,15 @@ def analyse(
     stopped = f"decoding stopped at {last:.2f} s of {duration:.2f} s ({stopped})"
   elif last < duration - 2 * max(interval, 1.0 / rate) - 1e-6:
     stopped = f"the frames end at {last:.2f} s of {duration:.2f} s: truncated?"
+  # A video cut short counts what was decoded, not what its header declares.
+  seconds_read = min(duration, last + interval) if stopped else duration
   return Analysis(
     times=np.asarray(times),
     probabilities=np.concatenate(probs),
     frames_decoded=frames.decoded,
     duration=duration,
     stopped=stopped,
+    seconds_read=seconds_read,
     interval=interval,
   )
 
@@ -267,11 +272,11 @@ def summarise(
     analysis.times,
     labels(smoothed, names, options.threshold),
     analysis.interval,
-    analysis.duration,
+    analysis.seconds_read,
   )
   frames_csv = out / f"{stem}.frames.csv"
   k = min(options.top_k, len(names))
-  with open(frames_csv, "w", newline="") as f:
+  with io.StringIO(newline="") as f:
     writer = csv.writer(f)
     writer.writerow(
       ["time", "character"]
@@ -283,6 +288,7 @@ def summarise(
       writer.writerow(
         [f"{t:.3f}", label] + [v for i in order for v in (names[i], f"{p[i]:.4f}")]
       )
+    files.write_text_atomic(frames_csv, f.getvalue())
   totals = screen_time(found)
   segments_json = out / f"{stem}.segments.json"
   files.write_text_atomic(
@@ -291,6 +297,7 @@ def summarise(
       {
         "video": str(path),
         "duration": analysis.duration,
+        "seconds_read": analysis.seconds_read,
         "frames_decoded": analysis.frames_decoded,
         "samples": len(analysis.times),
         "sample_interval": analysis.interval,
@@ -445,6 +452,7 @@ def describe(path: str | os.PathLike, analysis: Analysis, summary: Summary) -> s
   lines = [
     f"{path}: {len(analysis.times)} frames classified of {analysis.frames_decoded}"
     f" decoded, {analysis.duration:.1f} s"
+    + (f" declared, {analysis.seconds_read:.1f} s read" if analysis.stopped else "")
   ]
   if analysis.stopped:
     lines.append(f"  warning: {analysis.stopped}")
@@ -475,6 +483,13 @@ def run(
   if annotate_video and len(paths) != 1:
     raise ValueError(
       f"--annotate_video writes one video: give one video, not {len(paths)}"
+    )
+  # Where the results go must take them before hours of decoding.
+  files.check_writable(output_dir, "give --output_dir a folder you can write to")
+  if annotate_video:
+    files.check_writable(
+      Path(annotate_video).parent,
+      "give --annotate_video a file in a folder you can write to",
     )
   results = []
   for path in paths:

@@ -223,10 +223,31 @@ def test_a_truncated_video_gives_what_decodes_and_a_non_video_is_skipped(
   saved = json.loads((tmp_path / "out" / "cut.segments.json").read_text())
   assert 0 < saved["frames_decoded"] < 115
   assert saved["stopped"] == truncated["stopped"]
+  # Screen time counts what was decoded, not the header's 11.5 s.
+  with open(tmp_path / "out" / "cut.frames.csv", newline="") as f:
+    last_sample = float(list(csv.DictReader(f))[-1]["time"])
+  assert saved["seconds_read"] <= last_sample + 0.5 + 1e-6
+  assert saved["seconds_read"] < saved["duration"]
+  assert saved["segments"][-1]["end"] == pytest.approx(saved["seconds_read"])
+  assert sum(saved["screen_time"].values()) <= saved["seconds_read"] + 1e-6
   assert "not a video" in skipped["error"]
   printed = capsys.readouterr().out
   assert f"{fake}: skipped: not a video" in printed
   assert "warning: " in printed
+  assert f"{saved['seconds_read']:.1f} s read" in printed
+
+
+def test_an_unwritable_output_folder_stops_before_decoding(
+  frames_workdir, tmp_path, monkeypatch
+):
+  workdir, trained_frames = frames_workdir
+  clip = tmp_path / "clip.mp4"
+  _write_clip(clip, [next(iter(trained_frames.values()))[0]] * 4)
+  blocker = tmp_path / "file"
+  blocker.write_text("")
+  monkeypatch.setattr(video, "analyse", lambda *a: pytest.fail("decoded first"))
+  with pytest.raises(ValueError, match=f"cannot write to {blocker}/out.*--output_dir"):
+    predict.run(workdir, [str(clip)], output_dir=str(blocker / "out"))
 
 
 def test_the_command_line_prints_screen_time(frames_workdir, tmp_path):
