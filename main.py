@@ -12,6 +12,7 @@
 Training again with the same --workdir resumes the run.
 """
 
+import errno
 import logging as logging_lib
 import os
 import sys
@@ -123,6 +124,8 @@ def _quiet_orbax(record: logging_lib.LogRecord) -> bool:
 # raise these with a message that names the fix: print it alone, no traceback.
 # SIMPSONS_JAX_TRACEBACK=1 shows the traceback too.
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError)
+# What a disk or a path refuses: one sentence naming the path and the way out.
+DISK_ERRORS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
 
 
 def main(argv: list[str]) -> None:
@@ -130,11 +133,25 @@ def main(argv: list[str]) -> None:
 
   try:
     _run(argv)
-  except (*USER_ERRORS, run_folder.WorkdirBusy) as error:
+  except (*USER_ERRORS, run_folder.WorkdirBusy, OSError) as error:
     if os.environ.get("SIMPSONS_JAX_TRACEBACK"):
       raise
+    if not isinstance(error, (*USER_ERRORS, run_folder.WorkdirBusy)):
+      if error.errno not in DISK_ERRORS:
+        raise
+      error = _disk_error(error, FLAGS.mode)
     print(f"error: {error}", file=sys.stderr)
     raise SystemExit(1) from None
+
+
+def _disk_error(error: OSError, mode: str) -> str:
+  """A refused write as one sentence: the path, what the disk said, the way out."""
+  where = f"{error.filename}: " if error.filename else ""
+  if mode == "train":
+    fix = "give --workdir a folder on a disk you can write to, with room to spare"
+  else:
+    fix = "give --output_dir a folder you can write to"
+  return f"{where}{error.strerror or error} ({mode}): {fix}"
 
 
 def _run(argv: list[str]) -> None:
@@ -186,7 +203,7 @@ def _run(argv: list[str]) -> None:
       raise app.UsageError(
         "predict needs image or video files or folders after the flags (or --camera)."
       )
-    predict.run(
+    results = predict.run(
       FLAGS.workdir,
       paths,
       FLAGS.top_k,
@@ -199,6 +216,9 @@ def _run(argv: list[str]) -> None:
       output_dir=FLAGS.output_dir,
       annotate_video=FLAGS.annotate_video,
     )
+    if incomplete := predict.incomplete(results, paths):
+      print(incomplete, file=sys.stderr)
+      raise SystemExit(2)
   elif FLAGS.mode == "export":
     written = export.run(
       FLAGS.workdir, FLAGS.checkpoint, FLAGS.formats, FLAGS.top_k, FLAGS.output_dir

@@ -42,6 +42,10 @@ def run(
   `output_dir`, nothing is written into `workdir`, which may be read-only.
   """
   workdir = files.as_path(workdir)
+  files.check_writable(
+    files.as_path(output_dir) if output_dir else workdir / "eval",
+    "give --output_dir a folder you can write to (the workdir may be read-only)",
+  )
   trained = predict.load(workdir, checkpoint)
   config, names = trained.config, trained.cmap.names
   evals = config.get("evals", None) or {}
@@ -72,6 +76,11 @@ def run(
   figures = _figures(trained, evaluator.examples, probs, result, out, seed)
   board = (files.as_path(output_dir) if output_dir else workdir) / "tensorboard"
   evaluators.write(result, out, board / f"eval_{name}", trained.step, figures)
+  print(
+    f"{name}, checkpoint step {trained.step} ({checkpoint}): accuracy "
+    f"{result['accuracy']:.4f}, macro-F1 {result['macro_f1']:.4f} on "
+    f"{result['num_examples']} images; report in {out}"
+  )
   logging.info(
     "%s: accuracy %.4f, top-3 %.4f, macro-F1 %.4f on %d images (%d skipped); see %s",
     name,

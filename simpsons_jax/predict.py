@@ -290,6 +290,20 @@ def run(
   return results
 
 
+def incomplete(results: Sequence[dict[str, Any]], paths: Sequence[str]) -> str:
+  """'' when `run` classified something for every path and skipped nothing,
+  else one line saying what was skipped or that nothing was found."""
+  if not results:
+    return f"Nothing to classify: no image or video found in {', '.join(paths)}."
+  skipped = [r["path"] for r in results if "error" in r]
+  if skipped:
+    return (
+      f"{len(skipped)} of {len(results)} files skipped (see above): "
+      f"{', '.join(skipped[:5])}{' ...' if len(skipped) > 5 else ''}"
+    )
+  return ""
+
+
 def live(
   workdir: str | os.PathLike,
   camera: int,

@@ -1,5 +1,6 @@
 """Bad input, mistakes and non-finite losses: clear errors or counted skips."""
 
+import errno
 import importlib
 import json
 import os
@@ -367,3 +368,55 @@ def test_the_pixel_limit_is_checked_before_decoding(tmp_path, monkeypatch):
     "over the pixel limit (40x30 pixels, more than max_image_pixels=1,199)"
   )
   assert decoded == []
+
+
+def test_predict_exits_non_zero_when_anything_was_skipped_or_nothing_found(
+  trained_workdir, tmp_path
+):
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  result = _main("--mode=predict", f"--workdir={trained_workdir}", str(empty))
+  assert result.returncode == 2
+  assert f"Nothing to classify: no image or video found in {empty}" in result.stderr
+  notes = tmp_path / "notes.jpg"
+  notes.write_text("not a picture")
+  frame = tmp_path / "frame.png"
+  _frame(0).save(frame)
+  result = _main(
+    "--mode=predict", f"--workdir={trained_workdir}", str(notes), str(frame)
+  )
+  assert result.returncode == 2
+  assert f"1 of 2 files skipped (see above): {notes}" in result.stderr
+  result = _main("--mode=predict", f"--workdir={trained_workdir}", str(frame))
+  assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_evaluate_names_the_step_it_scored_and_refuses_an_unwritable_folder(
+  trained_workdir, tmp_path
+):
+  result = _main(
+    "--mode=evaluate", f"--workdir={trained_workdir}", f"--output_dir={tmp_path}"
+  )
+  assert result.returncode == 0, result.stderr[-2000:]
+  meta = json.loads((tmp_path / "validation" / "report.json").read_text())
+  step = meta["checkpoint_step"]
+  assert f"validation, checkpoint step {step} (best): accuracy" in result.stdout
+  blocker = tmp_path / "file"
+  blocker.write_text("")
+  result = _main(
+    "--mode=evaluate", f"--workdir={trained_workdir}", f"--output_dir={blocker}"
+  )
+  assert result.returncode == 1 and "Traceback" not in result.stderr
+  assert f"error: cannot write to {blocker}" in result.stderr
+  assert "--output_dir" in result.stderr
+
+
+def test_a_refused_write_is_one_sentence_naming_the_path_and_the_way_out(tmp_path):
+  # A full disk or a read-only mount, as the OS reports it mid-run.
+  import main
+
+  error = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "ckpt"))
+  assert main._disk_error(error, "train") == (
+    f"{tmp_path / 'ckpt'}: No space left on device (train): give --workdir a "
+    "folder on a disk you can write to, with room to spare"
+  )
