@@ -116,8 +116,12 @@ flags.mark_flag_as_required("workdir")
 
 
 def _quiet_orbax(record: logging_lib.LogRecord) -> bool:
-  """Drops Orbax's per-save INFO lines; its warnings and errors still show."""
-  return record.levelno >= logging_lib.WARNING or "/orbax/" not in record.pathname
+  """Drops Orbax's per-save INFO lines and the tracebacks of its background
+  save threads (a failed save stops the run with one sentence naming the
+  cause: checkpointing.SaveFailed); its other warnings and errors still show."""
+  if "/orbax/" not in record.pathname:
+    return True
+  return record.levelno >= logging_lib.WARNING and not record.exc_info
 
 
 # A user's mistakes (a missing folder, an impossible value, a workdir conflict)
@@ -129,14 +133,15 @@ DISK_ERRORS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUO
 
 
 def main(argv: list[str]) -> None:
-  from simpsons_jax import run_folder
+  from simpsons_jax import checkpointing, run_folder
 
+  said = (*USER_ERRORS, run_folder.WorkdirBusy, checkpointing.SaveFailed)
   try:
     _run(argv)
-  except (*USER_ERRORS, run_folder.WorkdirBusy, OSError) as error:
+  except (*said, OSError) as error:
     if os.environ.get("SIMPSONS_JAX_TRACEBACK"):
       raise
-    if not isinstance(error, (*USER_ERRORS, run_folder.WorkdirBusy)):
+    if not isinstance(error, said):
       if error.errno not in DISK_ERRORS:
         raise
       error = _disk_error(error, FLAGS.mode)

@@ -12,9 +12,10 @@ resumes from the last complete one.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax
@@ -76,18 +77,77 @@ def save(
   meta: Mapping[str, Any],
   metrics: Mapping[str, float] | None,
 ) -> None:
-  """Starts an asynchronous save of `state` at its step.
+  """Starts an asynchronous save of `state` at its step; SaveFailed if the
+  part written at once (or an earlier save) fails.
 
   Checkpoints without metrics (saved mid-epoch on a stop) are never `best`.
   """
   step = int(jax.device_get(state.step))
-  manager.save(
-    step,
-    args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(dict(meta))
-    ),
-    metrics=metrics and {key: float(value) for key, value in metrics.items()},
-  )
+  with _failed_save_said(manager, state):
+    manager.save(
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(dict(meta))
+      ),
+      metrics=metrics and {key: float(value) for key, value in metrics.items()},
+    )
+
+
+class SaveFailed(RuntimeError):
+  """A checkpoint could not be written; the message says where, why, how much
+  space it needed and which checkpoint is kept."""
+
+
+def raise_failed_save(
+  manager: ocp.CheckpointManager, state: Any, wait: bool = False
+) -> None:
+  """Raises SaveFailed if an asynchronous save of `state`'s kind by `manager`
+  has failed (with `wait`, after the saves under way end: the end of a run).
+  Called after every step, so that a full disk stops the run at once, not at
+  the next save."""
+  with _failed_save_said(manager, state):
+    # A finished save's error shows only to wait_until_finished, which returns
+    # at once when that save is over.
+    if wait or not manager.is_saving_in_progress():
+      manager.wait_until_finished()
+    manager.check_for_errors()
+
+
+@contextlib.contextmanager
+def _failed_save_said(manager: ocp.CheckpointManager, state: Any) -> Iterator[None]:
+  """Turns whatever Orbax or TensorStore raise for a failed save into
+  SaveFailed: one sentence with the cause, the space, the checkpoint kept."""
+  try:
+    yield
+  except Exception as e:  # noqa: BLE001 - Orbax and TensorStore raise many kinds.
+    directory = manager.directory
+    kept = saved_steps(directory)
+    needed = sum(x.nbytes for x in jax.tree.leaves(state))
+    cause = files.describe_os_error(e) if isinstance(e, OSError) else str(e)
+    if "No space left on device" in cause:  # TensorStore's own words, shortened.
+      cause = "No space left on device"
+    free = ""
+    if files.is_local(directory):
+      stats = os.statvfs(directory)
+      free = f", {stats.f_bavail * stats.f_frsize / 2**20:.1f} MB free there"
+    raise SaveFailed(
+      f"Saving a checkpoint to {directory} failed: {cause[:300]}"
+      f" (it needs about {needed / 2**20:.1f} MB{free}). "
+      + (
+        f"The last good checkpoint, step {kept[-1]}, is kept: "
+        if kept
+        else "No checkpoint was saved yet: "
+      )
+      + "make room (or choose another --workdir) and run the same command to resume."
+    ) from e
+
+
+def saved_steps(directory: epath.Path) -> list[int]:
+  """The steps whose checkpoints were completed in `directory`, in order
+  (Orbax's unfinished ones carry a temporary suffix)."""
+  if not directory.exists():
+    return []
+  return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
 
 
 def abstract_like(tree: Any, sharding: Sharding) -> Any:

@@ -433,6 +433,7 @@ def _train(
         strict=True,
       ):
         state, sums = p_train_step(state, batch)
+        checkpointing.raise_failed_save(manager, state)
         for action in actions:
           action(step)
         totals = _accumulate(totals, sums)
@@ -482,8 +483,8 @@ def _train(
           raise Interrupted(stop.received, step, manager.directory)
   finally:
     # A save already started completes, whatever ended the loop.
-    manager.wait_until_finished()
     writer.close()
+    checkpointing.raise_failed_save(manager, state, wait=True)
   if not val_metrics:
     val_metrics = validate()
   manager.close()

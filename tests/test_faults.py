@@ -420,3 +420,68 @@ def test_a_refused_write_is_one_sentence_naming_the_path_and_the_way_out(tmp_pat
     f"{tmp_path / 'ckpt'}: No space left on device (train): give --workdir a "
     "folder on a disk you can write to, with room to spare"
   )
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+  """A 16 MB file system of its own (tmpfs), where this machine lets us mount."""
+  mount = tmp_path / "disk"
+  mount.mkdir()
+  done = subprocess.run(
+    ["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)],
+    capture_output=True,
+    check=False,
+  )
+  if done.returncode != 0:
+    pytest.skip(f"cannot mount a small file system here: {done.stderr.decode()[:200]}")
+  yield mount
+  subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_full_disk_stops_training_at_once_and_the_run_resumes(
+  tiny_config, small_disk, monkeypatch
+):
+  tiny_config.num_epochs = 4
+  workdir = small_disk / "run"
+  real_save, saves, failed_at = checkpointing.save, [], []
+
+  def save_on_a_filling_disk(manager, state, meta, metrics):
+    saves.append(int(state.step))
+    if len(saves) == 2:  # The disk fills after the first checkpoint.
+      manager.wait_until_finished()
+      free = os.statvfs(small_disk)
+      with open(small_disk / "ballast", "wb") as f:
+        f.write(b"\0" * (free.f_bavail * free.f_frsize - 4096))
+    return real_save(manager, state, meta, metrics)
+
+  real_check = checkpointing.raise_failed_save
+
+  steps = []
+
+  def noting_the_step(manager, state, wait=False):
+    steps.append(int(state.step))
+    try:
+      real_check(manager, state, wait)
+    except checkpointing.SaveFailed:
+      failed_at.append(int(state.step))
+      raise
+
+  monkeypatch.setattr(checkpointing, "save", save_on_a_filling_disk)
+  monkeypatch.setattr(checkpointing, "raise_failed_save", noting_the_step)
+  with pytest.raises(checkpointing.SaveFailed) as failure:
+    train.train_and_evaluate(tiny_config, workdir)
+  first, second = saves
+  message = str(failure.value)
+  assert message.startswith(f"Saving a checkpoint to {workdir / 'checkpoints'} failed:")
+  assert "No space left on device (it needs about 0.5 MB, 0.0 MB free there)" in message
+  assert f"The last good checkpoint, step {first}, is kept" in message
+  assert failed_at[0] == second + 1  # The next step, not the next epoch.
+  assert checkpointing.saved_steps(workdir / "checkpoints") == [first]
+
+  (small_disk / "ballast").unlink()  # Room again: the same command resumes.
+  monkeypatch.setattr(checkpointing, "save", real_save)
+  steps.clear()
+  state, _ = train.train_and_evaluate(tiny_config, workdir)
+  assert steps[0] == first + 1  # From the last good checkpoint.
+  assert int(state.step) == 4 * first  # Saved at the end of each epoch.
+  assert checkpointing.saved_steps(workdir / "checkpoints")[-1] == 4 * first
