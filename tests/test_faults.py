@@ -485,3 +485,17 @@ def test_a_full_disk_stops_training_at_once_and_the_run_resumes(
   assert steps[0] == first + 1  # From the last good checkpoint.
   assert int(state.step) == 4 * first  # Saved at the end of each epoch.
   assert checkpointing.saved_steps(workdir / "checkpoints")[-1] == 4 * first
+
+
+def test_an_unknown_config_key_is_one_line_with_the_closest_keys(tmp_path):
+  result = _main(
+    "--config=configs/demo.py", f"--workdir={tmp_path}", "--config.learning_rat=0.1"
+  )
+  assert result.returncode == 1
+  assert result.stderr.strip().splitlines() == [
+    "error: --config.learning_rat is not a key of configs/demo.py: did you mean "
+    "--config.learning_rate? configs/default.py lists every key, with its meaning"
+  ]
+  result = _main("--config=configs/demo.py", f"--workdir={tmp_path}", "--config.zzz=1")
+  assert result.returncode == 1 and "Traceback" not in result.stderr
+  assert "--config.zzz is not a key of configs/demo.py" in result.stderr
