@@ -64,25 +64,25 @@ class CharacterMap:
     return cls(names=tuple(names), counts=tuple(counts))
 
 
-def resolve_data_dir(data_dir: str | os.PathLike) -> epath.Path:
+def resolve_data_dir(
+  data_dir: str | os.PathLike, flag: str = "--config.data_dir"
+) -> epath.Path:
   """Returns the folder that holds the character folders.
 
   Accepts the Kaggle archive's nesting (`simpsons_dataset/simpsons_dataset/`)
   and the archive root that contains `simpsons_dataset/`.
   """
   if not str(data_dir):
-    raise DatasetError(
-      "No data folder given: set --config.data_dir=/path/to/simpsons_dataset."
-    )
+    raise DatasetError(f"No data folder given: set {flag}=/path/to/simpsons_dataset.")
   path = files.as_path(data_dir)
   if not path.exists():
     raise DatasetError(
-      f"Data folder {path} does not exist: point --config.data_dir at the "
+      f"Data folder {path} does not exist: point {flag} at the "
       "Kaggle `simpsons_dataset` folder (one sub-folder per character)."
     )
   if not path.is_dir():
     raise DatasetError(
-      f"Data folder {path} is a file, not a folder: point --config.data_dir "
+      f"Data folder {path} is a file, not a folder: point {flag} "
       "at the folder that holds one sub-folder per character."
     )
   for nested in (path / path.name, path / "simpsons_dataset"):

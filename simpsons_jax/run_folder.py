@@ -77,6 +77,7 @@ def lock(workdir: str | os.PathLike) -> Iterator[None]:
   Raises WorkdirBusy, naming the holder, when another process holds it.
   """
   workdir = files.as_path(workdir)
+  created = not workdir.exists()
   workdir.mkdir(parents=True, exist_ok=True)
   if not files.is_local(workdir):
     logging.warning(
@@ -103,6 +104,10 @@ def lock(workdir: str | os.PathLike) -> Iterator[None]:
         ) from None
       except OSError as e:  # A file system without locks (some network ones).
         logging.warning("Could not lock %s (%s); going on without.", path, e)
+      if os.fstat(descriptor).st_ino != os.stat(path).st_ino:
+        # Locked a file that a run ending just now removed (below): its
+        # successor, or a third process, owns the path.
+        raise WorkdirBusy(f"{workdir} changed hands while starting: start again.")
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     os.ftruncate(descriptor, 0)
     os.pwrite(
@@ -112,6 +117,11 @@ def lock(workdir: str | os.PathLike) -> Iterator[None]:
     )
     yield
   finally:
+    # A run that failed before writing anything leaves no trace of itself.
+    if [p.name for p in workdir.iterdir()] == [LOCK_FILENAME]:
+      path.unlink()
+      if created:
+        workdir.rmdir()
     os.close(descriptor)  # Releases the lock.
 
 

@@ -499,3 +499,34 @@ def test_an_unknown_config_key_is_one_line_with_the_closest_keys(tmp_path):
   result = _main("--config=configs/demo.py", f"--workdir={tmp_path}", "--config.zzz=1")
   assert result.returncode == 1 and "Traceback" not in result.stderr
   assert "--config.zzz is not a key of configs/demo.py" in result.stderr
+
+
+def test_tfds_mistakes_are_one_line_naming_the_users_flag(tmp_path):
+  result = _main(
+    "--config=configs/demo.py",
+    f"--workdir={tmp_path / 'w'}",
+    "--config.dataset=tfds:mnits",
+  )
+  assert result.returncode == 1
+  assert "Traceback" not in result.stderr
+  assert "abstract_reasoning" not in result.stderr  # Not TFDS's list of all.
+  assert (
+    "error: --config.dataset=tfds:mnits: TFDS has no data set 'mnits'; did you mean "
+    "mnist" in result.stderr
+  )
+  assert not (tmp_path / "w").exists()  # Nor a train.lock.
+  built = subprocess.run(
+    [sys.executable, "-m", "simpsons_jax.tfds_builders.simpsons_characters"]
+    + [f"--manual_dir={tmp_path / 'nope'}", f"--data_dir={tmp_path / 'tfds'}"],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert built.returncode == 1
+  assert "Traceback" not in built.stderr
+  assert (
+    f"error: Data folder {tmp_path / 'nope'} does not exist: point --manual_dir"
+    in built.stderr
+  )
+  assert not (tmp_path / "tfds").exists()  # No empty folders left.

@@ -77,3 +77,18 @@ def test_restart_after_a_run_resumed_without_it_acts_again(tiny_config, tmp_path
   tiny_config.restart = True
   run_folder.prepare(tiny_config, workdir)
   assert not (workdir / "checkpoints").exists()
+
+
+def test_a_run_that_fails_before_writing_anything_leaves_no_trace(tmp_path):
+  created = tmp_path / "new"
+  with pytest.raises(RuntimeError), run_folder.lock(created):
+    raise RuntimeError("no such data set")
+  assert not created.exists()
+  existing = tmp_path / "existing"
+  existing.mkdir()
+  with pytest.raises(RuntimeError), run_folder.lock(existing):
+    raise RuntimeError("no such data set")
+  assert existing.is_dir() and not any(existing.iterdir())
+  with run_folder.lock(existing):  # A run that wrote something keeps its lock file.
+    (existing / "config.json").write_text("{}")
+  assert (existing / run_folder.LOCK_FILENAME).exists()

@@ -13,6 +13,7 @@ registered on import.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 from collections.abc import Mapping, Sequence
 
@@ -107,8 +108,14 @@ class TfdsSource(core.DataSource):
     data_dir = self.config.get("tfds_data_dir", "") or None
     try:
       builder = tfds.builder(self.name, data_dir=data_dir)
-    except tfds.core.registered.DatasetNotFoundError as e:
-      raise ValueError(f"No TFDS data set {self.name!r}: {e}") from None
+    except tfds.core.registered.DatasetNotFoundError:
+      name = self.name.partition(":")[0]
+      close = difflib.get_close_matches(name, tfds.list_builders(), n=3, cutoff=0.6)
+      hint = f"did you mean {', '.join(close)}? " if close else ""
+      raise ValueError(
+        f"--config.dataset=tfds:{self.name}: TFDS has no data set {name!r}; {hint}"
+        "`tfds.list_builders()` lists them (this project's own: simpsons_characters)."
+      ) from None
     if not builder.is_prepared():
       raise FileNotFoundError(
         f"The TFDS data set {self.name} is not prepared in "

@@ -9,9 +9,12 @@ does the same where the TFDS command line works (in tensorflow-datasets
 4.9.10 it needs apache-beam installed, even for builders that do not use it).
 """
 
+import sys
+
 import tensorflow_datasets as tfds
 from absl import app, flags
 
+from simpsons_jax import characters
 from simpsons_jax.tfds_builders.simpsons_characters import Builder
 
 _MANUAL_DIR = flags.DEFINE_string(
@@ -27,6 +30,11 @@ _DATA_DIR = flags.DEFINE_string(
 
 def main(argv: list[str]) -> None:
   del argv
+  try:  # Before the builder makes any folder.
+    characters.resolve_data_dir(_MANUAL_DIR.value, "--manual_dir")
+  except characters.DatasetError as e:
+    print(f"error: {e}", file=sys.stderr)
+    raise SystemExit(1) from None
   builder = Builder(data_dir=_DATA_DIR.value)
   builder.download_and_prepare(
     download_config=tfds.download.DownloadConfig(manual_dir=_MANUAL_DIR.value)
