@@ -112,13 +112,20 @@ def initialize(
 ) -> dict[str, Any]:
   """The variables a run starts from: `fresh` merged with `config.init_from`'s."""
   workdir, which = parse_init_from(config.init_from)
-  source_config = checkpointing.load_config(workdir)
-  if source_config.model != config.model:
-    raise ValueError(
-      f"init_from: {workdir} trained model={source_config.model}, this run "
-      f"model={config.model}: start from a run of the same model."
-    )
-  source = predict.load(workdir, which)
+  try:
+    source_config = checkpointing.load_config(workdir)
+    if source_config.model != config.model:
+      raise ValueError(
+        f"{workdir} trained model={source_config.model}, this run "
+        f"model={config.model}: start from a run of the same model."
+      )
+    source = predict.load(workdir, which)
+  except (FileNotFoundError, ValueError) as e:
+    # The loaders speak of --workdir and --checkpoint: here the user wrote
+    # --config.init_from=WORKDIR[:CHECKPOINT].
+    said = str(e).replace("--workdir", "--config.init_from")
+    said = said.replace("--checkpoint=", "the checkpoint ")
+    raise type(e)(f"--config.init_from={config.init_from}: {said}") from None
   merged, report = merge(fresh, source.variables, cmap.names, source.cmap.names)
   logging.info(
     "Started from step %d of %s: %s.", source.step, workdir, "; ".join(report)

@@ -139,6 +139,18 @@ def test_another_model_family_is_refused(source_run, tiny_config, tmp_path):
     train.train_and_evaluate(tiny_config, tmp_path)
 
 
+@pytest.mark.parametrize("suffix", ["", ":99999"])
+def test_init_from_mistakes_name_init_from(source_run, tiny_config, tmp_path, suffix):
+  # A folder that holds no run; a step the source run never saved.
+  source = str(source_run if suffix else tmp_path / "no_run") + suffix
+  tiny_config.init_from = source
+  with pytest.raises((FileNotFoundError, ValueError)) as raised:
+    train.train_and_evaluate(tiny_config, tmp_path / "run")
+  message = str(raised.value)
+  assert message.startswith(f"--config.init_from={source}: ")
+  assert "--workdir" not in message and "--checkpoint" not in message
+
+
 def test_frozen_batchnorm_layers_keep_their_statistics():
   old = {
     "Block/BatchNorm_0": {"mean": jnp.zeros(2)},
