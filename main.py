@@ -38,6 +38,14 @@ flags.DEFINE_enum(
   "labels.",
 )
 flags.DEFINE_integer("port", 8000, "serve: the HTTP port.")
+flags.DEFINE_integer(
+  "max_batch", 32, "serve: requests waiting together run as one batch of at most this."
+)
+flags.DEFINE_float(
+  "batch_wait_ms",
+  2.0,
+  "serve: how long a batch waits for more requests after its first.",
+)
 flags.DEFINE_string(
   "host", "127.0.0.1", "serve: the address to listen on (0.0.0.0: every interface)."
 )
@@ -240,6 +248,8 @@ def _run(argv: list[str]) -> None:
       FLAGS.top_k,
       FLAGS.host,
       FLAGS.port,
+      FLAGS.max_batch,
+      FLAGS.batch_wait_ms / 1000,
     )
   else:
     print(evaluate.show_data(FLAGS.workdir))

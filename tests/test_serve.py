@@ -1,5 +1,7 @@
 """--mode=serve: the JSON API over real HTTP, and the page in a headless browser."""
 
+import concurrent.futures
+import dataclasses
 import json
 import shutil
 import socket
@@ -129,3 +131,153 @@ def test_the_page_in_a_headless_browser_names_the_character(
     driver.save_screenshot(str(tmp_path / "page.png"))
   finally:
     driver.quit()
+
+
+def test_health_names_no_local_path_and_errors_speak_plainly(server, trained_workdir):
+  status, health = _request(f"{server}/health")
+  assert status == 200
+  assert str(trained_workdir) not in json.dumps(health)
+  assert health["model"].endswith(f"step {predict.load(trained_workdir).step}")
+  # A JPEG header with damaged data: TensorFlow's decoder fails inside.
+  damaged = _jpeg(64, 48)[:200] + b"\x00\x11" * 400
+  status, answer = _request(f"{server}/predict", damaged)
+  assert status == 415
+  assert "TensorFlow" not in answer["error"] and "{{" not in answer["error"]
+  assert "not usable: not a readable JPEG or PNG" in answer["error"]
+
+
+def _jpeg(width: int, height: int) -> bytes:
+  import io
+
+  import numpy as np
+  from PIL import Image
+
+  pixels = np.random.default_rng(0).integers(0, 256, (height, width, 3), np.uint8)
+  out = io.BytesIO()
+  Image.fromarray(pixels).save(out, "JPEG")
+  return out.getvalue()
+
+
+def test_a_multipart_upload_gets_the_same_answer_as_the_raw_body(server):
+  image = _jpeg(40, 30)
+  boundary = "simpsons-boundary"
+  form = (
+    (
+      f'--{boundary}\r\nContent-Disposition: form-data; name="note"\r\n\r\nhi\r\n'
+      f'--{boundary}\r\nContent-Disposition: form-data; name="image"; '
+      'filename="frame.jpg"\r\nContent-Type: image/jpeg\r\n\r\n'
+    ).encode()
+    + image
+    + f"\r\n--{boundary}--\r\n".encode()
+  )
+  request = urllib.request.Request(
+    f"{server}/predict",
+    data=form,
+    method="POST",
+    headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
+  )
+  with urllib.request.urlopen(request, timeout=60) as response:
+    from_form = json.loads(response.read())
+  assert _request(f"{server}/predict", image) == (200, from_form)
+
+
+def test_requests_waiting_together_run_as_one_batch_with_the_same_answers(
+  trained_workdir, tiny_data_dir
+):
+  model = serve.load(trained_workdir)
+  frames = [p.read_bytes() for p in sorted(tiny_data_dir.glob("*/*.jpg"))[:12]]
+  one_at_a_time = serve.predictor(model, threshold=0.0, max_batch=1)
+  expected = [one_at_a_time(f) for f in frames]
+  batches = []
+  counted = serve.Model(
+    lambda images: batches.append(len(images)) or model.classify(images),
+    *dataclasses.astuple(model)[1:],
+  )
+  batched = serve.predictor(counted, threshold=0.0, max_batch=8, batch_wait=0.2)
+  with concurrent.futures.ThreadPoolExecutor(12) as pool:
+    answers = list(pool.map(batched, frames))
+  assert len(batches) < len(frames)  # Some ran together...
+  assert max(batches) <= 8 and all(b & (b - 1) == 0 for b in batches)  # padded
+  for got, want in zip(answers, expected, strict=True):  # ...with the same answers.
+    assert [t["character"] for t in got["top"]] == [t["character"] for t in want["top"]]
+    for a, b in zip(got["top"], want["top"], strict=True):
+      assert a["probability"] == pytest.approx(b["probability"], abs=1e-6)
+
+
+def test_the_pixels_decoded_at_once_are_bounded(trained_workdir, monkeypatch):
+  model = serve.load(trained_workdir)
+  image = _jpeg(300, 200)
+  decoding, most = [0], [0]
+  real = serve.image_files.inspect
+
+  def counting(contents, max_pixels):
+    decoding[0] += 1
+    most[0] = max(most[0], decoding[0])
+    time.sleep(0.05)
+    try:
+      return real(contents, max_pixels)
+    finally:
+      decoding[0] -= 1
+
+  monkeypatch.setattr(serve.image_files, "inspect", counting)
+  answer = serve.predictor(model, 0.0, decode_pixels=2 * 300 * 200, queue_timeout=30)
+  with concurrent.futures.ThreadPoolExecutor(8) as pool:
+    assert all(r["top"] for r in pool.map(answer, [image] * 8))
+  assert most[0] == 2  # Two images' worth of pixels at a time, no more.
+  busy = serve.predictor(model, 0.0, decode_pixels=300 * 200, queue_timeout=0.01)
+  budget_holder = threading.Thread(target=busy, args=(image,))
+  budget_holder.start()
+  time.sleep(0.01)
+  with pytest.raises(serve.BadUpload) as refused:
+    busy(image)
+  budget_holder.join()
+  assert refused.value.status == 503 and "retry" in str(refused.value)
+
+
+@pytest.fixture(scope="module")
+def strict_server(trained_workdir):
+  """The app with a 0.5 s limit on sending the body."""
+  app = serve.create_app(serve.load(trained_workdir), body_timeout=0.5)
+  port = _free_port()
+  config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
+  running = uvicorn.Server(config)
+  thread = threading.Thread(target=running.run, daemon=True)
+  thread.start()
+  for _ in range(200):
+    if running.started:
+      break
+    time.sleep(0.05)
+  yield port
+  running.should_exit = True
+  thread.join(timeout=10)
+
+
+def test_a_slow_sender_is_timed_out_and_a_vanished_one_is_one_log_line(
+  strict_server, caplog
+):
+  head = (
+    b"POST /predict HTTP/1.1\r\nHost: localhost\r\nContent-Type: image/jpeg\r\n"
+    b"Content-Length: 1000\r\n\r\n"
+  )
+  with socket.create_connection(("127.0.0.1", strict_server), timeout=10) as slow:
+    slow.sendall(head + b"\xff\xd8")
+    start = time.monotonic()
+    reply = slow.recv(4096).decode(errors="replace")
+  assert reply.startswith("HTTP/1.1 408") and "over 0.5 s" in reply
+  assert time.monotonic() - start < 5
+  with caplog.at_level("INFO"):
+    with socket.create_connection(("127.0.0.1", strict_server), timeout=10) as gone:
+      gone.sendall(head + b"\xff\xd8\xff")
+    time.sleep(0.3)
+  assert any("went away mid-upload" in r.getMessage() for r in caplog.records)
+  assert not any(r.exc_info for r in caplog.records)
+
+
+def test_a_port_in_use_is_one_sentence_before_anything_is_printed(capsys):
+  with socket.socket() as taken:
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    with pytest.raises(ValueError, match=f"port {port} on 127.0.0.1 is in use"):
+      serve.run("/nonexistent", port=port)
+  assert "Serving" not in capsys.readouterr().out
