@@ -73,6 +73,8 @@ def run(
   }
   probs = predict.probabilities(trained, evaluator.batches(config))
   out.mkdir(parents=True, exist_ok=True)
+  for stale in out.glob("*.png"):  # Another evaluation's: the report lists ours.
+    stale.unlink()
   figures = _figures(trained, evaluator.examples, probs, result, out, seed)
   board = (files.as_path(output_dir) if output_dir else workdir) / "tensorboard"
   evaluators.write(result, out, board / f"eval_{name}", trained.step, figures)

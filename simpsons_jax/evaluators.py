@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -203,10 +204,17 @@ def write(
   step: int,
   images: Mapping[str, np.ndarray] | None = None,
 ) -> None:
-  """`out/report.json`; the headline figures (and `images`) in TensorBoard
-  under `board`."""
+  """`out/report.json`, written last and listing the PNG figures beside it
+  (each written whole before) with their SHA-256, so that a report and its
+  figures are known to be one evaluation's; the headline figures (and
+  `images`) in TensorBoard under `board`."""
   out.mkdir(parents=True, exist_ok=True)
-  files.write_text_atomic(out / REPORT_FILENAME, json.dumps(result, indent=2) + "\n")
+  figures = {
+    path.name: hashlib.sha256(path.read_bytes()).hexdigest()
+    for path in sorted(out.glob("*.png"))
+  }
+  report = {**result, "figures": figures}
+  files.write_text_atomic(out / REPORT_FILENAME, json.dumps(report, indent=2) + "\n")
   writer = summary.create_writer(board)
   writer.write_images(step, {tag: image[None] for tag, image in (images or {}).items()})
   writer.write_scalars(

@@ -47,7 +47,12 @@ def move(source: epath.Path, target: epath.Path) -> None:
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-  """Writes `text` to `path` via a temporary file and a rename.
+  """`write_bytes_atomic` of `text` in UTF-8."""
+  write_bytes_atomic(path, text.encode())
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+  """Writes `data` to `path` via a temporary file and a rename.
 
   Readers see the old content or the new one, never half of it; this matters
   when several processes of one run share the workdir. The file is flushed to
@@ -57,11 +62,11 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
   """
   path = as_path(path)
   if not is_local(path):  # An object store replaces an object whole.
-    path.write_text(text)
+    path.write_bytes(data)
     return
   temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-  with open(temporary, "w") as f:
-    f.write(text)
+  with open(temporary, "wb") as f:
+    f.write(data)
     f.flush()
     os.fsync(f.fileno())
   os.replace(temporary, path)

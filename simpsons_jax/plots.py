@@ -6,6 +6,7 @@ PNG and returned as RGB arrays for TensorBoard.
 
 from __future__ import annotations
 
+import io
 import os
 import textwrap
 from collections.abc import Sequence
@@ -28,9 +29,12 @@ def title(name: str) -> str:
 
 
 def _save(fig: plt.Figure, path: str | os.PathLike) -> np.ndarray:
+  """Writes `fig` to `path` whole (a temporary file and a rename; also on
+  gs://) and returns it as RGB."""
   path = files.as_path(path)
-  with path.open("wb") as f:  # Also on gs://.
-    fig.savefig(f, format=path.suffix[1:], dpi=100, bbox_inches="tight")
+  encoded = io.BytesIO()
+  fig.savefig(encoded, format=path.suffix[1:], dpi=100, bbox_inches="tight")
+  files.write_bytes_atomic(path, encoded.getvalue())
   fig.canvas.draw()
   rgb = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
   plt.close(fig)

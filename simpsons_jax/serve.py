@@ -176,6 +176,27 @@ def _plain(problem: str) -> str:
   return problem.split(" (TensorFlow:")[0].split("{{")[0].strip()
 
 
+def preparer(image_size: int) -> Callable[[bytes], np.ndarray]:
+  """JPEG or PNG bytes -> the uint8 (S, S, 3) image the model takes, decoded
+  and resized as training does, in one TensorFlow graph (eager ops cost more
+  than their work on small images); BadUpload where the data is damaged."""
+  import tensorflow as tf
+
+  @tf.function(input_signature=[tf.TensorSpec([], tf.string)], autograph=False)
+  def graph(contents: tf.Tensor) -> tf.Tensor:
+    return core.resize(image_files.decode(contents), image_size)
+
+  def prepare(contents: bytes) -> np.ndarray:
+    try:
+      return graph(contents).numpy()
+    except tf.errors.OpError:
+      raise BadUpload(
+        415, "not usable: not a readable JPEG or PNG (its data is damaged or cut short)"
+      ) from None
+
+  return prepare
+
+
 def predictor(
   model: Model,
   threshold: float,
@@ -189,6 +210,7 @@ def predictor(
   (`decode_pixels`, default the model's pixel limit) and classified by a
   `Batcher` of `max_batch` images."""
   run = Batcher(model.classify, max_batch, batch_wait)
+  prepare = preparer(model.image_size)
   budget = PixelBudget(decode_pixels or model.max_pixels, queue_timeout)
   k = min(top_k, len(model.names))
 
@@ -204,11 +226,7 @@ def predictor(
         503, "the server is busy decoding other images: retry in a moment"
       )
     try:
-      problem, image = image_files.inspect(contents, model.max_pixels)
-      if problem:
-        raise BadUpload(415, f"not usable: {_plain(problem)}")
-      resized = core.resize(image, model.image_size).numpy()
-      del image
+      resized = prepare(contents)
     finally:
       budget.give_back(pixels)
     p = run(resized)
@@ -350,4 +368,5 @@ def run(
   model = load(path, checkpoint)
   app = create_app(model, threshold, top_k, max_batch=max_batch, batch_wait=batch_wait)
   print(f"Serving {model.source} on http://{host}:{port}/")
-  uvicorn.run(app, host=host, port=port)
+  # A log line per request costs more than parsing it: errors only.
+  uvicorn.run(app, host=host, port=port, access_log=False)

@@ -1,5 +1,6 @@
 """Evaluation reports, figures and prediction on a trained tiny run."""
 
+import hashlib
 import json
 import os
 import shutil
@@ -257,3 +258,19 @@ def test_an_extra_evaluator_reports_every_epoch_and_evaluate_reproduces_it(
     k: v for k, v in during.items() if k != "name"
   }
   assert json.loads(path.read_text()) == after
+
+
+def test_the_report_lists_the_figures_of_its_own_evaluation(trained_workdir, tmp_path):
+  out = tmp_path / "out" / "validation"
+  out.mkdir(parents=True)
+  (out / "mismatches.png").write_bytes(b"an older evaluation's")
+  (out / "old_extra.png").write_bytes(b"stale")
+  evaluate.run(trained_workdir, output_dir=tmp_path / "out")
+  report = json.loads((out / "report.json").read_text())
+  written = {
+    p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.glob("*.png")
+  }
+  assert report["figures"] == written
+  assert "predictions.png" in written and "old_extra.png" not in written
+  assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in out.glob("*.png"))
+  assert not list(out.glob(".*.tmp"))

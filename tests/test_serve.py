@@ -208,18 +208,23 @@ def test_the_pixels_decoded_at_once_are_bounded(trained_workdir, monkeypatch):
   model = serve.load(trained_workdir)
   image = _jpeg(300, 200)
   decoding, most = [0], [0]
-  real = serve.image_files.inspect
+  real = serve.preparer
 
-  def counting(contents, max_pixels):
-    decoding[0] += 1
-    most[0] = max(most[0], decoding[0])
-    time.sleep(0.05)
-    try:
-      return real(contents, max_pixels)
-    finally:
-      decoding[0] -= 1
+  def counting(image_size):
+    prepare = real(image_size)
 
-  monkeypatch.setattr(serve.image_files, "inspect", counting)
+    def counted(contents):
+      decoding[0] += 1
+      most[0] = max(most[0], decoding[0])
+      time.sleep(0.05)
+      try:
+        return prepare(contents)
+      finally:
+        decoding[0] -= 1
+
+    return counted
+
+  monkeypatch.setattr(serve, "preparer", counting)
   answer = serve.predictor(model, 0.0, decode_pixels=2 * 300 * 200, queue_timeout=30)
   with concurrent.futures.ThreadPoolExecutor(8) as pool:
     assert all(r["top"] for r in pool.map(answer, [image] * 8))
