@@ -108,7 +108,7 @@ def lock(workdir: str | os.PathLike) -> Iterator[None]:
         # Locked a file that a run ending just now removed (below): its
         # successor, or a third process, owns the path.
         raise WorkdirBusy(f"{workdir} changed hands while starting: start again.")
-    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    started = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     os.ftruncate(descriptor, 0)
     os.pwrite(
       descriptor,
@@ -130,7 +130,7 @@ def _normalise(value):
 
 
 def _archive(workdir: epath.Path, existing: list[epath.Path]) -> None:
-  stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S")
+  stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S")
   archive = workdir / "archive" / stamp
   archive.mkdir(parents=True)
   for path in existing:
