@@ -77,7 +77,7 @@ def run(
     stale.unlink()
   figures = _figures(trained, evaluator.examples, probs, result, out, seed)
   board = (files.as_path(output_dir) if output_dir else workdir) / "tensorboard"
-  evaluators.write(result, out, board / f"eval_{name}", trained.step, figures)
+  result = evaluators.write(result, out, board / f"eval_{name}", trained.step, figures)
   print(
     f"{name}, checkpoint step {trained.step} ({checkpoint}): accuracy "
     f"{result['accuracy']:.4f}, macro-F1 {result['macro_f1']:.4f} on "

@@ -203,11 +203,12 @@ def write(
   board: epath.Path,
   step: int,
   images: Mapping[str, np.ndarray] | None = None,
-) -> None:
-  """`out/report.json`, written last and listing the PNG figures beside it
-  (each written whole before) with their SHA-256, so that a report and its
-  figures are known to be one evaluation's; the headline figures (and
-  `images`) in TensorBoard under `board`."""
+) -> dict[str, Any]:
+  """Writes and returns `out/report.json`: `result`, written last, with the
+  PNG figures beside it (each written whole before) listed with their
+  SHA-256, so that a report and its figures are known to be one
+  evaluation's; the headline figures (and `images`) in TensorBoard under
+  `board`."""
   out.mkdir(parents=True, exist_ok=True)
   figures = {
     path.name: hashlib.sha256(path.read_bytes()).hexdigest()
@@ -221,3 +222,4 @@ def write(
     step, {k: result[k] for k in ("accuracy", "top3_accuracy", "macro_f1")}
   )
   writer.close()
+  return report

@@ -89,6 +89,7 @@ def lock(workdir: str | os.PathLike) -> Iterator[None]:
     return
   path = workdir / LOCK_FILENAME
   descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+  held = False
   try:
     if fcntl is None:
       logging.warning("No file locks on this system: %s is not locked.", workdir)
@@ -104,7 +105,7 @@ def lock(workdir: str | os.PathLike) -> Iterator[None]:
         ) from None
       except OSError as e:  # A file system without locks (some network ones).
         logging.warning("Could not lock %s (%s); going on without.", path, e)
-      if os.fstat(descriptor).st_ino != os.stat(path).st_ino:
+      if not path.exists() or os.fstat(descriptor).st_ino != os.stat(path).st_ino:
         # Locked a file that a run ending just now removed (below): its
         # successor, or a third process, owns the path.
         raise WorkdirBusy(f"{workdir} changed hands while starting: start again.")
@@ -115,10 +116,12 @@ def lock(workdir: str | os.PathLike) -> Iterator[None]:
       f"pid {os.getpid()} on {socket.gethostname()} since {started}\n".encode(),
       0,
     )
+    held = True
     yield
   finally:
-    # A run that failed before writing anything leaves no trace of itself.
-    if [p.name for p in workdir.iterdir()] == [LOCK_FILENAME]:
+    # A run that failed before writing anything leaves no trace of itself
+    # (and a process refused here leaves the holder's lock file alone).
+    if held and [p.name for p in workdir.iterdir()] == [LOCK_FILENAME]:
       path.unlink()
       if created:
         workdir.rmdir()

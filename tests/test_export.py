@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -216,8 +217,8 @@ def test_the_examples_print_what_predict_says(
 def test_a_new_export_replaces_the_folder_whole_and_lists_its_files(exported, tmp_path):
   workdir, _ = exported
   out = tmp_path / "out"
-  full = export.run(workdir, output_dir=str(out))
-  assert (full.folder / "model.tflite").exists()
+  full = export.run(workdir, formats=["jax", "savedmodel"], output_dir=str(out))
+  assert (full.folder / "saved_model").is_dir()
   only_jax = export.run(workdir, formats=["jax"], output_dir=str(out))
   assert only_jax.folder == full.folder
   # Nothing of the first export is left beside the second, nor a temporary.
@@ -253,31 +254,32 @@ def test_a_failed_export_leaves_the_previous_one_as_it_was(
   export.verify(before.folder)
 
 
-@pytest.mark.parametrize("fault", ["stray", "missing", "changed"])
-def test_a_folder_that_does_not_match_its_model_json_is_refused(
-  exported, tmp_path, fault
-):
+def test_a_folder_that_does_not_match_its_model_json_is_refused(exported, tmp_path):
   workdir, _ = exported
-  folder = export.run(workdir, formats=["jax"], output_dir=str(tmp_path)).folder
-  if fault == "stray":  # A file of another export, e.g. an older 32 px one.
-    (folder / "model.tflite").write_bytes(b"old")
-  elif fault == "missing":  # Cut short.
-    (folder / "model.jax").unlink()
-  else:
-    (folder / "characters.json").write_text('["someone", "else"]')
-  with pytest.raises(export.ExportMismatch, match="export the run again"):
-    export.verify(folder)
-  with pytest.raises(export.ExportMismatch):
-    serve.load(folder)
+  written = export.run(workdir, formats=["jax"], output_dir=str(tmp_path / "good"))
+  for fault in ("stray", "missing", "changed"):
+    folder = tmp_path / fault
+    shutil.copytree(written.folder, folder)
+    if fault == "stray":  # A file of another export, e.g. an older 32 px one.
+      (folder / "model.tflite").write_bytes(b"old")
+    elif fault == "missing":  # Cut short.
+      (folder / "model.jax").unlink()
+    else:
+      (folder / "characters.json").write_text('["someone", "else"]')
+    with pytest.raises(export.ExportMismatch, match="export the run again"):
+      export.verify(folder)
+    with pytest.raises(export.ExportMismatch):
+      serve.load(folder)
+  example = ROOT / "examples" / "run_model_jax.py"
   result = subprocess.run(
-    [sys.executable, str(ROOT / "examples" / "run_model_jax.py"), str(folder), "x.jpg"],
+    [sys.executable, str(example), str(tmp_path / "stray"), "x.jpg"],
     capture_output=True,
     text=True,
     env={**os.environ, "XLA_FLAGS": ""},
     check=False,
   )
   assert result.returncode != 0
-  assert "does not match model.json" in result.stderr
+  assert "model.tflite does not match model.json" in result.stderr
 
 
 def test_an_unwritable_output_folder_is_named_before_any_work(exported, tmp_path):

@@ -20,6 +20,7 @@ from simpsons_jax import (
   config_checks,
   evaluate,
   image_files,
+  predict,
   train,
 )
 from simpsons_jax import sharding as sharding_lib
@@ -387,20 +388,19 @@ def test_predict_exits_non_zero_when_anything_was_skipped_or_nothing_found(
   )
   assert result.returncode == 2
   assert f"1 of 2 files skipped (see above): {notes}" in result.stderr
-  result = _main("--mode=predict", f"--workdir={trained_workdir}", str(frame))
-  assert result.returncode == 0, result.stderr[-2000:]
+  # Everything classified: nothing to say, exit 0.
+  done = predict.run(trained_workdir, [str(frame)])
+  assert predict.incomplete(done, [str(frame)]) == ""
 
 
 def test_evaluate_names_the_step_it_scored_and_refuses_an_unwritable_folder(
-  trained_workdir, tmp_path
+  trained_workdir, tmp_path, capsys
 ):
-  result = _main(
-    "--mode=evaluate", f"--workdir={trained_workdir}", f"--output_dir={tmp_path}"
-  )
-  assert result.returncode == 0, result.stderr[-2000:]
+  evaluate.run(trained_workdir, output_dir=str(tmp_path))
   meta = json.loads((tmp_path / "validation" / "report.json").read_text())
   step = meta["checkpoint_step"]
-  assert f"validation, checkpoint step {step} (best): accuracy" in result.stdout
+  printed = capsys.readouterr().out
+  assert f"validation, checkpoint step {step} (best): accuracy" in printed
   blocker = tmp_path / "file"
   blocker.write_text("")
   result = _main(
