@@ -152,22 +152,22 @@ class PixelBudget:
   image's share (read from the header) for at most `timeout` seconds."""
 
   def __init__(self, pixels: int, timeout: float):
-    self._free, self._timeout = pixels, timeout
+    self.total, self._free, self._timeout = pixels, pixels, timeout
     self._changed = threading.Condition()
 
   def take(self, pixels: int) -> bool:
+    """Takes `pixels` of the budget (an image larger than all of it takes all
+    of it: it decodes alone); False if they did not free up in time."""
+    pixels = min(pixels, self.total)
     with self._changed:
-      return self._changed.wait_for(lambda: self._free >= pixels, self._timeout) and (
-        self._take(pixels)
-      )
-
-  def _take(self, pixels: int) -> bool:
-    self._free -= pixels
-    return True
+      if not self._changed.wait_for(lambda: self._free >= pixels, self._timeout):
+        return False
+      self._free -= pixels
+      return True
 
   def give_back(self, pixels: int) -> None:
     with self._changed:
-      self._free += pixels
+      self._free += min(pixels, self.total)
       self._changed.notify_all()
 
 

@@ -175,7 +175,7 @@ def test_damaged_json_is_one_error_naming_the_file(copied_workdir, damaged):
 
 
 def test_evaluate_with_output_dir_writes_nothing_into_the_workdir(
-  trained_workdir, tmp_path
+  trained_workdir, tmp_path, capsys
 ):
   def snapshot():
     return {
@@ -183,11 +183,27 @@ def test_evaluate_with_output_dir_writes_nothing_into_the_workdir(
     }
 
   before = snapshot()
+  out = tmp_path / "out" / "validation"
+  out.mkdir(parents=True)
+  (out / "mismatches.png").write_bytes(b"an older evaluation's")
+  (out / "old_extra.png").write_bytes(b"stale")
   result = evaluate.run(trained_workdir, output_dir=tmp_path / "out")
   assert snapshot() == before
-  assert (tmp_path / "out" / "validation" / "report.json").exists()
   assert list((tmp_path / "out" / "tensorboard" / "eval_validation").iterdir())
   assert result["num_examples"] == 24
+  # The console names the step; the report lists its own figures, whole.
+  step = result["checkpoint_step"]
+  assert (
+    f"validation, checkpoint step {step} (best): accuracy" in capsys.readouterr().out
+  )
+  assert json.loads((out / "report.json").read_text()) == result
+  written = {
+    p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.glob("*.png")
+  }
+  assert result["figures"] == written
+  assert "predictions.png" in written and "old_extra.png" not in written
+  assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in out.glob("*.png"))
+  assert not list(out.glob(".*.tmp"))
 
 
 def test_predict_reports_bad_files_and_classifies_the_rest(
@@ -259,19 +275,3 @@ def test_an_extra_evaluator_reports_every_epoch_and_evaluate_reproduces_it(
     k: v for k, v in during.items() if k not in ("name", "figures")
   }
   assert json.loads(path.read_text()) == after
-
-
-def test_the_report_lists_the_figures_of_its_own_evaluation(trained_workdir, tmp_path):
-  out = tmp_path / "out" / "validation"
-  out.mkdir(parents=True)
-  (out / "mismatches.png").write_bytes(b"an older evaluation's")
-  (out / "old_extra.png").write_bytes(b"stale")
-  evaluate.run(trained_workdir, output_dir=tmp_path / "out")
-  report = json.loads((out / "report.json").read_text())
-  written = {
-    p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.glob("*.png")
-  }
-  assert report["figures"] == written
-  assert "predictions.png" in written and "old_extra.png" not in written
-  assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in out.glob("*.png"))
-  assert not list(out.glob(".*.tmp"))

@@ -376,9 +376,10 @@ def test_predict_exits_non_zero_when_anything_was_skipped_or_nothing_found(
 ):
   empty = tmp_path / "empty"
   empty.mkdir()
-  result = _main("--mode=predict", f"--workdir={trained_workdir}", str(empty))
-  assert result.returncode == 2
-  assert f"Nothing to classify: no image or video found in {empty}" in result.stderr
+  nothing = predict.run(trained_workdir, [str(empty)])
+  assert predict.incomplete(nothing, [str(empty)]) == (
+    f"Nothing to classify: no image or video found in {empty}."
+  )
   notes = tmp_path / "notes.jpg"
   notes.write_text("not a picture")
   frame = tmp_path / "frame.png"
@@ -393,14 +394,9 @@ def test_predict_exits_non_zero_when_anything_was_skipped_or_nothing_found(
   assert predict.incomplete(done, [str(frame)]) == ""
 
 
-def test_evaluate_names_the_step_it_scored_and_refuses_an_unwritable_folder(
-  trained_workdir, tmp_path, capsys
+def test_evaluate_refuses_an_unwritable_folder_before_loading(
+  trained_workdir, tmp_path
 ):
-  evaluate.run(trained_workdir, output_dir=str(tmp_path))
-  meta = json.loads((tmp_path / "validation" / "report.json").read_text())
-  step = meta["checkpoint_step"]
-  printed = capsys.readouterr().out
-  assert f"validation, checkpoint step {step} (best): accuracy" in printed
   blocker = tmp_path / "file"
   blocker.write_text("")
   result = _main(

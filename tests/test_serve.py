@@ -1,6 +1,7 @@
 """--mode=serve: the JSON API over real HTTP, and the page in a headless browser."""
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import json
 import shutil
@@ -9,6 +10,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 
 import pytest
 
@@ -24,10 +26,9 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(trained_workdir):
-  """The app on localhost in a thread, with a 200 KB body limit."""
-  app = serve.create_app(serve.load(trained_workdir), threshold=0.99, max_bytes=200_000)
+@contextlib.contextmanager
+def _serving(app) -> Iterator[int]:
+  """`app` on a free localhost port in a thread, until the block ends."""
   port = _free_port()
   config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
   running = uvicorn.Server(config)
@@ -37,9 +38,17 @@ def server(trained_workdir):
     if running.started:
       break
     time.sleep(0.05)
-  yield f"http://127.0.0.1:{port}"
+  yield port
   running.should_exit = True
   thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(trained_workdir):
+  """The app on localhost, with a 200 KB body limit."""
+  app = serve.create_app(serve.load(trained_workdir), threshold=0.99, max_bytes=200_000)
+  with _serving(app) as port:
+    yield f"http://127.0.0.1:{port}"
 
 
 def _request(url: str, data: bytes | None = None) -> tuple[int, dict]:
@@ -229,6 +238,8 @@ def test_the_pixels_decoded_at_once_are_bounded(trained_workdir, monkeypatch):
   with concurrent.futures.ThreadPoolExecutor(8) as pool:
     assert all(r["top"] for r in pool.map(answer, [image] * 8))
   assert most[0] == 2  # Two images' worth of pixels at a time, no more.
+  tiny = serve.predictor(model, 0.0, decode_pixels=1000, queue_timeout=0.01)
+  assert tiny(image)["top"]  # Larger than the whole budget: decoded alone.
   busy = serve.predictor(model, 0.0, decode_pixels=300 * 200, queue_timeout=0.01)
   budget_holder = threading.Thread(target=busy, args=(image,))
   budget_holder.start()
@@ -241,20 +252,11 @@ def test_the_pixels_decoded_at_once_are_bounded(trained_workdir, monkeypatch):
 
 @pytest.fixture(scope="module")
 def strict_server(trained_workdir):
-  """The app with a 0.5 s limit on sending the body."""
-  app = serve.create_app(serve.load(trained_workdir), body_timeout=0.5)
-  port = _free_port()
-  config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
-  running = uvicorn.Server(config)
-  thread = threading.Thread(target=running.run, daemon=True)
-  thread.start()
-  for _ in range(200):
-    if running.started:
-      break
-    time.sleep(0.05)
-  yield port
-  running.should_exit = True
-  thread.join(timeout=10)
+  """The app with a 0.5 s limit on sending the body; its port."""
+  with _serving(
+    serve.create_app(serve.load(trained_workdir), body_timeout=0.5)
+  ) as port:
+    yield port
 
 
 def test_a_slow_sender_is_timed_out_and_a_vanished_one_is_one_log_line(
@@ -270,7 +272,7 @@ def test_a_slow_sender_is_timed_out_and_a_vanished_one_is_one_log_line(
     reply = slow.recv(4096).decode(errors="replace")
   assert reply.startswith("HTTP/1.1 408") and "over 0.5 s" in reply
   assert time.monotonic() - start < 5
-  with caplog.at_level("INFO"):
+  with caplog.at_level("INFO", logger="absl"):  # Whatever verbosity absl was left at.
     # To the server with the default 30 s limit: the disconnect comes first.
     port = int(server.rsplit(":", 1)[1])
     with socket.create_connection(("127.0.0.1", port), timeout=10) as gone:
