@@ -12,13 +12,10 @@
 Training again with the same --workdir resumes the run.
 """
 
-import difflib
 import errno
-import importlib.util
 import logging as logging_lib
 import os
 import sys
-from typing import Any
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -264,43 +261,10 @@ def _parse_flags(argv: list[str]) -> list[str]:
   except (AttributeError, KeyError):
     if os.environ.get("SIMPSONS_JAX_TRACEBACK"):
       raise
-    print(f"error: {_unknown_config_key(argv)}", file=sys.stderr)
+    from simpsons_jax import config_keys
+
+    print(f"error: {config_keys.unknown_override(argv)}", file=sys.stderr)
     raise SystemExit(1) from None
-
-
-def _unknown_config_key(argv: list[str]) -> str:
-  """Which `--config.KEY=...` of `argv` the config file lacks, and its
-  closest keys."""
-  path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "")
-  if not path and "--config" in argv[:-1]:
-    path = argv[argv.index("--config") + 1]
-  spec = importlib.util.spec_from_file_location("config_file", path.split(":")[0])
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  keys = sorted(_keys(module.get_config()))
-  for arg in argv:
-    if arg.startswith("--config.") and "=" in arg:
-      key = arg[len("--config.") :].split("=", 1)[0]
-      if key not in keys:
-        close = difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
-        hint = (
-          f"did you mean {', '.join(f'--config.{k}' for k in close)}? " if close else ""
-        )
-        return (
-          f"--config.{key} is not a key of {path}: {hint}"
-          f"configs/default.py lists every key, with its meaning"
-        )
-  return f"a --config.KEY override does not match {path}'s keys"
-
-
-def _keys(config: Any, prefix: str = "") -> list[str]:
-  """Every key of a ConfigDict, nested ones as 'group.key'."""
-  keys = []
-  for name, value in config.items():
-    keys.append(prefix + name)
-    if hasattr(value, "items") and not isinstance(value, dict):
-      keys += _keys(value, f"{prefix}{name}.")
-  return keys
 
 
 if __name__ == "__main__":

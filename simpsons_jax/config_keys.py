@@ -1,0 +1,43 @@
+"""The keys of a config file, and which `--config.KEY=...` of a command line
+it lacks, with the closest keys it has (for a one-line error)."""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+from typing import Any
+
+
+def keys(config: Any, prefix: str = "") -> list[str]:
+  """Every key of a ConfigDict, nested ones as 'group.key'."""
+  found = []
+  for name, value in config.items():
+    found.append(prefix + name)
+    if hasattr(value, "items") and not isinstance(value, dict):
+      found += keys(value, f"{prefix}{name}.")
+  return found
+
+
+def unknown_override(argv: list[str]) -> str:
+  """Which `--config.KEY=...` of `argv` the `--config` file lacks, and its
+  closest keys, as one sentence."""
+  path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "")
+  if not path and "--config" in argv[:-1]:
+    path = argv[argv.index("--config") + 1]
+  spec = importlib.util.spec_from_file_location("config_file", path.split(":")[0])
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  known = sorted(keys(module.get_config()))
+  for arg in argv:
+    if arg.startswith("--config.") and "=" in arg:
+      key = arg[len("--config.") :].split("=", 1)[0]
+      if key not in known:
+        close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+        hint = (
+          f"did you mean {', '.join(f'--config.{k}' for k in close)}? " if close else ""
+        )
+        return (
+          f"--config.{key} is not a key of {path}: {hint}"
+          "configs/default.py lists every key, with its meaning"
+        )
+  return f"a --config.KEY override does not match {path}'s keys"
