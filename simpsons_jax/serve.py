@@ -171,11 +171,6 @@ class PixelBudget:
       self._changed.notify_all()
 
 
-def _plain(problem: str) -> str:
-  """An image problem without TensorFlow's internals."""
-  return problem.split(" (TensorFlow:")[0].split("{{")[0].strip()
-
-
 def preparer(image_size: int) -> Callable[[bytes], np.ndarray]:
   """JPEG or PNG bytes -> the uint8 (S, S, 3) image the model takes, decoded
   and resized as training does, in one TensorFlow graph (eager ops cost more
@@ -219,7 +214,7 @@ def predictor(
       raise BadUpload(400, "the request has no image: send its bytes as the body")
     problem = image_files.header_problem(contents, model.max_pixels)
     if problem:
-      raise BadUpload(415, f"not usable: {_plain(problem)}")
+      raise BadUpload(415, f"not usable: {problem}")
     pixels = image_files.header_pixels(contents)
     if not budget.take(pixels):
       raise BadUpload(
