@@ -15,13 +15,15 @@
 
 Requests are bounded: the body's size (`max_bytes`) and the time to send it
 (`body_timeout`, then 408), the pixel count read from the image's header before
-any decoding (`max_image_pixels`), the pixels being decoded at once by all
-requests together (`decode_pixels`; a request that cannot start within
+any decoding (`max_image_pixels`), the pixels waiting to be decoded by all
+requests together (`decode_pixels`; a request that cannot join within
 `queue_timeout` gets 503 with Retry-After), and the time of one prediction
-(`timeout`). The model is loaded once. Requests that wait together run as one
-batch (`Batcher`, in the manner of TF Serving's batching: at most `max_batch`
-images, gathered for at most `batch_wait` seconds after the first), with the
-same answers as one at a time. A bad upload is a 4xx whose JSON `error` says
+(`timeout`). The model is loaded once, and compiled for each batch size before
+the first request. Requests that wait together are decoded and classified as
+one batch (`Batcher`, in the manner of TF Serving's batching: at most
+`max_batch` images, gathered for at most `batch_wait` seconds after the
+first), with the same answers as one at a time; waiting for a batch holds no
+thread. A bad upload is a 4xx whose JSON `error` says
 in plain words what was wrong; answers name no local path.
 """
 
@@ -31,6 +33,7 @@ import dataclasses
 import email.parser
 import email.policy
 import errno
+import gc
 import importlib.resources
 import json
 import os
@@ -100,28 +103,31 @@ class BadUpload(ValueError):
 
 
 class Batcher:
-  """Runs the images of requests that wait together as one batch.
+  """Runs the items of requests that wait together as one batch.
 
-  `__call__` queues one image and blocks until its probabilities are there.
-  One worker thread takes the first image waiting, gathers more for at most
-  `wait` seconds (at most `max_batch` in all), and classifies them at once,
-  padded to a power of two so that few batch sizes are ever compiled. With
-  `max_batch` 1, requests run one at a time.
+  `submit` queues one item and returns a future of its result. One worker
+  thread takes the first item waiting, gathers more for at most `wait` seconds
+  (at most `max_batch` in all), and hands them at once to `run`, which returns
+  one result or exception per item. With `max_batch` 1, items run one at a time.
   """
 
   def __init__(
-    self, classify: video.Classifier, max_batch: int = 32, wait: float = 0.002
+    self,
+    run: Callable[[list[Any]], list[Any]],
+    max_batch: int = 32,
+    wait: float = 0.002,
   ):
     if max_batch < 1:
       raise ValueError(f"--max_batch must be at least 1, not {max_batch}")
-    self._classify, self._max_batch, self._wait = classify, max_batch, wait
+    self._run, self._max_batch, self._wait = run, max_batch, wait
     self._queue: queue.SimpleQueue = queue.SimpleQueue()
     threading.Thread(target=self._work, name="batcher", daemon=True).start()
 
-  def __call__(self, image: np.ndarray) -> np.ndarray:
+  def submit(self, item: Any) -> concurrent.futures.Future:
+    """Queues one item: a future of its result."""
     done: concurrent.futures.Future = concurrent.futures.Future()
-    self._queue.put((image, done))
-    return done.result()
+    self._queue.put((item, done))
+    return done
 
   def _work(self) -> None:
     while True:
@@ -132,19 +138,15 @@ class Batcher:
           waiting.append(self._queue.get(timeout=max(0.0, deadline - time.monotonic())))
         except queue.Empty:
           break
-      images = np.stack([image for image, _ in waiting])
-      size = 1 << (len(waiting) - 1).bit_length()  # The next power of two.
-      padded = np.concatenate(
-        [images, np.zeros((size - len(images), *images.shape[1:]), images.dtype)]
-      )
       try:
-        probabilities = np.asarray(self._classify(padded))
+        results = self._run([item for item, _ in waiting])
       except Exception as e:  # noqa: BLE001 - handed to every waiting request.
-        for _, done in waiting:
-          done.set_exception(e)
-        continue
-      for (_, done), p in zip(waiting, probabilities, strict=False):
-        done.set_result(p)
+        results = [e] * len(waiting)
+      for (_, done), result in zip(waiting, results, strict=True):
+        if isinstance(result, Exception):
+          done.set_exception(result)
+        else:
+          done.set_result(result)
 
 
 class PixelBudget:
@@ -171,19 +173,24 @@ class PixelBudget:
       self._changed.notify_all()
 
 
-def preparer(image_size: int) -> Callable[[bytes], np.ndarray]:
-  """JPEG or PNG bytes -> the uint8 (S, S, 3) image the model takes, decoded
-  and resized as training does, in one TensorFlow graph (eager ops cost more
-  than their work on small images); BadUpload where the data is damaged."""
+def preparer(image_size: int) -> Callable[[Sequence[bytes]], np.ndarray]:
+  """JPEG or PNG bytes, a batch of them -> the uint8 (N, S, S, 3) images the
+  model takes, decoded and resized as training does, in one TensorFlow graph
+  call (a call costs more than the work on a small image); BadUpload for a
+  batch holding damaged data."""
   import tensorflow as tf
 
-  @tf.function(input_signature=[tf.TensorSpec([], tf.string)], autograph=False)
-  def graph(contents: tf.Tensor) -> tf.Tensor:
+  def one(contents: tf.Tensor) -> tf.Tensor:
     return core.resize(image_files.decode(contents), image_size)
 
-  def prepare(contents: bytes) -> np.ndarray:
+  @tf.function(input_signature=[tf.TensorSpec([None], tf.string)], autograph=False)
+  def graph(batch: tf.Tensor) -> tf.Tensor:
+    shape = tf.TensorSpec([image_size, image_size, 3], tf.uint8)
+    return tf.map_fn(one, batch, fn_output_signature=shape, parallel_iterations=4)
+
+  def prepare(batch: Sequence[bytes]) -> np.ndarray:
     try:
-      return graph(contents).numpy()
+      return graph(tf.constant(list(batch), tf.string)).numpy()
     except tf.errors.OpError:
       raise BadUpload(
         415, "not usable: not a readable JPEG or PNG (its data is damaged or cut short)"
@@ -192,47 +199,101 @@ def preparer(image_size: int) -> Callable[[bytes], np.ndarray]:
   return prepare
 
 
-def predictor(
-  model: Model,
-  threshold: float,
-  top_k: int = 3,
-  max_batch: int = 1,
-  batch_wait: float = 0.002,
-  decode_pixels: int = 0,
-  queue_timeout: float = 10.0,
-) -> Callable[[bytes], dict[str, Any]]:
-  """bytes -> the JSON answer. Images are decoded within a pixel budget
-  (`decode_pixels`, default the model's pixel limit) and classified by a
-  `Batcher` of `max_batch` images."""
-  run = Batcher(model.classify, max_batch, batch_wait)
-  prepare = preparer(model.image_size)
-  budget = PixelBudget(decode_pixels or model.max_pixels, queue_timeout)
-  k = min(top_k, len(model.names))
+class Predictor:
+  """bytes -> the JSON answer, in two halves: `check` (the header, and the
+  image's share of the pixels decoded at once, `decode_pixels`, default the
+  model's pixel limit; blocking, run it in a thread) and `submit` (to a
+  `Batcher` that decodes and classifies the images of at most `max_batch`
+  requests at once: a future of the answer). Calling it does both and waits."""
 
-  def answer(contents: bytes) -> dict[str, Any]:
+  def __init__(
+    self,
+    model: Model,
+    threshold: float,
+    top_k: int = 3,
+    max_batch: int = 1,
+    batch_wait: float = 0.002,
+    decode_pixels: int = 0,
+    queue_timeout: float = 10.0,
+  ):
+    self._model, self._threshold = model, threshold
+    self._k = min(top_k, len(model.names))
+    self._batcher = Batcher(self._run, max_batch, batch_wait)
+    self._decode = preparer(model.image_size)
+    self._budget = PixelBudget(decode_pixels or model.max_pixels, queue_timeout)
+    # Each batch size compiles at its first use, stalling every request
+    # waiting then: all of them now, before the first request.
+    for size in (1 << n for n in range((max_batch - 1).bit_length() + 1)):
+      shape = (size, model.image_size, model.image_size, 3)
+      model.classify(np.zeros(shape, np.uint8))
+
+  def check(self, contents: bytes) -> int:
+    """The image's pixel count, taken from the decoding budget; BadUpload if
+    it is not usable or the budget did not free up in time."""
     if not contents:
       raise BadUpload(400, "the request has no image: send its bytes as the body")
-    problem = image_files.header_problem(contents, model.max_pixels)
+    problem = image_files.header_problem(contents, self._model.max_pixels)
     if problem:
       raise BadUpload(415, f"not usable: {problem}")
     pixels = image_files.header_pixels(contents)
-    if not budget.take(pixels):
+    if not self._budget.take(pixels):
       raise BadUpload(
         503, "the server is busy decoding other images: retry in a moment"
       )
-    try:
-      resized = prepare(contents)
-    finally:
-      budget.give_back(pixels)
-    p = run(resized)
-    top = [
-      {"character": model.names[i], "probability": float(p[i])}
-      for i in np.argsort(-p)[:k]
-    ]
-    best = top[0]["character"] if top[0]["probability"] >= threshold else video.UNKNOWN
-    return {"character": best, "top": top, "threshold": threshold}
+    return pixels
 
-  return answer
+  def submit(self, contents: bytes, pixels: int) -> concurrent.futures.Future:
+    """A future of the answer for a checked image (`pixels`, from `check`,
+    go back to the budget once it is decoded)."""
+    return self._batcher.submit((contents, pixels))
+
+  def __call__(self, contents: bytes) -> dict[str, Any]:
+    return self.submit(contents, self.check(contents)).result()
+
+  def _images(self, batch: list[bytes]) -> list[np.ndarray | Exception]:
+    """Decoded together; one by one only when the batch holds damaged data."""
+    try:
+      return list(self._decode(batch))
+    except BadUpload:
+      if len(batch) == 1:
+        raise
+    images: list[np.ndarray | Exception] = []
+    for contents in batch:
+      try:
+        images.append(self._decode([contents])[0])
+      except BadUpload as e:
+        images.append(e)
+    return images
+
+  def _run(self, items: list[tuple[bytes, int]]) -> list[dict[str, Any] | Exception]:
+    try:
+      images = self._images([contents for contents, _ in items])
+    finally:
+      for _, pixels in items:
+        self._budget.give_back(pixels)
+    good = [image for image in images if not isinstance(image, Exception)]
+    if not good:
+      return images
+    size = 1 << (len(good) - 1).bit_length()  # Few batch sizes ever compiled.
+    padded = np.zeros((size, *good[0].shape), good[0].dtype)
+    padded[: len(good)] = good
+    probabilities = iter(np.asarray(self._model.classify(padded)))
+    return [
+      image if isinstance(image, Exception) else self._answer(next(probabilities))
+      for image in images
+    ]
+
+  def _answer(self, p: np.ndarray) -> dict[str, Any]:
+    top = [
+      {"character": self._model.names[i], "probability": float(p[i])}
+      for i in np.argsort(-p)[: self._k]
+    ]
+    best = top[0]["character"] if top[0]["probability"] >= self._threshold else None
+    return {
+      "character": best or video.UNKNOWN,
+      "top": top,
+      "threshold": self._threshold,
+    }
 
 
 def image_from_form(content_type: str, body: bytes) -> bytes:
@@ -266,7 +327,7 @@ def create_app(
   from starlette.requests import ClientDisconnect
 
   app = FastAPI(title="simpsons_jax", docs_url=None, redoc_url=None)
-  answer = predictor(
+  predictor = Predictor(
     model, threshold, top_k, max_batch, batch_wait, decode_pixels, queue_timeout
   )
   page_html = (
@@ -310,7 +371,10 @@ def create_app(
     try:
       body = await read_body(request)
       try:
-        result = await asyncio.wait_for(asyncio.to_thread(answer, body), timeout)
+        async with asyncio.timeout(timeout):
+          pixels = await asyncio.to_thread(predictor.check, body)
+          # Waiting for the batch holds no thread: batches grow with the load.
+          result = await asyncio.wrap_future(predictor.submit(body, pixels))
       except TimeoutError:
         raise BadUpload(503, f"the prediction took over {timeout:g} s") from None
     except ClientDisconnect:
@@ -362,6 +426,9 @@ def run(
   check_port(host, port)
   model = load(path, checkpoint)
   app = create_app(model, threshold, top_k, max_batch=max_batch, batch_wait=batch_wait)
+  # The model's and the libraries' objects out of the garbage collector's
+  # sight: its full collections would otherwise stall requests.
+  gc.freeze()
   print(f"Serving {model.source} on http://{host}:{port}/")
   # A log line per request costs more than parsing it: errors only.
   uvicorn.run(app, host=host, port=port, access_log=False)

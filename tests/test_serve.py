@@ -98,8 +98,8 @@ def test_bad_uploads_get_a_4xx_with_a_message(server, body, status, message):
 
 def test_an_exported_folder_serves_the_same_answers(trained_workdir, tiny_data_dir):
   written = export.run(trained_workdir, formats=["jax"])
-  from_export = serve.predictor(serve.load(written.folder), threshold=0.0)
-  from_run = serve.predictor(serve.load(trained_workdir), threshold=0.0)
+  from_export = serve.Predictor(serve.load(written.folder), threshold=0.0)
+  from_run = serve.Predictor(serve.load(trained_workdir), threshold=0.0)
   frame = sorted(tiny_data_dir.glob("*/*.jpg"))[5].read_bytes()
   a, b = from_export(frame), from_run(frame)
   assert a["character"] == b["character"]
@@ -195,58 +195,53 @@ def test_requests_waiting_together_run_as_one_batch_with_the_same_answers(
 ):
   model = serve.load(trained_workdir)
   frames = [p.read_bytes() for p in sorted(tiny_data_dir.glob("*/*.jpg"))[:12]]
-  one_at_a_time = serve.predictor(model, threshold=0.0, max_batch=1)
+  one_at_a_time = serve.Predictor(model, threshold=0.0, max_batch=1)
   expected = [one_at_a_time(f) for f in frames]
   batches = []
   counted = serve.Model(
     lambda images: batches.append(len(images)) or model.classify(images),
     *dataclasses.astuple(model)[1:],
   )
-  batched = serve.predictor(counted, threshold=0.0, max_batch=8, batch_wait=0.2)
-  with concurrent.futures.ThreadPoolExecutor(12) as pool:
+  batched = serve.Predictor(counted, threshold=0.0, max_batch=8, batch_wait=0.2)
+  batches.clear()  # The warm-up's.
+  cut_short = frames[0][: len(frames[0]) // 2]  # Its header reads; its data does not.
+  with concurrent.futures.ThreadPoolExecutor(13) as pool:
     answers = list(pool.map(batched, frames))
+    damaged = pool.submit(batched, cut_short)
+    answers += list(pool.map(batched, frames[:3]))
   assert len(batches) < len(frames)  # Some ran together...
   assert max(batches) <= 8 and all(b & (b - 1) == 0 for b in batches)  # padded
-  for got, want in zip(answers, expected, strict=True):  # ...with the same answers.
+  for got, want in zip(answers, expected + expected[:3], strict=True):  # ...the same.
     assert [t["character"] for t in got["top"]] == [t["character"] for t in want["top"]]
     for a, b in zip(got["top"], want["top"], strict=True):
       assert a["probability"] == pytest.approx(b["probability"], abs=1e-6)
+  with pytest.raises(serve.BadUpload) as refused:  # Only the damaged one fails.
+    damaged.result()
+  assert refused.value.status == 415 and "damaged" in str(refused.value)
 
 
-def test_the_pixels_decoded_at_once_are_bounded(trained_workdir, monkeypatch):
+def test_the_pixels_decoded_at_once_are_bounded(trained_workdir):
   model = serve.load(trained_workdir)
   image = _jpeg(300, 200)
-  decoding, most = [0], [0]
-  real = serve.preparer
-
-  def counting(image_size):
-    prepare = real(image_size)
-
-    def counted(contents):
-      decoding[0] += 1
-      most[0] = max(most[0], decoding[0])
-      time.sleep(0.05)
-      try:
-        return prepare(contents)
-      finally:
-        decoding[0] -= 1
-
-    return counted
-
-  monkeypatch.setattr(serve, "preparer", counting)
-  answer = serve.predictor(model, 0.0, decode_pixels=2 * 300 * 200, queue_timeout=30)
+  batches = []
+  counted = serve.Model(
+    lambda images: batches.append(len(images)) or model.classify(images),
+    *dataclasses.astuple(model)[1:],
+  )
+  # Two images' worth of pixels: a batch never holds more, however many wait.
+  answer = serve.Predictor(
+    counted, 0.0, max_batch=8, batch_wait=0.2, decode_pixels=2 * 300 * 200
+  )
+  batches.clear()  # The warm-up's.
   with concurrent.futures.ThreadPoolExecutor(8) as pool:
     assert all(r["top"] for r in pool.map(answer, [image] * 8))
-  assert most[0] == 2  # Two images' worth of pixels at a time, no more.
-  tiny = serve.predictor(model, 0.0, decode_pixels=1000, queue_timeout=0.01)
+  assert max(batches) == 2 and sum(batches) >= 8
+  tiny = serve.Predictor(model, 0.0, decode_pixels=1000, queue_timeout=0.01)
   assert tiny(image)["top"]  # Larger than the whole budget: decoded alone.
-  busy = serve.predictor(model, 0.0, decode_pixels=300 * 200, queue_timeout=0.01)
-  budget_holder = threading.Thread(target=busy, args=(image,))
-  budget_holder.start()
-  time.sleep(0.01)
+  busy = serve.Predictor(model, 0.0, decode_pixels=300 * 200, queue_timeout=0.01)
+  assert busy.check(image) == 300 * 200  # Held, as by a request being decoded.
   with pytest.raises(serve.BadUpload) as refused:
     busy(image)
-  budget_holder.join()
   assert refused.value.status == 503 and "retry" in str(refused.value)
 
 
