@@ -1,10 +1,12 @@
-"""Builds simpsons_jax; metadata lives in setup.cfg.
+"""Builds simpsons_jax; metadata lives in setup.cfg, the requirements that
+depend on the machine in build_tools/dependencies.py.
 
 The one compiled part is `simpsons_jax/cpu_conv/_onednn`: oneDNN's convolutions
-as XLA FFI handlers, for x86-64 Linux. Its build needs a C++17 compiler, the
-oneDNN wheels and jaxlib's FFI headers (all declared in pyproject.toml's build
-requirements). Where any of that is missing the extension is skipped with a
-warning, the install succeeds, and the models use XLA's own convolutions.
+as XLA FFI handlers, for x86-64 Linux CPUs (`dependencies.cpu_kernels` says
+where). Its build needs a C++17 compiler, the oneDNN wheels and jaxlib's FFI
+headers (build_tools/backend.py asks for them). Where any of that is missing
+the extension is skipped with a warning, the install succeeds, and the models
+use XLA's own convolutions.
 """
 
 from __future__ import annotations
@@ -12,11 +14,13 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import os
-import platform
 import sys
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__) or ".", "build_tools"))
+import dependencies  # noqa: E402
 
 ONEDNN_DEVEL = "onednn-devel-cpu-gomp"
 ONEDNN_RUNTIME = "onednn-cpu-gomp"
@@ -31,9 +35,9 @@ def _file_in(distribution: str, name: str) -> str:
   raise FileNotFoundError(f"{distribution} installed no {name}")
 
 
-def _onednn_extension() -> list[Extension]:
-  if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
-    print("simpsons_jax: not x86-64 Linux, oneDNN kernels not built", file=sys.stderr)
+def _onednn_extension(build: bool, why: str) -> list[Extension]:
+  if not build:
+    print(f"simpsons_jax: oneDNN kernels not built: {why}", file=sys.stderr)
     return []
   try:
     include = _file_in(ONEDNN_DEVEL, "oneapi/dnnl/dnnl.hpp")
@@ -77,4 +81,9 @@ class OptionalBuildExt(build_ext):
       self.extensions = []  # Nothing to copy or install.
 
 
-setup(ext_modules=_onednn_extension(), cmdclass={"build_ext": OptionalBuildExt})
+BUILD_KERNELS, WHY = dependencies.cpu_kernels()
+setup(
+  install_requires=dependencies.install_requires(BUILD_KERNELS),
+  ext_modules=_onednn_extension(BUILD_KERNELS, WHY),
+  cmdclass={"build_ext": OptionalBuildExt},
+)

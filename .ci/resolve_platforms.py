@@ -3,7 +3,8 @@
   python .ci/resolve_platforms.py
 
 For each platform and Python version below, `uv pip compile` resolves the base
-requirements of setup.cfg and the extras that should work there, evaluating
+requirements (build_tools/dependencies.py, as for a machine without TensorFlow)
+and the extras of setup.cfg that should work there, evaluating
 every environment marker (the dependencies' too) for that platform and
 insisting on a wheel for it (`--only-binary :all:`; `promise`, a dependency of
 tensorflow-datasets, is pure Python published as source only). Prints one line
@@ -19,6 +20,9 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "build_tools"))
+import dependencies  # noqa: E402
+
 PLATFORMS = {
   "Linux x86-64": "x86_64-manylinux_2_28",
   "Linux aarch64": "aarch64-manylinux_2_28",
@@ -30,10 +34,10 @@ EXTRAS = ("serve", "video", "test")
 
 
 def requirements() -> list[str]:
-  """setup.cfg's install_requires and EXTRAS, one requirement a line."""
+  """The base requirements and setup.cfg's EXTRAS, one requirement a line."""
   setup = configparser.ConfigParser()
   setup.read(ROOT / "setup.cfg")
-  lines = setup["options"]["install_requires"].splitlines()
+  lines = dependencies.any_machine()
   for extra in EXTRAS:
     lines += setup["options.extras_require"][extra].splitlines()
   return [line.strip() for line in lines if line.strip() and not line.startswith("#")]

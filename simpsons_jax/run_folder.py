@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import os
 import socket
 from collections.abc import Iterator
@@ -25,7 +26,11 @@ from simpsons_jax import checkpointing, files, models
 
 try:
   import fcntl
+
+  msvcrt = None
 except ImportError:  # Windows.
+  import msvcrt
+
   fcntl = None
 
 LOCK_FILENAME = "train.lock"
@@ -91,41 +96,67 @@ def lock(workdir: str | os.PathLike) -> Iterator[None]:
   descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
   held = False
   try:
-    if fcntl is None:
-      logging.warning("No file locks on this system: %s is not locked.", workdir)
-    else:
-      try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-      except BlockingIOError:
-        holder = os.pread(descriptor, 1000, 0).decode(errors="replace").strip()
+    try:
+      if not _take(descriptor):
+        os.lseek(descriptor, 0, os.SEEK_SET)
+        holder = os.read(descriptor, 1000).decode(errors="replace").strip()
         raise WorkdirBusy(
           f"{workdir} is in use by another training run ({holder or 'unknown'}): "
           "wait for it or stop it, or train in another --workdir. evaluate and "
           "predict can run beside it."
-        ) from None
-      except OSError as e:  # A file system without locks (some network ones).
-        logging.warning("Could not lock %s (%s); going on without.", path, e)
-      if not path.exists() or os.fstat(descriptor).st_ino != os.stat(path).st_ino:
-        # Locked a file that a run ending just now removed (below): its
-        # successor, or a third process, owns the path.
-        raise WorkdirBusy(f"{workdir} changed hands while starting: start again.")
+        )
+    except OSError as e:  # A file system without locks (some network ones).
+      logging.warning("Could not lock %s (%s); going on without.", path, e)
+    if not path.exists() or os.fstat(descriptor).st_ino != os.stat(path).st_ino:
+      # Locked a file that a run ending just now removed (below): its
+      # successor, or a third process, owns the path.
+      raise WorkdirBusy(f"{workdir} changed hands while starting: start again.")
     started = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     os.ftruncate(descriptor, 0)
-    os.pwrite(
+    os.lseek(descriptor, 0, os.SEEK_SET)
+    os.write(
       descriptor,
       f"pid {os.getpid()} on {socket.gethostname()} since {started}\n".encode(),
-      0,
     )
     held = True
     yield
   finally:
     # A run that failed before writing anything leaves no trace of itself
     # (and a process refused here leaves the holder's lock file alone).
-    if held and [p.name for p in workdir.iterdir()] == [LOCK_FILENAME]:
+    trace_only = held and [p.name for p in workdir.iterdir()] == [LOCK_FILENAME]
+    if trace_only and fcntl is not None:
+      # Removed while locked: a process that locks it now sees it gone.
       path.unlink()
-      if created:
-        workdir.rmdir()
     os.close(descriptor)  # Releases the lock.
+    if trace_only:
+      # Windows removes no file another process holds open: after closing.
+      with contextlib.suppress(OSError):
+        path.unlink(missing_ok=True)
+        if created:
+          workdir.rmdir()
+
+
+# Windows locks byte ranges, and no other process can read a locked range:
+# the byte locked lies far past the holder's line that WorkdirBusy quotes.
+_WINDOWS_LOCKED_BYTE = 1 << 30
+
+
+def _take(descriptor: int) -> bool:
+  """Locks the open lock file; False if another process holds it."""
+  if fcntl is not None:
+    try:
+      fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      return False
+    return True
+  os.lseek(descriptor, _WINDOWS_LOCKED_BYTE, os.SEEK_SET)
+  try:
+    msvcrt.locking(descriptor, msvcrt.LK_NBLCK, 1)
+  except OSError as e:
+    if e.errno in (errno.EACCES, errno.EDEADLOCK):
+      return False
+    raise
+  return True
 
 
 def _normalise(value):

@@ -38,6 +38,52 @@ def test_a_second_process_is_refused_until_the_first_dies(tmp_path, tiny_config)
     assert f"pid {os.getpid()} " in (tmp_path / "train.lock").read_text()
 
 
+# Windows' msvcrt.locking (byte ranges, EACCES when held), played by POSIX
+# record locks: the lock's Windows code path, run here.
+AS_ON_WINDOWS = """
+import errno, fcntl, os, sys, types
+from simpsons_jax import checkpointing, files, models  # Before msvcrt appears.
+def locking(descriptor, mode, count):
+  start = os.lseek(descriptor, 0, os.SEEK_CUR)
+  try:
+    fcntl.lockf(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB, count, start)
+  except BlockingIOError:
+    raise OSError(errno.EACCES, "Permission denied") from None
+sys.modules["msvcrt"] = types.SimpleNamespace(locking=locking, LK_NBLCK=2)
+sys.modules["fcntl"] = None  # import fcntl fails, as on Windows.
+"""
+TRY = """
+import sys
+from simpsons_jax import run_folder
+try:
+  with run_folder.lock(sys.argv[1]):
+    print("locked", flush=True)
+except run_folder.WorkdirBusy as e:
+  print(e)
+"""
+
+
+def test_the_lock_holds_on_windows_too(tmp_path):
+  holder = subprocess.Popen(
+    [sys.executable, "-c", AS_ON_WINDOWS + HOLD, str(tmp_path)],
+    stdout=subprocess.PIPE,
+    text=True,
+  )
+
+  def second() -> str:
+    command = [sys.executable, "-c", AS_ON_WINDOWS + TRY, str(tmp_path)]
+    return subprocess.run(command, capture_output=True, text=True).stdout
+
+  try:
+    assert holder.stdout.readline().strip() == "locked"
+    assert f"in use by another training run (pid {holder.pid} on " in second()
+  finally:
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+  assert second().strip() == "locked"
+  assert not list(tmp_path.iterdir())  # Nothing written: no trace left.
+
+
 def test_the_lock_is_released_on_an_error(tmp_path):
   with pytest.raises(ZeroDivisionError), run_folder.lock(tmp_path):
     raise ZeroDivisionError
