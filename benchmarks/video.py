@@ -23,7 +23,8 @@ from absl import app, flags
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from simpsons_jax import cpu_conv, predict, splits, video  # noqa: E402
+from simpsons_jax import cpu_conv, splits, video  # noqa: E402
+from simpsons_jax import trained as trained_run  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "A trained run on a folder of frames.")
@@ -39,7 +40,7 @@ SIZE, FPS = (640, 360), 25
 def main(argv: list[str]) -> None:
   del argv
   av = video.require_av()
-  trained = predict.load(FLAGS.workdir)
+  trained = trained_run.load(FLAGS.workdir)
   root = Path(trained.config.data_dir).expanduser()
   by_character: dict[str, list[Path]] = {}
   for key in sorted(splits.saved_validation(FLAGS.workdir)):
@@ -71,7 +72,7 @@ def main(argv: list[str]) -> None:
       t += FLAGS.seconds
     sink.mux(stream.encode())
   options = video.Options(threshold=FLAGS.threshold)
-  classify = predict.classifier(trained, options.batch_size)
+  classify = trained_run.classifier(trained, options.batch_size)
   start = time.perf_counter()
   analysis = video.analyse(clip, classify, trained.config.image_size, options)
   analysed = time.perf_counter() - start

@@ -18,7 +18,8 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from simpsons_jax import data, evaluators, files, plots, predict, sharding, summary
+from simpsons_jax import data, evaluators, files, plots, sharding, summary
+from simpsons_jax import trained as trained_run
 
 VALIDATION = "validation"
 NUM_SHOWN = 9
@@ -46,7 +47,7 @@ def run(
     files.as_path(output_dir) if output_dir else workdir / "eval",
     "give --output_dir a folder you can write to (the workdir may be read-only)",
   )
-  trained = predict.load(workdir, checkpoint)
+  trained = trained_run.load(workdir, checkpoint)
   config, names = trained.config, trained.cmap.names
   evals = config.get("evals", None) or {}
   if eval_dir in evals:
@@ -71,7 +72,7 @@ def run(
     "checkpoint_step": trained.step,
     **evaluator.run(score, trained.variables, mesh, config, names),
   }
-  probs = predict.probabilities(trained, evaluator.batches(config))
+  probs = trained_run.probabilities(trained, evaluator.batches(config))
   out.mkdir(parents=True, exist_ok=True)
   for stale in out.glob("*.png"):  # Another evaluation's: the report lists ours.
     stale.unlink()
@@ -144,7 +145,7 @@ def show_data(workdir: str | os.PathLike, count: int = 9, seed: int = 0) -> epat
   """A grid of random training frames with their characters (the notebook's
   `show_random_characters`), saved as `<workdir>/eval/training_data/`."""
   workdir = files.as_path(workdir)
-  config, cmap = predict.load_config_and_map(workdir)
+  config, cmap = trained_run.load_config_and_map(workdir)
   out = workdir / "eval" / "training_data"
   out.mkdir(parents=True, exist_ok=True)
   _, train, _ = data.create(config).load(workdir)

@@ -28,6 +28,7 @@ artifacts must not need).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -40,27 +41,24 @@ import jax.numpy as jnp
 import tensorflow as tf
 from etils import epath
 
-from simpsons_jax import files, image_files, models, predict
+from simpsons_jax import files, image_files, models
+from simpsons_jax import trained as trained_run
 from simpsons_jax.data import core
 
 FORMATS = ("jax", "savedmodel", "tflite")
 PLATFORMS = ("cpu", "cuda", "tpu")  # Where model.jax runs.
 
 
-def probability_fn(trained: predict.TrainedModel):
+def probability_fn(trained: trained_run.TrainedModel):
   """uint8 images (B, S, S, 3) -> probabilities, with XLA's convolutions and the
   run's test-time augmentation, the parameters as constants."""
   config = trained.config
   # XLA's convolutions: no custom calls in a portable artifact.
   model = models.family(config).from_config(config, trained.cmap.num_classes, "xla")
   flip = trained.config.get("eval_flip", False)
-  variables = trained.variables
-
-  def probabilities(images: jax.Array) -> jax.Array:
-    logits = models.inference_logits(model.apply, variables, images, flip)
-    return jax.nn.softmax(logits)
-
-  return probabilities
+  return functools.partial(
+    trained_run.softmax_probabilities, model.apply, trained.variables, flip=flip
+  )
 
 
 def _image_spec(size: int, batch: str = "b") -> jax.ShapeDtypeStruct:
@@ -68,7 +66,7 @@ def _image_spec(size: int, batch: str = "b") -> jax.ShapeDtypeStruct:
   return jax.ShapeDtypeStruct((b, size, size, 3), jnp.uint8)
 
 
-def export_jax(trained: predict.TrainedModel, path: epath.Path) -> None:
+def export_jax(trained: trained_run.TrainedModel, path: epath.Path) -> None:
   """Writes model.jax: batch-polymorphic, for every platform in PLATFORMS."""
   exported = jax.export.export(jax.jit(probability_fn(trained)), platforms=PLATFORMS)(
     _image_spec(trained.config.image_size)
@@ -79,7 +77,7 @@ def export_jax(trained: predict.TrainedModel, path: epath.Path) -> None:
 class _Serving(tf.Module):
   """The SavedModel's functions; the JAX function inside through jax2tf."""
 
-  def __init__(self, trained: predict.TrainedModel, top_k: int):
+  def __init__(self, trained: trained_run.TrainedModel, top_k: int):
     super().__init__()
     from jax.experimental import jax2tf
 
@@ -125,7 +123,7 @@ class _Serving(tf.Module):
 
 
 def export_savedmodel(
-  trained: predict.TrainedModel, path: epath.Path, top_k: int
+  trained: trained_run.TrainedModel, path: epath.Path, top_k: int
 ) -> None:
   """Writes the SavedModel with its two signatures."""
   module = _Serving(trained, top_k)
@@ -170,7 +168,7 @@ def run(
     )
   parent = files.as_path(output_dir or files.as_path(workdir) / "export")
   files.check_writable(parent, "give --output_dir a folder you can write to")
-  trained = predict.load(workdir, checkpoint)
+  trained = trained_run.load(workdir, checkpoint)
   written = set(formats) | ({"savedmodel"} if "tflite" in formats else set())
   written = tuple(f for f in FORMATS if f in written)
   target = parent / str(trained.step)
@@ -237,7 +235,7 @@ def verify(folder: str | os.PathLike) -> dict[str, Any]:
 
 
 def _card(
-  trained: predict.TrainedModel, workdir: str | os.PathLike, formats: Sequence[str]
+  trained: trained_run.TrainedModel, workdir: str | os.PathLike, formats: Sequence[str]
 ) -> dict[str, Any]:
   """model.json: what a user of the files needs to know."""
   size = trained.config.image_size

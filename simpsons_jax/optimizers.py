@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from simpsons_jax import finetune
+from simpsons_jax import freezing
 
 EMA_WARMUP = 10  # The EMA decay ramps up as (1 + t) / (EMA_WARMUP + t).
 
@@ -44,12 +44,12 @@ def create(
   config: ml_collections.ConfigDict, steps_per_epoch: int
 ) -> optax.GradientTransformation:
   """Adam (the notebook's), AdamW, or SGD with Nesterov momentum 0.9; then
-  the frozen layers and learning-rate multipliers of `finetune`, if any."""
+  the frozen layers and learning-rate multipliers of `freezing`, if any."""
   tx = _base(config, steps_per_epoch)
   freeze, multipliers = config.get("freeze", ()), config.get("lr_multipliers", ())
   if freeze or multipliers:
-    unfreeze = round(config.get("unfreeze_after_epochs", 0) * steps_per_epoch)
-    tx = optax.chain(tx, finetune.scale_updates(freeze, multipliers, unfreeze))
+    unfreeze = freezing.unfreeze_step(config, steps_per_epoch)
+    tx = optax.chain(tx, freezing.scale_updates(freeze, multipliers, unfreeze))
   return tx
 
 

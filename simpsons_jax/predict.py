@@ -1,129 +1,23 @@
-"""Name the character in image files with a trained workdir.
-
-Only what inference needs is read: `config.json` (the model's shape),
-`characters.json` and the inference variables of one checkpoint, restored onto the
-first local device, whatever number of devices wrote them.
-"""
+"""Name the character in image files, folders, videos and a camera with a
+trained workdir (`trained.load`)."""
 
 from __future__ import annotations
 
 import concurrent.futures
 import contextlib
 import dataclasses
-import functools
 import json
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from absl import logging
 
-from simpsons_jax import (
-  characters,
-  checkpointing,
-  files,
-  image_files,
-  input_pipeline,
-  models,
-  video,
-)
+from simpsons_jax import answers, characters, image_files, video
+from simpsons_jax import trained as trained_run
 from simpsons_jax.data import core, folder
-
-UNKNOWN = "unknown"
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainedModel:
-  """A model with the variables of one checkpoint and its characters."""
-
-  model: nn.Module
-  variables: Any  # {"params", "batch_stats"}: the EMA ones if the run kept one.
-  cmap: characters.CharacterMap
-  config: ml_collections.ConfigDict
-  step: int
-  meta: dict[str, Any]  # The checkpoint's: epoch, validation figures ('val'), ...
-
-
-def load_config_and_map(
-  workdir: str | os.PathLike,
-) -> tuple[ml_collections.ConfigDict, characters.CharacterMap]:
-  """The config and the character map a workdir was trained with."""
-  config = checkpointing.load_config(workdir)
-  return config, characters.CharacterMap.load(
-    files.as_path(workdir) / characters.MAP_FILENAME
-  )
-
-
-def load(workdir: str | os.PathLike, checkpoint: str = "best") -> TrainedModel:
-  """Loads the `checkpoint` ('best', 'latest' or a step) of a trained workdir."""
-  config, cmap = load_config_and_map(workdir)
-  model = models.create(config, cmap.num_classes)
-  images = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.uint8)
-  shapes = jax.eval_shape(
-    functools.partial(model.init, train=False), jax.random.PRNGKey(0), images
-  )
-  shapes = {"params": shapes["params"], "batch_stats": shapes.get("batch_stats", {})}
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  abstract = checkpointing.abstract_like(shapes, device)
-  metric = config.get("checkpoint_metric", "accuracy")
-  manager = checkpointing.create_manager(workdir, read_only=True, metric=metric)
-  step = checkpointing.select_step(manager, checkpoint)
-  meta = checkpointing.restore_meta(manager, step)
-  checkpointing.check_meta(
-    meta,
-    cmap.names,
-    config.image_size,
-    f"step {step} in {manager.directory}",
-  )
-  if config.get("ema_decay", 0.0) > 0:
-    variables = checkpointing.restore_fields(manager, step, {"ema": abstract})["ema"]
-  else:
-    variables = checkpointing.restore_fields(manager, step, abstract)
-  manager.close()
-  return TrainedModel(model, variables, cmap, config, step, meta)
-
-
-def probabilities(
-  trained: TrainedModel, batches: Iterable[input_pipeline.Batch]
-) -> np.ndarray:
-  """Softmax probabilities (N, characters) of the real rows of padded batches."""
-  probs = [
-    np.asarray(_forward(trained, batch["image"]))[batch["mask"].astype(bool)]
-    for batch in batches
-  ]
-  return np.concatenate(probs).reshape(-1, trained.cmap.num_classes)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _softmax(apply_and_flip, variables, images):
-  apply, flip = apply_and_flip
-  return jax.nn.softmax(models.inference_logits(apply, variables, images, flip))
-
-
-def _forward(trained: TrainedModel, images: np.ndarray) -> jax.Array:
-  flip = trained.config.get("eval_flip", False)
-  return _softmax((trained.model.apply, flip), trained.variables, images)
-
-
-def classifier(trained: TrainedModel, batch_size: int) -> video.Classifier:
-  """A function from uint8 images (N, S, S, 3), any N, to their probabilities
-  (N, characters), run in padded batches of `batch_size` (one compilation)."""
-
-  def classify(images: np.ndarray) -> np.ndarray:
-    probs = []
-    for start in range(0, len(images), batch_size):
-      chunk = images[start : start + batch_size]
-      batch = input_pipeline.pad_batch({"image": chunk}, batch_size)
-      probs.append(np.asarray(_forward(trained, batch["image"]))[: len(chunk)])
-    return np.concatenate(probs)
-
-  return classify
 
 
 def _hidden(name: str) -> bool:
@@ -182,7 +76,7 @@ def printable(path: str | os.PathLike) -> str:
 
 
 def classify_stream(
-  trained: TrainedModel,
+  trained: trained_run.TrainedModel,
   paths: Sequence[str | os.PathLike],
   top_k: int = 3,
   threshold: float = 0.0,
@@ -197,7 +91,7 @@ def classify_stream(
   files = expand_paths(paths)
   size = trained.config.image_size
   max_pixels = folder.max_pixels(trained.config)
-  classify = classifier(trained, batch_size)
+  classify = trained_run.classifier(trained, batch_size)
   with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
     for start in range(0, len(files), batch_size):
       chunk = files[start : start + batch_size]
@@ -208,25 +102,8 @@ def classify_stream(
         if problem:
           yield {"path": printable(path), "error": problem}
           continue
-        p = next(probs)
-        order = np.argsort(-p)[: min(top_k, len(p))]
-        top = [
-          {"character": trained.cmap.names[i], "probability": float(p[i])}
-          for i in order
-        ]
-        best = top[0]["character"] if top[0]["probability"] >= threshold else UNKNOWN
-        yield {"path": printable(path), "character": best, "top": top}
-
-
-def classify(
-  trained: TrainedModel,
-  paths: Sequence[str | os.PathLike],
-  top_k: int = 3,
-  threshold: float = 0.0,
-  batch_size: int = 64,
-) -> list[dict[str, Any]]:
-  """The results of `classify_stream`, as a list."""
-  return list(classify_stream(trained, paths, top_k, threshold, batch_size))
+        found = answers.answer(next(probs), trained.cmap.names, top_k, threshold)
+        yield {"path": printable(path), **found}
 
 
 def run(
@@ -249,7 +126,7 @@ def run(
   of JSON (JSON Lines), flushed as it comes: an interrupted run keeps what it
   did.
   """
-  trained = load(workdir, checkpoint)
+  trained = trained_run.load(workdir, checkpoint)
   videos = [p for p in paths if video.is_video(p) and not os.path.isdir(p)]
   paths = [p for p in paths if p not in videos]
   results = []
@@ -259,7 +136,7 @@ def run(
     )
     results += video.run(
       videos,
-      classifier(trained, options.batch_size),
+      trained_run.classifier(trained, options.batch_size),
       trained.cmap.names,
       trained.config.image_size,
       options,
@@ -312,10 +189,10 @@ def live(
   smooth_window: int = 3,
 ) -> None:
   """The camera `camera` in a window, the character drawn on each frame."""
-  trained = load(workdir, checkpoint)
+  trained = trained_run.load(workdir, checkpoint)
   video.live(
     camera,
-    classifier(trained, 1),
+    trained_run.classifier(trained, 1),
     trained.cmap.names,
     trained.config.image_size,
     threshold,

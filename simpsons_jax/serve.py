@@ -47,7 +47,8 @@ from typing import Any
 import numpy as np
 from absl import logging
 
-from simpsons_jax import files, image_files, predict, video
+from simpsons_jax import answers, files, image_files
+from simpsons_jax import trained as trained_run
 from simpsons_jax.data import core, folder
 
 MAX_BYTES = 20 * 2**20
@@ -57,7 +58,7 @@ MAX_BYTES = 20 * 2**20
 class Model:
   """What the server needs: a classifier of uint8 images and its characters."""
 
-  classify: video.Classifier  # uint8 images (N, S, S, 3), any N.
+  classify: answers.Classifier  # uint8 images (N, S, S, 3), any N.
   names: Sequence[str]
   image_size: int
   max_pixels: int
@@ -83,9 +84,9 @@ def load(path: str | os.PathLike, checkpoint: str = "best") -> Model:
       f"{path / 'model.jax'}",
       f"exported {card['model']}, step {card['checkpoint_step']}",
     )
-  trained = predict.load(path, checkpoint)
+  trained = trained_run.load(path, checkpoint)
   return Model(
-    lambda images: predict.classifier(trained, len(images))(images),
+    lambda images: trained_run.classifier(trained, len(images))(images),
     trained.cmap.names,
     trained.config.image_size,
     folder.max_pixels(trained.config),
@@ -284,16 +285,8 @@ class Predictor:
     ]
 
   def _answer(self, p: np.ndarray) -> dict[str, Any]:
-    top = [
-      {"character": self._model.names[i], "probability": float(p[i])}
-      for i in np.argsort(-p)[: self._k]
-    ]
-    best = top[0]["character"] if top[0]["probability"] >= self._threshold else None
-    return {
-      "character": best or video.UNKNOWN,
-      "top": top,
-      "threshold": self._threshold,
-    }
+    found = answers.answer(p, self._model.names, self._k, self._threshold)
+    return {**found, "threshold": self._threshold}
 
 
 def image_from_form(content_type: str, body: bytes) -> bytes:

@@ -33,6 +33,7 @@ from simpsons_jax import (
   evaluators,
   files,
   finetune,
+  freezing,
   input_pipeline,
   metrics,
   mixing,
@@ -169,7 +170,7 @@ def train_step(
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   (_, (losses, logits, batch_stats)), grads = grad_fn(state.params)
-  batch_stats = finetune.keep_frozen_stats(
+  batch_stats = freezing.keep_frozen_stats(
     state.batch_stats, batch_stats, freeze, state.step, unfreeze_step
   )
   state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
@@ -218,7 +219,7 @@ def jit_steps(
     mix=config.mix,
     mix_alpha=config.mix_alpha,
     freeze=tuple(config.get("freeze", ())),
-    unfreeze_step=round(config.get("unfreeze_after_epochs", 0) * steps_per_epoch),
+    unfreeze_step=freezing.unfreeze_step(config, steps_per_epoch),
   )
   jitted_train = jax.jit(
     step,
@@ -379,7 +380,7 @@ def _train(
     "Model %s: %s parameters.", config.model, f"{models.count_params(state.params):,}"
   )
   if config.get("freeze", ()) or config.get("lr_multipliers", ()):
-    logging.info("Fine-tuning: %s.", finetune.describe(state.params, config))
+    logging.info("Fine-tuning: %s.", freezing.describe(state.params, config))
 
   weights = class_weights(train_split.labels, cmap.num_classes, config.class_weights)
   p_train_step, _ = jit_steps(mesh, config, cmap.num_classes, weights, steps_per_epoch)

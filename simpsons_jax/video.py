@@ -31,7 +31,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,14 +39,10 @@ import numpy as np
 from absl import logging
 from PIL import Image, ImageDraw, ImageFont
 
-from simpsons_jax import files, plots
+from simpsons_jax import answers, files, plots
 from simpsons_jax.data import core
 
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".avi", ".webm", ".mov")
-UNKNOWN = "unknown"
-
-# uint8 images (N, S, S, 3) -> probabilities (N, characters).
-Classifier = Callable[[np.ndarray], np.ndarray]
 
 
 def is_video(path: str | os.PathLike) -> bool:
@@ -152,7 +148,7 @@ def _progress(total: int, label: str) -> Any:
 
 def analyse(
   path: str | os.PathLike,
-  classify: Classifier,
+  classify: answers.Classifier,
   image_size: int,
   options: Options,
 ) -> Analysis:
@@ -214,7 +210,7 @@ def labels(probabilities: np.ndarray, names: Sequence[str], threshold: float) ->
   """Each row's most probable character, or 'unknown' below `threshold`."""
   best = probabilities.argmax(axis=1)
   return [
-    names[i] if p[i] >= threshold else UNKNOWN
+    answers.named(p[i], names[i], threshold)
     for i, p in zip(best, probabilities, strict=True)
   ]
 
@@ -336,7 +332,7 @@ def caption(probabilities: np.ndarray, names: Sequence[str], threshold: float) -
   """'homer_simpson 0.93', or 'unknown (homer_simpson 0.41)' below `threshold`."""
   best = int(np.argmax(probabilities))
   text = f"{names[best]} {probabilities[best]:.2f}"
-  return text if probabilities[best] >= threshold else f"{UNKNOWN} ({text})"
+  return text if probabilities[best] >= threshold else f"{answers.UNKNOWN} ({text})"
 
 
 def write_annotated(
@@ -388,7 +384,7 @@ def _camera_device(index: int) -> tuple[str, str]:
 
 def live(
   camera: int,
-  classify: Classifier,
+  classify: answers.Classifier,
   names: Sequence[str],
   image_size: int,
   threshold: float,
@@ -471,7 +467,7 @@ def describe(path: str | os.PathLike, analysis: Analysis, summary: Summary) -> s
 
 def run(
   paths: Sequence[str | os.PathLike],
-  classify: Classifier,
+  classify: answers.Classifier,
   names: Sequence[str],
   image_size: int,
   options: Options,

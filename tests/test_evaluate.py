@@ -10,7 +10,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from simpsons_jax import characters, evaluate, evaluators, files, plots, predict, train
+from simpsons_jax import (
+  answers,
+  characters,
+  evaluate,
+  evaluators,
+  files,
+  plots,
+  predict,
+  train,
+)
+from simpsons_jax import trained as trained_run
 from tests.conftest import make_tiny_config
 
 
@@ -130,7 +140,7 @@ def test_predict_any_image_mode_and_size(trained_workdir, tiny_data_dir, tmp_pat
     assert r["top"][0]["probability"] >= r["top"][1]["probability"]
   assert [json.loads(line) for line in output.read_text().splitlines()] == results
   sure = predict.run(trained_workdir, [str(tmp_path / "odd.png")], threshold=1.01)
-  assert sure[0]["character"] == predict.UNKNOWN
+  assert sure[0]["character"] == answers.UNKNOWN
 
 
 def test_show_data(trained_workdir):
@@ -149,7 +159,7 @@ def test_a_reordered_map_or_an_edited_image_size_is_refused(copied_workdir):
   saved = json.loads(path.read_text())
   path.write_text(json.dumps({**saved, "names": saved["names"][::-1]}))
   with pytest.raises(ValueError, match="characters .* are not characters.json's"):
-    predict.load(copied_workdir)
+    trained_run.load(copied_workdir)
   path.write_text(json.dumps(saved))
   config = json.loads((copied_workdir / "config.json").read_text())
   config["image_size"] = 64
@@ -169,7 +179,7 @@ def test_damaged_json_is_one_error_naming_the_file(copied_workdir, damaged):
   path.write_text(path.read_text()[:20])  # Truncated, as by a full disk.
   with pytest.raises(files.DamagedFileError, match=f"{path.parent.name}|{damaged}"):
     if damaged == "meta":
-      predict.load(copied_workdir, path.parents[1].name)
+      trained_run.load(copied_workdir, path.parents[1].name)
     else:
       evaluate.run(copied_workdir)
 
@@ -217,8 +227,10 @@ def test_predict_reports_bad_files_and_classifies_the_rest(
   (folder / "real" / "._a.jpg").write_bytes(b"\x00\x05\x16\x07")  # macOS.
   (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff nothing more")
   (folder / os.fsdecode(b"caf\xe9.jpg")).write_bytes(b"")
-  results = predict.classify(
-    predict.load(trained_workdir), [folder, tmp_path / "missing.jpg"]
+  results = list(
+    predict.classify_stream(
+      trained_run.load(trained_workdir), [folder, tmp_path / "missing.jpg"]
+    )
   )
   by_name = {r["path"].replace(f"{tmp_path}/", ""): r for r in results}
   assert list(by_name) == [
@@ -239,7 +251,7 @@ def test_predict_output_keeps_what_was_done_before_an_interruption(
 ):
   paths = sorted((tiny_data_dir / "clown").glob("*.jpg"))[:5]
   calls = []
-  real_forward = predict._forward
+  real_forward = trained_run._forward
 
   def forward_then_stop(*args):
     calls.append(1)
@@ -247,7 +259,7 @@ def test_predict_output_keeps_what_was_done_before_an_interruption(
       raise KeyboardInterrupt
     return real_forward(*args)
 
-  monkeypatch.setattr(predict, "_forward", forward_then_stop)
+  monkeypatch.setattr(trained_run, "_forward", forward_then_stop)
   output = tmp_path / "out.jsonl"
   with pytest.raises(KeyboardInterrupt):
     predict.run(trained_workdir, paths, output=str(output), batch_size=2)

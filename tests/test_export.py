@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from simpsons_jax import export, image_files, predict, serve, train
+from simpsons_jax import trained as trained_run
 from simpsons_jax.data import core
 from tests.conftest import make_tiny_config
 
@@ -92,8 +93,10 @@ def _images(paths):
 
 
 def _expected(workdir, paths):
-  trained = predict.load(workdir)
-  results = predict.classify(trained, paths, top_k=trained.cmap.num_classes)
+  trained = trained_run.load(workdir)
+  results = list(
+    predict.classify_stream(trained, paths, top_k=trained.cmap.num_classes)
+  )
   names = trained.cmap.names
   probs = np.array(
     [
@@ -106,7 +109,7 @@ def _expected(workdir, paths):
 
 def test_export_writes_the_artifacts_and_a_model_card(exported):
   workdir, written = exported
-  trained = predict.load(workdir)
+  trained = trained_run.load(workdir)
   assert written.folder == workdir / "export" / str(trained.step)
   assert written.formats == ("jax", "savedmodel", "tflite")
   assert os.path.getsize(written.folder / "model.jax") > 0
@@ -189,7 +192,7 @@ def test_the_examples_print_what_predict_says(
 ):
   workdir, written = exported
   paths = _frames(tiny_data_dir)[:3]
-  expected = predict.classify(predict.load(workdir), paths, top_k=3)
+  expected = list(predict.classify_stream(trained_run.load(workdir), paths, top_k=3))
   result = subprocess.run(
     [sys.executable, str(ROOT / "examples" / script), str(written.folder / target)]
     + [str(p) for p in paths],
@@ -207,7 +210,7 @@ def test_the_examples_print_what_predict_says(
       assert [n for n, _ in got] == [n for n, _ in want]
       np.testing.assert_allclose([p for _, p in got], [p for _, p in want], atol=1e-4)
     else:
-      assert {n for n, _ in got} <= set(predict.load(workdir).cmap.names)
+      assert {n for n, _ in got} <= set(trained_run.load(workdir).cmap.names)
       probs = dict(got)
       for name, p in want:
         if name in probs:

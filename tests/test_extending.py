@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 from simpsons_jax import data, input_pipeline, synthetic
+from simpsons_jax import trained as trained_run
 from tests.conftest import make_tiny_config
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
@@ -44,7 +45,7 @@ def test_the_csv_data_source_of_the_readme(tiny_data_dir, tmp_path, monkeypatch)
 def test_the_model_of_the_readme_trains_resumes_and_predicts(
   tiny_data_dir, tmp_path, monkeypatch
 ):
-  from simpsons_jax import models, predict, train
+  from simpsons_jax import models, train
 
   (tmp_path / "my_models.py").write_text(_block("# my_models.py"))
   monkeypatch.syspath_prepend(str(tmp_path))
@@ -61,6 +62,6 @@ def test_the_model_of_the_readme_trains_resumes_and_predicts(
   config.num_epochs = 2
   state, _ = train.train_and_evaluate(config, tmp_path / "run")
   assert models.count_params(state.params) == 32 * 32 * 3 * 6 + 6
-  trained = predict.load(tmp_path / "run")
+  trained = trained_run.load(tmp_path / "run")
   assert isinstance(trained.model, my_models.LinearProbe)
   del sys.modules["my_models"]

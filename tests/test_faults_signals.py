@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from configs import default
-from simpsons_jax import predict, train
+from simpsons_jax import train
+from simpsons_jax import trained as trained_run
 
 ROOT = Path(__file__).resolve().parents[1]
 # 96 training images in batches of 16: 6 steps per epoch, 18 in all.
@@ -78,7 +79,7 @@ def reference(tiny_data_dir, tmp_path_factory):
 
 
 def _final_params(workdir):
-  trained = predict.load(workdir, checkpoint="latest")
+  trained = trained_run.load(workdir, checkpoint="latest")
   assert trained.step == 18
   return jax.tree.leaves(jax.device_get(trained.variables["params"]))
 

@@ -8,7 +8,8 @@ import numpy as np
 import optax
 import pytest
 
-from simpsons_jax import finetune, predict, sharding, synthetic, train
+from simpsons_jax import finetune, freezing, sharding, synthetic, train
+from simpsons_jax import trained as trained_run
 from tests.conftest import make_tiny_config
 
 
@@ -56,7 +57,7 @@ def test_a_layer_of_another_shape_or_family_is_refused_by_name():
 
 
 def test_multipliers_scale_updates_and_frozen_layers_wait_to_unfreeze():
-  tx = finetune.scale_updates(("b/.*",), ("a/.*=0.1",), unfreeze_step=2)
+  tx = freezing.scale_updates(("b/.*",), ("a/.*=0.1",), unfreeze_step=2)
   updates = {"a": {"w": jnp.ones(3)}, "b": {"w": jnp.ones(3)}, "c": {"w": jnp.ones(3)}}
   state = tx.init(updates)
   sizes = []
@@ -68,7 +69,7 @@ def test_multipliers_scale_updates_and_frozen_layers_wait_to_unfreeze():
     [pytest.approx(0.1), 0.0, 1.0],
     [pytest.approx(0.1), 1.0, 1.0],
   ]
-  adam = optax.chain(optax.adam(0.1), finetune.scale_updates((), ("a/.*=0.1",), 0))
+  adam = optax.chain(optax.adam(0.1), freezing.scale_updates((), ("a/.*=0.1",), 0))
   state = adam.init(updates)
   scaled, _ = adam.update(updates, state, updates)
   assert float(scaled["a"]["w"][0]) == pytest.approx(0.1 * float(scaled["c"]["w"][0]))
@@ -99,7 +100,7 @@ def test_a_frozen_body_on_one_device_keeps_the_eight_device_weights(
   config.freeze = ("(?!logits/).*",)
   one_device = sharding.make_mesh(jax.devices()[:1])
   state, _ = train.train_and_evaluate(config, tmp_path / "run", mesh=one_device)
-  source = predict.load(source_run, "latest").variables["params"]
+  source = trained_run.load(source_run, "latest").variables["params"]
   params = jax.device_get(state.params)
   for layer in ("conv0", "conv3", "dense1"):
     for name in ("kernel", "bias"):
@@ -158,12 +159,12 @@ def test_frozen_batchnorm_layers_keep_their_statistics():
   }
   new = jax.tree.map(lambda x: x + 1, old)
   # Freezing a layer's scale freezes its statistics; others take the new ones.
-  kept = finetune.keep_frozen_stats(
+  kept = freezing.keep_frozen_stats(
     old, new, ("Block/BatchNorm_0/scale",), jnp.asarray(5), unfreeze_step=0
   )
   assert kept["Block/BatchNorm_0"]["mean"].tolist() == [0, 0]
   assert kept["BatchNorm_1"]["mean"].tolist() == [1, 1]
-  later = finetune.keep_frozen_stats(
+  later = freezing.keep_frozen_stats(
     old, new, ("Block/BatchNorm_0/scale",), jnp.asarray(5), unfreeze_step=5
   )
   assert later["Block/BatchNorm_0"]["mean"].tolist() == [1, 1]

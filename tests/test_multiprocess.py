@@ -14,10 +14,10 @@ from simpsons_jax import (
   data,
   input_pipeline,
   models,
-  predict,
   sharding,
   train,
 )
+from simpsons_jax import trained as trained_run
 from tests.conftest import make_tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,7 +113,7 @@ def test_two_processes_train_like_one_with_the_same_global_batch(
   reference = train.evaluate(eval_step, state, val_batches, mesh)
 
   # Written by 2 processes, read back by 1 on one device.
-  trained = predict.load(workdir, checkpoint="latest")
+  trained = trained_run.load(workdir, checkpoint="latest")
   assert trained.step == int(state.step) == len(train_split) // config.batch_size
   for a, b in zip(
     jax.tree.leaves(jax.device_get(state.params)),

@@ -23,11 +23,11 @@ from simpsons_jax import (
   checkpointing,
   evaluate,
   files,
-  predict,
   run_folder,
   synthetic,
   train,
 )
+from simpsons_jax import trained as trained_run
 
 
 class _ObjectStore(backend._TfBackend):
@@ -95,13 +95,16 @@ def test_a_run_on_a_remote_file_system_trains_as_a_local_one(
   # The same pixels, split and steps as the local run: the same model.
   local = json.loads((trained_workdir / "split.json").read_text())
   assert json.loads(tf.io.gfile.GFile(f"{workdir}/split.json").read()) == local
-  assert predict.load(workdir).meta["val"] == predict.load(trained_workdir).meta["val"]
+  assert (
+    trained_run.load(workdir).meta["val"]
+    == trained_run.load(trained_workdir).meta["val"]
+  )
 
   # Resuming reads the run back from the remote workdir.
   config = make_tiny_config(data)
   config.num_epochs = 3
   train.train_and_evaluate(config, workdir)
-  assert predict.load(workdir, "latest").meta["epoch"] == 3
+  assert trained_run.load(workdir, "latest").meta["epoch"] == 3
 
 
 def test_evaluation_reports_go_to_a_remote_folder(remote, trained_workdir, tmp_path):

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import pytest
 
 from simpsons_jax import export, predict, serve
+from simpsons_jax import trained as trained_run
 
 pytest.importorskip("fastapi", reason='the serve extra: pip install -e ".[serve]"')
 uvicorn = pytest.importorskip("uvicorn")
@@ -61,13 +62,13 @@ def _request(url: str, data: bytes | None = None) -> tuple[int, dict]:
 
 
 def test_the_api_answers_as_predict_does(server, trained_workdir, tiny_data_dir):
-  trained = predict.load(trained_workdir)
+  trained = trained_run.load(trained_workdir)
   status, health = _request(f"{server}/health")
   assert status == 200 and health["status"] == "ok"
   assert health["characters"] == trained.cmap.num_classes
   assert _request(f"{server}/characters") == (200, list(trained.cmap.names))
   frames = sorted(tiny_data_dir.glob("*/*.jpg"))[::17][:4]
-  expected = predict.classify(trained, frames, top_k=3, threshold=0.99)
+  expected = list(predict.classify_stream(trained, frames, top_k=3, threshold=0.99))
   for frame, want in zip(frames, expected, strict=True):
     status, answer = _request(f"{server}/predict", frame.read_bytes())
     assert status == 200
@@ -128,7 +129,11 @@ def test_the_page_in_a_headless_browser_names_the_character(
   try:
     driver.get(server)
     frame = sorted(tiny_data_dir.glob("*/*.jpg"))[3]
-    (want,) = predict.classify(predict.load(trained_workdir), [frame], threshold=0.99)
+    (want,) = list(
+      predict.classify_stream(
+        trained_run.load(trained_workdir), [frame], threshold=0.99
+      )
+    )
     driver.find_element(By.ID, "file").send_keys(str(frame))
     shown = WebDriverWait(driver, 60).until(
       lambda d: d.find_element(By.ID, "character").get_attribute("data-name")
@@ -146,7 +151,7 @@ def test_health_names_no_local_path_and_errors_speak_plainly(server, trained_wor
   status, health = _request(f"{server}/health")
   assert status == 200
   assert str(trained_workdir) not in json.dumps(health)
-  assert health["model"].endswith(f"step {predict.load(trained_workdir).step}")
+  assert health["model"].endswith(f"step {trained_run.load(trained_workdir).step}")
   # A JPEG header with damaged data: TensorFlow's decoder fails inside.
   damaged = _jpeg(64, 48)[:200] + b"\x00\x11" * 400
   status, answer = _request(f"{server}/predict", damaged)

@@ -16,10 +16,10 @@ from simpsons_jax import (
   input_pipeline,
   metrics,
   models,
-  predict,
   sharding,
   train,
 )
+from simpsons_jax import trained as trained_run
 from tests.conftest import shared_data
 
 
@@ -233,7 +233,7 @@ def test_strong_run_resumes_exactly_and_saves_its_statistics(
   assert np.abs(stem["mean"]).max() > 1e-3
   assert not np.allclose(stem["var"], 1.0)
   # Prediction reads the EMA variables of the checkpoint, statistics included.
-  trained = predict.load(tmp_path / "b", checkpoint="latest")
+  trained = trained_run.load(tmp_path / "b", checkpoint="latest")
   for x, y in zip(
     jax.tree.leaves(trained.variables), jax.tree.leaves(a["ema"]), strict=True
   ):

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from configs import default
-from simpsons_jax import predict, synthetic, train, video
+from simpsons_jax import answers, predict, synthetic, train, video
 from tests.conftest import SHARED_DATA
 
 av = pytest.importorskip("av", reason='the video extra: pip install -e ".[video]"')
@@ -169,7 +169,7 @@ def test_a_clip_of_known_characters_gives_its_segments_table_and_timeline(
     annotate_video=str(annotated),
   )
   (result,) = results
-  found = [s for s in result["segments"] if s["character"] != video.UNKNOWN]
+  found = [s for s in result["segments"] if s["character"] != answers.UNKNOWN]
   assert [s["character"] for s in found] == [name for name, _, _ in expected]
   for s, (_, start, end) in zip(found, expected, strict=True):
     assert abs(s["start"] - start) <= 0.5 + 1e-6  # One sampling interval.

@@ -1,0 +1,118 @@
+"""A finished run, for everything that uses one: predict, evaluate, export,
+serve, video and fine-tuning (`config.init_from`).
+
+Only what inference needs is read: `config.json` (the model's shape),
+`characters.json` and the inference variables of one checkpoint, restored onto
+the first local device, whatever number of devices wrote them. One softmax
+pass (`softmax_probabilities`) serves all of them; training never imports this.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from simpsons_jax import answers, characters, checkpointing, files, models
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainedModel:
+  """A model with the variables of one checkpoint and its characters."""
+
+  model: nn.Module
+  variables: Any  # {"params", "batch_stats"}: the EMA ones if the run kept one.
+  cmap: characters.CharacterMap
+  config: ml_collections.ConfigDict
+  step: int
+  meta: dict[str, Any]  # The checkpoint's: epoch, validation figures ('val'), ...
+
+
+def load_config_and_map(
+  workdir: str | os.PathLike,
+) -> tuple[ml_collections.ConfigDict, characters.CharacterMap]:
+  """The config and the character map a workdir was trained with."""
+  config = checkpointing.load_config(workdir)
+  return config, characters.CharacterMap.load(
+    files.as_path(workdir) / characters.MAP_FILENAME
+  )
+
+
+def load(workdir: str | os.PathLike, checkpoint: str = "best") -> TrainedModel:
+  """Loads the `checkpoint` ('best', 'latest' or a step) of a trained workdir."""
+  config, cmap = load_config_and_map(workdir)
+  model = models.create(config, cmap.num_classes)
+  images = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.uint8)
+  shapes = jax.eval_shape(
+    functools.partial(model.init, train=False), jax.random.PRNGKey(0), images
+  )
+  shapes = {"params": shapes["params"], "batch_stats": shapes.get("batch_stats", {})}
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abstract = checkpointing.abstract_like(shapes, device)
+  metric = config.get("checkpoint_metric", "accuracy")
+  manager = checkpointing.create_manager(workdir, read_only=True, metric=metric)
+  step = checkpointing.select_step(manager, checkpoint)
+  meta = checkpointing.restore_meta(manager, step)
+  checkpointing.check_meta(
+    meta,
+    cmap.names,
+    config.image_size,
+    f"step {step} in {manager.directory}",
+  )
+  if config.get("ema_decay", 0.0) > 0:
+    variables = checkpointing.restore_fields(manager, step, {"ema": abstract})["ema"]
+  else:
+    variables = checkpointing.restore_fields(manager, step, abstract)
+  manager.close()
+  return TrainedModel(model, variables, cmap, config, step, meta)
+
+
+def probabilities(
+  trained: TrainedModel, batches: Iterable[Mapping[str, np.ndarray]]
+) -> np.ndarray:
+  """Softmax probabilities (N, characters) of the real rows of padded batches."""
+  probs = [
+    np.asarray(_forward(trained, batch["image"]))[batch["mask"].astype(bool)]
+    for batch in batches
+  ]
+  return np.concatenate(probs).reshape(-1, trained.cmap.num_classes)
+
+
+def softmax_probabilities(
+  apply: Callable[..., jax.Array], variables: Any, images: jax.Array, flip: bool
+) -> jax.Array:
+  """uint8 images (B, S, S, 3) -> softmax probabilities (B, characters), with
+  the run's test-time augmentation (`flip`)."""
+  return jax.nn.softmax(models.inference_logits(apply, variables, images, flip))
+
+
+_jitted = jax.jit(softmax_probabilities, static_argnums=(0, 3))
+
+
+def _forward(trained: TrainedModel, images: np.ndarray) -> jax.Array:
+  flip = trained.config.get("eval_flip", False)
+  return _jitted(trained.model.apply, trained.variables, images, flip)
+
+
+def classifier(trained: TrainedModel, batch_size: int) -> answers.Classifier:
+  """A function from uint8 images (N, S, S, 3), any N, to their probabilities
+  (N, characters), run in padded batches of `batch_size` (one compilation)."""
+
+  def classify(images: np.ndarray) -> np.ndarray:
+    probs = []
+    for start in range(0, len(images), batch_size):
+      chunk = images[start : start + batch_size]
+      padded = np.zeros((batch_size, *chunk.shape[1:]), chunk.dtype)
+      padded[: len(chunk)] = chunk
+      probs.append(np.asarray(_forward(trained, padded))[: len(chunk)])
+    return np.concatenate(probs)
+
+  return classify
