@@ -141,6 +141,9 @@ DISK_ERRORS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUO
 
 
 def main(argv: list[str]) -> None:
+  from simpsons_jax import host_memory
+
+  host_memory.keep_freed_memory()  # Before JAX starts its threads: see there.
   from simpsons_jax import checkpointing, run_folder
 
   said = (*USER_ERRORS, run_folder.WorkdirBusy, checkpointing.SaveFailed)

@@ -19,7 +19,6 @@ Four figures, each from a fresh process:
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -212,8 +211,6 @@ def main(argv: list[str]) -> None:
       capture_output=True,
       text=True,
       check=True,
-      # Keras runs with malloc as its users have it (see host_memory).
-      env=os.environ | ({"SIMPSONS_JAX_KEEP_MEMORY": "0"} if worker == "keras" else {}),
     )
     results.update(json.loads(out.stdout.strip().splitlines()[-1]))
   results.update(_simpsons_jax())

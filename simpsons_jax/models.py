@@ -312,7 +312,7 @@ def _set_up_convolutions(line: str) -> None:
   """Once per process: logs which convolutions run and, on CPU, whether a
   step's memory is reused (see `host_memory`)."""
   logging.info("Convolutions: %s.", line)
-  if jax.default_backend() == "cpu" and host_memory.keep_freed_memory():
+  if jax.default_backend() == "cpu" and host_memory.kept():
     logging.info("Memory: one malloc arena, freed blocks kept (no faults per step).")
 
 

@@ -8,10 +8,14 @@ from pathlib import Path
 
 # A jitted function whose 128 MB temporary (over glibc's 64 MiB per-thread heap)
 # is allocated on XLA's threads; prints the minor page faults of each call.
+# PROBE_CALL=first calls host_memory.keep_freed_memory() first (as main.py
+# does), =late only after JAX has run.
 _PROBE = """
-import json, resource
+import json, os, resource
 import simpsons_jax
 from simpsons_jax import host_memory
+if os.environ["PROBE_CALL"] == "first":
+  host_memory.keep_freed_memory()
 import jax, jax.numpy as jnp
 
 f = jax.jit(lambda x, w: jnp.dot(jnp.tanh(jnp.dot(x, w)), w.T))
@@ -27,20 +31,20 @@ print(json.dumps({"set": host_memory.keep_freed_memory(), "temp_pages": temp // 
 """
 
 
-def _probe(**env: str) -> dict:
+def _probe(call: str, **env: str) -> dict:
   out = subprocess.run(
     [sys.executable, "-c", _PROBE],
-    env=os.environ | {"JAX_PLATFORMS": "cpu"} | env,
+    env=os.environ | {"JAX_PLATFORMS": "cpu", "PROBE_CALL": call} | env,
     cwd=Path(__file__).resolve().parents[1],
     capture_output=True,
     text=True,
     check=True,
   )
-  return json.loads(out.stdout.strip().splitlines()[-1])
+  return json.loads(out.stdout.strip().splitlines()[-1]) | {"log": out.stderr}
 
 
 def test_a_step_reuses_its_memory_instead_of_faulting_through_it():
-  kept = _probe()
+  kept = _probe("first")
   assert kept["set"] is True
   assert kept["temp_pages"] >= 32768  # 128 MB: the case glibc maps afresh.
   # Some calls fault while the heap grows to its working size (a block freed
@@ -50,9 +54,16 @@ def test_a_step_reuses_its_memory_instead_of_faulting_through_it():
   assert len(reused) >= 10, kept["faults"]
   # Without the settings every call faults through its whole temporary: the
   # figure above is the settings' doing.
-  default = _probe(SIMPSONS_JAX_KEEP_MEMORY="0")
+  default = _probe("first", SIMPSONS_JAX_KEEP_MEMORY="0")
   assert default["set"] is False
   assert min(default["faults"][1:]) > 0.9 * default["temp_pages"]
+
+
+def test_importing_the_package_changes_nothing_and_a_late_call_refuses():
+  late = _probe("late")  # import simpsons_jax; JAX runs; then the call.
+  assert min(late["faults"][1:]) > 0.9 * late["temp_pages"]  # malloc as it was.
+  assert late["set"] is False
+  assert "came after JAX started" in late["log"]
 
 
 def test_left_alone_where_jax_runs_on_an_accelerator():
