@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from absl import logging
 from etils import epath
 
-from simpsons_jax import files, image_files
+from simpsons_jax import files
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 MAP_FILENAME = "characters.json"
@@ -120,7 +120,7 @@ def find_images(data_dir: str | os.PathLike) -> dict[str, list[epath.Path]]:
     if folder.is_dir() and not folder.name.startswith(".")
   ]
   for folder in folders:
-    if image_files.name_problem(folder):
+    if files.name_problem(folder):
       logging.warning(
         "Left out the folder %r: its name is not valid UTF-8 (rename it).",
         os.fsdecode(folder),
@@ -128,7 +128,7 @@ def find_images(data_dir: str | os.PathLike) -> dict[str, list[epath.Path]]:
   return {
     folder.name: list_images(folder)
     for folder in folders
-    if not image_files.name_problem(folder)
+    if not files.name_problem(folder)
   }
 
 

@@ -159,3 +159,12 @@ def read_json(path: str | os.PathLike, fix: str) -> Any:
     return json.loads(path.read_text())
   except (ValueError, UnicodeDecodeError) as e:
     raise DamagedFileError(f"{path} is damaged ({e}): {fix}") from e
+
+
+def name_problem(path: epath.Path) -> str | None:
+  """Why a file or folder name cannot be used, or None."""
+  try:
+    os.fsdecode(path).encode("utf-8")
+  except UnicodeEncodeError:
+    return "name is not valid UTF-8 (rename it)"
+  return None

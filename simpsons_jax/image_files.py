@@ -46,15 +46,6 @@ def decode(contents: tf.Tensor) -> tf.Tensor:
   )
 
 
-def name_problem(path: epath.Path) -> str | None:
-  """Why a file or folder name cannot be used, or None."""
-  try:
-    os.fsdecode(path).encode("utf-8")
-  except UnicodeEncodeError:
-    return "name is not valid UTF-8 (rename it)"
-  return None
-
-
 def header_problem(contents: bytes, max_pixels: int) -> str | None:
   """Why the header of `contents` is not a JPEG or PNG within the pixel limit."""
   try:
@@ -95,7 +86,7 @@ class Verdict:
 def read(path: epath.Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Verdict, Any]:
   """Reads, hashes, inspects and decodes one file: its verdict and the decoded
   uint8 RGB image (None when unusable)."""
-  problem = name_problem(path)
+  problem = files.name_problem(path)
   if problem:
     return Verdict(problem), None
   try:
@@ -178,7 +169,7 @@ class _Checks:
         for path, verdict in zip(todo, checked, strict=True):
           found[path] = verdict
           stamp = _stamp(path)
-          if stamp is not None and name_problem(path) is None:
+          if stamp is not None and files.name_problem(path) is None:
             key = _key(path)
             self.entries[key] = [*stamp, verdict.sha256, verdict.reason]
       if self.path is not None:

@@ -19,6 +19,7 @@ from simpsons_jax import (
   checkpointing,
   config_checks,
   evaluate,
+  files,
   image_files,
   predict,
   train,
@@ -348,14 +349,12 @@ def test_file_verdicts_are_kept_until_a_file_changes(messy_dir, tmp_path, monkey
   )
   again = image_files.validate(images, tmp_path)  # A resume reads no image again.
   assert again == first
-  assert all(image_files.name_problem(p) or not p.exists() for p in reads)
+  assert all(files.name_problem(p) or not p.exists() for p in reads)
   reads.clear()
   changed = root / "bart_simpson" / "pic_0003.jpg"
   changed.write_bytes(b"not a picture any more")
   third = image_files.validate(images, tmp_path)
-  assert [p for p in reads if p.exists() and not image_files.name_problem(p)] == [
-    changed
-  ]
+  assert [p for p in reads if p.exists() and not files.name_problem(p)] == [changed]
   assert changed not in third.images["bart_simpson"]
 
 

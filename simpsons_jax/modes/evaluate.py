@@ -1,0 +1,25 @@
+"""--mode=evaluate: a checkpoint's report and figures on a data set."""
+
+from __future__ import annotations
+
+import ml_collections
+from absl import flags
+from etils import epath
+
+flags.DEFINE_string(
+  "eval_dir",
+  "",
+  "evaluate: a folder in the Kaggle training layout (<character>/*.jpg) or "
+  "test-set layout (<character>_<N>.jpg); default: the run's validation split.",
+)
+FLAGS = flags.FLAGS
+
+
+def run(
+  workdir: epath.Path, paths: list[str], config: ml_collections.ConfigDict | None
+) -> None:
+  """Evaluates `--checkpoint` on `--eval_dir` (default: the validation split)."""
+  del paths, config
+  from simpsons_jax import evaluate
+
+  evaluate.run(workdir, FLAGS.eval_dir, FLAGS.checkpoint, output_dir=FLAGS.output_dir)
