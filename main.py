@@ -19,6 +19,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from simpsons_jax import runtime
 from simpsons_jax.modes import evaluate, export, predict, serve, show_data, train
 
 # Each mode: run(workdir, paths after the flags, --config), its flags its own.
@@ -46,27 +47,6 @@ flags.DEFINE_enum(
   "and JSON API to try it; show_data draws random training frames with their "
   "labels. Each mode's own flags: --helpfull.",
 )
-flags.DEFINE_string(
-  "coordinator_address",
-  os.environ.get("JAX_COORDINATOR_ADDRESS", ""),
-  "Multi-process: host:port of process 0 (or $JAX_COORDINATOR_ADDRESS).",
-)
-flags.DEFINE_integer(
-  "num_processes",
-  int(os.environ.get("JAX_NUM_PROCESSES", "1")),
-  "Multi-process: how many processes (or $JAX_NUM_PROCESSES).",
-)
-flags.DEFINE_integer(
-  "process_id",
-  int(os.environ.get("JAX_PROCESS_ID", "0")),
-  "Multi-process: this process's index (or $JAX_PROCESS_ID).",
-)
-flags.DEFINE_bool(
-  "distributed",
-  False,
-  "Start JAX's multi-process runtime with the cluster's own settings (Cloud "
-  "TPU pods, SLURM); implied by --coordinator_address.",
-)
 flags.mark_flag_as_required("workdir")
 
 # A user's mistakes (a missing folder, an impossible value, a workdir conflict)
@@ -81,19 +61,14 @@ def main(argv: list[str]) -> None:
   from simpsons_jax import host_memory
 
   host_memory.keep_freed_memory()  # Before JAX starts its threads: see there.
-  from simpsons_jax import checkpointing, files, run_folder, runtime
+  from simpsons_jax import checkpointing, files, run_folder
 
   paths = argv[1:]
   if paths and FLAGS.mode not in TAKE_PATHS:
     raise app.UsageError(f"Unexpected arguments: {paths}")
   said = (*USER_ERRORS, run_folder.WorkdirBusy, checkpointing.SaveFailed)
   try:
-    runtime.start(
-      FLAGS.coordinator_address,
-      FLAGS.num_processes,
-      FLAGS.process_id,
-      FLAGS.distributed,
-    )
+    runtime.start()
     MODES[FLAGS.mode](files.as_path(FLAGS.workdir), paths, FLAGS.config)
   except (*said, OSError) as error:
     if os.environ.get("SIMPSONS_JAX_TRACEBACK"):

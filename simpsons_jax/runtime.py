@@ -1,29 +1,50 @@
-"""The process a mode runs in: JAX's multi-process runtime, TensorFlow kept off
-the accelerators, and Orbax's log lines trimmed. main.py calls `start` once,
-after `host_memory.keep_freed_memory`."""
+"""The process a mode runs in: JAX's multi-process runtime (its flags are
+here), TensorFlow kept off the accelerators, and Orbax's log lines trimmed.
+main.py calls `start` once, after `host_memory.keep_freed_memory`."""
 
 from __future__ import annotations
 
 import logging as logging_lib
+import os
 
-from absl import logging
+from absl import flags, logging
+
+flags.DEFINE_string(
+  "coordinator_address",
+  os.environ.get("JAX_COORDINATOR_ADDRESS", ""),
+  "Multi-process: host:port of process 0 (or $JAX_COORDINATOR_ADDRESS).",
+)
+flags.DEFINE_integer(
+  "num_processes",
+  int(os.environ.get("JAX_NUM_PROCESSES", "1")),
+  "Multi-process: how many processes (or $JAX_NUM_PROCESSES).",
+)
+flags.DEFINE_integer(
+  "process_id",
+  int(os.environ.get("JAX_PROCESS_ID", "0")),
+  "Multi-process: this process's index (or $JAX_PROCESS_ID).",
+)
+flags.DEFINE_bool(
+  "distributed",
+  False,
+  "Start JAX's multi-process runtime with the cluster's own settings (Cloud "
+  "TPU pods, SLURM); implied by --coordinator_address.",
+)
+FLAGS = flags.FLAGS
 
 
-def start(
-  coordinator_address: str = "",
-  num_processes: int = 1,
-  process_id: int = 0,
-  distributed: bool = False,
-) -> None:
-  """Starts JAX (multi-process with `coordinator_address` or `distributed`),
+def start() -> None:
+  """Starts JAX (multi-process with --coordinator_address or --distributed),
   hides the accelerators from TensorFlow, and quiets processes other than 0."""
   logging.get_absl_handler().addFilter(_quiet_orbax)
   import jax
   import tensorflow as tf
 
-  if coordinator_address:
-    jax.distributed.initialize(coordinator_address, num_processes, process_id)
-  elif distributed:
+  if FLAGS.coordinator_address:
+    jax.distributed.initialize(
+      FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
+    )
+  elif FLAGS.distributed:
     jax.distributed.initialize()
   if jax.process_index() != 0:
     logging.set_verbosity(logging.WARNING)  # Process 0 reports progress.
