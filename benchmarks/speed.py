@@ -103,7 +103,7 @@ def _simpsons_jax(mode: str, size: int, batch: int) -> tuple[float, str]:
   import jax
   import numpy as np
 
-  from simpsons_jax import models, sharding, train
+  from simpsons_jax import evaluators, models, sharding, train
 
   config = _config()
   config.image_size = size
@@ -122,14 +122,15 @@ def _simpsons_jax(mode: str, size: int, batch: int) -> tuple[float, str]:
     },
     mesh,
   )
-  train_step, eval_step = train.jit_steps(mesh, config, NUM_CLASSES)
+  train_step = train.jit_train_step(mesh, config)
+  score = evaluators.sums_fn(mesh, state.apply_fn, NUM_CLASSES, config.eval_flip)
   holder = [state]
 
   def step():
     if mode == "train":
       holder[0], sums = train_step(holder[0], data)
     else:
-      sums = eval_step(holder[0], data)
+      sums = score(holder[0].inference_variables(), data)
     jax.block_until_ready(sums)
 
   kernels = models.conv_implementation(config)[1]

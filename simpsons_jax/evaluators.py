@@ -83,7 +83,8 @@ def sums_fn(
 def accumulate(
   fn: Callable, variables: Any, batches: list[input_pipeline.Batch], mesh: Mesh
 ) -> dict[str, np.ndarray]:
-  """The sums of `fn` over all batches, added on the device, fetched once."""
+  """The sums of `fn` over all batches, each batch's fetched and added on the
+  host in float64 (`metrics.add`)."""
   totals = None
   for batch in sharding.prefetch(batches, mesh):
     totals = metrics.add(totals, fn(variables, batch))

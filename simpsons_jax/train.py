@@ -8,7 +8,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax
@@ -198,19 +198,16 @@ def _compiler_options(config: ml_collections.ConfigDict) -> dict[str, Any] | Non
   return {"xla_cpu_enable_concurrency_optimized_scheduler": False}
 
 
-def jit_steps(
+def jit_train_step(
   mesh: Mesh,
   config: ml_collections.ConfigDict,
-  num_classes: int,
   weights: np.ndarray | None = None,
   steps_per_epoch: int = 1,
-) -> tuple[Callable, Callable]:
+) -> Callable:
   """`train_step` with the config's options, compiled for `mesh`, the state
-  donated, and the metric sums of (state, batch) (`evaluators.sums_fn` of the
-  state's inference variables). `weights` are the per-character loss weights;
-  `steps_per_epoch` places `unfreeze_after_epochs`."""
+  donated. `weights` are the per-character loss weights; `steps_per_epoch`
+  places `unfreeze_after_epochs`."""
   state_sharding = sharding.replicated(mesh)
-  batch_sharding = sharding.data_sharding(mesh)
   step = functools.partial(
     train_step,
     label_smoothing=config.label_smoothing,
@@ -221,32 +218,13 @@ def jit_steps(
     freeze=tuple(config.get("freeze", ())),
     unfreeze_step=freezing.unfreeze_step(config, steps_per_epoch),
   )
-  jitted_train = jax.jit(
+  return jax.jit(
     step,
-    in_shardings=(state_sharding, batch_sharding),
+    in_shardings=(state_sharding, sharding.data_sharding(mesh)),
     out_shardings=(state_sharding, state_sharding),
     donate_argnums=0,
     compiler_options=_compiler_options(config),
   )
-
-  @functools.cache
-  def sums_for(apply_fn: Callable) -> Callable:
-    return evaluators.sums_fn(mesh, apply_fn, num_classes, config.eval_flip)
-
-  def eval_fn(state: TrainState, batch: Mapping[str, jax.Array]) -> dict:
-    return sums_for(state.apply_fn)(state.inference_variables(), batch)
-
-  return jitted_train, eval_fn
-
-
-def evaluate(
-  eval_fn: Callable, state: TrainState, batches: Iterable[Any], mesh: Mesh
-) -> dict[str, float]:
-  """Loss, accuracy, top-3, macro-F1 and balanced accuracy over padded batches."""
-  totals = None
-  for batch in sharding.prefetch(batches, mesh):
-    totals = metrics.add(totals, eval_fn(state, batch))
-  return metrics.summarize(jax.device_get(totals))
 
 
 class Interrupted(Exception):
@@ -341,9 +319,7 @@ def _train(
 ) -> tuple[TrainState, dict[str, float]]:
   logging.info(
     "Data: %d characters, %d training and %d validation images.",
-    cmap.num_classes,
-    len(train_split),
-    len(val_split),
+    *(cmap.num_classes, len(train_split), len(val_split)),
   )
   process = {"process_index": jax.process_index(), "process_count": jax.process_count()}
   steps_per_epoch = len(train_split) // config.batch_size
@@ -353,37 +329,11 @@ def _train(
   manager = checkpointing.create_manager(
     workdir, config.checkpoints_to_keep, metric=config.checkpoint_metric
   )
-  if manager.latest_step() is not None:
-    checkpointing.check_meta(
-      checkpointing.restore_meta(manager, manager.latest_step()),
-      cmap.names,
-      config.image_size,
-      f"step {manager.latest_step()} in {manager.directory}",
-    )
-    shapes = jax.eval_shape(
-      functools.partial(
-        create_train_state, model, config, steps_per_epoch=steps_per_epoch
-      ),
-      jax.random.PRNGKey(config.seed),
-    )
-    abstract = checkpointing.abstract_like(shapes, sharding.replicated(mesh))
-    state, _ = checkpointing.restore(manager, manager.latest_step(), abstract)
-    logging.info(
-      "Resumed from step %d in %s.", manager.latest_step(), manager.directory
-    )
-  else:
-    state = initial_state(model, config, mesh, steps_per_epoch)
-    if config.get("init_from", ""):
-      state = _start_from(state, config, cmap, mesh)
+  state = _restore_or_start(manager, model, config, mesh, cmap, steps_per_epoch)
   start_step = int(jax.device_get(state.step))
-  logging.info(
-    "Model %s: %s parameters.", config.model, f"{models.count_params(state.params):,}"
-  )
-  if config.get("freeze", ()) or config.get("lr_multipliers", ()):
-    logging.info("Fine-tuning: %s.", freezing.describe(state.params, config))
 
   weights = class_weights(train_split.labels, cmap.num_classes, config.class_weights)
-  p_train_step, _ = jit_steps(mesh, config, cmap.num_classes, weights, steps_per_epoch)
+  train_step_fn = jit_train_step(mesh, config, weights, steps_per_epoch)
   val_batches = input_pipeline.eval_batches(
     val_split, config.image_size, config.batch_size, config.cache_dir, **process
   )
@@ -397,29 +347,10 @@ def _train(
   writer = summary.create_writer(workdir / "tensorboard")
   if start_step == 0:
     writer.write_hparams(summary.hparams(config))
-  report_progress = periodic_actions.ReportProgress(
-    num_train_steps=total_steps, writer=writer, every_steps=config.log_every_steps
-  )
-  actions = [report_progress]
-  if config.get("profile_steps", 0) and jax.process_index() == 0:
-    actions.append(
-      periodic_actions.Profile(
-        logdir=str(workdir / "tensorboard"),
-        num_profile_steps=config.profile_steps,
-        profile_duration_ms=None,
-        first_profile=start_step + 2,  # The first step compiles.
-        every_secs=None,
-      )
-    )
+  actions = _periodic_actions(config, workdir, writer, total_steps, start_step)
 
   def save(step: int, val_metrics: Mapping[str, float] | None) -> None:
-    meta = {
-      "epoch": step / steps_per_epoch,
-      "step": step,
-      "characters": list(cmap.names),
-      "image_size": config.image_size,
-      "val": dict(val_metrics or {}),
-    }
+    meta = _checkpoint_meta(step, steps_per_epoch, cmap, config, val_metrics)
     scores = val_metrics and {f"val_{k}": v for k, v in val_metrics.items()}
     checkpointing.save(manager, state, meta, scores)
 
@@ -433,7 +364,7 @@ def _train(
         sharding.prefetch(_with_first_batch_shown(batches, writer, start_step), mesh),
         strict=True,
       ):
-        state, sums = p_train_step(state, batch)
+        state, sums = train_step_fn(state, batch)
         checkpointing.raise_failed_save(manager, state)
         for action in actions:
           action(step)
@@ -444,34 +375,13 @@ def _train(
         validating = end_of_epoch or _every(step, config.eval_every_steps)
         saving = validating or _every(step, config.checkpoint_every_steps)
         if step % config.log_every_steps == 0 or end_of_epoch:
-          train_metrics = metrics.summarize(jax.device_get(totals))
-          _check_finite(train_metrics, "Training", step, manager)
-          rate = window_steps * config.batch_size / (time.perf_counter() - window_start)
-          writer.write_scalars(
-            step, {f"train_{k}": v for k, v in train_metrics.items()}
-          )
-          writer.write_scalars(step, {"train_images_per_second": rate})
-          logging.info(
-            "epoch %d/%d step %d/%d: loss %.4f, accuracy %.4f, %.0f images/s",
-            (step - 1) // steps_per_epoch + 1,
-            config.num_epochs,
-            step,
-            total_steps,
-            train_metrics["loss"],
-            train_metrics["accuracy"],
-            rate,
-          )
+          seconds = time.perf_counter() - window_start
+          rate = window_steps * config.batch_size / seconds
+          _report_training(writer, step, totals, rate, config, steps_per_epoch, manager)
           totals, window_start, window_steps = None, time.perf_counter(), 0
         if validating:
           val_metrics = validate()
-          _check_finite(val_metrics, "Validation", step, manager)
-          writer.write_scalars(step, {f"val_{k}": v for k, v in val_metrics.items()})
-          writer.flush()
-          logging.info(
-            "epoch %.4g validation: %s",
-            step / steps_per_epoch,
-            ", ".join(f"{k} {v:.4f}" for k, v in val_metrics.items()),
-          )
+          _report_validation(writer, step, val_metrics, steps_per_epoch, manager)
         if end_of_epoch:
           for extra in extra_evals:
             if epoch % extra.every_epochs == 0:
@@ -492,13 +402,136 @@ def _train(
   logging.info(
     "Finished at step %d: validation accuracy %.4f; best checkpoint by %s: "
     "step %s in %s.",
-    total_steps,
-    val_metrics["accuracy"],
-    config.checkpoint_metric,
-    manager.best_step(),
-    manager.directory,
+    *(total_steps, val_metrics["accuracy"], config.checkpoint_metric),
+    *(manager.best_step(), manager.directory),
   )
   return state, val_metrics
+
+
+def _checkpoint_meta(
+  step: int,
+  steps_per_epoch: int,
+  cmap: characters.CharacterMap,
+  config: ml_collections.ConfigDict,
+  val_metrics: Mapping[str, float] | None,
+) -> dict[str, Any]:
+  """What a checkpoint says of itself (read back by `checkpointing.check_meta`)."""
+  return {
+    "epoch": step / steps_per_epoch,
+    "step": step,
+    "characters": list(cmap.names),
+    "image_size": config.image_size,
+    "val": dict(val_metrics or {}),
+  }
+
+
+def _restore_or_start(
+  manager,
+  model: nn.Module,
+  config: ml_collections.ConfigDict,
+  mesh: Mesh,
+  cmap: characters.CharacterMap,
+  steps_per_epoch: int,
+) -> TrainState:
+  """The run's latest checkpoint, checked against its characters and image
+  size; or a fresh state (from `config.init_from` if set)."""
+  latest = manager.latest_step()
+  if latest is None:
+    state = initial_state(model, config, mesh, steps_per_epoch)
+    if config.get("init_from", ""):
+      state = _start_from(state, config, cmap, mesh)
+  else:
+    checkpointing.check_meta(
+      checkpointing.restore_meta(manager, latest),
+      cmap.names,
+      config.image_size,
+      f"step {latest} in {manager.directory}",
+    )
+    shapes = jax.eval_shape(
+      functools.partial(
+        create_train_state, model, config, steps_per_epoch=steps_per_epoch
+      ),
+      jax.random.PRNGKey(config.seed),
+    )
+    abstract = checkpointing.abstract_like(shapes, sharding.replicated(mesh))
+    state, _ = checkpointing.restore(manager, latest, abstract)
+    logging.info("Resumed from step %d in %s.", latest, manager.directory)
+  logging.info(
+    "Model %s: %s parameters.", config.model, f"{models.count_params(state.params):,}"
+  )
+  if config.get("freeze", ()) or config.get("lr_multipliers", ()):
+    logging.info("Fine-tuning: %s.", freezing.describe(state.params, config))
+  return state
+
+
+def _periodic_actions(
+  config: ml_collections.ConfigDict,
+  workdir: epath.Path,
+  writer: metric_writers.MetricWriter,
+  total_steps: int,
+  start_step: int,
+) -> list[periodic_actions.PeriodicAction]:
+  """CLU's progress report (steps/s, ETA), and the profiler if asked for."""
+  actions: list[periodic_actions.PeriodicAction] = [
+    periodic_actions.ReportProgress(
+      num_train_steps=total_steps, writer=writer, every_steps=config.log_every_steps
+    )
+  ]
+  if config.get("profile_steps", 0) and jax.process_index() == 0:
+    actions.append(
+      periodic_actions.Profile(
+        logdir=str(workdir / "tensorboard"),
+        num_profile_steps=config.profile_steps,
+        profile_duration_ms=None,
+        first_profile=start_step + 2,  # The first step compiles.
+        every_secs=None,
+      )
+    )
+  return actions
+
+
+def _report_training(
+  writer: metric_writers.MetricWriter,
+  step: int,
+  totals: Any,
+  rate: float,
+  config: ml_collections.ConfigDict,
+  steps_per_epoch: int,
+  manager,
+) -> None:
+  """The training metrics since the last report: checked, logged, written."""
+  train_metrics = metrics.summarize(jax.device_get(totals))
+  _check_finite(train_metrics, "Training", step, manager)
+  writer.write_scalars(step, {f"train_{k}": v for k, v in train_metrics.items()})
+  writer.write_scalars(step, {"train_images_per_second": rate})
+  logging.info(
+    "epoch %d/%d step %d/%d: loss %.4f, accuracy %.4f, %.0f images/s",
+    (step - 1) // steps_per_epoch + 1,
+    config.num_epochs,
+    step,
+    steps_per_epoch * config.num_epochs,
+    train_metrics["loss"],
+    train_metrics["accuracy"],
+    rate,
+  )
+
+
+def _report_validation(
+  writer: metric_writers.MetricWriter,
+  step: int,
+  val_metrics: Mapping[str, float],
+  steps_per_epoch: int,
+  manager,
+) -> None:
+  """Validation metrics: checked, written, logged."""
+  _check_finite(val_metrics, "Validation", step, manager)
+  writer.write_scalars(step, {f"val_{k}": v for k, v in val_metrics.items()})
+  writer.flush()
+  logging.info(
+    "epoch %.4g validation: %s",
+    step / steps_per_epoch,
+    ", ".join(f"{k} {v:.4f}" for k, v in val_metrics.items()),
+  )
 
 
 def _start_from(

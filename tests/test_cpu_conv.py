@@ -238,9 +238,9 @@ batch = sharding.shard_batch({
   "mask": np.ones(16, np.float32),
 }, mesh)
 options = train._compiler_options(config)
-by_memory = train.jit_steps(mesh, config, num_classes)[0]
+by_memory = train.jit_train_step(mesh, config)
 train._compiler_options = lambda config: None
-by_default = train.jit_steps(mesh, config, num_classes)[0]
+by_default = train.jit_train_step(mesh, config)
 stepped = [f(jax.tree.map(jnp.copy, whole), batch) for f in (by_memory, by_default)]
 json.dump({
   "devices": jax.device_count(),

@@ -12,7 +12,9 @@ import pytest
 
 from simpsons_jax import (
   data,
+  evaluators,
   input_pipeline,
+  metrics,
   models,
   sharding,
   train,
@@ -102,7 +104,7 @@ def test_two_processes_train_like_one_with_the_same_global_batch(
     mesh,
     steps_per_epoch=len(train_split) // config.batch_size,
   )
-  train_step, eval_step = train.jit_steps(mesh, config, cmap.num_classes)
+  train_step = train.jit_train_step(mesh, config)
   shards = [
     input_pipeline.train_batches(train_split, config, 0, index, 2) for index in range(2)
   ]
@@ -110,7 +112,11 @@ def test_two_processes_train_like_one_with_the_same_global_batch(
     batch = {k: np.concatenate([h[k] for h in halves]) for k in halves[0]}
     state, _ = train_step(state, sharding.shard_batch(batch, mesh))
   val_batches = input_pipeline.eval_batches(val_split, 32, config.batch_size)
-  reference = train.evaluate(eval_step, state, val_batches, mesh)
+  score = evaluators.sums_fn(mesh, state.apply_fn, cmap.num_classes, config.eval_flip)
+  variables = state.inference_variables()
+  reference = metrics.summarize(
+    evaluators.accumulate(score, variables, val_batches, mesh)
+  )
 
   # Written by 2 processes, read back by 1 on one device.
   trained = trained_run.load(workdir, checkpoint="latest")

@@ -9,10 +9,11 @@ import numpy as np
 import optax
 import pytest
 
-from configs import default, overfit, strong
+from configs import overfit, strong
 from simpsons_jax import (
   checkpointing,
   data,
+  evaluators,
   input_pipeline,
   metrics,
   models,
@@ -35,7 +36,7 @@ def test_train_step_lowers_the_loss_on_a_fixed_batch(tiny_config):
     "image": rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8),
     "label": np.arange(16, dtype=np.int32) % 6,
   }
-  train_step, _ = train.jit_steps(mesh, tiny_config, 6)
+  train_step = train.jit_train_step(mesh, tiny_config)
   losses = []
   for _ in range(40):
     state, sums = train_step(state, sharding.shard_batch(batch, mesh))
@@ -59,6 +60,13 @@ def _fixed_prediction_state(num_classes):
   )
 
 
+def _validate(state, batches, mesh, num_classes, flip=False) -> dict:
+  """The metrics of the training loop's validation, as it computes them."""
+  score = evaluators.sums_fn(mesh, state.apply_fn, num_classes, flip)
+  totals = evaluators.accumulate(score, state.inference_variables(), batches, mesh)
+  return metrics.summarize(totals)
+
+
 def test_evaluation_counts_each_example_once_exactly():
   # 13 examples, batch 8: the second batch is padded with 3 masked rows.
   labels = np.array([0, 0, 0, 0, 1, 1, 1, 2, 2, 2, 2, 2, 2], np.int32)
@@ -72,8 +80,7 @@ def test_evaluation_counts_each_example_once_exactly():
     for i in (0, 8)
   ]
   mesh = sharding.make_mesh()
-  _, eval_step = train.jit_steps(mesh, default.get_config(), 3)
-  result = train.evaluate(eval_step, _fixed_prediction_state(3), batches, mesh)
+  result = _validate(_fixed_prediction_state(3), batches, mesh, 3)
 
   assert result["accuracy"] == pytest.approx(9 / 13)
   assert result["top3_accuracy"] == 1.0
@@ -174,9 +181,8 @@ def test_overfit_config_fits_real_frames_exactly(tmp_path):
   cmap, small, _ = data.create(config).load(tmp_path)
   assert len(small) == 80
   mesh = sharding.make_mesh()
-  _, eval_step = train.jit_steps(mesh, config, cmap.num_classes)
   batches = input_pipeline.eval_batches(small, config.image_size, config.batch_size)
-  result = train.evaluate(eval_step, state, batches, mesh)
+  result = _validate(state, batches, mesh, cmap.num_classes, config.eval_flip)
   assert result["accuracy"] == 1.0
 
 
@@ -250,7 +256,7 @@ def test_batch_norm_statistics_cover_the_global_batch(resnet_config):
   results = []
   for devices in (jax.devices()[:1], jax.devices()):
     mesh = sharding.make_mesh(devices)
-    step, _ = train.jit_steps(mesh, resnet_config, 6)
+    step = train.jit_train_step(mesh, resnet_config)
     state = train.create_train_state(
       model, resnet_config, jax.random.PRNGKey(0), steps_per_epoch=4
     )
