@@ -81,7 +81,7 @@ def check(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
       problems.append(f"{key}={config[key]!r} must be one of {', '.join(choices)}")
   if config.model not in models.MODELS:
     problems.append(f"model={config.model!r} must be one of {', '.join(models.MODELS)}")
-  if data.kind(config.dataset) not in data.SOURCES:
+  if data.source_name(config.dataset) not in data.SOURCES:
     problems.append(
       f"dataset={config.dataset!r} must be one of {', '.join(data.SOURCES)} "
       "(tfds as tfds:NAME[:VERSION])"

@@ -157,7 +157,7 @@ def from_folder(
   """An evaluator of a folder in the Kaggle training layout (`<character>/`)
   or test-set layout (`<character>_<N>.jpg`). Images of characters the model
   does not know are listed under `skipped`, never scored."""
-  checked = image_files.validate(
+  checked = image_files.keep_usable(
     characters.find_labelled_images(eval_dir),
     report_dir,
     folder.max_pixels(config),

@@ -54,7 +54,9 @@ def probability_fn(trained: trained_run.TrainedModel):
   run's test-time augmentation, the parameters as constants."""
   config = trained.config
   # XLA's convolutions: no custom calls in a portable artifact.
-  model = models.family(config).from_config(config, trained.cmap.num_classes, "xla")
+  model = models.model_class(config).from_config(
+    config, trained.cmap.num_classes, "xla"
+  )
   flip = trained.config.get("eval_flip", False)
   return functools.partial(
     trained_run.softmax_probabilities, model.apply, trained.variables, flip=flip

@@ -1,15 +1,14 @@
 """glibc's malloc set up so that XLA:CPU reuses a step's memory.
 
 XLA:CPU allocates the temporaries of each step afresh: one block per executable
-run (110 MB for `configs/strong.py` at 28 px, batch 128), from its own threads.
-glibc gives threads other than the main one arenas whose heaps hold at most
-64 MiB, so a larger block is mapped anew at every step and unmapped when freed,
-and the step then page-faults through all of it (27,000 faults, about 30 ms of
-a 160 ms step on a 2-core EPYC). With one arena every block comes from the main
-heap, where a high mmap threshold keeps it and a high trim threshold keeps its
-pages when freed: the next step finds them mapped. Memory then stays at its peak
-instead of shrinking between steps, and compilations, whose threads now share
-the one arena, take about 20% longer (once a run).
+run, from its own threads. glibc gives threads other than the main one arenas
+whose heaps hold at most 64 MiB, so a larger block is mapped anew at every step
+and unmapped when freed, and the step then page-faults through all of it. With
+one arena every block comes from the main heap, where a high mmap threshold
+keeps it and a high trim threshold keeps its pages when freed: the next step
+finds them mapped. Memory then stays at its peak instead of shrinking between
+steps, and compilations, whose threads now share the one arena, take longer
+(once a run). The README's performance section has the figures.
 
 The arena limit counts only for threads that have not allocated yet, so the
 setting is an explicit call made before JAX starts its CPU client: main.py makes

@@ -83,7 +83,9 @@ class Verdict:
   sha256: str = ""
 
 
-def read(path: epath.Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Verdict, Any]:
+def read_image(
+  path: epath.Path, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[Verdict, Any]:
   """Reads, hashes, inspects and decodes one file: its verdict and the decoded
   uint8 RGB image (None when unusable)."""
   problem = files.name_problem(path)
@@ -98,11 +100,11 @@ def read(path: epath.Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Verdic
     return Verdict(f"unreadable ({e.message})"), None
   if not contents:
     return Verdict("empty file"), None
-  problem, image = inspect(contents, max_pixels)
+  problem, image = decode_checked(contents, max_pixels)
   return Verdict(problem, hashlib.sha256(contents).hexdigest()), image
 
 
-def inspect(
+def decode_checked(
   contents: bytes, max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> tuple[str | None, Any]:
   """Why a file's bytes are not a usable image (header, pixel limit, full
@@ -117,11 +119,6 @@ def inspect(
       f"not a readable JPEG or PNG (TensorFlow: {e.message.split(' [Op:')[0]})",
       None,
     )
-
-
-def check(path: epath.Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> str | None:
-  """Why `path` cannot be used as an image, or None when it can."""
-  return read(path, max_pixels)[0].reason
 
 
 def _stamp(path: epath.Path) -> list[int] | None:
@@ -140,7 +137,7 @@ def _key(path: epath.Path) -> str:
   return os.fsdecode(path.absolute() if files.is_local(path) else path)
 
 
-class _Checks:
+class _VerdictCache:
   """Verdicts kept in a JSON file, valid while a file's size and mtime hold."""
 
   def __init__(self, path: epath.Path | None, max_pixels: int):
@@ -165,7 +162,7 @@ class _Checks:
         todo.append(path)
     if todo:
       with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
-        checked = pool.map(lambda p: read(p, self.max_pixels)[0], todo)
+        checked = pool.map(lambda p: read_image(p, self.max_pixels)[0], todo)
         for path, verdict in zip(todo, checked, strict=True):
           found[path] = verdict
           stamp = _stamp(path)
@@ -180,18 +177,18 @@ class _Checks:
 
 
 @dataclasses.dataclass(frozen=True)
-class Checked:
+class UsableImages:
   """The usable images per character and the SHA-256 of each."""
 
   images: dict[str, list[epath.Path]]
   sha256: dict[epath.Path, str]
 
 
-def validate(
+def keep_usable(
   images: Mapping[str, list[epath.Path]],
   report_dir: str | os.PathLike | None,
   max_pixels: int = DEFAULT_MAX_PIXELS,
-) -> Checked:
+) -> UsableImages:
   """Keeps the usable images of each character; reports the others.
 
   The skipped files and their reasons go to `<report_dir>/skipped_files.json`,
@@ -203,7 +200,7 @@ def validate(
     report_dir = files.as_path(report_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
     cache = report_dir / CHECKS_FILENAME
-  verdicts = _Checks(cache, max_pixels).verdicts(paths)
+  verdicts = _VerdictCache(cache, max_pixels).verdicts(paths)
   skipped = {os.fsdecode(p): v.reason for p, v in verdicts.items() if v.reason}
   if report_dir is not None:
     report = report_dir / SKIPPED_FILENAME
@@ -222,4 +219,6 @@ def validate(
   usable = {
     name: [p for p in files if not verdicts[p].reason] for name, files in images.items()
   }
-  return Checked(usable, {p: v.sha256 for p, v in verdicts.items() if not v.reason})
+  return UsableImages(
+    usable, {p: v.sha256 for p, v in verdicts.items() if not v.reason}
+  )

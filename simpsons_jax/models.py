@@ -15,8 +15,8 @@ from absl import logging
 from simpsons_jax import cpu_conv, host_memory
 
 # XLA:CPU's kernel-gradient convolution slows down sharply once the batch's
-# pixels outgrow the cache (7x slower on 128 rows of 28x28x32 than on 8 rows
-# at a time). Each chunk holds about this many input pixels; the chunk count
+# pixels outgrow the cache (the README's performance section has the
+# figures). Each chunk holds about this many input pixels; the chunk count
 # is capped to bound the unrolled graph (and compile time).
 KERNEL_GRAD_PIXELS = 8 * 14 * 14
 MAX_KERNEL_GRAD_CHUNKS = 16
@@ -325,7 +325,7 @@ MODELS: dict[str, type[nn.Module]] = {
 }
 
 
-def family(config: ml_collections.ConfigDict) -> type[nn.Module]:
+def model_class(config: ml_collections.ConfigDict) -> type[nn.Module]:
   """The model class `config.model` names."""
   if config.model not in MODELS:
     raise ValueError(
@@ -336,7 +336,7 @@ def family(config: ml_collections.ConfigDict) -> type[nn.Module]:
 
 def create(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
   """Builds the model named by `config.model` for `num_classes` characters."""
-  cls = family(config)
+  cls = model_class(config)
   kernels, line = conv_implementation(config)
   _set_up_convolutions(line)
   return cls.from_config(config, num_classes, kernels)

@@ -74,7 +74,7 @@ def exclude(
 
   What is left out is listed in `<report_dir>/excluded_copies.json`.
   """
-  reference = image_files.validate(
+  reference = image_files.keep_usable(
     characters.find_labelled_images(reference_dir), None, max_pixels
   ).images
   reference_paths = [p for paths in reference.values() for p in paths]

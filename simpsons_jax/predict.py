@@ -64,7 +64,7 @@ def _problem_or_image(
     return f"{printable(path)} does not exist", None
   if path.is_dir():
     return "a folder, not an image", None
-  verdict, image = image_files.read(path, max_pixels)
+  verdict, image = image_files.read_image(path, max_pixels)
   if verdict.reason:
     return verdict.reason, None
   return None, core.resize(image, image_size).numpy()

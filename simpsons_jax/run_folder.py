@@ -55,7 +55,7 @@ RESUME_FIXED = (
 
 def resume_fixed(config: ml_collections.ConfigDict) -> tuple[str, ...]:
   """The keys a run continuing `config`'s must keep."""
-  return RESUME_FIXED + tuple(models.family(config).CONFIG_FIELDS)
+  return RESUME_FIXED + tuple(models.model_class(config).CONFIG_FIELDS)
 
 
 # What `restart` moves aside; synthetic data and the file checks are kept.

@@ -58,7 +58,7 @@ def character(key: str) -> str:
   return key.split("/", 1)[0]
 
 
-def _take(
+def _sample_per_label(
   labels: np.ndarray, eligible: np.ndarray, fraction: float, seed: int, leave: int
 ) -> np.ndarray:
   """Seeded positions of about `fraction` of each label's items, drawn from
@@ -97,7 +97,9 @@ def decide(
     labels_per_hash[sha].add(label)
   labels = np.asarray([label for label, _ in keys], np.int64)
   eligible = np.asarray([len(labels_per_hash[sha]) == 1 for _, sha in keys], bool)
-  val_groups = set(_take(labels, eligible, val_fraction, seed, leave=1).tolist())
+  val_groups = set(
+    _sample_per_label(labels, eligible, val_fraction, seed, leave=1).tolist()
+  )
   val = [p for i, key in enumerate(keys) if i in val_groups for p in groups[key]]
   train = [p for i, key in enumerate(keys) if i not in val_groups for p in groups[key]]
   train.sort(key=lambda p: (label_of[character(p)], p))
@@ -105,7 +107,9 @@ def decide(
   if train_fraction < 1:
     train_labels = np.asarray([label_of[character(p)] for p in train])
     everything = np.ones(len(train), bool)
-    kept = set(_take(train_labels, everything, train_fraction, seed + 1, 0).tolist())
+    kept = set(
+      _sample_per_label(train_labels, everything, train_fraction, seed + 1, 0).tolist()
+    )
   return Record(
     train={p: current[p] for i, p in enumerate(train) if i in kept},
     val={p: current[p] for p in sorted(val)},
@@ -209,7 +213,7 @@ def ordered(keys: Mapping[str, str], cmap: characters.CharacterMap) -> dict[str,
   return {k: keys[k] for k in sorted(keys, key=lambda k: (label_of[character(k)], k))}
 
 
-def _fix(workdir: epath.Path) -> str:
+def _restore_or_restart(workdir: epath.Path) -> str:
   return (
     f"restore it, or start afresh with --config.restart=True (the run in "
     f"{workdir} moves to archive/)."
@@ -224,21 +228,23 @@ def _load(workdir: epath.Path) -> dict:
       "not at all. Run its training command (once more) to save it; evaluate "
       "can score another folder with --eval_dir."
     )
-  data = files.read_json(path, _fix(workdir))
+  data = files.read_json(path, _restore_or_restart(workdir))
   try:
     if data["format"] != _FORMAT:
       raise ValueError(f"format {data['format']}")
     Record(**{side: dict(data[side]) for side in ("train", "val", "unused")})
     return data
   except (KeyError, TypeError, ValueError) as e:
-    raise files.DamagedFileError(f"{path} is damaged ({e}): {_fix(workdir)}") from e
+    raise files.DamagedFileError(
+      f"{path} is damaged ({e}): {_restore_or_restart(workdir)}"
+    ) from e
 
 
 def _record(data: Mapping) -> Record:
   return Record(**{side: dict(data[side]) for side in ("train", "val", "unused")})
 
 
-def keep(
+def choose_and_save(
   workdir: str | os.PathLike,
   current: Mapping[str, str],
   cmap: characters.CharacterMap,
@@ -249,7 +255,7 @@ def keep(
 
   `current` maps each usable example of `cmap`'s characters, by its key
   (`<character>/<name>`), to the SHA-256 of its bytes. Saves the decision on
-  the first run, and the keys in use on every run (`in_use` reads them).
+  the first run, and the keys in use on every run (`last_chosen` reads them).
   """
   workdir = files.as_path(workdir)
   path = workdir / SPLIT_FILENAME
@@ -275,10 +281,10 @@ def keep(
   return ordered(used.train, cmap), ordered(used.val, cmap)
 
 
-def in_use(
+def last_chosen(
   workdir: str | os.PathLike, cmap: characters.CharacterMap
 ) -> tuple[dict[str, str], dict[str, str]]:
-  """The training and validation keys (with SHA-256) `keep` last chose."""
+  """The training and validation keys (with SHA-256) `choose_and_save` last chose."""
   data = _load(files.as_path(workdir))
   record = _record(data)
   train = {k: record.train[k] for k in data["in_use"]["train"]}

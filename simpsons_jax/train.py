@@ -190,9 +190,8 @@ def _compiler_options(config: ml_collections.ConfigDict) -> dict[str, Any] | Non
   """XLA's options for the training step: with oneDNN's convolutions, XLA:CPU
   schedules the step for memory, not to run many ops at once. oneDNN's calls
   already use every core, and an op XLA ran beside one only contended with it
-  (the ResNet's step at 28 px, batch 128: 107-111 ms instead of 110-117, three
-  alternating pairs on a 2-core EPYC; the notebook's unchanged). The same
-  arithmetic in another order of independent ops: results are bitwise equal."""
+  (docs: the performance notes). The same arithmetic in another order of
+  independent ops: results are bitwise equal."""
   if models.conv_implementation(config)[0] != "onednn":
     return None
   return {"xla_cpu_enable_concurrency_optimized_scheduler": False}
@@ -293,18 +292,18 @@ def train_and_evaluate(
   workdir = files.as_path(workdir)
   mesh = sharding.make_mesh() if mesh is None else mesh
   config_checks.check(config, mesh)
-  first = jax.process_index() == 0
-  with run_folder.lock(workdir) if first else contextlib.nullcontext():
-    if first:
+  is_process_0 = jax.process_index() == 0
+  with run_folder.lock(workdir) if is_process_0 else contextlib.nullcontext():
+    if is_process_0:
       run_folder.prepare(config, workdir)
     sharding.describe_devices(mesh, config.require_accelerator)
     source = data.create(config)
-    if first:
+    if is_process_0:
       cmap, train_split, val_split = source.prepare(workdir)
       checkpointing.save_config(workdir, config)
     if jax.process_count() > 1:  # The others read what process 0 decided.
       multihost_utils.sync_global_devices("workdir prepared")
-    if not first:
+    if not is_process_0:
       cmap, train_split, val_split = source.load(workdir)
     return _train(config, workdir, mesh, cmap, train_split, val_split)
 

@@ -89,7 +89,9 @@ def _frames(tiny_data_dir):
 
 def _images(paths):
   """uint8 (N, 32, 32, 3): decoded and resized as predict does."""
-  return np.stack([core.resize(image_files.read(p)[1], 32).numpy() for p in paths])
+  return np.stack(
+    [core.resize(image_files.read_image(p)[1], 32).numpy() for p in paths]
+  )
 
 
 def _expected(workdir, paths):

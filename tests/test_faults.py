@@ -29,6 +29,11 @@ from simpsons_jax import sharding as sharding_lib
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _reason(path, max_pixels=image_files.DEFAULT_MAX_PIXELS):
+  """Why the data pipeline's read of `path` finds it unusable (None: usable)."""
+  return image_files.read_image(path, max_pixels)[0].reason
+
+
 def _frame(seed, size=(40, 30), mode="RGB"):
   rng = np.random.default_rng(seed)
   pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
@@ -139,9 +144,9 @@ def messy_dir(tmp_path):
 def test_each_file_check_gives_its_reason(messy_dir):
   root, _, bad = messy_dir
   for name, reason in bad.items():
-    assert image_files.check(root / "homer_simpson" / name).startswith(reason), name
-  assert image_files.check(root / "homer_simpson" / "huge.jpg") is None
-  assert image_files.check(root / "homer_simpson" / "sixteen_bit.png") is None
+    assert _reason(root / "homer_simpson" / name).startswith(reason), name
+  assert _reason(root / "homer_simpson" / "huge.jpg") is None
+  assert _reason(root / "homer_simpson" / "sixteen_bit.png") is None
 
 
 def test_unreadable_file_is_skipped(tmp_path, monkeypatch):
@@ -155,7 +160,7 @@ def test_unreadable_file_is_skipped(tmp_path, monkeypatch):
     return real_open(file, *args, **kwargs)
 
   monkeypatch.setattr("builtins.open", refusing_open)
-  assert image_files.check(path) == "unreadable (Permission denied)"
+  assert _reason(path) == "unreadable (Permission denied)"
 
 
 def test_training_on_a_messy_folder_skips_and_counts(messy_dir, tmp_path, tiny_config):
@@ -341,29 +346,31 @@ def test_a_damaged_workdir_file_is_one_sentence_without_traceback(tmp_path):
 def test_file_verdicts_are_kept_until_a_file_changes(messy_dir, tmp_path, monkeypatch):
   root, _, _ = messy_dir
   images = characters.find_images(root)
-  first = image_files.validate(images, tmp_path)
+  first = image_files.keep_usable(images, tmp_path)
   reads = []
-  real_read = image_files.read
+  real_read = image_files.read_image
   monkeypatch.setattr(
-    image_files, "read", lambda path, *a: reads.append(path) or real_read(path, *a)
+    image_files,
+    "read_image",
+    lambda path, *a: reads.append(path) or real_read(path, *a),
   )
-  again = image_files.validate(images, tmp_path)  # A resume reads no image again.
+  again = image_files.keep_usable(images, tmp_path)  # A resume reads no image again.
   assert again == first
   assert all(files.name_problem(p) or not p.exists() for p in reads)
   reads.clear()
   changed = root / "bart_simpson" / "pic_0003.jpg"
   changed.write_bytes(b"not a picture any more")
-  third = image_files.validate(images, tmp_path)
+  third = image_files.keep_usable(images, tmp_path)
   assert [p for p in reads if p.exists() and not files.name_problem(p)] == [changed]
   assert changed not in third.images["bart_simpson"]
 
 
 def test_the_pixel_limit_is_checked_before_decoding(tmp_path, monkeypatch):
   _frame(0).save(tmp_path / "frame.png")  # 40 x 30
-  assert image_files.check(tmp_path / "frame.png", max_pixels=1200) is None
+  assert _reason(tmp_path / "frame.png", max_pixels=1200) is None
   decoded = []
   monkeypatch.setattr(image_files, "decode", decoded.append)
-  reason = image_files.check(tmp_path / "frame.png", max_pixels=1199)
+  reason = _reason(tmp_path / "frame.png", max_pixels=1199)
   assert reason == (
     "over the pixel limit (40x30 pixels, more than max_image_pixels=1,199)"
   )

@@ -21,7 +21,7 @@ SOURCES: dict[str, str] = {
 }
 
 
-def kind(dataset: str) -> str:
+def source_name(dataset: str) -> str:
   """The source named by a `config.dataset` value ('tfds:x' -> 'tfds')."""
   return dataset.partition(":")[0]
 

@@ -91,7 +91,7 @@ class FolderSource(core.DataSource):
     return self.root(workdir) / key
 
   def _hashes(
-    self, workdir: epath.Path, checked: image_files.Checked, names: Sequence[str]
+    self, workdir: epath.Path, checked: image_files.UsableImages, names: Sequence[str]
   ) -> dict[str, str]:
     """Key -> SHA-256 of the usable files of the characters `names`."""
     return {
@@ -110,7 +110,7 @@ class FolderSource(core.DataSource):
 
   def prepare(self, workdir: epath.Path) -> core.Loaded:
     found = self.find(workdir)
-    checked = image_files.validate(found, workdir, max_pixels(self.config))
+    checked = image_files.keep_usable(found, workdir, max_pixels(self.config))
     if self.config.get("exclude_copies_of", ""):
       kept = near_copies.exclude(
         checked.images, self.config.exclude_copies_of, workdir, max_pixels(self.config)
@@ -118,12 +118,12 @@ class FolderSource(core.DataSource):
       checked = dataclasses.replace(checked, images=kept)
     cmap = characters.load_or_create(workdir, checked.images, self.config.min_images)
     current = self._hashes(workdir, checked, cmap.names)
-    train, val = splits.keep(workdir, current, cmap, self.config)
+    train, val = splits.choose_and_save(workdir, current, cmap, self.config)
     return cmap, self._files(workdir, train, cmap), self._files(workdir, val, cmap)
 
   def load(self, workdir: epath.Path) -> core.Loaded:
     cmap = characters.CharacterMap.load(workdir / characters.MAP_FILENAME)
-    train, val = splits.in_use(workdir, cmap)
+    train, val = splits.last_chosen(workdir, cmap)
     return cmap, self._files(workdir, train, cmap), self._files(workdir, val, cmap)
 
   def validation(self, workdir: epath.Path, report_dir: epath.Path | None) -> Files:
@@ -131,7 +131,7 @@ class FolderSource(core.DataSource):
     by_character = collections.defaultdict(list)
     for key in splits.saved_validation(workdir):
       by_character[splits.character(key)].append(self.path(workdir, key))
-    checked = image_files.validate(by_character, report_dir, max_pixels(self.config))
+    checked = image_files.keep_usable(by_character, report_dir, max_pixels(self.config))
     current = self._hashes(workdir, checked, tuple(checked.images))
     return self._files(workdir, splits.still_valid(workdir, current, cmap), cmap)
 

@@ -167,7 +167,7 @@ class TfdsSource(core.DataSource):
     scan = self._scan(builder, hashes=True)
     cmap = characters.load_or_create(workdir, scan.by_class, self.config.min_images)
     current = {k: scan.sha256[k] for name in cmap.names for k in scan.by_class[name]}
-    train, val = splits.keep(workdir, current, cmap, self.config)
+    train, val = splits.choose_and_save(workdir, current, cmap, self.config)
     return (
       cmap,
       self._examples(builder, scan, train, cmap),
@@ -178,7 +178,7 @@ class TfdsSource(core.DataSource):
     builder = self._builder()
     scan = self._scan(builder, hashes=False)
     cmap = characters.CharacterMap.load(workdir / characters.MAP_FILENAME)
-    train, val = splits.in_use(workdir, cmap)
+    train, val = splits.last_chosen(workdir, cmap)
     return (
       cmap,
       self._examples(builder, scan, train, cmap),

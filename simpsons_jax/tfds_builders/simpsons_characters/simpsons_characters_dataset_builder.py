@@ -66,7 +66,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     return splits
 
   def _generate_examples(self, images: dict[str, list[Path]]):
-    usable = image_files.validate(images, None).images
+    usable = image_files.keep_usable(images, None).images
     for name, paths in usable.items():
       for path in paths:
         key = f"{name}/{path.name}"
