@@ -123,7 +123,7 @@ def _simpsons_jax(mode: str, size: int, batch: int) -> tuple[float, str]:
     mesh,
   )
   train_step = train.jit_train_step(mesh, config)
-  score = evaluators.sums_fn(mesh, state.apply_fn, NUM_CLASSES, config.eval_flip)
+  score = evaluators.scorer(mesh, state.apply_fn, NUM_CLASSES, config.eval_flip)
   holder = [state]
 
   def step():

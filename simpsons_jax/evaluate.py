@@ -65,14 +65,11 @@ def run(
       )
     evaluator = evaluators.Evaluator(VALIDATION, examples)
   mesh = _mesh(config.batch_size)
-  score = evaluators.sums_fn(
+  score = evaluators.scorer(
     mesh, trained.model.apply, len(names), config.get("eval_flip", False)
   )
-  result = {
-    "checkpoint_step": trained.step,
-    **evaluator.run(score, trained.variables, mesh, config, names),
-  }
-  probs = trained_run.probabilities(trained, evaluator.batches(config))
+  result, probs = evaluator.run(score, trained.variables, mesh, config, names)
+  result = {"checkpoint_step": trained.step, **result}
   out.mkdir(parents=True, exist_ok=True)
   for stale in out.glob("*.png"):  # Another evaluation's: the report lists ours.
     stale.unlink()

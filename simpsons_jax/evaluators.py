@@ -1,8 +1,9 @@
 """Scoring a model on a data set: one code path for the loop and `--mode=evaluate`.
 
-`sums_fn` is the one jitted function that turns a padded batch into metric
-sums (loss, correct, top-3, count, confusion matrix) over its real examples;
-`metrics.summarize` turns accumulated sums into figures. The training loop
+`scorer` is the one jitted function that turns a padded batch into metric
+sums (loss, correct, top-3, count, confusion matrix) over its real examples,
+and every example's probabilities (one model pass: `evaluate`'s figures reuse
+them); `metrics.summarize` turns accumulated sums into figures. The training loop
 scores its validation split with it every epoch, and every extra evaluator
 of `config.evals` every `every_epochs`; `--mode=evaluate` goes through the
 same `Evaluator`, so a report written during training and one written by
@@ -45,50 +46,55 @@ from simpsons_jax.data import core, folder
 REPORT_FILENAME = "report.json"
 
 
-def batch_sums(
+def batch_scores(
   apply_fn: Callable,
   variables: Any,
   batch: Mapping[str, jax.Array],
   num_classes: int,
   flip: bool = False,
-) -> dict[str, jax.Array]:
-  """Metric sums over the real (mask=1) examples of a padded batch."""
+) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+  """Metric sums over the real (mask=1) examples of a padded batch, and the
+  softmax probabilities of every row with the mask."""
   logits = models.inference_logits(apply_fn, variables, batch["image"], flip)
   labels, mask = batch["label"], batch["mask"]
   losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
   predicted = logits.argmax(-1)
   top3 = jax.lax.top_k(logits, min(3, num_classes))[1]
   true_onehot = jax.nn.one_hot(labels, num_classes) * mask[:, None]
-  return {
+  sums = {
     "loss_sum": (losses * mask).sum(),
     "correct": ((predicted == labels) * mask).sum(),
     "top3_correct": ((top3 == labels[:, None]).any(-1) * mask).sum(),
     "count": mask.sum(),
     "confusion": true_onehot.T @ jax.nn.one_hot(predicted, num_classes),
   }
+  return sums, {"probabilities": jax.nn.softmax(logits), "mask": mask}
 
 
-def sums_fn(
+def scorer(
   mesh: Mesh, apply_fn: Callable, num_classes: int, flip: bool = False
-) -> Callable[[Any, Mapping[str, jax.Array]], dict[str, jax.Array]]:
-  """`batch_sums` of (variables, batch), jitted for `mesh`: the batch sharded
-  on its `data` axis, the variables and the sums replicated."""
+) -> Callable[[Any, Mapping[str, jax.Array]], tuple[dict, dict]]:
+  """`batch_scores` of (variables, batch), jitted for `mesh`: the batch
+  sharded on its `data` axis, the variables and the outputs replicated."""
   return jax.jit(
-    functools.partial(batch_sums, apply_fn, num_classes=num_classes, flip=flip),
+    functools.partial(batch_scores, apply_fn, num_classes=num_classes, flip=flip),
     in_shardings=(sharding.replicated(mesh), sharding.data_sharding(mesh)),
     out_shardings=sharding.replicated(mesh),
   )
 
 
 def accumulate(
-  fn: Callable, variables: Any, batches: list[input_pipeline.Batch], mesh: Mesh
-) -> dict[str, np.ndarray]:
-  """The sums of `fn` over all batches, each batch's fetched and added on the
-  host in float64 (`metrics.add`)."""
-  totals = None
+  score: Callable, variables: Any, batches: list[input_pipeline.Batch], mesh: Mesh
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+  """The sums of `score` over all batches, each batch's fetched and added on
+  the host in float64 (`metrics.add`), and the probabilities of the real
+  examples (N, characters), in the batches' order."""
+  totals, probabilities = None, []
   for batch in sharding.prefetch(batches, mesh):
-    totals = metrics.add(totals, fn(variables, batch))
-  return jax.device_get(totals)
+    sums, rows = jax.device_get(score(variables, batch))
+    totals = metrics.add(totals, sums)
+    probabilities.append(rows["probabilities"][rows["mask"].astype(bool)])
+  return totals, np.concatenate(probabilities)
 
 
 def report(totals: Mapping[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
@@ -134,16 +140,17 @@ class Evaluator:
     mesh: Mesh,
     config: ml_collections.ConfigDict,
     names: tuple[str, ...],
-  ) -> dict[str, Any]:
-    """The report of `variables` on this data set (see `report`)."""
-    result = report(accumulate(fn, variables, self.batches(config), mesh), names)
+  ) -> tuple[dict[str, Any], np.ndarray]:
+    """The report of `variables` on this data set (see `report`), and the
+    probabilities of its examples, in order."""
+    totals, probabilities = accumulate(fn, variables, self.batches(config), mesh)
     return {
       "name": self.name,
-      **result,
+      **report(totals, names),
       "skipped": sum(len(f) for f in self.skipped.values()),
       "unknown_characters": {k: len(v) for k, v in self.skipped.items()},
       "skipped_files": sorted(p for paths in self.skipped.values() for p in paths),
-    }
+    }, probabilities
 
 
 def from_folder(
@@ -184,13 +191,13 @@ def from_config(
 
   Their file checks are written under `<workdir>/eval/<name>` by process 0.
   """
-  first = jax.process_index() == 0
+  is_process_0 = jax.process_index() == 0
   return [
     from_folder(
       name,
       spec.eval_dir,
       cmap,
-      workdir / "eval" / name if first else None,
+      workdir / "eval" / name if is_process_0 else None,
       config,
       spec.get("every_epochs", 1),
     )

@@ -337,11 +337,12 @@ def _train(
     val_split, config.image_size, config.batch_size, config.cache_dir, **process
   )
   extra_evals = evaluators.from_config(config, cmap, workdir)
-  score = evaluators.sums_fn(mesh, model.apply, cmap.num_classes, config.eval_flip)
+  score = evaluators.scorer(mesh, model.apply, cmap.num_classes, config.eval_flip)
 
   def validate() -> dict[str, float]:
     variables = state.inference_variables()
-    return metrics.summarize(evaluators.accumulate(score, variables, val_batches, mesh))
+    totals, _ = evaluators.accumulate(score, variables, val_batches, mesh)
+    return metrics.summarize(totals)
 
   writer = summary.create_writer(workdir / "tensorboard")
   if start_step == 0:
@@ -560,10 +561,8 @@ def _every(step: int, interval: int) -> bool:
 def _run_extra(extra, score, state, mesh, config, cmap, workdir: epath.Path, step: int):
   """Scores an extra evaluator, writes its report and TensorBoard figures."""
   variables = state.inference_variables()
-  result = {
-    "checkpoint_step": step,
-    **extra.run(score, variables, mesh, config, cmap.names),
-  }
+  result, _ = extra.run(score, variables, mesh, config, cmap.names)
+  result = {"checkpoint_step": step, **result}
   logging.info(
     "%s at step %d: accuracy %.4f, top-3 %.4f, macro-F1 %.4f on %d images",
     extra.name,

@@ -1,10 +1,12 @@
 """A finished run, for everything that uses one: predict, evaluate, export,
-serve, video and fine-tuning (`config.init_from`).
+serve, video and fine-tuning (`config.init_from`, the training loop's only way
+here).
 
 Only what inference needs is read: `config.json` (the model's shape),
 `characters.json` and the inference variables of one checkpoint, restored onto
 the first local device, whatever number of devices wrote them. One softmax
-pass (`softmax_probabilities`) serves all of them; training never imports this.
+pass (`softmax_probabilities`) serves predict, export, serve and video
+(evaluate scores through `evaluators`, as the training loop does).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -73,17 +75,6 @@ def load(workdir: str | os.PathLike, checkpoint: str = "best") -> TrainedModel:
     variables = checkpointing.restore_fields(manager, step, abstract)
   manager.close()
   return TrainedModel(model, variables, cmap, config, step, meta)
-
-
-def probabilities(
-  trained: TrainedModel, batches: Iterable[Mapping[str, np.ndarray]]
-) -> np.ndarray:
-  """Softmax probabilities (N, characters) of the real rows of padded batches."""
-  probs = [
-    np.asarray(_forward(trained, batch["image"]))[batch["mask"].astype(bool)]
-    for batch in batches
-  ]
-  return np.concatenate(probs).reshape(-1, trained.cmap.num_classes)
 
 
 def softmax_probabilities(

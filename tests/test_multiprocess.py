@@ -112,11 +112,10 @@ def test_two_processes_train_like_one_with_the_same_global_batch(
     batch = {k: np.concatenate([h[k] for h in halves]) for k in halves[0]}
     state, _ = train_step(state, sharding.shard_batch(batch, mesh))
   val_batches = input_pipeline.eval_batches(val_split, 32, config.batch_size)
-  score = evaluators.sums_fn(mesh, state.apply_fn, cmap.num_classes, config.eval_flip)
+  score = evaluators.scorer(mesh, state.apply_fn, cmap.num_classes, config.eval_flip)
   variables = state.inference_variables()
-  reference = metrics.summarize(
-    evaluators.accumulate(score, variables, val_batches, mesh)
-  )
+  totals, _ = evaluators.accumulate(score, variables, val_batches, mesh)
+  reference = metrics.summarize(totals)
 
   # Written by 2 processes, read back by 1 on one device.
   trained = trained_run.load(workdir, checkpoint="latest")

@@ -62,8 +62,8 @@ def _fixed_prediction_state(num_classes):
 
 def _validate(state, batches, mesh, num_classes, flip=False) -> dict:
   """The metrics of the training loop's validation, as it computes them."""
-  score = evaluators.sums_fn(mesh, state.apply_fn, num_classes, flip)
-  totals = evaluators.accumulate(score, state.inference_variables(), batches, mesh)
+  score = evaluators.scorer(mesh, state.apply_fn, num_classes, flip)
+  totals, _ = evaluators.accumulate(score, state.inference_variables(), batches, mesh)
   return metrics.summarize(totals)
 
 
