@@ -7,7 +7,7 @@ are derived once from the totals.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -46,24 +46,39 @@ def per_class(confusion: np.ndarray) -> dict[str, np.ndarray]:
   return {"precision": precision, "recall": recall, "f1": f1, "support": support}
 
 
-def summarize(totals: Mapping[str, np.ndarray]) -> dict[str, float]:
-  """Mean loss and accuracy; from a confusion matrix, macro-F1 and balanced accuracy.
+def _macro(statistic: str) -> Callable[[Mapping[str, np.ndarray]], float]:
+  """The mean of a per-class statistic over the classes that have examples."""
 
-  Macro figures average over the classes that have examples.
-  """
-  count = float(totals["count"])
-  result = {
-    "loss": float(totals["loss_sum"]) / count,
-    "accuracy": float(totals["correct"]) / count,
-  }
-  if "top3_correct" in totals:
-    result["top3_accuracy"] = float(totals["top3_correct"]) / count
-  if "confusion" in totals:
+  def macro(totals: Mapping[str, np.ndarray]) -> float:
     stats = per_class(totals["confusion"])
-    present = stats["support"] > 0
-    result["macro_f1"] = float(stats["f1"][present].mean())
-    result["balanced_accuracy"] = float(stats["recall"][present].mean())
-  return result
+    return float(stats[statistic][stats["support"] > 0].mean())
+
+  return macro
+
+
+# Every figure of a report: its name, the sums it is computed from (the scorer's:
+# loss_sum, correct, top3_correct, count, confusion) and how. A new metric is
+# one line here.
+METRICS: tuple[tuple[str, tuple[str, ...], Callable[..., float]], ...] = (
+  ("loss", ("loss_sum",), lambda t: float(t["loss_sum"]) / float(t["count"])),
+  ("accuracy", ("correct",), lambda t: float(t["correct"]) / float(t["count"])),
+  (
+    "top3_accuracy",
+    ("top3_correct",),
+    lambda t: float(t["top3_correct"]) / float(t["count"]),
+  ),
+  ("macro_f1", ("confusion",), _macro("f1")),
+  ("balanced_accuracy", ("confusion",), _macro("recall")),
+)
+
+
+def summarize(totals: Mapping[str, np.ndarray]) -> dict[str, float]:
+  """Each of METRICS whose sums `totals` holds, from the totals."""
+  return {
+    name: fn(totals)
+    for name, needs, fn in METRICS
+    if all(key in totals for key in needs)
+  }
 
 
 def per_class_report(
