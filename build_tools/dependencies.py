@@ -21,6 +21,7 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import platform
+import re
 import site
 import sys
 import sysconfig
@@ -89,13 +90,18 @@ def installed_tensorflow(paths: Iterable[str] | None = None) -> str | None:
     if site.ENABLE_USER_SITE:
       paths.append(site.getusersitepackages())
   found = {
-    importlib.metadata.Prepared.normalize(d.metadata["Name"] or "")
+    _normalized(d.metadata["Name"] or "")
     for d in importlib.metadata.distributions(path=[p for p in paths if p])
   }
   for name in TENSORFLOW_DISTRIBUTIONS:
-    if importlib.metadata.Prepared.normalize(name) in found:
+    if _normalized(name) in found:
       return name
   return None
+
+
+def _normalized(name: str) -> str:
+  """A distribution's name as PEP 503 compares them."""
+  return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def cpu_kernels(

@@ -46,32 +46,27 @@ def decode(contents: tf.Tensor) -> tf.Tensor:
   )
 
 
-def header_problem(contents: bytes, max_pixels: int) -> str | None:
-  """Why the header of `contents` is not a JPEG or PNG within the pixel limit."""
+def read_header(contents: bytes, max_pixels: int) -> tuple[str | None, int]:
+  """Why the header of `contents` is not a JPEG or PNG within the pixel limit
+  (None when it is), and the pixel count it claims (0 when unreadable). Only
+  the header is read."""
   try:
-    with Image.open(io.BytesIO(contents)) as image:  # Reads the header only.
+    with Image.open(io.BytesIO(contents)) as image:
       kind, (width, height) = image.format, image.size
   except Image.DecompressionBombError:
     limit = 2 * Image.MAX_IMAGE_PIXELS
-    return f"over the pixel limit (the header claims more than {limit:,} pixels)"
+    return f"over the pixel limit (the header claims more than {limit:,} pixels)", 0
   except (OSError, SyntaxError, ValueError) as e:
-    return f"not a readable JPEG or PNG ({str(e).split(' <')[0] or type(e).__name__})"
+    why = str(e).split(" <")[0] or type(e).__name__
+    return f"not a readable JPEG or PNG ({why})", 0
   if kind not in ("JPEG", "PNG"):
-    return f"a {kind} image, not a JPEG or PNG"
+    return f"a {kind} image, not a JPEG or PNG", width * height
   if width * height > max_pixels:
     return (
       f"over the pixel limit ({width}x{height} pixels, more than "
       f"max_image_pixels={max_pixels:,})"
-    )
-  return None
-
-
-def header_pixels(contents: bytes) -> int:
-  """Width times height from the header of an image that `header_problem`
-  accepted (nothing is decoded)."""
-  with Image.open(io.BytesIO(contents)) as image:
-    width, height = image.size
-  return width * height
+    ), width * height
+  return None, width * height
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,7 +104,7 @@ def decode_checked(
 ) -> tuple[str | None, Any]:
   """Why a file's bytes are not a usable image (header, pixel limit, full
   decode), or None and the decoded uint8 RGB image."""
-  problem = header_problem(contents, max_pixels)
+  problem, _ = read_header(contents, max_pixels)
   if problem:
     return problem, None
   try:

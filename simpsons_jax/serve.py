@@ -233,10 +233,9 @@ class Predictor:
     it is not usable or the budget did not free up in time."""
     if not contents:
       raise BadUpload(400, "the request has no image: send its bytes as the body")
-    problem = image_files.header_problem(contents, self._model.max_pixels)
+    problem, pixels = image_files.read_header(contents, self._model.max_pixels)
     if problem:
       raise BadUpload(415, f"not usable: {problem}")
-    pixels = image_files.header_pixels(contents)
     if not self._budget.take(pixels):
       raise BadUpload(
         503, "the server is busy decoding other images: retry in a moment"

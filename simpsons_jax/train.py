@@ -305,6 +305,10 @@ def train_and_evaluate(
       multihost_utils.sync_global_devices("workdir prepared")
     if not is_process_0:
       cmap, train_split, val_split = source.load(workdir)
+    logging.info(
+      "Data: %d characters, %d training and %d validation images.",
+      *(cmap.num_classes, len(train_split), len(val_split)),
+    )
     return _train(config, workdir, mesh, cmap, train_split, val_split)
 
 
@@ -316,10 +320,6 @@ def _train(
   train_split: data.core.Examples,
   val_split: data.core.Examples,
 ) -> tuple[TrainState, dict[str, float]]:
-  logging.info(
-    "Data: %d characters, %d training and %d validation images.",
-    *(cmap.num_classes, len(train_split), len(val_split)),
-  )
   process = {"process_index": jax.process_index(), "process_count": jax.process_count()}
   steps_per_epoch = len(train_split) // config.batch_size
   total_steps = steps_per_epoch * config.num_epochs
@@ -333,16 +333,12 @@ def _train(
 
   weights = class_weights(train_split.labels, cmap.num_classes, config.class_weights)
   train_step_fn = jit_train_step(mesh, config, weights, steps_per_epoch)
+  extra_evals = evaluators.from_config(config, cmap, workdir)
+  score = evaluators.scorer(mesh, model.apply, cmap.num_classes, config.eval_flip)
   val_batches = input_pipeline.eval_batches(
     val_split, config.image_size, config.batch_size, config.cache_dir, **process
   )
-  extra_evals = evaluators.from_config(config, cmap, workdir)
-  score = evaluators.scorer(mesh, model.apply, cmap.num_classes, config.eval_flip)
-
-  def validate() -> dict[str, float]:
-    variables = state.inference_variables()
-    totals, _ = evaluators.accumulate(score, variables, val_batches, mesh)
-    return metrics.summarize(totals)
+  validate = functools.partial(_validate, score, val_batches, mesh)
 
   writer = summary.create_writer(workdir / "tensorboard")
   if start_step == 0:
@@ -380,7 +376,7 @@ def _train(
           _report_training(writer, step, totals, rate, config, steps_per_epoch, manager)
           totals, window_start, window_steps = None, time.perf_counter(), 0
         if validating:
-          val_metrics = validate()
+          val_metrics = validate(state)
           _report_validation(writer, step, val_metrics, steps_per_epoch, manager)
         if end_of_epoch:
           for extra in extra_evals:
@@ -397,7 +393,7 @@ def _train(
     writer.close()
     checkpointing.raise_failed_save(manager, state, wait=True)
   if not val_metrics:
-    val_metrics = validate()
+    val_metrics = validate(state)
   manager.close()
   logging.info(
     "Finished at step %d: validation accuracy %.4f; best checkpoint by %s: "
@@ -423,6 +419,14 @@ def _checkpoint_meta(
     "image_size": config.image_size,
     "val": dict(val_metrics or {}),
   }
+
+
+def _validate(
+  score: Callable, batches: list[input_pipeline.Batch], mesh: Mesh, state: TrainState
+) -> dict[str, float]:
+  """The validation metrics of `state`'s inference variables."""
+  totals, _ = evaluators.accumulate(score, state.inference_variables(), batches, mesh)
+  return metrics.summarize(totals)
 
 
 def _restore_or_start(
