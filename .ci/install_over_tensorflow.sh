@@ -26,4 +26,4 @@ assert found == ["tensorflow"] and version == "2.20.0", (found, version)
 print(f"one TensorFlow: tensorflow {version}")
 PY
 "$scratch/venv/bin/python" main.py --config=configs/demo.py \
-  --workdir="$scratch/demo" --config.num_epochs=1
+  --workdir="$scratch/demo" --config.train.num_epochs=1

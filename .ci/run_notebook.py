@@ -24,9 +24,10 @@ NOTEBOOK = ROOT / "notebooks" / "colab.ipynb"
 OVERRIDES = {
   "CONFIG": "configs/demo.py",
   "RUN_NAME": "ci_notebook",
-  "EXTRA_FLAGS": "--config.num_epochs=1 --config.synthetic_images_per_character=24 "
-  "--config.min_images=10 --config.image_size=32 --config.batch_size=16 "
-  "'--config.dense_features=(64,)'",
+  "EXTRA_FLAGS": "--config.train.num_epochs=1 "
+  "--config.data.synthetic_per_character=24 --config.data.min_images=10 "
+  "--config.data.image_size=32 --config.train.batch_size=16 "
+  "'--config.model.simpsons_cnn.dense_features=(64,)'",
 }
 
 

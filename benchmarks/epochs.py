@@ -47,10 +47,10 @@ def _config():
   from configs import full
 
   config = full.get_config()
-  config.data_dir = FLAGS.data_dir
-  config.min_images = 1
-  config.image_size = FLAGS.image_size
-  config.num_epochs = FLAGS.epochs
+  config.data.dir = FLAGS.data_dir
+  config.data.min_images = 1
+  config.data.image_size = FLAGS.image_size
+  config.train.num_epochs = FLAGS.epochs
   return config
 
 
@@ -67,13 +67,13 @@ def _pipeline() -> dict:
 
   config = _config()
   _, train, _ = _splits(config)
-  steps = len(train) // config.batch_size
+  steps = len(train) // config.train.batch_size
   times, start = [], time.perf_counter()
   for i, _ in enumerate(input_pipeline.train_batches(train, config), 1):
     if i % steps == 0:
       times.append(time.perf_counter() - start)
       start = time.perf_counter()
-  images = steps * config.batch_size
+  images = steps * config.train.batch_size
   return {
     "decode_epoch_images_per_second": images / times[0],
     "cached_epoch_images_per_second": images / times[1],
@@ -89,26 +89,26 @@ def _keras() -> dict:
   config = _config()
   keras.utils.set_random_seed(config.seed)
   cmap, train, val = _splits(config)
-  size = config.image_size
+  size = config.data.image_size
   layers = [keras.Input((size, size, 3)), keras.layers.Rescaling(1 / 255)]
-  for features in config.conv_features:
+  for features in config.model.simpsons_cnn.conv_features:
     layers += [
       keras.layers.Conv2D(features, 3, padding="same", activation="relu"),
       keras.layers.MaxPooling2D(),
     ]
   layers.append(keras.layers.Flatten())
-  for features in config.dense_features:
+  for features in config.model.simpsons_cnn.dense_features:
     layers += [
-      keras.layers.Dropout(config.dropout_rate),
+      keras.layers.Dropout(config.model.simpsons_cnn.dropout_rate),
       keras.layers.Dense(features, activation="relu"),
     ]
   layers += [
-    keras.layers.Dropout(config.dropout_rate),
+    keras.layers.Dropout(config.model.simpsons_cnn.dropout_rate),
     keras.layers.Dense(cmap.num_classes),
   ]
   model = keras.Sequential(layers)
   model.compile(
-    keras.optimizers.Adam(config.learning_rate),
+    keras.optimizers.Adam(config.optim.learning_rate),
     keras.losses.SparseCategoricalCrossentropy(from_logits=True),
     metrics=["accuracy"],
   )
@@ -118,7 +118,7 @@ def _keras() -> dict:
     ds = ds.map(lambda e: (tf.cast(e["image"], tf.float32), e["label"]))
     if shuffle:
       ds = ds.shuffle(len(split), seed=0)
-    return ds.batch(config.batch_size, drop_remainder=shuffle).prefetch(2)
+    return ds.batch(config.train.batch_size, drop_remainder=shuffle).prefetch(2)
 
   class Timer(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch, logs=None):
@@ -132,7 +132,7 @@ def _keras() -> dict:
   history = model.fit(
     batches(train, True),
     validation_data=batches(val, False),
-    epochs=config.num_epochs,
+    epochs=config.train.num_epochs,
     verbose=0,
     callbacks=[timer],
   )
@@ -153,10 +153,10 @@ def _simpsons_jax() -> dict:
         "main.py",
         "--config=configs/full.py",
         f"--workdir={workdir}",
-        f"--config.data_dir={config.data_dir}",
-        "--config.min_images=1",
-        f"--config.image_size={config.image_size}",
-        f"--config.num_epochs={config.num_epochs}",
+        f"--config.data.dir={config.data.dir}",
+        "--config.data.min_images=1",
+        f"--config.data.image_size={config.data.image_size}",
+        f"--config.train.num_epochs={config.train.num_epochs}",
       ],
       cwd=ROOT,
       capture_output=True,

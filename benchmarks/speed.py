@@ -106,9 +106,9 @@ def _simpsons_jax(mode: str, size: int, batch: int) -> tuple[float, str]:
   from simpsons_jax import evaluators, models, sharding, train
 
   config = _config()
-  config.image_size = size
-  config.cpu_kernels = FLAGS.cpu_kernels
-  config.eval_flip = False  # One forward pass, as the references' inference.
+  config.data.image_size = size
+  config.train.cpu_kernels = FLAGS.cpu_kernels
+  config.test_time_flip = False  # One forward pass, as the references' inference.
   mesh = sharding.make_mesh(jax.devices()[:1])
   state = train.initial_state(
     models.create(config, NUM_CLASSES), config, mesh, steps_per_epoch=1
@@ -123,7 +123,7 @@ def _simpsons_jax(mode: str, size: int, batch: int) -> tuple[float, str]:
     mesh,
   )
   train_step = train.jit_train_step(mesh, config)
-  score = evaluators.scorer(mesh, state.apply_fn, NUM_CLASSES, config.eval_flip)
+  score = evaluators.scorer(mesh, state.apply_fn, NUM_CLASSES, config.test_time_flip)
   holder = [state]
 
   def step():
@@ -318,7 +318,7 @@ def main(argv: list[str]) -> None:
     return
   defaults = MODELS[FLAGS.model]
   FLAGS.frameworks = FLAGS.frameworks or defaults["frameworks"]
-  train_batch = FLAGS.train_batch or _config().batch_size
+  train_batch = FLAGS.train_batch or _config().train.batch_size
   cases = [
     (mode, int(size), train_batch if mode == "train" else FLAGS.infer_batch)
     for size in FLAGS.sizes or defaults["sizes"]

@@ -41,7 +41,7 @@ def main(argv: list[str]) -> None:
   del argv
   av = video.require_av()
   trained = trained_run.load(FLAGS.workdir)
-  root = Path(trained.config.data_dir).expanduser()
+  root = Path(trained.config.data.dir).expanduser()
   by_character: dict[str, list[Path]] = {}
   for key in sorted(splits.saved_validation(FLAGS.workdir)):
     character, name = key.split("/", 1)
@@ -74,7 +74,7 @@ def main(argv: list[str]) -> None:
   options = video.Options(threshold=FLAGS.threshold)
   classify = trained_run.classifier(trained, options.batch_size)
   start = time.perf_counter()
-  analysis = video.analyse(clip, classify, trained.config.image_size, options)
+  analysis = video.analyse(clip, classify, trained.config.data.image_size, options)
   analysed = time.perf_counter() - start
   summary = video.summarise(clip, analysis, trained.cmap.names, options, out)
   start = time.perf_counter()

@@ -13,12 +13,12 @@ from configs import default
 def get_config() -> ml_collections.ConfigDict:
   """Six synthetic characters of 250 images each, trained for a few minutes."""
   config = default.get_config()
-  config.dataset = "synthetic"
-  config.min_images = 100
-  config.image_size = 64
-  config.val_fraction = 0.1
-  config.dropout_rate = 0.2
-  config.batch_size = 32
-  config.num_epochs = 25
-  config.log_every_steps = 20
+  config.data.source = "synthetic"
+  config.data.min_images = 100
+  config.data.image_size = 64
+  config.data.val_fraction = 0.1
+  config.model.simpsons_cnn.dropout_rate = 0.2
+  config.train.batch_size = 32
+  config.train.num_epochs = 25
+  config.train.log_every_steps = 20
   return config

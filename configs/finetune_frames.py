@@ -6,12 +6,12 @@ among the 10: the head is mapped by name) with a lower learning rate and
 fewer epochs.
 
   python main.py --config=configs/strong.py --workdir=runs/strong_mnist_pretrain \
-      --config.data_dir=../shared/data/simpsons-mnist/train \
-      --config.min_images=1 --config.image_size=28 \
-      --config.exclude_copies_of=../shared/data/frames/train
+      --config.data.dir=../shared/data/simpsons-mnist/train \
+      --config.data.min_images=1 --config.data.image_size=28 \
+      --config.data.exclude_copies_of=../shared/data/frames/train
   python main.py --config=configs/finetune_frames.py --workdir=runs/finetune_frames \
-      --config.data_dir=../shared/data/frames/train \
-      --config.init_from=runs/strong_mnist_pretrain
+      --config.data.dir=../shared/data/frames/train \
+      --config.finetune.init_from=runs/strong_mnist_pretrain
 
 The start must not have trained on the frames this run validates on:
 Simpsons-MNIST holds shrunk copies of most of them, hence exclude_copies_of.
@@ -27,8 +27,8 @@ from configs import strong_small
 def get_config() -> ml_collections.ConfigDict:
   """`strong_small.py`, started from another run's weights."""
   config = strong_small.get_config()
-  config.init_from = "runs/strong_mnist_pretrain"  # WORKDIR[:best|latest|STEP]
-  config.learning_rate = 0.02
-  config.warmup_epochs = 1.0
-  config.num_epochs = 40
+  config.finetune.init_from = "runs/strong_mnist_pretrain"  # WORKDIR[:best|latest|STEP]
+  config.optim.learning_rate = 0.02
+  config.optim.warmup_epochs = 1.0
+  config.train.num_epochs = 40
   return config

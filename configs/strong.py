@@ -5,10 +5,10 @@ SGD with Nesterov momentum, warmup and cosine decay, label smoothing, an EMA of
 the weights and flip test-time augmentation.
 
   python main.py --config=configs/strong.py --workdir=runs/strong \
-      --config.data_dir=~/data/the-simpsons-characters-dataset/simpsons_dataset
+      --config.data.dir=~/data/the-simpsons-characters-dataset/simpsons_dataset
 
 Measured on a 2-core AMD EPYC VM without GPU (README, "A stronger model"):
-Simpsons-MNIST with --config.image_size=28 --config.min_images=1, 91.5%
+Simpsons-MNIST with --config.data.image_size=28 --config.data.min_images=1, 91.5%
 (median of seeds 0, 1, 2) on the 400-image validation split in 4 min 46 s;
 configs/strong_mnist.py spends 15 minutes there for 92.5%. For a few hundred
 images use configs/strong_small.py.
@@ -22,7 +22,7 @@ from configs import default
 def get_config() -> ml_collections.ConfigDict:
   """The strong configuration (64 px)."""
   config = default.get_config()
-  config.image_size = 64
+  config.data.image_size = 64
 
   config.augment.flip = True
   config.augment.crop_min_area = 0.85
@@ -31,21 +31,21 @@ def get_config() -> ml_collections.ConfigDict:
   config.augment.contrast = 0.1
   config.augment.saturation = 0.1
 
-  config.model = "resnet"
-  config.stem_features = 32
-  config.stem_pool = True
-  config.stage_features = (48, 96, 192)
-  config.blocks_per_stage = 1
-  config.dropout_rate = 0.0
+  config.model.name = "resnet"
+  config.model.resnet.stem_features = 32
+  config.model.resnet.stem_pool = True
+  config.model.resnet.stage_features = (48, 96, 192)
+  config.model.resnet.blocks_per_stage = 1
+  config.model.resnet.dropout_rate = 0.0
 
-  config.optimizer = "sgd"
-  config.learning_rate = 0.1
-  config.schedule = "cosine"
-  config.warmup_epochs = 2.0
-  config.weight_decay = 5e-4
-  config.label_smoothing = 0.1
-  config.ema_decay = 0.995
-  config.eval_flip = True
-  config.batch_size = 128
-  config.num_epochs = 30
+  config.optim.name = "sgd"
+  config.optim.learning_rate = 0.1
+  config.optim.schedule = "cosine"
+  config.optim.warmup_epochs = 2.0
+  config.optim.weight_decay = 5e-4
+  config.train.label_smoothing = 0.1
+  config.optim.ema_decay = 0.995
+  config.test_time_flip = True
+  config.train.batch_size = 128
+  config.train.num_epochs = 30
   return config

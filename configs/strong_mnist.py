@@ -8,7 +8,7 @@ images/s) on the AMD EPYC of the README, 11 min 31 s end to end; it fits in
 (`python benchmarks/speed.py --model=resnet` prints it).
 
   python main.py --config=configs/strong_mnist.py --workdir=runs/strong_mnist \
-      --config.data_dir=../shared/data/simpsons-mnist/train
+      --config.data.dir=../shared/data/simpsons-mnist/train
 
 Measured: README, "A stronger model" (validation splits of seeds 0, 1, 2).
 """
@@ -21,9 +21,9 @@ from configs import strong
 def get_config() -> ml_collections.ConfigDict:
   """The strong configuration at 28 px, for 15 minutes of a 2-core CPU."""
   config = strong.get_config()
-  config.image_size = 28
-  config.min_images = 1  # Simpsons-MNIST has 800 images of each of its 10.
-  config.num_epochs = 75
+  config.data.image_size = 28
+  config.data.min_images = 1  # Simpsons-MNIST has 800 images of each of its 10.
+  config.train.num_epochs = 75
 
   config.augment.crop_min_area = 0.6
   config.augment.rotation_degrees = 10.0

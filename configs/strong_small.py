@@ -5,7 +5,7 @@ more epochs, a faster EMA, class-balanced loss weights, and the best checkpoint
 chosen by macro-F1, which every character counts in alike.
 
   python main.py --config=configs/strong_small.py --workdir=runs/strong_frames \
-      --config.data_dir=../shared/data/frames/train
+      --config.data.dir=../shared/data/frames/train
 
 Measured on a 2-core AMD EPYC VM without GPU (README, "A stronger model"):
 ../shared/data/frames/train (608 frames, 6 characters), 89.3% on the
@@ -21,17 +21,17 @@ from configs import strong
 def get_config() -> ml_collections.ConfigDict:
   """`strong.py` for a few hundred images (64 px)."""
   config = strong.get_config()
-  config.min_images = 1
-  config.val_fraction = 0.2
-  config.class_weights = "balanced"
-  config.checkpoint_metric = "macro_f1"
+  config.data.min_images = 1
+  config.data.val_fraction = 0.2
+  config.train.class_weights = "balanced"
+  config.ckpt.metric = "macro_f1"
 
   config.augment.crop_min_area = 0.35
   config.augment.rotation_degrees = 15.0
 
-  config.batch_size = 32
-  config.learning_rate = 0.05
-  config.warmup_epochs = 3.0
-  config.ema_decay = 0.99
-  config.num_epochs = 100
+  config.train.batch_size = 32
+  config.optim.learning_rate = 0.05
+  config.optim.warmup_epochs = 3.0
+  config.optim.ema_decay = 0.99
+  config.train.num_epochs = 100
   return config

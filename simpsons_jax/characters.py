@@ -65,7 +65,7 @@ class CharacterMap:
 
 
 def resolve_data_dir(
-  data_dir: str | os.PathLike, flag: str = "--config.data_dir"
+  data_dir: str | os.PathLike, flag: str = "--config.data.dir"
 ) -> epath.Path:
   """Returns the folder that holds the character folders.
 
@@ -140,7 +140,7 @@ def select(images: Mapping[str, list[epath.Path]], min_images: int) -> Character
     raise DatasetError(
       f"No character has at least min_images={min_images} pictures (found "
       f"{len(images)} character folders, the largest with {most}): lower "
-      "--config.min_images or check --config.data_dir."
+      "--config.data.min_images or check --config.data.dir."
     )
   left_out = sorted(set(images) - set(kept))
   if left_out:

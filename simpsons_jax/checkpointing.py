@@ -3,7 +3,7 @@
 Each checkpoint holds `state` (step, params, optimizer state, BatchNorm
 statistics, EMA, RNG) and `meta`
 (epoch, validation metrics, characters, image size). The latest few and the
-best by the validation metric `config.checkpoint_metric` are kept; a
+best by the validation metric `config.ckpt.metric` are kept; a
 checkpoint's characters and image size are checked against the workdir's map
 and config whenever it is loaded. Orbax writes each checkpoint to a
 temporary folder and renames it when complete, so a run killed mid-save
@@ -25,7 +25,7 @@ from etils import epath
 from jax.sharding import Sharding
 from orbax.checkpoint import checkpoint_managers
 
-from simpsons_jax import files
+from simpsons_jax import config_upgrade, files
 
 CONFIG_FILENAME = "config.json"
 # Validation metrics that can rank checkpoints (higher is better).
@@ -178,7 +178,7 @@ def save_config(workdir: str | os.PathLike, config: ml_collections.ConfigDict) -
 
 
 def load_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
-  """The config a workdir was trained with."""
+  """The config a workdir was trained with, as today's (`config_upgrade`)."""
   path = files.as_path(workdir) / CONFIG_FILENAME
   if not path.exists():
     raise FileNotFoundError(
@@ -189,7 +189,7 @@ def load_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
   data = files.read_json(path, fix)
   if not isinstance(data, dict):
     raise files.DamagedFileError(f"{path} is damaged (not a JSON object): {fix}")
-  return ml_collections.ConfigDict(data)
+  return config_upgrade.upgrade(data)
 
 
 def select_step(manager: ocp.CheckpointManager, checkpoint: str) -> int:

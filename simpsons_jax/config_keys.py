@@ -7,6 +7,8 @@ import difflib
 import importlib.util
 from typing import Any
 
+from simpsons_jax import config_upgrade
+
 
 def keys(config: Any, prefix: str = "") -> list[str]:
   """Every key of a ConfigDict, nested ones as 'group.key'."""
@@ -27,10 +29,17 @@ def unknown_override(argv: list[str]) -> str:
   spec = importlib.util.spec_from_file_location("config_file", path.split(":")[0])
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  known = sorted(keys(module.get_config()))
+  config = module.get_config()
+  known = sorted(keys(config))
   for arg in argv:
     if arg.startswith("--config.") and "=" in arg:
       key = arg[len("--config.") :].split("=", 1)[0]
+      moved = config_upgrade.new_key(key, config.model.name)
+      if key not in known and moved:
+        return (
+          f"--config.{key} is now --config.{moved} (the "
+          f"config is nested since December 2026; configs/default.py lists every key)"
+        )
       if key not in known:
         close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
         hint = (

@@ -1,11 +1,13 @@
 """Evaluate a trained workdir: report.json and the notebook's pictures.
 
-Datasets: the run's own validation split (default), a folder in the Kaggle
-training layout (`D/<character>/*.jpg`) or in the Kaggle test-set layout
-(`D/<character>_<N>.jpg`). Images of characters the model does not know are
-counted and listed under `skipped`, never scored. Everything lands in
-`<workdir>/eval/<name>/` and in TensorBoard under `tensorboard/eval_<name>`,
-or under `--output_dir` when the workdir is read-only.
+Data sets (`evaluators.EVALUATORS`): the run's own validation split
+(default), a folder in the Kaggle training layout (`D/<character>/*.jpg`) or
+test-set layout (`D/<character>_<N>.jpg`), a split of a prepared TFDS data
+set, or any entry of the run's `config.evals`. Images of characters the
+model does not know are counted and listed under `skipped`, never scored.
+Everything lands in `<workdir>/eval/<name>/` and in TensorBoard under
+`tensorboard/eval_<name>`, or under `--output_dir` when the workdir is
+read-only.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import os
 from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
 from absl import logging
 from etils import epath
@@ -35,8 +38,9 @@ def run(
 ) -> dict[str, Any]:
   """Evaluates a checkpoint of `workdir`; writes report.json and the figures.
 
-  `eval_dir` is a folder in either Kaggle layout, or the name of one of the
-  run's `config.evals`; empty, the run's validation split. The numbers come
+  `eval_dir` is a folder in either Kaggle layout, the name of one of the
+  run's `config.evals`, or `tfds:NAME[:VERSION]/SPLIT`; empty, the run's
+  validation split. The numbers come
   from the evaluator the training loop uses (`evaluators`), on the run's
   batch size. They go to `<output_dir or workdir/eval>/<name>/`, and
   TensorBoard's to `<output_dir or workdir>/tensorboard/eval_<name>/`: with
@@ -49,24 +53,12 @@ def run(
   )
   trained = trained_run.load(workdir, checkpoint)
   config, names = trained.config, trained.cmap.names
-  evals = config.get("evals", None) or {}
-  if eval_dir in evals:
-    name, eval_dir = eval_dir, evals[eval_dir]["eval_dir"]
-  else:
-    name = files.as_path(eval_dir).name if eval_dir else VALIDATION
+  name, spec = evaluated(eval_dir, config)
   out = (files.as_path(output_dir) if output_dir else workdir / "eval") / name
-  if eval_dir:
-    evaluator = evaluators.from_folder(name, eval_dir, trained.cmap, out, config)
-  else:
-    examples = data.create(config).validation(workdir, out)
-    if not len(examples):
-      raise ValueError(
-        f"The validation split of {workdir} has no image left: see the log."
-      )
-    evaluator = evaluators.Evaluator(VALIDATION, examples)
-  mesh = _mesh(config.batch_size)
+  evaluator = evaluators.create(name, spec, trained.cmap, out, config, workdir)
+  mesh = _mesh(config.train.batch_size)
   score = evaluators.scorer(
-    mesh, trained.model.apply, len(names), config.get("eval_flip", False)
+    mesh, trained.model.apply, len(names), config.test_time_flip
   )
   result, probs = evaluator.run(score, trained.variables, mesh, config, names)
   result = {"checkpoint_step": trained.step, **result}
@@ -92,6 +84,25 @@ def run(
     out,
   )
   return result
+
+
+def evaluated(
+  eval_dir: str, config: ml_collections.ConfigDict
+) -> tuple[str, dict[str, Any]]:
+  """The name and `config.evals`-style entry `--eval_dir` names: '' (the
+  validation split), an entry of `config.evals`, `tfds:NAME[:VERSION]/SPLIT`
+  or a folder."""
+  if not eval_dir:
+    return VALIDATION, {"type": "validation"}
+  if eval_dir in config.evals:
+    return eval_dir, config.evals[eval_dir].to_dict()
+  if eval_dir.startswith("tfds:"):
+    data_set, _, split = eval_dir[len("tfds:") :].rpartition("/")
+    if not data_set or not split:
+      raise ValueError(f"--eval_dir={eval_dir}: write tfds:NAME[:VERSION]/SPLIT.")
+    spec = {"type": "tfds", "name": data_set, "split": split}
+    return f"{data_set.replace(':', '_')}_{split}", spec
+  return files.as_path(eval_dir).name, {"type": "folder", "dir": eval_dir}
 
 
 def _mesh(batch_size: int) -> jax.sharding.Mesh:

@@ -9,10 +9,12 @@ of `config.evals` every `every_epochs`; `--mode=evaluate` goes through the
 same `Evaluator`, so a report written during training and one written by
 `evaluate` from the same checkpoint hold the same numbers.
 
-An extra evaluator is a folder in either Kaggle layout:
+An extra evaluator is an entry of `config.evals` whose `type` names its data
+in `EVALUATORS`: the run's validation split, a folder in either Kaggle layout
+or a split of a prepared TFDS data set, e.g.
 
-  config.evals.kaggle_test = ml_collections.ConfigDict(
-      dict(eval_dir="~/data/kaggle_simpson_testset", every_epochs=5))
+  config.evals.kaggle_test = dict(
+      type="folder", dir="~/data/kaggle_simpson_testset", every_epochs=5)
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import importlib
 import json
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -33,6 +36,7 @@ from jax.sharding import Mesh
 
 from simpsons_jax import (
   characters,
+  data,
   files,
   image_files,
   input_pipeline,
@@ -44,6 +48,9 @@ from simpsons_jax import (
 from simpsons_jax.data import core, folder
 
 REPORT_FILENAME = "report.json"
+# An evaluator's data: its examples, and the entries of characters the model
+# does not know, by name (listed in the report, never scored).
+Read = tuple[core.Examples, dict[str, list[str]]]
 
 
 def batch_scores(
@@ -125,9 +132,9 @@ class Evaluator:
     if self._batches is None:
       self._batches = input_pipeline.eval_batches(
         self.examples,
-        config.image_size,
-        config.batch_size,
-        config.cache_dir,
+        config.data.image_size,
+        config.train.batch_size,
+        config.data.cache_dir,
         jax.process_index(),
         jax.process_count(),
       )
@@ -153,55 +160,123 @@ class Evaluator:
     }, probabilities
 
 
-def from_folder(
+class ValidationData:
+  """The run's own validation split, checked again (`type="validation"`)."""
+
+  required: tuple[str, ...] = ()
+
+  def read(self, spec, cmap, report_dir, config, workdir) -> Read:
+    del spec, cmap  # The split's own characters are the model's.
+    examples = data.create(config).validation(workdir, report_dir)
+    if not len(examples):
+      raise ValueError(
+        f"The validation split of {workdir} has no image left: see the log."
+      )
+    return examples, {}
+
+
+class FolderData:
+  """A folder in the Kaggle training layout (`<character>/*.jpg`) or test-set
+  layout (`<character>_<N>.jpg`): `type="folder", dir=...`."""
+
+  required = ("dir",)
+
+  def find(self, spec: Mapping[str, Any]) -> dict[str, list[epath.Path]]:
+    """The image files of the entry, by character name ('' if unreadable)."""
+    return characters.find_labelled_images(spec["dir"])
+
+  def read(self, spec, cmap, report_dir, config, workdir) -> Read:
+    del workdir
+    checked = image_files.keep_usable(
+      self.find(spec),
+      report_dir,
+      config.data.max_image_pixels,
+    )
+    known = {c: checked.images.get(c, []) for c in cmap.names}
+    others = {c: [str(p) for p in paths] for c, paths in checked.images.items()}
+    return folder.Files.of(known, cmap, checked.sha256), _unknown(others, cmap)
+
+
+# Every evaluator `type` of `config.evals`, as 'module:Class' (imported when
+# used: TFDS loads only for tfds evaluators): a class with `required` (the
+# keys its entry must have) and `read(spec, cmap, report_dir, config,
+# workdir)`, returning the examples of the model's characters and the entries
+# of the others by name.
+EVALUATORS: dict[str, str] = {
+  "validation": "simpsons_jax.evaluators:ValidationData",
+  "folder": "simpsons_jax.evaluators:FolderData",
+  "tfds": "simpsons_jax.data.tfds:TfdsData",
+}
+
+
+def _unknown(
+  by_character: Mapping[str, list[str]], cmap: characters.CharacterMap
+) -> dict[str, list[str]]:
+  """The entries of characters the model does not know (never scored)."""
+  return {
+    c or "<unparseable name>": list(items)
+    for c, items in by_character.items()
+    if c not in cmap.names and items
+  }
+
+
+def problems(evals: Mapping[str, Any]) -> list[str]:
+  """What is wrong with `config.evals`' entries, one phrase each."""
+  found = []
+  for name, spec in evals.items():
+    kind = spec.get("type", "") if hasattr(spec, "get") else ""
+    if kind not in EVALUATORS:
+      found.append(f"evals.{name}.type={kind!r} must be one of {', '.join(EVALUATORS)}")
+      continue
+    module, _, cls = EVALUATORS[kind].partition(":")
+    required = getattr(importlib.import_module(module), cls).required
+    missing = [key for key in required if not spec.get(key)]
+    if missing:
+      found.append(f"evals.{name} (type {kind}) needs {', '.join(missing)}")
+  return found
+
+
+def create(
   name: str,
-  eval_dir: str,
+  spec: Mapping[str, Any],
   cmap: characters.CharacterMap,
   report_dir: epath.Path | None,
   config: ml_collections.ConfigDict,
-  every_epochs: int = 1,
+  workdir: epath.Path,
 ) -> Evaluator:
-  """An evaluator of a folder in the Kaggle training layout (`<character>/`)
-  or test-set layout (`<character>_<N>.jpg`). Images of characters the model
-  does not know are listed under `skipped`, never scored."""
-  checked = image_files.keep_usable(
-    characters.find_labelled_images(eval_dir),
-    report_dir,
-    folder.max_pixels(config),
-  )
-  images = checked.images
-  known = {c: images.get(c, []) for c in cmap.names}
-  skipped = {
-    c or "<unparseable name>": [str(p) for p in paths]
-    for c, paths in images.items()
-    if c not in known
-  }
-  examples = folder.Files.of(known, cmap, checked.sha256)
+  """The evaluator of one `config.evals` entry (its `type` picks the data)."""
+  (problem,) = problems({name: spec}) or (None,)
+  if problem:
+    raise ValueError(f"Invalid evaluator: {problem}.")
+  module, _, cls = EVALUATORS[spec["type"]].partition(":")
+  reader = getattr(importlib.import_module(module), cls)()
+  examples, skipped = reader.read(spec, cmap, report_dir, config, workdir)
   if not len(examples):
     raise ValueError(
-      f"{eval_dir} has no image of the model's characters ({', '.join(cmap.names)})."
+      f"{name} ({spec['type']}) has no image of the model's characters "
+      f"({', '.join(cmap.names)})."
     )
-  return Evaluator(name, examples, skipped, every_epochs)
+  return Evaluator(name, examples, skipped, spec.get("every_epochs", 1))
 
 
 def from_config(
   config: ml_collections.ConfigDict, cmap: characters.CharacterMap, workdir: epath.Path
 ) -> list[Evaluator]:
-  """The extra evaluators of `config.evals` (name -> eval_dir, every_epochs).
+  """The extra evaluators of `config.evals`, scored during training.
 
   Their file checks are written under `<workdir>/eval/<name>` by process 0.
   """
   is_process_0 = jax.process_index() == 0
   return [
-    from_folder(
+    create(
       name,
-      spec.eval_dir,
+      spec,
       cmap,
       workdir / "eval" / name if is_process_0 else None,
       config,
-      spec.get("every_epochs", 1),
+      workdir,
     )
-    for name, spec in config.get("evals", {}).items()
+    for name, spec in config.evals.items()
   ]
 
 

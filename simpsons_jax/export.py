@@ -54,10 +54,8 @@ def probability_fn(trained: trained_run.TrainedModel):
   run's test-time augmentation, the parameters as constants."""
   config = trained.config
   # XLA's convolutions: no custom calls in a portable artifact.
-  model = models.model_class(config).from_config(
-    config, trained.cmap.num_classes, "xla"
-  )
-  flip = trained.config.get("eval_flip", False)
+  model = models.create(config, trained.cmap.num_classes, kernels="xla")
+  flip = trained.config.test_time_flip
   return functools.partial(
     trained_run.softmax_probabilities, model.apply, trained.variables, flip=flip
   )
@@ -71,7 +69,7 @@ def _image_spec(size: int, batch: str = "b") -> jax.ShapeDtypeStruct:
 def export_jax(trained: trained_run.TrainedModel, path: epath.Path) -> None:
   """Writes model.jax: batch-polymorphic, for every platform in PLATFORMS."""
   exported = jax.export.export(jax.jit(probability_fn(trained)), platforms=PLATFORMS)(
-    _image_spec(trained.config.image_size)
+    _image_spec(trained.config.data.image_size)
   )
   path.write_bytes(exported.serialize())
 
@@ -83,7 +81,7 @@ class _Serving(tf.Module):
     super().__init__()
     from jax.experimental import jax2tf
 
-    size = trained.config.image_size
+    size = trained.config.data.image_size
     self._size = size
     self._top_k = min(top_k, trained.cmap.num_classes)
     self._names = tf.constant(list(trained.cmap.names))
@@ -240,11 +238,11 @@ def _card(
   trained: trained_run.TrainedModel, workdir: str | os.PathLike, formats: Sequence[str]
 ) -> dict[str, Any]:
   """model.json: what a user of the files needs to know."""
-  size = trained.config.image_size
+  size = trained.config.data.image_size
   return {
     "formats": list(formats),
     "run": os.fspath(workdir),
-    "model": trained.config.model,
+    "model": trained.config.model.name,
     "image_size": size,
     "input": (
       f"uint8 RGB images (batch, {size}, {size}, 3), pixel values 0-255; "
@@ -254,7 +252,7 @@ def _card(
     ),
     "output": "softmax probabilities (batch, characters), in characters.json's order",
     "characters": list(trained.cmap.names),
-    "test_time_flip": bool(trained.config.get("eval_flip", False)),
+    "test_time_flip": bool(trained.config.test_time_flip),
     "checkpoint_step": trained.step,
     "validation": trained.meta.get("val", {}),
     "platforms": list(PLATFORMS),

@@ -1,6 +1,6 @@
 """Starting a run from another run's weights.
 
-`config.init_from = "WORKDIR[:best|latest|STEP]"` loads, at step 0 only, the
+`config.finetune.init_from = "WORKDIR[:best|latest|STEP]"` loads, at step 0 only, the
 inference variables of another run's checkpoint (its EMA if it kept one:
 the weights it was evaluated with) into the new model: every layer whose
 path and shape match is loaded; the classification head is loaded whole when
@@ -101,22 +101,25 @@ def _map_head(fresh, source, names, loaded_names, path) -> tuple[Any, str]:
 def initialize(
   fresh: Mapping[str, Any], config: ml_collections.ConfigDict, cmap
 ) -> dict[str, Any]:
-  """The variables a run starts from: `fresh` merged with `config.init_from`'s."""
-  workdir, which = parse_init_from(config.init_from)
+  """The variables a run starts from: `fresh` merged with those of
+  `config.finetune.init_from`."""
+  workdir, which = parse_init_from(config.finetune.init_from)
   try:
     source_config = checkpointing.load_config(workdir)
-    if source_config.model != config.model:
+    if source_config.model.name != config.model.name:
       raise ValueError(
-        f"{workdir} trained model={source_config.model}, this run "
-        f"model={config.model}: start from a run of the same model."
+        f"{workdir} trained model={source_config.model.name}, this run "
+        f"model={config.model.name}: start from a run of the same model."
       )
     source = trained.load(workdir, which)
   except (FileNotFoundError, ValueError) as e:
     # The loaders speak of --workdir and --checkpoint: here the user wrote
-    # --config.init_from=WORKDIR[:CHECKPOINT].
-    said = str(e).replace("--workdir", "--config.init_from")
+    # --config.finetune.init_from=WORKDIR[:CHECKPOINT].
+    said = str(e).replace("--workdir", "--config.finetune.init_from")
     said = said.replace("--checkpoint=", "the checkpoint ")
-    raise type(e)(f"--config.init_from={config.init_from}: {said}") from None
+    raise type(e)(
+      f"--config.finetune.init_from={config.finetune.init_from}: {said}"
+    ) from None
   merged, report = merge(fresh, source.variables, cmap.names, source.cmap.names)
   logging.info(
     "Started from step %d of %s: %s.", source.step, workdir, "; ".join(report)

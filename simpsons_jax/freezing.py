@@ -1,10 +1,10 @@
 """Freezing and slowing layers while fine-tuning.
 
-`config.freeze` (regular expressions on parameter paths such as
+`config.finetune.freeze` (regular expressions on parameter paths such as
 `conv0/kernel` or `ResidualBlock_2/Conv_1/kernel`, matched in full) keeps
 those parameters, and the BatchNorm statistics of the layers they name,
-unchanged until `config.unfreeze_after_epochs` (0: for good);
-`config.lr_multipliers` ("PATTERN=FACTOR") scales their updates.
+unchanged until `config.finetune.unfreeze_after_epochs` (0: for good);
+`config.finetune.lr_multipliers` ("PATTERN=FACTOR") scales their updates.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import optax
 
 def unfreeze_step(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
   """The step at which frozen layers start to learn (0: never)."""
-  return round(config.get("unfreeze_after_epochs", 0) * steps_per_epoch)
+  return round(config.finetune.unfreeze_after_epochs * steps_per_epoch)
 
 
 def _patterns(patterns: Sequence[str]) -> list[re.Pattern]:
@@ -117,8 +117,8 @@ def keep_frozen_stats(
 
 def describe(params: Any, config: ml_collections.ConfigDict) -> str:
   """How many parameter arrays are frozen and scaled, for the log."""
-  freeze = config.get("freeze", ())
-  multipliers = parse_multipliers(config.get("lr_multipliers", ()))
+  freeze = config.finetune.freeze
+  multipliers = parse_multipliers(config.finetune.lr_multipliers)
   frozen = jax.tree.leaves(frozen_mask(params, freeze))
   scaled = [
     _factor(_path(keys), multipliers) != 1.0

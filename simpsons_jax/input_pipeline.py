@@ -1,7 +1,7 @@
 """From a data source's examples to batches: shuffle, augment, batch, pad.
 
 Each image is decoded once per run: the resized uint8 images are cached (in
-memory, or on disk under `config.cache_dir`) after the first pass (see
+memory, or on disk under `config.data.cache_dir`) after the first pass (see
 `data.core.Examples.decoded`). Training
 reads one iterator over all remaining epochs, each epoch shuffled with a seed
 derived from (seed, epoch) and augmented (if the config asks) with a seed
@@ -39,20 +39,20 @@ def train_batches(
   """This process's part of each shuffled training batch, from `start_step` on.
 
   Each of `process_count` processes reads its own shard of the files and
-  yields `config.batch_size // process_count` rows per step. The last partial
+  yields `config.train.batch_size // process_count` rows per step. The last partial
   batch of each epoch is dropped. Batch `s` is the same whatever step the
   iterator started from.
   """
-  batch_size = config.batch_size // process_count
-  steps_per_epoch = len(examples) // config.batch_size
+  batch_size = config.train.batch_size // process_count
+  steps_per_epoch = len(examples) // config.train.batch_size
   if steps_per_epoch == 0:
     raise ValueError(
       f"The training split has {len(examples)} images, fewer than one batch of "
-      f"{config.batch_size}: lower --config.batch_size or use more data."
+      f"{config.train.batch_size}: lower --config.train.batch_size or use more data."
     )
   shard_size = examples.shard_size(process_index, process_count)
   decoded = examples.decoded(
-    config.image_size, config.cache_dir, process_index, process_count
+    config.data.image_size, config.data.cache_dir, process_index, process_count
   )
   first_epoch, offset = divmod(start_step, steps_per_epoch)
 
@@ -70,7 +70,7 @@ def train_batches(
 
     return batches.enumerate().map(augmented, num_parallel_calls=2)
 
-  ds = tf.data.Dataset.range(first_epoch, config.num_epochs).flat_map(one_epoch)
+  ds = tf.data.Dataset.range(first_epoch, config.train.num_epochs).flat_map(one_epoch)
   ds = ds.skip(offset).prefetch(2)
   # Autotuning a pipeline of many epochs made its teardown wait tens of seconds.
   options = tf.data.Options()

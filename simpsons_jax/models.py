@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -122,26 +123,13 @@ class SimpsonsCNN(nn.Module):
   dtype: Any = jnp.float32
   onednn: bool = False  # Conv blocks through cpu_conv.conv_relu_pool.
 
-  # The config keys that fix its parameters (a resumed run may not change them).
-  CONFIG_FIELDS = ("conv_features", "dense_features")
-
-  @classmethod
-  def from_config(
-    cls, config: ml_collections.ConfigDict, num_classes: int, kernels: str
-  ) -> SimpsonsCNN:
-    return cls(
-      num_classes=num_classes,
-      conv_features=tuple(config.conv_features),
-      dense_features=tuple(config.dense_features),
-      dropout_rate=config.dropout_rate,
-      dtype=jnp.dtype(config.dtype),
-      onednn=kernels == "onednn",
-    )
+  # The settings that fix its parameters (a resumed run may not change them).
+  FIXED_SETTINGS = ("conv_features", "dense_features")
 
   @staticmethod
-  def min_image_size(config: ml_collections.ConfigDict) -> int:
+  def min_image_size(settings: Mapping[str, Any]) -> int:
     """Each conv block halves the image: at least one pixel must be left."""
-    return 2 ** len(config.conv_features)
+    return 2 ** len(settings["conv_features"])
 
   @nn.compact
   def __call__(self, images: jax.Array, *, train: bool) -> jax.Array:
@@ -231,34 +219,12 @@ class ResNet(nn.Module):
   conv_fn: Callable | None = None
   onednn: bool = False
 
-  CONFIG_FIELDS = ("stem_features", "stem_pool", "stage_features", "blocks_per_stage")
-
-  @classmethod
-  def from_config(
-    cls, config: ml_collections.ConfigDict, num_classes: int, kernels: str
-  ) -> ResNet:
-    conv_fn = None
-    if kernels == "onednn":
-      conv_fn = cpu_conv.conv_general_dilated
-    elif jax.default_backend() == "cpu":
-      # On XLA:CPU the kernel gradients are faster summed over batch chunks.
-      conv_fn = chunked_kernel_grad_conv
-    return cls(
-      num_classes=num_classes,
-      stem_features=config.stem_features,
-      stem_pool=config.stem_pool,
-      stage_features=tuple(config.stage_features),
-      blocks_per_stage=config.blocks_per_stage,
-      dropout_rate=config.dropout_rate,
-      dtype=jnp.dtype(config.dtype),
-      conv_fn=conv_fn,
-      onednn=kernels == "onednn",
-    )
+  FIXED_SETTINGS = ("stem_features", "stem_pool", "stage_features", "blocks_per_stage")
 
   @staticmethod
-  def min_image_size(config: ml_collections.ConfigDict) -> int:
+  def min_image_size(settings: Mapping[str, Any]) -> int:
     """The stem pool and each stage after the first halve the image."""
-    return 2 ** (len(config.stage_features) - 1 + int(config.stem_pool))
+    return 2 ** (len(settings["stage_features"]) - 1 + int(settings["stem_pool"]))
 
   @nn.compact
   def __call__(self, images: jax.Array, *, train: bool) -> jax.Array:
@@ -287,15 +253,14 @@ def conv_implementation(config: ml_collections.ConfigDict) -> tuple[str, str]:
   saying so for the log.
 
   On one x86 CPU device, oneDNN's kernels (`cpu_conv`) unless
-  `config.cpu_kernels` is 'xla' or they did not load; elsewhere XLA's own (on
+  `config.train.cpu_kernels` is 'xla' or they did not load; elsewhere XLA's own (on
   several simulated CPU devices XLA would run each custom call whole on every
   device). Either computes the same function of the same parameters.
   """
   if jax.default_backend() != "cpu":
     return "xla", f"XLA's ({jax.default_backend()})"
-  # Workdirs saved before the option existed have no key: the default.
-  if config.get("cpu_kernels", "onednn") == "xla":
-    return "xla", "XLA:CPU's (--config.cpu_kernels=xla)"
+  if config.train.cpu_kernels == "xla":
+    return "xla", "XLA:CPU's (--config.train.cpu_kernels=xla)"
   if jax.device_count() > 1:
     return (
       "xla",
@@ -316,30 +281,108 @@ def _set_up_convolutions(line: str) -> None:
     logging.info("Memory: one malloc arena, freed blocks kept (no faults per step).")
 
 
-# Every network by its --config.model name. A model is an nn.Module with
-# `from_config(config, num_classes, kernels)`, `min_image_size(config)` and
-# the `CONFIG_FIELDS` that fix its parameters, and one line here.
+# Every network by its --config.model.name. A model is a Flax module whose
+# `__call__(images, *, train)` maps uint8 images (N, H, W, 3) to float32 logits,
+# with a `num_classes` field; its other fields with defaults are its settings,
+# `config.model.<name>` (except those `create` supplies: RUNTIME_FIELDS). It
+# may define `min_image_size(settings)` (checked before training) and
+# `FIXED_SETTINGS`, those that fix its parameter shapes (default: all).
 MODELS: dict[str, type[nn.Module]] = {
   "simpsons_cnn": SimpsonsCNN,
   "resnet": ResNet,
 }
+# Fields `create` fills from the config's other groups, where a model has them.
+RUNTIME_FIELDS = ("num_classes", "dtype", "onednn", "conv_fn", "parent", "name")
+
+
+def setting_defaults(cls: type[nn.Module]) -> dict[str, Any]:
+  """A model class's settings and their defaults (its own fields)."""
+  return {
+    field.name: field.default
+    for field in dataclasses.fields(cls)
+    if field.name not in RUNTIME_FIELDS and field.default is not dataclasses.MISSING
+  }
+
+
+def settings(name: str) -> ml_collections.ConfigDict:
+  """`config.model` choosing `name`: every registered model's settings at
+  their defaults, so that any of them can be chosen and set by flags."""
+  model_class_of(name)
+  return ml_collections.ConfigDict(
+    {"name": name, **{key: setting_defaults(cls) for key, cls in MODELS.items()}}
+  )
+
+
+def fixed_settings(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The config keys ('model.<name>.<setting>') that fix the parameter shapes
+  of `config`'s model: a run that resumes it may not change them."""
+  cls = model_class(config)
+  fixed = getattr(cls, "FIXED_SETTINGS", tuple(setting_defaults(cls)))
+  return tuple(f"model.{config.model.name}.{key}" for key in fixed)
+
+
+def min_image_size(config: ml_collections.ConfigDict) -> int:
+  """The smallest images `config`'s model takes (1 unless it says)."""
+  cls = model_class(config)
+  if not hasattr(cls, "min_image_size"):
+    return 1
+  return cls.min_image_size(config.model[config.model.name])
+
+
+def model_class_of(name: str) -> type[nn.Module]:
+  """The model class registered as `name`."""
+  if name not in MODELS:
+    raise ValueError(
+      f"Unknown --config.model.name={name!r}; known: {', '.join(MODELS)}."
+    )
+  return MODELS[name]
 
 
 def model_class(config: ml_collections.ConfigDict) -> type[nn.Module]:
-  """The model class `config.model` names."""
-  if config.model not in MODELS:
-    raise ValueError(
-      f"Unknown --config.model={config.model!r}; known: {', '.join(MODELS)}."
-    )
-  return MODELS[config.model]
+  """The model class `config.model.name` names."""
+  return model_class_of(config.model.name)
 
 
-def create(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
-  """Builds the model named by `config.model` for `num_classes` characters."""
+def create(
+  config: ml_collections.ConfigDict, num_classes: int, kernels: str = ""
+) -> nn.Module:
+  """Builds `config.model.name`'s model with its settings for `num_classes`
+  characters, computing in `config.train.dtype`, with `kernels`' convolutions
+  ('xla' or 'onednn'; '': this machine's, see `conv_implementation`)."""
   cls = model_class(config)
-  kernels, line = conv_implementation(config)
-  _set_up_convolutions(line)
-  return cls.from_config(config, num_classes, kernels)
+  if not kernels:
+    kernels, line = conv_implementation(config)
+    _set_up_convolutions(line)
+  given = config.model[config.model.name]
+  known = setting_defaults(cls)
+  unknown = sorted(set(given) - set(known))
+  if unknown:
+    raise ValueError(
+      f"config.model.{config.model.name} has settings {cls.__name__} does not "
+      f"take ({', '.join(unknown)}); its settings: {', '.join(known)}."
+    )
+  kwargs = {
+    key: tuple(value) if isinstance(value, list | tuple) else value
+    for key, value in given.items()
+  }
+  runtime = {
+    "num_classes": num_classes,
+    "dtype": jnp.dtype(config.train.dtype),
+    "onednn": kernels == "onednn",
+    "conv_fn": _conv_fn(kernels),
+  }
+  fields = {field.name for field in dataclasses.fields(cls)}
+  return cls(**kwargs, **{k: v for k, v in runtime.items() if k in fields})
+
+
+def _conv_fn(kernels: str) -> Callable | None:
+  """What replaces `lax.conv_general_dilated` in models that take `conv_fn`."""
+  if kernels == "onednn":
+    return cpu_conv.conv_general_dilated
+  if jax.default_backend() == "cpu":
+    # On XLA:CPU the kernel gradients are faster summed over batch chunks.
+    return chunked_kernel_grad_conv
+  return None
 
 
 def inference_logits(

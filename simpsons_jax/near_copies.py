@@ -3,7 +3,7 @@
 Data sets of one origin share frames: Simpsons-MNIST's 28 px images are
 downscaled Kaggle frames, and most of `../shared/data/frames` are full-size
 copies of them. A run that trains on one set and is then judged on the other
-must not have seen the other's images, not even shrunk. `config.exclude_copies_of`
+must not have seen the other's images, not even shrunk. `config.data.exclude_copies_of`
 names a folder (either Kaggle layout); `exclude` drops every training candidate
 that is a near-copy of one of its images.
 

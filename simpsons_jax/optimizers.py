@@ -18,20 +18,23 @@ def learning_rate(
   config: ml_collections.ConfigDict, steps_per_epoch: int
 ) -> float | optax.Schedule:
   """The config's learning rate: constant, or linear warmup then cosine to 0."""
-  if config.schedule == "constant":
-    return config.learning_rate
-  if config.schedule == "cosine":
-    total_steps = steps_per_epoch * config.num_epochs
-    warmup_steps = min(round(config.warmup_epochs * steps_per_epoch), total_steps - 1)
+  if config.optim.schedule == "constant":
+    return config.optim.learning_rate
+  if config.optim.schedule == "cosine":
+    total_steps = steps_per_epoch * config.train.num_epochs
+    warmup_steps = min(
+      round(config.optim.warmup_epochs * steps_per_epoch), total_steps - 1
+    )
     return optax.warmup_cosine_decay_schedule(
       init_value=0.0,
-      peak_value=config.learning_rate,
+      peak_value=config.optim.learning_rate,
       warmup_steps=warmup_steps,
       decay_steps=total_steps,
       end_value=0.0,
     )
   raise ValueError(
-    f"Unknown --config.schedule={config.schedule!r}; use constant or cosine."
+    f"Unknown --config.optim.schedule={config.optim.schedule!r}; "
+    "use constant or cosine."
   )
 
 
@@ -46,7 +49,7 @@ def create(
   """Adam (the notebook's), AdamW, or SGD with Nesterov momentum 0.9; then
   the frozen layers and learning-rate multipliers of `freezing`, if any."""
   tx = _base(config, steps_per_epoch)
-  freeze, multipliers = config.get("freeze", ()), config.get("lr_multipliers", ())
+  freeze, multipliers = config.finetune.freeze, config.finetune.lr_multipliers
   if freeze or multipliers:
     unfreeze = freezing.unfreeze_step(config, steps_per_epoch)
     tx = optax.chain(tx, freezing.scale_updates(freeze, multipliers, unfreeze))
@@ -57,17 +60,17 @@ def _base(
   config: ml_collections.ConfigDict, steps_per_epoch: int
 ) -> optax.GradientTransformation:
   lr = learning_rate(config, steps_per_epoch)
-  if config.optimizer == "adam":
+  if config.optim.name == "adam":
     return optax.adam(lr)
-  if config.optimizer == "adamw":
-    return optax.adamw(lr, weight_decay=config.weight_decay, mask=decay_mask)
-  if config.optimizer == "sgd":
+  if config.optim.name == "adamw":
+    return optax.adamw(lr, weight_decay=config.optim.weight_decay, mask=decay_mask)
+  if config.optim.name == "sgd":
     return optax.chain(
-      optax.add_decayed_weights(config.weight_decay, mask=decay_mask),
+      optax.add_decayed_weights(config.optim.weight_decay, mask=decay_mask),
       optax.sgd(lr, momentum=0.9, nesterov=True),
     )
   raise ValueError(
-    f"Unknown --config.optimizer={config.optimizer!r}; use adam, adamw or sgd."
+    f"Unknown --config.optim.name={config.optim.name!r}; use adam, adamw or sgd."
   )
 
 

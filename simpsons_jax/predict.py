@@ -89,7 +89,7 @@ def classify_stream(
   `error` and the others are classified.
   """
   files = expand_paths(paths)
-  size = trained.config.image_size
+  size = trained.config.data.image_size
   max_pixels = folder.max_pixels(trained.config)
   classify = trained_run.classifier(trained, batch_size)
   with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
@@ -138,7 +138,7 @@ def run(
       videos,
       trained_run.classifier(trained, options.batch_size),
       trained.cmap.names,
-      trained.config.image_size,
+      trained.config.data.image_size,
       options,
       output_dir or "predictions",
       annotate_video,
@@ -194,7 +194,7 @@ def live(
     camera,
     trained_run.classifier(trained, 1),
     trained.cmap.names,
-    trained.config.image_size,
+    trained.config.data.image_size,
     threshold,
     smooth_window,
   )

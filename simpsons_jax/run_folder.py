@@ -17,6 +17,7 @@ import errno
 import os
 import socket
 from collections.abc import Iterator
+from typing import Any
 
 import ml_collections
 from absl import logging
@@ -36,26 +37,26 @@ except ImportError:  # Windows.
 LOCK_FILENAME = "train.lock"
 # What a resumed run must share with the run it continues: they fix the
 # labels, the split, the data order or the shapes of the saved arrays; so do
-# the model's own CONFIG_FIELDS (`resume_fixed`).
+# the model's settings that fix its parameter shapes (`resume_fixed`).
 RESUME_FIXED = (
-  "dataset",
-  "min_images",
-  "image_size",
-  "val_fraction",
-  "train_fraction",
+  "data.source",
+  "data.min_images",
+  "data.image_size",
+  "data.val_fraction",
+  "data.train_fraction",
   "seed",
-  "batch_size",
-  "synthetic_images_per_character",
-  "model",
-  "optimizer",
-  "schedule",
-  "ema_decay",
+  "train.batch_size",
+  "data.synthetic_per_character",
+  "model.name",
+  "optim.name",
+  "optim.schedule",
+  "optim.ema_decay",
 )
 
 
 def resume_fixed(config: ml_collections.ConfigDict) -> tuple[str, ...]:
-  """The keys a run continuing `config`'s must keep."""
-  return RESUME_FIXED + tuple(models.model_class(config).CONFIG_FIELDS)
+  """The keys ('group.key') a run continuing `config`'s must keep."""
+  return RESUME_FIXED + models.fixed_settings(config)
 
 
 # What `restart` moves aside; synthetic data and the file checks are kept.
@@ -159,6 +160,15 @@ def _take(descriptor: int) -> bool:
   return True
 
 
+def _value(config: ml_collections.ConfigDict, key: str) -> Any:
+  """`config`'s value at 'group.key', None where it has none (another model)."""
+  for part in key.split("."):
+    if part not in config:
+      return None
+    config = config[part]
+  return config
+
+
 def _normalise(value):
   return list(value) if isinstance(value, list | tuple) else value
 
@@ -179,7 +189,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
   saved = None
   if (workdir / checkpointing.CONFIG_FILENAME).exists():
     saved = checkpointing.load_config(workdir)
-  started_by_restart = saved is not None and saved.get("restart", False)
+  started_by_restart = saved is not None and saved.restart
   if config.restart and existing and not started_by_restart:
     _archive(workdir, existing)
     return
@@ -194,9 +204,9 @@ def prepare(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
       workdir,
     )
   changed = [
-    f"{key}: {_normalise(saved.get(key))!r} -> {_normalise(config[key])!r}"
+    f"{key}: {_normalise(_value(saved, key))!r} -> {_normalise(_value(config, key))!r}"
     for key in resume_fixed(config)
-    if _normalise(saved.get(key)) != _normalise(config[key])
+    if _normalise(_value(saved, key)) != _normalise(_value(config, key))
   ]
   if not changed:
     return

@@ -88,10 +88,10 @@ def load(path: str | os.PathLike, checkpoint: str = "best") -> Model:
   return Model(
     lambda images: trained_run.classifier(trained, len(images))(images),
     trained.cmap.names,
-    trained.config.image_size,
+    trained.config.data.image_size,
     folder.max_pixels(trained.config),
     f"{path} (step {trained.step})",
-    f"{trained.config.model}, step {trained.step}",
+    f"{trained.config.model.name}, step {trained.step}",
   )
 
 

@@ -41,7 +41,7 @@ def check_batch_size(batch_size: int, mesh: Mesh) -> None:
   if batch_size % mesh.size:
     raise ValueError(
       f"batch_size={batch_size} does not split over {mesh.size} devices: use a "
-      f"multiple of {mesh.size}, e.g. --config.batch_size="
+      f"multiple of {mesh.size}, e.g. --config.train.batch_size="
       f"{max(mesh.size, batch_size // mesh.size * mesh.size)}."
     )
 

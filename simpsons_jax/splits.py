@@ -264,7 +264,11 @@ def choose_and_save(
     record = _record(_load(workdir))
   else:
     record = decide(
-      current, cmap.names, config.val_fraction, config.train_fraction, config.seed
+      current,
+      cmap.names,
+      config.data.val_fraction,
+      config.data.train_fraction,
+      config.seed,
     )
   used, changes = reconcile(record, current)
   changes.log(path)

@@ -71,11 +71,11 @@ def create_train_state(
 ) -> TrainState:
   """Fresh variables and optimizer state for `model` on the config's images."""
   init_rng, dropout_rng = jax.random.split(rng)
-  images = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.uint8)
+  images = jnp.zeros((1, config.data.image_size, config.data.image_size, 3), jnp.uint8)
   variables = model.init(init_rng, images, train=False)
   params, batch_stats = variables["params"], variables.get("batch_stats", {})
   ema = None
-  if config.ema_decay > 0:
+  if config.optim.ema_decay > 0:
     # Copies: the train step donates the state, so no two fields may share buffers.
     ema = jax.tree.map(jnp.copy, {"params": params, "batch_stats": batch_stats})
   return TrainState.create(
@@ -117,7 +117,9 @@ def class_weights(labels: np.ndarray, num_classes: int, kind: str) -> np.ndarray
       len(labels), num_classes * counts, out=np.zeros_like(counts), where=counts > 0
     )
     return weights.astype(np.float32)
-  raise ValueError(f"Unknown --config.class_weights={kind!r}; use none or balanced.")
+  raise ValueError(
+    f"Unknown --config.train.class_weights={kind!r}; use none or balanced."
+  )
 
 
 def train_step(
@@ -209,12 +211,12 @@ def jit_train_step(
   state_sharding = sharding.replicated(mesh)
   step = functools.partial(
     train_step,
-    label_smoothing=config.label_smoothing,
+    label_smoothing=config.train.label_smoothing,
     weights=None if weights is None else jnp.asarray(weights),
-    ema_decay=config.ema_decay,
-    mix=config.mix,
-    mix_alpha=config.mix_alpha,
-    freeze=tuple(config.get("freeze", ())),
+    ema_decay=config.optim.ema_decay,
+    mix=config.train.mix,
+    mix_alpha=config.train.mix_alpha,
+    freeze=tuple(config.finetune.freeze),
     unfreeze_step=freezing.unfreeze_step(config, steps_per_epoch),
   )
   return jax.jit(
@@ -274,7 +276,7 @@ def _check_finite(values: Mapping[str, float], what: str, step: int, manager) ->
     raise FloatingPointError(
       f"{what} loss is {values['loss']} at step {step}: training stopped. The "
       f"last good checkpoint (step {manager.latest_step()}) is kept in "
-      f"{manager.directory}; lower --config.learning_rate and resume, or use "
+      f"{manager.directory}; lower --config.optim.learning_rate and resume, or use "
       "--config.restart=True."
     )
 
@@ -284,19 +286,19 @@ def train_and_evaluate(
   workdir: str | os.PathLike,
   mesh: Mesh | None = None,
 ) -> tuple[TrainState, dict[str, float]]:
-  """Trains to `config.num_epochs`, resuming from `workdir` if it holds a run.
+  """Trains to `config.train.num_epochs`, resuming from `workdir` if it holds a run.
 
   Returns the final state and the last validation metrics. Raises
   `Interrupted` after saving a checkpoint when SIGINT or SIGTERM arrives.
   """
   workdir = files.as_path(workdir)
   mesh = sharding.make_mesh() if mesh is None else mesh
-  config_checks.check(config, mesh)
+  config_checks.check(config, mesh, evaluators.problems(config.evals))
   is_process_0 = jax.process_index() == 0
   with run_folder.lock(workdir) if is_process_0 else contextlib.nullcontext():
     if is_process_0:
       run_folder.prepare(config, workdir)
-    sharding.describe_devices(mesh, config.require_accelerator)
+    sharding.describe_devices(mesh, config.train.require_accelerator)
     source = data.create(config)
     if is_process_0:
       cmap, train_split, val_split = source.prepare(workdir)
@@ -321,22 +323,28 @@ def _train(
   val_split: data.core.Examples,
 ) -> tuple[TrainState, dict[str, float]]:
   process = {"process_index": jax.process_index(), "process_count": jax.process_count()}
-  steps_per_epoch = len(train_split) // config.batch_size
-  total_steps = steps_per_epoch * config.num_epochs
+  steps_per_epoch = len(train_split) // config.train.batch_size
+  total_steps = steps_per_epoch * config.train.num_epochs
 
   model = models.create(config, cmap.num_classes)
   manager = checkpointing.create_manager(
-    workdir, config.checkpoints_to_keep, metric=config.checkpoint_metric
+    workdir, config.ckpt.keep, metric=config.ckpt.metric
   )
   state = _restore_or_start(manager, model, config, mesh, cmap, steps_per_epoch)
   start_step = int(jax.device_get(state.step))
 
-  weights = class_weights(train_split.labels, cmap.num_classes, config.class_weights)
+  weights = class_weights(
+    train_split.labels, cmap.num_classes, config.train.class_weights
+  )
   train_step_fn = jit_train_step(mesh, config, weights, steps_per_epoch)
   extra_evals = evaluators.from_config(config, cmap, workdir)
-  score = evaluators.scorer(mesh, model.apply, cmap.num_classes, config.eval_flip)
+  score = evaluators.scorer(mesh, model.apply, cmap.num_classes, config.test_time_flip)
   val_batches = input_pipeline.eval_batches(
-    val_split, config.image_size, config.batch_size, config.cache_dir, **process
+    val_split,
+    config.data.image_size,
+    config.train.batch_size,
+    config.data.cache_dir,
+    **process,
   )
   validate = functools.partial(_validate, score, val_batches, mesh)
 
@@ -368,11 +376,11 @@ def _train(
         window_steps += 1
         end_of_epoch = step % steps_per_epoch == 0
         epoch = step // steps_per_epoch
-        validating = end_of_epoch or _every(step, config.eval_every_steps)
-        saving = validating or _every(step, config.checkpoint_every_steps)
-        if step % config.log_every_steps == 0 or end_of_epoch:
+        validating = end_of_epoch or _every(step, config.train.eval_every_steps)
+        saving = validating or _every(step, config.ckpt.every_steps)
+        if step % config.train.log_every_steps == 0 or end_of_epoch:
           seconds = time.perf_counter() - window_start
-          rate = window_steps * config.batch_size / seconds
+          rate = window_steps * config.train.batch_size / seconds
           _report_training(writer, step, totals, rate, config, steps_per_epoch, manager)
           totals, window_start, window_steps = None, time.perf_counter(), 0
         if validating:
@@ -398,7 +406,7 @@ def _train(
   logging.info(
     "Finished at step %d: validation accuracy %.4f; best checkpoint by %s: "
     "step %s in %s.",
-    *(total_steps, val_metrics["accuracy"], config.checkpoint_metric),
+    *(total_steps, val_metrics["accuracy"], config.ckpt.metric),
     *(manager.best_step(), manager.directory),
   )
   return state, val_metrics
@@ -416,7 +424,7 @@ def _checkpoint_meta(
     "epoch": step / steps_per_epoch,
     "step": step,
     "characters": list(cmap.names),
-    "image_size": config.image_size,
+    "image_size": config.data.image_size,
     "val": dict(val_metrics or {}),
   }
 
@@ -438,17 +446,17 @@ def _restore_or_start(
   steps_per_epoch: int,
 ) -> TrainState:
   """The run's latest checkpoint, checked against its characters and image
-  size; or a fresh state (from `config.init_from` if set)."""
+  size; or a fresh state (from `config.finetune.init_from` if set)."""
   latest = manager.latest_step()
   if latest is None:
     state = initial_state(model, config, mesh, steps_per_epoch)
-    if config.get("init_from", ""):
+    if config.finetune.init_from:
       state = _start_from(state, config, cmap, mesh)
   else:
     checkpointing.check_meta(
       checkpointing.restore_meta(manager, latest),
       cmap.names,
-      config.image_size,
+      config.data.image_size,
       f"step {latest} in {manager.directory}",
     )
     shapes = jax.eval_shape(
@@ -461,9 +469,11 @@ def _restore_or_start(
     state, _ = checkpointing.restore(manager, latest, abstract)
     logging.info("Resumed from step %d in %s.", latest, manager.directory)
   logging.info(
-    "Model %s: %s parameters.", config.model, f"{models.count_params(state.params):,}"
+    "Model %s: %s parameters.",
+    config.model.name,
+    f"{models.count_params(state.params):,}",
   )
-  if config.get("freeze", ()) or config.get("lr_multipliers", ()):
+  if config.finetune.freeze or config.finetune.lr_multipliers:
     logging.info("Fine-tuning: %s.", freezing.describe(state.params, config))
   return state
 
@@ -478,14 +488,16 @@ def _periodic_actions(
   """CLU's progress report (steps/s, ETA), and the profiler if asked for."""
   actions: list[periodic_actions.PeriodicAction] = [
     periodic_actions.ReportProgress(
-      num_train_steps=total_steps, writer=writer, every_steps=config.log_every_steps
+      num_train_steps=total_steps,
+      writer=writer,
+      every_steps=config.train.log_every_steps,
     )
   ]
-  if config.get("profile_steps", 0) and jax.process_index() == 0:
+  if config.train.profile_steps and jax.process_index() == 0:
     actions.append(
       periodic_actions.Profile(
         logdir=str(workdir / "tensorboard"),
-        num_profile_steps=config.profile_steps,
+        num_profile_steps=config.train.profile_steps,
         profile_duration_ms=None,
         first_profile=start_step + 2,  # The first step compiles.
         every_secs=None,
@@ -511,9 +523,9 @@ def _report_training(
   logging.info(
     "epoch %d/%d step %d/%d: loss %.4f, accuracy %.4f, %.0f images/s",
     (step - 1) // steps_per_epoch + 1,
-    config.num_epochs,
+    config.train.num_epochs,
     step,
-    steps_per_epoch * config.num_epochs,
+    steps_per_epoch * config.train.num_epochs,
     train_metrics["loss"],
     train_metrics["accuracy"],
     rate,
@@ -544,7 +556,7 @@ def _start_from(
   cmap: characters.CharacterMap,
   mesh: Mesh,
 ) -> TrainState:
-  """The fresh state with `config.init_from`'s weights (see `finetune`)."""
+  """The fresh state with `config.finetune.init_from`'s weights (see `finetune`)."""
   fresh = {"params": state.params, "batch_stats": state.batch_stats}
   merged = jax.device_put(
     finetune.initialize(jax.device_get(fresh), config, cmap),

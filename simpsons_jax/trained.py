@@ -1,5 +1,5 @@
 """A finished run, for everything that uses one: predict, evaluate, export,
-serve, video and fine-tuning (`config.init_from`, the training loop's only way
+serve, video and fine-tuning (`config.finetune.init_from`, the training loop's only way
 here).
 
 Only what inference needs is read: `config.json` (the model's shape),
@@ -52,24 +52,24 @@ def load(workdir: str | os.PathLike, checkpoint: str = "best") -> TrainedModel:
   """Loads the `checkpoint` ('best', 'latest' or a step) of a trained workdir."""
   config, cmap = load_config_and_map(workdir)
   model = models.create(config, cmap.num_classes)
-  images = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.uint8)
+  images = jnp.zeros((1, config.data.image_size, config.data.image_size, 3), jnp.uint8)
   shapes = jax.eval_shape(
     functools.partial(model.init, train=False), jax.random.PRNGKey(0), images
   )
   shapes = {"params": shapes["params"], "batch_stats": shapes.get("batch_stats", {})}
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   abstract = checkpointing.abstract_like(shapes, device)
-  metric = config.get("checkpoint_metric", "accuracy")
+  metric = config.ckpt.metric
   manager = checkpointing.create_manager(workdir, read_only=True, metric=metric)
   step = checkpointing.select_step(manager, checkpoint)
   meta = checkpointing.restore_meta(manager, step)
   checkpointing.check_meta(
     meta,
     cmap.names,
-    config.image_size,
+    config.data.image_size,
     f"step {step} in {manager.directory}",
   )
-  if config.get("ema_decay", 0.0) > 0:
+  if config.optim.ema_decay > 0:
     variables = checkpointing.restore_fields(manager, step, {"ema": abstract})["ema"]
   else:
     variables = checkpointing.restore_fields(manager, step, abstract)
@@ -89,7 +89,7 @@ _jitted = jax.jit(softmax_probabilities, static_argnums=(0, 3))
 
 
 def _forward(trained: TrainedModel, images: np.ndarray) -> jax.Array:
-  flip = trained.config.get("eval_flip", False)
+  flip = trained.config.test_time_flip
   return _jitted(trained.model.apply, trained.variables, images, flip)
 
 

@@ -44,14 +44,14 @@ def tiny_data_dir(tmp_path_factory) -> Path:
 def make_tiny_config(data_dir: Path):
   """The default config shrunk to run in seconds on a tiny folder."""
   config = default.get_config()
-  config.data_dir = str(data_dir)
-  config.min_images = 1
-  config.image_size = 32
-  config.val_fraction = 0.2
-  config.dense_features = (64, 64)
-  config.batch_size = 16
-  config.num_epochs = 2
-  config.log_every_steps = 2
+  config.data.dir = str(data_dir)
+  config.data.min_images = 1
+  config.data.image_size = 32
+  config.data.val_fraction = 0.2
+  config.model.simpsons_cnn.dense_features = (64, 64)
+  config.train.batch_size = 16
+  config.train.num_epochs = 2
+  config.train.log_every_steps = 2
   return config
 
 

@@ -73,7 +73,7 @@ def _batches(split, config, start_step=0):
 @pytest.fixture
 def augmented_config(tiny_config):
   config = _all_on(tiny_config)
-  config.num_epochs = 2
+  config.train.num_epochs = 2
   return config
 
 

@@ -140,13 +140,13 @@ def test_sharded_over_eight_devices_equals_one_device():
 def test_the_same_parameters_and_function_on_both_paths(get_config):
   _needs_kernels()
   config = get_config()
-  config.image_size = 32
-  config.cpu_kernels = "xla"
+  config.data.image_size = 32
+  config.train.cpu_kernels = "xla"
   images = jnp.asarray(
     np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
   )
   plain = models.create(config, num_classes=13)
-  if config.model == "resnet":
+  if config.model.name == "resnet":
     ours = plain.clone(conv_fn=cpu_conv.conv_general_dilated, onednn=True)
   else:
     ours = plain.clone(onednn=True)
@@ -184,7 +184,7 @@ def test_the_same_parameters_and_function_on_both_paths(get_config):
 
 def test_the_notebook_network_keeps_its_parameter_count_with_onednn():
   config = full.get_config()
-  config.cpu_kernels = "onednn"
+  config.train.cpu_kernels = "onednn"
   model = models.create(config, num_classes=13)
   variables = jax.eval_shape(
     lambda: model.init(
@@ -196,12 +196,12 @@ def test_the_notebook_network_keeps_its_parameter_count_with_onednn():
 
 def test_the_log_line_names_the_kernels():
   config = full.get_config()
-  config.cpu_kernels = "xla"
+  config.train.cpu_kernels = "xla"
   assert models.conv_implementation(config) == (
     "xla",
-    "XLA:CPU's (--config.cpu_kernels=xla)",
+    "XLA:CPU's (--config.train.cpu_kernels=xla)",
   )
-  config.cpu_kernels = "onednn"
+  config.train.cpu_kernels = "onednn"
   # The tests simulate 8 CPU devices: oneDNN's kernels are for one.
   assert models.conv_implementation(config) == (
     "xla",
@@ -217,15 +217,16 @@ from simpsons_jax import characters, models, sharding, synthetic, train
 
 root, out = sys.argv[1], sys.argv[2]
 config = default.get_config()
-config.data_dir = str(synthetic.generate(root + "/data", images_per_character=20))
-config.min_images, config.image_size, config.val_fraction = 1, 32, 0.2
-config.dense_features, config.batch_size, config.log_every_steps = (64, 64), 16, 2
+config.data.dir = str(synthetic.generate(root + "/data", images_per_character=20))
+config.data.min_images, config.data.image_size, config.data.val_fraction = 1, 32, 0.2
+config.model.simpsons_cnn.dense_features = (64, 64)
+config.train.batch_size, config.train.log_every_steps = 16, 2
 leaves = lambda s: [np.asarray(x) for x in jax.tree.leaves(jax.device_get(s.params))]
-config.num_epochs = 2
+config.train.num_epochs = 2
 whole, metrics = train.train_and_evaluate(config, root + "/a")
-config.num_epochs = 1
+config.train.num_epochs = 1
 train.train_and_evaluate(config, root + "/b")
-config.num_epochs = 2
+config.train.num_epochs = 2
 resumed, _ = train.train_and_evaluate(config, root + "/b")
 
 # The step as compiled (scheduled for memory) and as XLA schedules by default.
@@ -400,7 +401,7 @@ def test_kernels_that_fail_their_self_check_are_refused_once(monkeypatch, caplog
     assert "wrong results" in why and "kernel gradient" in why
     assert sum("Not using oneDNN" in r.getMessage() for r in caplog.records) == 1
     config = full.get_config()
-    config.cpu_kernels = "onednn"
+    config.train.cpu_kernels = "onednn"
     monkeypatch.setattr(jax, "device_count", lambda: 1)
     assert models.conv_implementation(config) == (
       "xla",

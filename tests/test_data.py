@@ -151,7 +151,7 @@ def test_eval_batches_count_every_example_once(tmp_path):
 def test_train_batches_resume_where_they_stopped(tiny_config, tiny_data_dir):
   images = characters.find_images(tiny_data_dir)
   split = folder.Files.of(images, characters.select(images, 1))
-  tiny_config.num_epochs = 3
+  tiny_config.train.num_epochs = 3
 
   def labels(start):
     batches = input_pipeline.train_batches(split, tiny_config, start)

@@ -162,7 +162,7 @@ def test_a_reordered_map_or_an_edited_image_size_is_refused(copied_workdir):
     trained_run.load(copied_workdir)
   path.write_text(json.dumps(saved))
   config = json.loads((copied_workdir / "config.json").read_text())
-  config["image_size"] = 64
+  config["data"]["image_size"] = 64
   (copied_workdir / "config.json").write_text(json.dumps(config))
   with pytest.raises(ValueError, match="image_size=32, config.json says 64"):
     evaluate.run(copied_workdir)
@@ -271,9 +271,9 @@ def test_an_extra_evaluator_reports_every_epoch_and_evaluate_reproduces_it(
   tiny_data_dir, tmp_path
 ):
   config = make_tiny_config(tiny_data_dir)
-  config.num_epochs = 2
+  config.train.num_epochs = 2
   config.evals.kaggle_test = ml_collections.ConfigDict(
-    {"eval_dir": str(tiny_data_dir), "every_epochs": 1}
+    {"type": "folder", "dir": str(tiny_data_dir), "every_epochs": 1}
   )
   train.train_and_evaluate(config, tmp_path)
   path = tmp_path / "eval" / "kaggle_test" / "report.json"

@@ -65,7 +65,7 @@ assert "simpsons_jax" not in sys.modules
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, tiny_data_dir):
   config = make_tiny_config(tiny_data_dir)
-  config.eval_flip = True  # The test-time flip travels inside the artifacts.
+  config.test_time_flip = True  # The test-time flip travels inside the artifacts.
   workdir = tmp_path_factory.mktemp("run")
   train.train_and_evaluate(config, workdir)
   return workdir, export.run(workdir)

@@ -1,8 +1,11 @@
 """The README's "Extending" examples, run as written."""
 
+import json
 import re
 import sys
 from pathlib import Path
+
+import pytest
 
 from simpsons_jax import data, input_pipeline, synthetic
 from simpsons_jax import trained as trained_run
@@ -31,7 +34,7 @@ def test_the_csv_data_source_of_the_readme(tiny_data_dir, tmp_path, monkeypatch)
   table.write_text("\n".join(rows) + "\n")
   (tmp_path / tiny_data_dir.name).symlink_to(tiny_data_dir)
   config = make_tiny_config(tiny_data_dir)
-  config.dataset = f"csv:{table}"
+  config.data.source = f"csv:{table}"
   cmap, train, val = data.create(config).prepare(tmp_path / "run")
   assert cmap.names == tuple(sorted(synthetic.CHARACTERS[:3]))
   assert (len(train), len(val)) == (48, 12)
@@ -55,13 +58,56 @@ def test_the_model_of_the_readme_trains_resumes_and_predicts(
   monkeypatch.setitem(
     models.MODELS, registry_line[1], getattr(my_models, registry_line[2])
   )
-  config = make_tiny_config(tiny_data_dir)
-  config.model = "linear_probe"
-  config.num_epochs = 1
+  config = make_tiny_config(tiny_data_dir)  # configs/default.py, unedited.
+  assert config.model.tiny_conv.to_dict() == {"features": 16, "kernel_size": 3}
+  config.model.name = "tiny_conv"
+  config.model.tiny_conv.features = 8
+  config.train.num_epochs = 1
   train.train_and_evaluate(config, tmp_path / "run")
-  config.num_epochs = 2
+  config.train.num_epochs = 2
   state, _ = train.train_and_evaluate(config, tmp_path / "run")
-  assert models.count_params(state.params) == 32 * 32 * 3 * 6 + 6
+  assert models.count_params(state.params) == (3 * 3 * 3 * 8 + 8) + (8 * 6 + 6)
   trained = trained_run.load(tmp_path / "run")
-  assert isinstance(trained.model, my_models.LinearProbe)
+  assert isinstance(trained.model, my_models.TinyConvNet)
+  assert trained.model.features == 8
+  config.model.tiny_conv.features = 16  # Fixes the parameter shapes.
+  with pytest.raises(ValueError, match="model.tiny_conv.features: 8 -> 16"):
+    train.train_and_evaluate(config, tmp_path / "run")
   del sys.modules["my_models"]
+
+
+def test_the_evaluator_of_the_readme_scores_during_training_and_evaluate(
+  tiny_data_dir, tmp_path, monkeypatch
+):
+  from simpsons_jax import evaluate, evaluators, train
+
+  (tmp_path / "my_evaluators.py").write_text(_block("# my_evaluators.py"))
+  monkeypatch.syspath_prepend(str(tmp_path))
+  registry_line = re.search(r'^  "(\w+)": "(.*)",$', _block("EVALUATORS = {"), re.M)
+  monkeypatch.setitem(evaluators.EVALUATORS, registry_line[1], registry_line[2])
+  listed = (
+    [  # Four images of each of two characters, and one it never saw.
+      (path, name)
+      for name in synthetic.CHARACTERS[:2]
+      for path in sorted((tiny_data_dir / name).glob("*.jpg"))[:4]
+    ]
+    + [
+      (
+        sorted((tiny_data_dir / synthetic.CHARACTERS[2]).glob("*.jpg"))[0],
+        "nelson_muntz",
+      )
+    ]
+  )
+  table = tmp_path / "frames.csv"
+  table.write_text("".join(f"{path},{name}\n" for path, name in listed))
+  config = make_tiny_config(tiny_data_dir)
+  config.train.num_epochs = 1
+  config.evals.listed = {"type": "csv", "table": str(table), "every_epochs": 1}
+  train.train_and_evaluate(config, tmp_path / "run")
+  during = json.loads((tmp_path / "run/eval/listed/report.json").read_text())
+  assert (during["num_examples"], during["skipped"]) == (8, 1)
+  assert during["unknown_characters"] == {"nelson_muntz": 1}
+  after = evaluate.run(tmp_path / "run", eval_dir="listed", checkpoint="latest")
+  assert after["accuracy"] == during["accuracy"]
+  assert after["confusion_matrix"] == during["confusion_matrix"]
+  del sys.modules["my_evaluators"]

@@ -1,6 +1,7 @@
 """Bad input, mistakes and non-finite losses: clear errors or counted skips."""
 
 import errno
+import functools
 import importlib
 import json
 import os
@@ -10,6 +11,7 @@ import sys
 import zlib
 from pathlib import Path
 
+import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
@@ -19,6 +21,7 @@ from simpsons_jax import (
   checkpointing,
   config_checks,
   evaluate,
+  evaluators,
   files,
   image_files,
   predict,
@@ -165,10 +168,10 @@ def test_unreadable_file_is_skipped(tmp_path, monkeypatch):
 
 def test_training_on_a_messy_folder_skips_and_counts(messy_dir, tmp_path, tiny_config):
   root, num_good_homer, bad = messy_dir
-  tiny_config.data_dir = str(root)
-  tiny_config.min_images = 5
-  tiny_config.num_epochs = 1
-  tiny_config.batch_size = 8
+  tiny_config.data.dir = str(root)
+  tiny_config.data.min_images = 5
+  tiny_config.train.num_epochs = 1
+  tiny_config.train.batch_size = 8
   train.train_and_evaluate(tiny_config, tmp_path / "run")
 
   skipped = json.loads((tmp_path / "run" / "skipped_files.json").read_text())
@@ -187,7 +190,7 @@ def test_training_on_a_messy_folder_skips_and_counts(messy_dir, tmp_path, tiny_c
 def test_nothing_left_after_filtering_fails_before_training(tmp_path, tiny_config):
   (tmp_path / "data" / "bart").mkdir(parents=True)
   (tmp_path / "data" / "bart" / "pic_0000.jpg").write_bytes(b"")
-  tiny_config.data_dir = str(tmp_path / "data")
+  tiny_config.data.dir = str(tmp_path / "data")
   with pytest.raises(characters.DatasetError, match="min_images=1"):
     train.train_and_evaluate(tiny_config, tmp_path / "run")
   assert not (tmp_path / "run" / "checkpoints").exists()
@@ -196,23 +199,35 @@ def test_nothing_left_after_filtering_fails_before_training(tmp_path, tiny_confi
 @pytest.mark.parametrize(
   "key, value, message",
   [
-    ("image_size", 8, "image_size=8 is too small for model=simpsons_cnn .* 16"),
-    ("val_fraction", 0.0, "val_fraction=0.0 must lie in \\(0, 1\\)"),
-    ("val_fraction", 1.0, "val_fraction=1.0 must lie in \\(0, 1\\)"),
-    ("min_images", 0, "min_images=0 must be at least 1"),
-    ("batch_size", 12, "batch_size=12 does not split over 8 devices"),
-    ("dataset", "kaggle", "dataset='kaggle' must be one of folder, synthetic"),
-    ("optimizer", "rmsprop", "optimizer='rmsprop' must be one of adam, adamw, sgd"),
-    ("ema_decay", 1.0, "ema_decay=1.0 must lie in \\[0, 1\\)"),
-    ("label_smoothing", -0.1, "label_smoothing=-0.1 must lie in \\[0, 1\\)"),
-    ("mix", "mixcut", "mix='mixcut' must be one of none, mixup, cutmix"),
-    ("mix_alpha", 0.0, "mix_alpha=0.0 must be positive"),
+    (
+      "data.image_size",
+      8,
+      "image_size=8 is too small for model.name=simpsons_cnn .*16",
+    ),
+    ("data.val_fraction", 0.0, "val_fraction=0.0 must lie in \\(0, 1\\)"),
+    ("data.val_fraction", 1.0, "val_fraction=1.0 must lie in \\(0, 1\\)"),
+    ("data.min_images", 0, "min_images=0 must be at least 1"),
+    ("train.batch_size", 12, "batch_size=12 does not split over 8 devices"),
+    ("data.source", "kaggle", "source='kaggle' must be one of folder, synthetic"),
+    ("optim.name", "rmsprop", "optim.name='rmsprop' must be one of adam, adamw, sgd"),
+    ("optim.ema_decay", 1.0, "ema_decay=1.0 must lie in \\[0, 1\\)"),
+    ("train.label_smoothing", -0.1, "label_smoothing=-0.1 must lie in \\[0, 1\\)"),
+    ("train.mix", "mixcut", "mix='mixcut' must be one of none, mixup, cutmix"),
+    ("train.mix_alpha", 0.0, "mix_alpha=0.0 must be positive"),
+    ("model.simpsons_cnn.dropout_rate", 1.0, "dropout_rate=1.0 must lie in \\[0, 1\\)"),
+    ("model.name", "vgg", "model.name='vgg' must be one of simpsons_cnn, resnet"),
+    ("evals", {"x": {"type": "web"}}, "evals.x.type='web' must be one of validation"),
+    ("evals", {"x": {"type": "folder"}}, "evals.x \\(type folder\\) needs dir"),
   ],
 )
 def test_impossible_values_fail_early(tiny_config, key, value, message):
-  tiny_config[key] = value
+  group, _, last = key.rpartition(".")
+  owner = functools.reduce(getattr, group.split("."), tiny_config) if group else None
+  owner = tiny_config if owner is None else owner
+  owner[last] = ml_collections.ConfigDict(value) if isinstance(value, dict) else value
   with pytest.raises(ValueError, match=message):
-    config_checks.check(tiny_config, sharding_lib.make_mesh())
+    more = evaluators.problems(tiny_config.evals)  # As training checks them.
+    config_checks.check(tiny_config, sharding_lib.make_mesh(), more)
 
 
 @pytest.mark.parametrize(
@@ -228,7 +243,7 @@ def test_every_config_passes_the_checks_and_gives_its_command(name):
   "override, message",
   [
     ("--config.learning_rat=0.1", "learning_rate"),  # lists the valid keys
-    ("--config.batch_size=big", "batch_size"),
+    ("--config.train.batch_size=big", "batch_size"),
   ],
 )
 def test_unknown_keys_and_wrong_types_are_rejected(override, message, tmp_path):
@@ -251,11 +266,11 @@ def test_unknown_keys_and_wrong_types_are_rejected(override, message, tmp_path):
 
 
 def test_incompatible_workdir_is_refused_and_restart_archives(tiny_config, tmp_path):
-  tiny_config.num_epochs = 1
+  tiny_config.train.num_epochs = 1
   train.train_and_evaluate(tiny_config, tmp_path)
   first_checkpoints = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
 
-  tiny_config.image_size = 48
+  tiny_config.data.image_size = 48
   with pytest.raises(ValueError, match="image_size: 32 -> 48.*restart=True"):
     train.train_and_evaluate(tiny_config, tmp_path)
   assert (
@@ -268,17 +283,17 @@ def test_incompatible_workdir_is_refused_and_restart_archives(tiny_config, tmp_p
   assert (
     sorted(p.name for p in (archive / "checkpoints").iterdir()) == first_checkpoints
   )
-  assert checkpointing.load_config(archive).image_size == 32
-  assert checkpointing.load_config(tmp_path).image_size == 48
+  assert checkpointing.load_config(archive).data.image_size == 32
+  assert checkpointing.load_config(tmp_path).data.image_size == 48
   assert state.params["conv0"]["kernel"].shape == (3, 3, 3, 8)
 
 
 def test_longer_run_new_learning_rate_and_dtype_may_resume(tiny_config, tmp_path):
-  tiny_config.num_epochs = 1
+  tiny_config.train.num_epochs = 1
   train.train_and_evaluate(tiny_config, tmp_path)
-  tiny_config.num_epochs = 2
-  tiny_config.learning_rate = 3e-4
-  tiny_config.dtype = "bfloat16"  # float32 checkpoints load for bfloat16 compute
+  tiny_config.train.num_epochs = 2
+  tiny_config.optim.learning_rate = 3e-4
+  tiny_config.train.dtype = "bfloat16"  # float32 checkpoints load for bfloat16 compute
   state, _ = train.train_and_evaluate(tiny_config, tmp_path)
   assert int(state.step) == 2 * 6  # 96 training images in batches of 16
 
@@ -286,11 +301,11 @@ def test_longer_run_new_learning_rate_and_dtype_may_resume(tiny_config, tmp_path
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
   tiny_config, tmp_path
 ):
-  tiny_config.num_epochs = 1
+  tiny_config.train.num_epochs = 1
   train.train_and_evaluate(tiny_config, tmp_path)
   good = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir())
-  tiny_config.num_epochs = 3
-  tiny_config.learning_rate = 1e30
+  tiny_config.train.num_epochs = 3
+  tiny_config.optim.learning_rate = 1e30
   with pytest.raises(
     FloatingPointError, match=f"at step .*checkpoint \\(step {good[-1]}\\)"
   ):
@@ -299,7 +314,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
 
 
 def test_nothing_is_pickled(tiny_config, tmp_path):
-  tiny_config.num_epochs = 1
+  tiny_config.train.num_epochs = 1
   train.train_and_evaluate(tiny_config, tmp_path)
   for path in tmp_path.rglob("*"):
     if path.is_file():
@@ -308,7 +323,7 @@ def test_nothing_is_pickled(tiny_config, tmp_path):
 
 
 def test_require_accelerator_refuses_the_cpu(tiny_config, tmp_path):
-  tiny_config.require_accelerator = True
+  tiny_config.train.require_accelerator = True
   with pytest.raises(RuntimeError, match="JAX is running on the CPU.*jax\\[tpu\\]"):
     train.train_and_evaluate(tiny_config, tmp_path)
 
@@ -327,12 +342,12 @@ def test_a_missing_data_dir_is_one_sentence_without_traceback(tmp_path):
   result = _main(
     "--config=configs/full.py",
     f"--workdir={tmp_path / 'w'}",
-    f"--config.data_dir={tmp_path / 'no_such_folder'}",
+    f"--config.data.dir={tmp_path / 'no_such_folder'}",
   )
   assert result.returncode == 1
   assert "Traceback" not in result.stderr
   assert "error: Data folder" in result.stderr
-  assert "--config.data_dir" in result.stderr
+  assert "--config.data.dir" in result.stderr
 
 
 def test_a_damaged_workdir_file_is_one_sentence_without_traceback(tmp_path):
@@ -443,7 +458,7 @@ def small_disk(tmp_path):
 def test_a_full_disk_stops_training_at_once_and_the_run_resumes(
   tiny_config, small_disk, monkeypatch
 ):
-  tiny_config.num_epochs = 4
+  tiny_config.train.num_epochs = 4
   workdir = small_disk / "run"
   real_save, saves, failed_at = checkpointing.save, [], []
 
@@ -496,8 +511,20 @@ def test_an_unknown_config_key_is_one_line_with_the_closest_keys(tmp_path):
   assert result.returncode == 1
   assert result.stderr.strip().splitlines() == [
     "error: --config.learning_rat is not a key of configs/demo.py: did you mean "
-    "--config.learning_rate? configs/default.py lists every key, with its meaning"
+    "--config.optim.learning_rate? configs/default.py lists every key, with its meaning"
   ]
+  for old, new in (
+    ("data_dir", "data.dir"),
+    ("dropout_rate", "model.resnet.dropout_rate"),
+  ):
+    result = _main(
+      "--config=configs/strong.py", f"--workdir={tmp_path}", f"--config.{old}=1"
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+      f"error: --config.{old} is now --config.{new} (the config is nested since "
+      "December 2026; configs/default.py lists every key)"
+    ]
   result = _main("--config=configs/demo.py", f"--workdir={tmp_path}", "--config.zzz=1")
   assert result.returncode == 1 and "Traceback" not in result.stderr
   assert "--config.zzz is not a key of configs/demo.py" in result.stderr
@@ -507,14 +534,14 @@ def test_tfds_mistakes_are_one_line_naming_the_users_flag(tmp_path):
   result = _main(
     "--config=configs/demo.py",
     f"--workdir={tmp_path / 'w'}",
-    "--config.dataset=tfds:mnits",
+    "--config.data.source=tfds:mnits",
   )
   assert result.returncode == 1
   assert "Traceback" not in result.stderr
   assert "abstract_reasoning" not in result.stderr  # Not TFDS's list of all.
   assert (
-    "error: --config.dataset=tfds:mnits: TFDS has no data set 'mnits'; did you mean "
-    "mnist" in result.stderr
+    "error: tfds:mnits: TFDS has no data set 'mnits'; did you mean mnist"
+    in result.stderr
   )
   assert not (tmp_path / "w").exists()  # Nor a train.lock.
   built = subprocess.run(

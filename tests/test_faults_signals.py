@@ -23,13 +23,13 @@ from simpsons_jax import trained as trained_run
 ROOT = Path(__file__).resolve().parents[1]
 # 96 training images in batches of 16: 6 steps per epoch, 18 in all.
 OVERRIDES = {
-  "min_images": 1,
-  "image_size": 64,
-  "val_fraction": 0.2,
-  "dense_features": (64, 64),
-  "batch_size": 16,
-  "num_epochs": 3,
-  "log_every_steps": 1,
+  "data.min_images": 1,
+  "data.image_size": 64,
+  "data.val_fraction": 0.2,
+  "model.simpsons_cnn.dense_features": (64, 64),
+  "train.batch_size": 16,
+  "train.num_epochs": 3,
+  "train.log_every_steps": 1,
 }
 
 
@@ -39,7 +39,7 @@ def _command(workdir: Path, data_dir: Path) -> list[str]:
     "main.py",
     "--config=configs/default.py",
     f"--workdir={workdir}",
-    f"--config.data_dir={data_dir}",
+    f"--config.data.dir={data_dir}",
     *(f"--config.{key}={value}" for key, value in OVERRIDES.items()),
   ]
 
@@ -72,7 +72,7 @@ def _run(command, stop_at: str | None = None, signum: int = signal.SIGKILL):
 def reference(tiny_data_dir, tmp_path_factory):
   """Final parameters of an uninterrupted run, in this process."""
   config = default.get_config()
-  config.data_dir = str(tiny_data_dir)
+  config.data.dir = str(tiny_data_dir)
   config.update(OVERRIDES)
   state, _ = train.train_and_evaluate(config, tmp_path_factory.mktemp("reference"))
   return jax.tree.leaves(jax.device_get(state.params))

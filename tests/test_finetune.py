@@ -80,7 +80,7 @@ def source_run(tmp_path_factory, tiny_data_dir):
   """A tiny run of 6 characters, trained on 8 simulated devices."""
   workdir = tmp_path_factory.mktemp("source")
   config = make_tiny_config(tiny_data_dir)
-  config.num_epochs = 1
+  config.train.num_epochs = 1
   train.train_and_evaluate(config, workdir)
   return workdir
 
@@ -96,8 +96,8 @@ def test_a_frozen_body_on_one_device_keeps_the_eight_device_weights(
   source_run, tiny_data_dir, tmp_path
 ):
   config = make_tiny_config(_fewer_characters(tiny_data_dir, tmp_path))
-  config.init_from = f"{source_run}:latest"
-  config.freeze = ("(?!logits/).*",)
+  config.finetune.init_from = f"{source_run}:latest"
+  config.finetune.freeze = ("(?!logits/).*",)
   one_device = sharding.make_mesh(jax.devices()[:1])
   state, _ = train.train_and_evaluate(config, tmp_path / "run", mesh=one_device)
   source = trained_run.load(source_run, "latest").variables["params"]
@@ -116,12 +116,12 @@ def test_a_fine_tuning_run_resumes_bitwise_and_reads_init_from_once(
   source_run, tiny_data_dir, tmp_path
 ):
   config = make_tiny_config(_fewer_characters(tiny_data_dir, tmp_path))
-  config.init_from = str(source_run)
-  config.lr_multipliers = ("conv.*=0.1",)
+  config.finetune.init_from = str(source_run)
+  config.finetune.lr_multipliers = ("conv.*=0.1",)
   whole, _ = train.train_and_evaluate(config, tmp_path / "whole")
-  config.num_epochs = 1
+  config.train.num_epochs = 1
   train.train_and_evaluate(config, tmp_path / "resumed")
-  config.num_epochs = 2
+  config.train.num_epochs = 2
   resumed, _ = train.train_and_evaluate(config, tmp_path / "resumed")
   for a, b in zip(
     jax.tree.leaves(jax.device_get(whole.params)),
@@ -132,8 +132,8 @@ def test_a_fine_tuning_run_resumes_bitwise_and_reads_init_from_once(
 
 
 def test_another_model_family_is_refused(source_run, tiny_config, tmp_path):
-  tiny_config.model = "resnet"
-  tiny_config.init_from = str(source_run)
+  tiny_config.model.name = "resnet"
+  tiny_config.finetune.init_from = str(source_run)
   with pytest.raises(
     ValueError, match="trained model=simpsons_cnn, this run model=resnet"
   ):
@@ -144,11 +144,11 @@ def test_another_model_family_is_refused(source_run, tiny_config, tmp_path):
 def test_init_from_mistakes_name_init_from(source_run, tiny_config, tmp_path, suffix):
   # A folder that holds no run; a step the source run never saved.
   source = str(source_run if suffix else tmp_path / "no_run") + suffix
-  tiny_config.init_from = source
+  tiny_config.finetune.init_from = source
   with pytest.raises((FileNotFoundError, ValueError)) as raised:
     train.train_and_evaluate(tiny_config, tmp_path / "run")
   message = str(raised.value)
-  assert message.startswith(f"--config.init_from={source}: ")
+  assert message.startswith(f"--config.finetune.init_from={source}: ")
   assert "--workdir" not in message and "--checkpoint" not in message
 
 

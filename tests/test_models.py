@@ -63,9 +63,9 @@ def test_dropout_only_in_training():
 
 def test_bfloat16_compute_matches_float32_on_a_fixed_batch():
   config = full.get_config()
-  config.image_size = 64
+  config.data.image_size = 64
   model32 = models.create(config, num_classes=13)
-  config.dtype = "bfloat16"
+  config.train.dtype = "bfloat16"
   model16 = models.create(config, num_classes=13)
   params = _init(model32, 64)
   images = jax.random.randint(jax.random.PRNGKey(4), (16, 64, 64, 3), 0, 256, jnp.uint8)

@@ -59,7 +59,7 @@ def test_two_processes_train_like_one_with_the_same_global_batch(
   tiny_data_dir, tmp_path
 ):
   config = make_tiny_config(tiny_data_dir)
-  config.num_epochs = 1
+  config.train.num_epochs = 1
   workdir = tmp_path / "two"
   port = _free_port()
   env = {
@@ -68,9 +68,13 @@ def test_two_processes_train_like_one_with_the_same_global_batch(
     "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
   }
   overrides = [
-    f"--config.{key}={config[key]}"
-    for key in ("data_dir", "min_images", "image_size", "val_fraction")
-    + ("dense_features", "batch_size", "num_epochs", "log_every_steps")
+    f"--config.{group}.{key}={values[key]}"
+    for group, values, keys in (
+      ("data", config.data, ("dir", "min_images", "image_size", "val_fraction")),
+      ("train", config.train, ("batch_size", "num_epochs", "log_every_steps")),
+      ("model.simpsons_cnn", config.model.simpsons_cnn, ("dense_features",)),
+    )
+    for key in keys
   ]
   procs = [
     subprocess.Popen(
@@ -102,7 +106,7 @@ def test_two_processes_train_like_one_with_the_same_global_batch(
     models.create(config, cmap.num_classes),
     config,
     mesh,
-    steps_per_epoch=len(train_split) // config.batch_size,
+    steps_per_epoch=len(train_split) // config.train.batch_size,
   )
   train_step = train.jit_train_step(mesh, config)
   shards = [
@@ -111,32 +115,34 @@ def test_two_processes_train_like_one_with_the_same_global_batch(
   for halves in zip(*shards, strict=True):
     batch = {k: np.concatenate([h[k] for h in halves]) for k in halves[0]}
     state, _ = train_step(state, sharding.shard_batch(batch, mesh))
-  val_batches = input_pipeline.eval_batches(val_split, 32, config.batch_size)
-  score = evaluators.scorer(mesh, state.apply_fn, cmap.num_classes, config.eval_flip)
+  val_batches = input_pipeline.eval_batches(val_split, 32, config.train.batch_size)
+  score = evaluators.scorer(
+    mesh, state.apply_fn, cmap.num_classes, config.test_time_flip
+  )
   variables = state.inference_variables()
   totals, _ = evaluators.accumulate(score, variables, val_batches, mesh)
   reference = metrics.summarize(totals)
 
   # Written by 2 processes, read back by 1 on one device.
   trained = trained_run.load(workdir, checkpoint="latest")
-  assert trained.step == int(state.step) == len(train_split) // config.batch_size
+  assert trained.step == int(state.step) == len(train_split) // config.train.batch_size
   for a, b in zip(
     jax.tree.leaves(jax.device_get(state.params)),
     jax.tree.leaves(trained.variables["params"]),
     strict=True,
   ):
-    np.testing.assert_allclose(a, b, atol=2 * config.learning_rate)
+    np.testing.assert_allclose(a, b, atol=2 * config.optim.learning_rate)
   logged = float(logs[0].split("epoch 1 validation: loss ")[1].split(",")[0])
   assert logged == pytest.approx(reference["loss"], rel=1e-3)
 
 
 @pytest.mark.parametrize("first, second", [(8, 1), (1, 8)])
 def test_checkpoints_move_between_device_counts(tiny_config, tmp_path, first, second):
-  tiny_config.num_epochs = 1
+  tiny_config.train.num_epochs = 1
   train.train_and_evaluate(
     tiny_config, tmp_path, mesh=sharding.make_mesh(jax.devices()[:first])
   )
-  tiny_config.num_epochs = 2
+  tiny_config.train.num_epochs = 2
   state, metrics = train.train_and_evaluate(
     tiny_config, tmp_path, mesh=sharding.make_mesh(jax.devices()[:second])
   )

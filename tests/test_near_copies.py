@@ -36,7 +36,7 @@ def _sets(tmp_path):
 def test_exactly_the_shrunk_copies_are_left_out(tmp_path):
   reference, training, copied = _sets(tmp_path)
   source = data.create(make_tiny_config(training))
-  source.config.exclude_copies_of = str(reference)
+  source.config.data.exclude_copies_of = str(reference)
   workdir = tmp_path / "run"
   _, train, val = source.prepare(workdir)
 
@@ -57,7 +57,7 @@ def test_nothing_is_left_out_without_a_copy(tmp_path):
 
 
 def test_a_tfds_source_refuses_exclude_copies_of(tiny_config):
-  tiny_config.dataset = "tfds:simpsons_characters"
-  tiny_config.exclude_copies_of = "frames"
+  tiny_config.data.source = "tfds:simpsons_characters"
+  tiny_config.data.exclude_copies_of = "frames"
   with pytest.raises(ValueError, match="applies to folders of image files"):
     data.create(tiny_config)

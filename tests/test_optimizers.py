@@ -15,8 +15,8 @@ from simpsons_jax import mixing, optimizers, train
 
 def test_warmup_then_cosine_to_zero():
   config = default.get_config()
-  config.schedule, config.learning_rate = "cosine", 0.4
-  config.warmup_epochs, config.num_epochs = 2.0, 10
+  config.optim.schedule, config.optim.learning_rate = "cosine", 0.4
+  config.optim.warmup_epochs, config.train.num_epochs = 2.0, 10
   lr = optimizers.learning_rate(config, steps_per_epoch=5)  # 10 warmup, 50 total
   assert float(lr(0)) == 0.0
   assert float(lr(5)) == pytest.approx(0.2)
@@ -44,7 +44,11 @@ def test_the_notebook_keeps_a_constant_adam():
 @pytest.mark.parametrize("name, first_step", [("adamw", 0.05), ("sgd", 0.095)])
 def test_weight_decay_spares_biases_and_norm_scales(name, first_step):
   config = default.get_config()
-  config.optimizer, config.weight_decay, config.learning_rate = name, 0.1, 0.5
+  config.optim.name, config.optim.weight_decay, config.optim.learning_rate = (
+    name,
+    0.1,
+    0.5,
+  )
   params = {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2), "scale": jnp.ones(2)}
   zero = jax.tree.map(jnp.zeros_like, params)
   tx = optimizers.create(config, 1)
@@ -87,15 +91,15 @@ def _linear_state(config, num_classes=3):
     tx=optimizers.create(config, steps_per_epoch=1),
     rng=jax.random.PRNGKey(0),
     ema={"params": {"w": jnp.ones(())}, "batch_stats": {}}
-    if config.ema_decay
+    if config.optim.ema_decay
     else None,
   )
 
 
 def test_smoothed_weighted_loss_and_ema_on_a_hand_built_batch():
   config = default.get_config()
-  config.optimizer, config.learning_rate = "sgd", 0.1
-  config.ema_decay, config.label_smoothing = 0.9, 0.3
+  config.optim.name, config.optim.learning_rate = "sgd", 0.1
+  config.optim.ema_decay, config.train.label_smoothing = 0.9, 0.3
   images = np.zeros((4, 2, 2, 3), np.uint8)
   images[:, 0, 0] = [[2, 0, 0], [0, 1, 0], [0, 0, 3], [1, 1, 0]]
   labels = np.array([0, 1, 0, 2], np.int32)

@@ -102,7 +102,7 @@ def test_a_run_on_a_remote_file_system_trains_as_a_local_one(
 
   # Resuming reads the run back from the remote workdir.
   config = make_tiny_config(data)
-  config.num_epochs = 3
+  config.train.num_epochs = 3
   train.train_and_evaluate(config, workdir)
   assert trained_run.load(workdir, "latest").meta["epoch"] == 3
 

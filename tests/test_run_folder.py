@@ -110,7 +110,7 @@ def test_restart_acts_once_and_the_same_command_then_resumes(tiny_config, tmp_pa
   run_folder.prepare(tiny_config, workdir)  # The same command again: resume.
   assert (workdir / "checkpoints" / "marker").exists()
   assert len(list((workdir / "archive").iterdir())) == 1
-  tiny_config.image_size = 48  # It cannot continue: say how to start afresh.
+  tiny_config.data.image_size = 48  # It cannot continue: say how to start afresh.
   with pytest.raises(ValueError, match="move .* away to start afresh"):
     run_folder.prepare(tiny_config, workdir)
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from simpsons_jax import data, input_pipeline, sharding, train
+from simpsons_jax import trained as trained_run
 from tests.conftest import make_tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,8 +37,8 @@ def tfds_dir(tiny_data_dir, tmp_path_factory):
 
 def _tfds_config(tiny_data_dir, tfds_dir):
   config = make_tiny_config(tiny_data_dir)
-  config.dataset = "tfds:simpsons_characters"
-  config.tfds_data_dir = str(tfds_dir)
+  config.data.source = "tfds:simpsons_characters"
+  config.data.tfds_dir = str(tfds_dir)
   return config
 
 
@@ -90,7 +91,39 @@ def test_training_from_tfds_scores_validation_like_evaluate(
 
 
 def test_an_unprepared_tfds_data_set_is_one_clear_error(tiny_config, tmp_path):
-  tiny_config.dataset = "tfds:simpsons_characters"
-  tiny_config.tfds_data_dir = str(tmp_path / "empty")
+  tiny_config.data.source = "tfds:simpsons_characters"
+  tiny_config.data.tfds_dir = str(tmp_path / "empty")
   with pytest.raises(FileNotFoundError, match="not prepared .* --manual_dir"):
     train.train_and_evaluate(tiny_config, tmp_path / "run", sharding.make_mesh())
+
+
+def test_a_tfds_split_is_scored_like_the_folder_it_was_built_from(
+  trained_workdir, tiny_data_dir, tfds_dir, tmp_path
+):
+  from simpsons_jax import evaluate, evaluators
+
+  trained = trained_run.load(trained_workdir)
+  config, cmap = trained.config, trained.cmap
+  assert evaluate.evaluated("tfds:simpsons_characters:1.0.0/train", config) == (
+    "simpsons_characters_1.0.0_train",
+    {"type": "tfds", "name": "simpsons_characters:1.0.0", "split": "train"},
+  )
+  with pytest.raises(ValueError, match="write tfds:NAME"):
+    evaluate.evaluated("tfds:simpsons_characters", config)
+  spec = {"type": "tfds", "name": "simpsons_characters", "split": "train"}
+  spec["data_dir"] = str(tfds_dir)
+  mesh = sharding.make_mesh()
+  score = evaluators.scorer(mesh, trained.model.apply, cmap.num_classes)
+  reports = [
+    evaluators.create(name, spec, cmap, tmp_path / name, config, trained_workdir).run(
+      score, trained.variables, mesh, config, cmap.names
+    )[0]
+    for name, spec in (
+      ("tfds", spec),
+      ("folder", {"type": "folder", "dir": str(tiny_data_dir)}),
+    )
+  ]
+  assert reports[0]["num_examples"] == reports[1]["num_examples"] == 120
+  assert reports[0]["confusion_matrix"] == reports[1]["confusion_matrix"]
+  with pytest.raises(ValueError, match="has no split 'test'; its splits: train"):
+    evaluators.create("t", {**spec, "split": "test"}, cmap, None, config, tmp_path)

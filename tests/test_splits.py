@@ -64,7 +64,7 @@ def test_copies_stay_on_one_side_and_conflicting_labels_never_validate(
   folder, tmp_path, caplog
 ):
   config = make_tiny_config(folder)
-  config.val_fraction = 0.5
+  config.data.val_fraction = 0.5
   for name in synthetic.CHARACTERS[:3]:  # Three copies of each image.
     for path in sorted((folder / name).glob("pic_*.jpg")):
       shutil.copy(path, path.with_name(f"copy_a_{path.name}"))
@@ -110,7 +110,7 @@ def test_no_split_ever_validates_on_a_training_image():
 def test_real_frames_with_duplicates_split_apart(tmp_path):
   """The real frames hold byte-identical pairs: each pair lands on one side."""
   config = make_tiny_config(shared_data("frames", "train"))
-  config.val_fraction = 0.3
+  config.data.val_fraction = 0.3
   data.create(config).prepare(tmp_path)
   record = json.loads((tmp_path / "split.json").read_text())
   hashes = [*record["train"].values(), *record["val"].values()]

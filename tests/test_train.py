@@ -25,7 +25,7 @@ from tests.conftest import shared_data
 
 
 def test_train_step_lowers_the_loss_on_a_fixed_batch(tiny_config):
-  tiny_config.dropout_rate = 0.0
+  tiny_config.model.simpsons_cnn.dropout_rate = 0.0
   mesh = sharding.make_mesh()
   model = models.create(tiny_config, num_classes=6)
   state = train.create_train_state(
@@ -108,12 +108,12 @@ def _params(state):
 
 
 def test_stop_and_resume_equals_an_uninterrupted_run(tiny_config, tmp_path):
-  tiny_config.num_epochs = 3
+  tiny_config.train.num_epochs = 3
   uninterrupted, _ = train.train_and_evaluate(tiny_config, tmp_path / "a")
 
-  tiny_config.num_epochs = 1
+  tiny_config.train.num_epochs = 1
   train.train_and_evaluate(tiny_config, tmp_path / "b")
-  tiny_config.num_epochs = 3
+  tiny_config.train.num_epochs = 3
   resumed, _ = train.train_and_evaluate(tiny_config, tmp_path / "b")
 
   assert int(resumed.step) == int(uninterrupted.step)
@@ -141,7 +141,7 @@ def _crash_then_resume(config, workdir, monkeypatch, crash_at: int):
 def test_crash_mid_epoch_resumes_from_the_last_checkpoint(
   tiny_config, tmp_path, monkeypatch
 ):
-  tiny_config.num_epochs = 2
+  tiny_config.train.num_epochs = 2
   uninterrupted, _ = train.train_and_evaluate(tiny_config, tmp_path / "a")
   steps_per_epoch = int(uninterrupted.step) // 2
 
@@ -162,27 +162,29 @@ def test_eight_devices_train_like_one(tiny_config, tmp_path):
   # Adam turns reduction-order noise in near-zero gradients into steps of up
   # to the learning rate, so parameters agree to a few such steps.
   for a, b in zip(_params(one_state), _params(eight_state), strict=True):
-    np.testing.assert_allclose(a, b, atol=2 * tiny_config.learning_rate)
+    np.testing.assert_allclose(a, b, atol=2 * tiny_config.optim.learning_rate)
 
 
 def test_batch_that_devices_do_not_divide_is_rejected(tiny_config, tmp_path):
-  tiny_config.batch_size = 12
+  tiny_config.train.batch_size = 12
   with pytest.raises(ValueError, match="does not split over 8 devices"):
     train.train_and_evaluate(tiny_config, tmp_path)
 
 
 def test_overfit_config_fits_real_frames_exactly(tmp_path):
   config = overfit.get_config()
-  config.data_dir = str(shared_data("simpsons-mnist", "train"))
-  config.min_images = 1
-  config.image_size = 28
+  config.data.dir = str(shared_data("simpsons-mnist", "train"))
+  config.data.min_images = 1
+  config.data.image_size = 28
   state, _ = train.train_and_evaluate(config, tmp_path)
 
   cmap, small, _ = data.create(config).load(tmp_path)
   assert len(small) == 80
   mesh = sharding.make_mesh()
-  batches = input_pipeline.eval_batches(small, config.image_size, config.batch_size)
-  result = _validate(state, batches, mesh, cmap.num_classes, config.eval_flip)
+  batches = input_pipeline.eval_batches(
+    small, config.data.image_size, config.train.batch_size
+  )
+  result = _validate(state, batches, mesh, cmap.num_classes, config.test_time_flip)
   assert result["accuracy"] == 1.0
 
 
@@ -205,13 +207,13 @@ def test_steps_are_pure_functions_of_their_inputs(tiny_config):
 def resnet_config(tiny_config):
   """Every option of the strong config, plus CutMix, shrunk to the tiny folder."""
   config = strong.get_config()
-  for key in ("data_dir", "min_images", "image_size", "val_fraction", "batch_size"):
-    config[key] = tiny_config[key]
-  config.stem_features, config.stage_features = 8, (8, 16)
-  config.class_weights = "balanced"
-  config.ema_decay = 0.9
-  config.mix = "cutmix"
-  config.num_epochs, config.log_every_steps = 2, 2
+  config.data = tiny_config.data
+  config.train.batch_size = tiny_config.train.batch_size
+  config.model.resnet.stem_features, config.model.resnet.stage_features = 8, (8, 16)
+  config.train.class_weights = "balanced"
+  config.optim.ema_decay = 0.9
+  config.train.mix = "cutmix"
+  config.train.num_epochs, config.train.log_every_steps = 2, 2
   return config
 
 
@@ -224,7 +226,7 @@ def test_strong_run_resumes_exactly_and_saves_its_statistics(
   resnet_config, tmp_path, monkeypatch
 ):
   uninterrupted, _ = train.train_and_evaluate(resnet_config, tmp_path / "a")
-  steps_per_epoch = int(uninterrupted.step) // resnet_config.num_epochs
+  steps_per_epoch = int(uninterrupted.step) // resnet_config.train.num_epochs
   # Killed in epoch 2 (the cosine schedule needs the same num_epochs), then
   # resumed from the checkpoint of epoch 1.
   resumed = _crash_then_resume(
@@ -296,8 +298,8 @@ def test_the_best_checkpoint_is_ranked_by_the_configured_metric(tmp_path, metric
 
 
 def test_profile_steps_write_a_trace_tensorboard_opens(tiny_config, tmp_path):
-  tiny_config.num_epochs = 1
-  tiny_config.profile_steps = 2
+  tiny_config.train.num_epochs = 1
+  tiny_config.train.profile_steps = 2
   train.train_and_evaluate(tiny_config, tmp_path)
   traces = list(
     (tmp_path / "tensorboard" / "plugins" / "profile").glob("*/*.xplane.pb")

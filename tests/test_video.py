@@ -114,15 +114,15 @@ def frames_workdir(tmp_path_factory):
   else:
     data = synthetic.generate(data / "synthetic", images_per_character=5)
   config = default.get_config()
-  config.data_dir = str(data)
-  config.min_images = 1
-  config.image_size = 32
-  config.val_fraction = 0.2
-  config.dense_features = (128,)
-  config.dropout_rate = 0.0
-  config.batch_size = 8
-  config.num_epochs = 60
-  config.log_every_steps = 1000
+  config.data.dir = str(data)
+  config.data.min_images = 1
+  config.data.image_size = 32
+  config.data.val_fraction = 0.2
+  config.model.simpsons_cnn.dense_features = (128,)
+  config.model.simpsons_cnn.dropout_rate = 0.0
+  config.train.batch_size = 8
+  config.train.num_epochs = 60
+  config.train.log_every_steps = 1000
   workdir = tmp_path_factory.mktemp("frames_run")
   train.train_and_evaluate(config, workdir)
   split = json.loads((workdir / "split.json").read_text())

@@ -1,7 +1,7 @@
 """Data sources: where a run's images come from (see `core.DataSource`).
 
-`--config.dataset` names one: `folder` (the Kaggle layout in
-`config.data_dir`), `synthetic` (the demo) or `tfds:NAME[:VERSION]`. A new
+`--config.data.source` names one: `folder` (the Kaggle layout in
+`config.data.dir`), `synthetic` (the demo) or `tfds:NAME[:VERSION]`. A new
 source is one `core.DataSource` class and one line in `SOURCES`.
 """
 
@@ -22,20 +22,20 @@ SOURCES: dict[str, str] = {
 
 
 def source_name(dataset: str) -> str:
-  """The source named by a `config.dataset` value ('tfds:x' -> 'tfds')."""
+  """The source named by a `config.data.source` value ('tfds:x' -> 'tfds')."""
   return dataset.partition(":")[0]
 
 
 def create(config: ml_collections.ConfigDict) -> core.DataSource:
-  """The data source `config.dataset` names."""
-  name, _, spec = config.dataset.partition(":")
+  """The data source `config.data.source` names."""
+  name, _, spec = config.data.source.partition(":")
   if name not in SOURCES:
     raise ValueError(
-      f"Unknown --config.dataset={config.dataset!r}; use one of "
+      f"Unknown --config.data.source={config.data.source!r}; use one of "
       f"{', '.join(SOURCES)} (tfds as tfds:NAME[:VERSION])."
     )
   module, _, cls = SOURCES[name].partition(":")
   return getattr(importlib.import_module(module), cls)(config, spec)
 
 
-__all__ = ["SOURCES", "core", "create", "kind"]
+__all__ = ["SOURCES", "core", "create", "source_name"]

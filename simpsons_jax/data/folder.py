@@ -62,11 +62,11 @@ class Files(core.Examples):
 
 def max_pixels(config: ml_collections.ConfigDict) -> int:
   """The pixel limit of a config, also of one saved before the option existed."""
-  return config.get("max_image_pixels", image_files.DEFAULT_MAX_PIXELS)
+  return config.data.max_image_pixels
 
 
 class FolderSource(core.DataSource):
-  """`config.data_dir` in the Kaggle layout (`--config.dataset=folder`)."""
+  """`config.data.dir` in the Kaggle layout (`--config.data.source=folder`)."""
 
   def __init__(self, config: ml_collections.ConfigDict, spec: str = ""):
     del spec  # No options.
@@ -75,7 +75,7 @@ class FolderSource(core.DataSource):
   def root(self, workdir: epath.Path) -> epath.Path:
     """The folder that holds the character folders."""
     del workdir
-    return characters.resolve_data_dir(self.config.data_dir)
+    return characters.resolve_data_dir(self.config.data.dir)
 
   def find(self, workdir: epath.Path) -> dict[str, list[epath.Path]]:
     """Every candidate image file, per character."""
@@ -111,12 +111,17 @@ class FolderSource(core.DataSource):
   def prepare(self, workdir: epath.Path) -> core.Loaded:
     found = self.find(workdir)
     checked = image_files.keep_usable(found, workdir, max_pixels(self.config))
-    if self.config.get("exclude_copies_of", ""):
+    if self.config.data.exclude_copies_of:
       kept = near_copies.exclude(
-        checked.images, self.config.exclude_copies_of, workdir, max_pixels(self.config)
+        checked.images,
+        self.config.data.exclude_copies_of,
+        workdir,
+        max_pixels(self.config),
       )
       checked = dataclasses.replace(checked, images=kept)
-    cmap = characters.load_or_create(workdir, checked.images, self.config.min_images)
+    cmap = characters.load_or_create(
+      workdir, checked.images, self.config.data.min_images
+    )
     current = self._hashes(workdir, checked, cmap.names)
     train, val = splits.choose_and_save(workdir, current, cmap, self.config)
     return cmap, self._files(workdir, train, cmap), self._files(workdir, val, cmap)
@@ -142,6 +147,6 @@ class SyntheticSource(FolderSource):
   def root(self, workdir: epath.Path) -> epath.Path:
     return synthetic.generate(
       workdir / "synthetic_data",
-      self.config.synthetic_images_per_character,
+      self.config.data.synthetic_per_character,
       self.config.seed,
     )

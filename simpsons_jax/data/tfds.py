@@ -1,7 +1,7 @@
-"""Any prepared TFDS image-classification data set (`--config.dataset=tfds:NAME`).
+"""Any prepared TFDS image-classification data set (`--config.data.source=tfds:NAME`).
 
-`tfds:NAME[:VERSION]` reads `config.tfds_split` ("train") of the data set
-prepared under `config.tfds_data_dir` (TFDS's default when empty): the class
+`tfds:NAME[:VERSION]` reads `config.data.tfds_split` ("train") of the data set
+prepared under `config.data.tfds_dir` (TFDS's default when empty): the class
 names come from its `label` feature, the images from its `image` feature.
 Characters are chosen by `min_images` and the split is carved, kept and
 saved exactly as for a folder (`splits`); an example's key is its
@@ -16,6 +16,7 @@ import dataclasses
 import difflib
 import hashlib
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import ml_collections
 import numpy as np
@@ -67,6 +68,16 @@ class TfdsExamples(core.Examples):
     return [found[int(i)] for i in indices]
 
 
+def _data_set_name(spec: str) -> str:
+  """'NAME' or 'NAME:VERSION', checked."""
+  name, _, version = spec.partition(":")
+  if not name:
+    raise ValueError(
+      "--config.data.source=tfds: needs a data set name, e.g. tfds:simpsons_characters."
+    )
+  return f"{name}:{version}" if version else name
+
+
 def _raw(builder: tfds.core.DatasetBuilder, split: str) -> tf.data.Dataset:
   """The split's examples in their stored order, images still encoded."""
   return builder.as_dataset(
@@ -86,26 +97,17 @@ class _Scan:
   by_class: dict[str, list[str]]
 
 
-class TfdsSource(core.DataSource):
-  """A prepared TFDS data set; `spec` is 'NAME' or 'NAME:VERSION'."""
+@dataclasses.dataclass(frozen=True)
+class TfdsSplit:
+  """A split of a prepared TFDS data set ('NAME' or 'NAME:VERSION')."""
 
-  def __init__(self, config: ml_collections.ConfigDict, spec: str):
-    self.config = config
-    name, _, version = spec.partition(":")
-    if not name:
-      raise ValueError(
-        "--config.dataset=tfds: needs a data set name, e.g. tfds:simpsons_characters."
-      )
-    self.name = f"{name}:{version}" if version else name
-    if config.get("exclude_copies_of", ""):
-      raise ValueError(
-        "exclude_copies_of applies to folders of image files, not to "
-        f"dataset={config.dataset}: train from the folder (--config.dataset="
-        "folder), or build the TFDS data set from a folder without those images."
-      )
+  name: str
+  split: str
+  data_dir: str = ""  # '': TFDS's default.
 
-  def _builder(self) -> tfds.core.DatasetBuilder:
-    data_dir = self.config.get("tfds_data_dir", "") or None
+  def builder(self) -> tfds.core.DatasetBuilder:
+    """The prepared data set's builder; one sentence if it is not there."""
+    data_dir = self.data_dir or None
     try:
       builder = tfds.builder(self.name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError:
@@ -113,7 +115,7 @@ class TfdsSource(core.DataSource):
       close = difflib.get_close_matches(name, tfds.list_builders(), n=3, cutoff=0.6)
       hint = f"did you mean {', '.join(close)}? " if close else ""
       raise ValueError(
-        f"--config.dataset=tfds:{self.name}: TFDS has no data set {name!r}; {hint}"
+        f"tfds:{self.name}: TFDS has no data set {name!r}; {hint}"
         "`tfds.list_builders()` lists them (this project's own: simpsons_characters)."
       ) from None
     if not builder.is_prepared():
@@ -122,19 +124,15 @@ class TfdsSource(core.DataSource):
         f"{data_dir or 'the default data dir'}: build it first, for this "
         "project's own data set with `python -m "
         "simpsons_jax.tfds_builders.simpsons_characters --manual_dir=<Kaggle "
-        "folder> --data_dir=<dir>`, and pass --config.tfds_data_dir=<dir>."
+        "folder> --data_dir=<dir>`, and pass --config.data.tfds_dir=<dir>."
       )
     return builder
 
-  def _split(self) -> str:
-    return self.config.get("tfds_split", "train")
-
-  def _scan(self, builder: tfds.core.DatasetBuilder, hashes: bool) -> _Scan:
+  def scan(self, builder: tfds.core.DatasetBuilder, hashes: bool) -> _Scan:
+    """Every example's key, position and (with `hashes`) SHA-256."""
     names = builder.info.features["label"].names
     positions, sha256, by_class = {}, {}, {name: [] for name in names}
-    for position, example in enumerate(
-      _raw(builder, self._split()).as_numpy_iterator()
-    ):
+    for position, example in enumerate(_raw(builder, self.split).as_numpy_iterator()):
       name = names[example["label"]]
       file_name = example.get("file_name", b"").decode()
       key = file_name if file_name.startswith(f"{name}/") else f"{name}/{position:06d}"
@@ -144,53 +142,106 @@ class TfdsSource(core.DataSource):
         sha256[key] = hashlib.sha256(example["image"]).hexdigest()
     return _Scan(positions, sha256, by_class)
 
-  def _examples(
+  def examples(
     self,
     builder: tfds.core.DatasetBuilder,
     scan: _Scan,
     chosen: Mapping[str, str],
     cmap: characters.CharacterMap,
   ) -> TfdsExamples:
+    """The `chosen` examples (key -> SHA-256), labelled by `cmap`."""
     labels = {name: i for i, name in enumerate(cmap.names)}
     keys = sorted(chosen, key=scan.positions.__getitem__)
     content = hashlib.sha256("".join(f"{k}\0{chosen[k]}\n" for k in keys).encode())
     return TfdsExamples(
       builder,
-      self._split(),
+      self.split,
       np.asarray([scan.positions[k] for k in keys], np.int64),
       np.asarray([labels[splits.character(k)] for k in keys], np.int32),
       content.hexdigest(),
     )
 
+
+class TfdsSource(core.DataSource):
+  """A prepared TFDS data set; `spec` is 'NAME' or 'NAME:VERSION'."""
+
+  def __init__(self, config: ml_collections.ConfigDict, spec: str):
+    self.config = config
+    self.data = TfdsSplit(
+      _data_set_name(spec), config.data.tfds_split, config.data.tfds_dir
+    )
+    if config.data.exclude_copies_of:
+      raise ValueError(
+        "exclude_copies_of applies to folders of image files, not to "
+        f"data.source={config.data.source}: train from the folder "
+        "(--config.data.source=folder), or build the TFDS data set from a "
+        "folder without those images."
+      )
+
   def prepare(self, workdir: epath.Path) -> core.Loaded:
-    builder = self._builder()
-    scan = self._scan(builder, hashes=True)
-    cmap = characters.load_or_create(workdir, scan.by_class, self.config.min_images)
+    builder = self.data.builder()
+    scan = self.data.scan(builder, hashes=True)
+    cmap = characters.load_or_create(
+      workdir, scan.by_class, self.config.data.min_images
+    )
     current = {k: scan.sha256[k] for name in cmap.names for k in scan.by_class[name]}
     train, val = splits.choose_and_save(workdir, current, cmap, self.config)
     return (
       cmap,
-      self._examples(builder, scan, train, cmap),
-      self._examples(builder, scan, val, cmap),
+      self.data.examples(builder, scan, train, cmap),
+      self.data.examples(builder, scan, val, cmap),
     )
 
   def load(self, workdir: epath.Path) -> core.Loaded:
-    builder = self._builder()
-    scan = self._scan(builder, hashes=False)
+    builder = self.data.builder()
+    scan = self.data.scan(builder, hashes=False)
     cmap = characters.CharacterMap.load(workdir / characters.MAP_FILENAME)
     train, val = splits.last_chosen(workdir, cmap)
     return (
       cmap,
-      self._examples(builder, scan, train, cmap),
-      self._examples(builder, scan, val, cmap),
+      self.data.examples(builder, scan, train, cmap),
+      self.data.examples(builder, scan, val, cmap),
     )
 
   def validation(
     self, workdir: epath.Path, report_dir: epath.Path | None
   ) -> TfdsExamples:
     del report_dir  # A prepared data set holds no unusable files.
-    builder = self._builder()
-    scan = self._scan(builder, hashes=True)
+    builder = self.data.builder()
+    scan = self.data.scan(builder, hashes=True)
     cmap = characters.CharacterMap.load(workdir / characters.MAP_FILENAME)
     val = splits.still_valid(workdir, scan.sha256, cmap)
-    return self._examples(builder, scan, val, cmap)
+    return self.data.examples(builder, scan, val, cmap)
+
+
+class TfdsData:
+  """An evaluator's data (`evaluators.EVALUATORS`): a split of a prepared TFDS
+  data set whose `label` names are characters, `type="tfds",
+  name="NAME[:VERSION]", split="test"` (`data_dir` optional)."""
+
+  required = ("name", "split")
+
+  def read(
+    self,
+    spec: Mapping[str, Any],
+    cmap: characters.CharacterMap,
+    report_dir: epath.Path | None,
+    config: ml_collections.ConfigDict,
+    workdir: epath.Path,
+  ) -> tuple[TfdsExamples, dict[str, list[str]]]:
+    """Every example of the split whose class is one of `cmap`'s characters,
+    and the keys of the others by class."""
+    del report_dir, config, workdir  # A prepared data set holds no bad files.
+    data = TfdsSplit(
+      _data_set_name(spec["name"]), spec["split"], spec.get("data_dir", "")
+    )
+    builder = data.builder()
+    if data.split not in builder.info.splits:
+      raise ValueError(
+        f"The TFDS data set {data.name} has no split {data.split!r}; its splits: "
+        f"{', '.join(builder.info.splits)}."
+      )
+    scan = data.scan(builder, hashes=True)
+    known = {k: scan.sha256[k] for c in cmap.names for k in scan.by_class.get(c, [])}
+    others = {c: keys for c, keys in scan.by_class.items() if c not in cmap.names}
+    return data.examples(builder, scan, known, cmap), others

@@ -10,7 +10,7 @@ images, checked as training checks them (`image_files`), form the `train`
 split, and `kaggle_simpson_testset/<character>_<N>.jpg`, when present, the
 `test` split (its images of characters without a folder are left out). The
 JPEG and PNG bytes are stored as they are. Then train with
-`--config.dataset=tfds:simpsons_characters`.
+`--config.data.source=tfds:simpsons_characters`.
 """
 
 from __future__ import annotations
