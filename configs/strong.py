@@ -43,9 +43,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.optim.schedule = "cosine"
   config.optim.warmup_epochs = 2.0
   config.optim.weight_decay = 5e-4
-  config.train.label_smoothing = 0.1
   config.optim.ema_decay = 0.995
-  config.test_time_flip = True
+
+  config.train.label_smoothing = 0.1
   config.train.batch_size = 128
   config.train.num_epochs = 30
+  config.test_time_flip = True
   return config

@@ -339,14 +339,7 @@ def _train(
   train_step_fn = jit_train_step(mesh, config, weights, steps_per_epoch)
   extra_evals = evaluators.from_config(config, cmap, workdir)
   score = evaluators.scorer(mesh, model.apply, cmap.num_classes, config.test_time_flip)
-  val_batches = input_pipeline.eval_batches(
-    val_split,
-    config.data.image_size,
-    config.train.batch_size,
-    config.data.cache_dir,
-    **process,
-  )
-  validate = functools.partial(_validate, score, val_batches, mesh)
+  validate = _validator(score, val_split, config, mesh, process)
 
   writer = summary.create_writer(workdir / "tensorboard")
   if start_step == 0:
@@ -379,17 +372,16 @@ def _train(
         validating = end_of_epoch or _every(step, config.train.eval_every_steps)
         saving = validating or _every(step, config.ckpt.every_steps)
         if step % config.train.log_every_steps == 0 or end_of_epoch:
-          seconds = time.perf_counter() - window_start
-          rate = window_steps * config.train.batch_size / seconds
+          rate = window_steps * config.train.batch_size
+          rate /= time.perf_counter() - window_start
           _report_training(writer, step, totals, rate, config, steps_per_epoch, manager)
           totals, window_start, window_steps = None, time.perf_counter(), 0
         if validating:
           val_metrics = validate(state)
           _report_validation(writer, step, val_metrics, steps_per_epoch, manager)
-        if end_of_epoch:
-          for extra in extra_evals:
-            if epoch % extra.every_epochs == 0:
-              _run_extra(extra, score, state, mesh, config, cmap, workdir, step)
+        for extra in extra_evals if end_of_epoch else ():
+          if epoch % extra.every_epochs == 0:
+            _run_extra(extra, score, state, mesh, config, cmap, workdir, step)
         if saving:
           save(step, val_metrics if validating else None)
         if stop.received is not None:
@@ -403,13 +395,40 @@ def _train(
   if not val_metrics:
     val_metrics = validate(state)
   manager.close()
+  _log_finished(total_steps, val_metrics, config, manager)
+  return state, val_metrics
+
+
+def _log_finished(
+  step: int,
+  val_metrics: Mapping[str, float],
+  config: ml_collections.ConfigDict,
+  manager,
+) -> None:
   logging.info(
     "Finished at step %d: validation accuracy %.4f; best checkpoint by %s: "
     "step %s in %s.",
-    *(total_steps, val_metrics["accuracy"], config.ckpt.metric),
+    *(step, val_metrics["accuracy"], config.ckpt.metric),
     *(manager.best_step(), manager.directory),
   )
-  return state, val_metrics
+
+
+def _validator(
+  score: Callable,
+  val_split: data.core.Examples,
+  config: ml_collections.ConfigDict,
+  mesh: Mesh,
+  process: Mapping[str, int],
+) -> Callable[[TrainState], dict[str, float]]:
+  """The validation split's metrics of a state (its batches made once)."""
+  val_batches = input_pipeline.eval_batches(
+    val_split,
+    config.data.image_size,
+    config.train.batch_size,
+    config.data.cache_dir,
+    **process,
+  )
+  return functools.partial(_validate, score, val_batches, mesh)
 
 
 def _checkpoint_meta(

@@ -10,7 +10,9 @@ flags.DEFINE_string(
   "eval_dir",
   "",
   "evaluate: a folder in the Kaggle training layout (<character>/*.jpg) or "
-  "test-set layout (<character>_<N>.jpg); default: the run's validation split.",
+  "test-set layout (<character>_<N>.jpg), a split of a prepared TFDS data set "
+  "(tfds:NAME[:VERSION]/SPLIT, in TFDS_DATA_DIR) or the name of one of the "
+  "run's config.evals; default: the run's validation split.",
 )
 FLAGS = flags.FLAGS
 
