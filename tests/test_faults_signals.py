@@ -5,6 +5,7 @@ reaches a given point, runs the same command again to the end, and compares
 the final weights with an uninterrupted run.
 """
 
+import functools
 import os
 import re
 import signal
@@ -73,7 +74,9 @@ def reference(tiny_data_dir, tmp_path_factory):
   """Final parameters of an uninterrupted run, in this process."""
   config = default.get_config()
   config.data.dir = str(tiny_data_dir)
-  config.update(OVERRIDES)
+  for key, value in OVERRIDES.items():
+    *groups, last = key.split(".")
+    functools.reduce(getattr, groups, config)[last] = value
   state, _ = train.train_and_evaluate(config, tmp_path_factory.mktemp("reference"))
   return jax.tree.leaves(jax.device_get(state.params))
 
