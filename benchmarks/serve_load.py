@@ -21,13 +21,7 @@ browser would not.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import datetime
-import importlib.metadata
 import io
-import json
-import os
-import platform
 import socket
 import subprocess
 import sys
@@ -40,8 +34,8 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from simpsons_jax import files, synthetic  # noqa: E402
-from simpsons_jax.cpu_conv import cpu_description  # noqa: E402
+from benchmarks import results  # noqa: E402
+from simpsons_jax import synthetic  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "A trained run, or a folder of --mode=export.")
@@ -158,10 +152,10 @@ def _measure(max_batch: int, image: bytes) -> dict:
 def main(argv: list[str]) -> None:
   del argv
   image = _image()
-  results = []
+  measured = []
   for max_batch in map(int, FLAGS.max_batches):
     result = _measure(max_batch, image)
-    results.append(result)
+    measured.append(result)
     print(
       f"max_batch {max_batch:3d}: {result['requests_per_second']:7.1f} requests/s, "
       f"p50 {result['p50_ms']:6.1f} ms, p99 {result['p99_ms']:6.1f} ms, "
@@ -169,26 +163,17 @@ def main(argv: list[str]) -> None:
       f"peak {result['rss_mb']['peak']:.0f} MB, end {result['rss_mb']['end']:.0f} MB"
     )
   if FLAGS.json:
-    versions = {}
-    for name in ("jax", "jaxlib", "fastapi", "uvicorn"):
-      with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-        versions[name] = importlib.metadata.version(name)
-    report = {
-      "benchmark": "serve_load",
-      "command": " ".join([Path(sys.executable).name, *sys.argv]),
-      "date": datetime.date.today().isoformat(),
-      "machine": {
-        "cpu": cpu_description(),
-        "cores": os.cpu_count(),
-        "platform": platform.platform(),
+    results.write(
+      FLAGS.json,
+      "serve_load",
+      {
+        "clients": FLAGS.clients,
+        "seconds": FLAGS.seconds,
+        "image_bytes": len(image),
+        "results": measured,
       },
-      "versions": versions,
-      "clients": FLAGS.clients,
-      "seconds": FLAGS.seconds,
-      "image_bytes": len(image),
-      "results": results,
-    }
-    files.write_text_atomic(FLAGS.json, json.dumps(report, indent=2) + "\n")
+      packages=(*results.PACKAGES, "fastapi", "uvicorn"),
+    )
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ from pathlib import Path
 from absl import app, flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks import results  # noqa: E402
 from simpsons_jax import cpu_conv  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -365,9 +366,16 @@ def main(argv: list[str]) -> None:
       }
     )
   if FLAGS.json:
-    Path(FLAGS.json).write_text(
-      json.dumps({"machine": machine, "versions": versions, "results": rows}, indent=2)
-      + "\n"
+    results.write(
+      FLAGS.json,
+      "speed",
+      {
+        "model": FLAGS.model,
+        "rounds": FLAGS.rounds,
+        "window_seconds": FLAGS.window,
+        "framework_versions": versions,
+        "results": rows,
+      },
     )
 
 

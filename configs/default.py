@@ -4,7 +4,7 @@ The notebook's settings: 128x128 RGB, characters with at least 800 pictures,
 a 95/5 split, Adam at 1e-3, dropout 0.4.
 
   python main.py --config=configs/default.py --workdir=runs/default \
-      --config.data.dir=~/data/simpsons_dataset
+      --config.data.dir=~/data/simpsons/simpsons_dataset
 """
 
 import ml_collections

@@ -3,6 +3,10 @@
   python main.py --config=configs/demo.py --workdir=runs/demo
 
 The images are generated once into <workdir>/synthetic_data.
+
+Measured (docs/results/demo.json, rendered): 95.3% validation accuracy, macro-F1
+0.954, on 150 validation images of synthetic, in 0 min 39 s end to end on
+Intel(R) Xeon(R) Processor (avx2, avx512, amx), 2 cores (median of seeds 0).
 """
 
 import ml_collections

@@ -1,7 +1,7 @@
 """The notebook's run on the full Kaggle dataset (13 characters at 128 px).
 
   python main.py --config=configs/full.py --workdir=runs/full \
-      --config.data.dir=~/data/the-simpsons-characters-dataset/simpsons_dataset
+      --config.data.dir=~/data/simpsons/simpsons_dataset
 """
 
 import ml_collections

@@ -1,7 +1,7 @@
 """The notebook's sanity check: fit a seeded 1% of the training split exactly.
 
   python main.py --config=configs/overfit.py --workdir=runs/overfit \
-      --config.data.dir=~/data/the-simpsons-characters-dataset/simpsons_dataset
+      --config.data.dir=~/data/simpsons/simpsons_dataset
 """
 
 import ml_collections

@@ -5,13 +5,10 @@ SGD with Nesterov momentum, warmup and cosine decay, label smoothing, an EMA of
 the weights and flip test-time augmentation.
 
   python main.py --config=configs/strong.py --workdir=runs/strong \
-      --config.data.dir=~/data/the-simpsons-characters-dataset/simpsons_dataset
+      --config.data.dir=~/data/simpsons/simpsons_dataset
 
-Measured on a 2-core AMD EPYC VM without GPU (README, "A stronger model"):
-Simpsons-MNIST with --config.data.image_size=28 --config.data.min_images=1, 91.5%
-(median of seeds 0, 1, 2) on the 400-image validation split in 4 min 46 s;
-configs/strong_mnist.py spends 15 minutes there for 92.5%. For a few hundred
-images use configs/strong_small.py.
+For Simpsons-MNIST use configs/strong_mnist.py; for a few hundred images,
+configs/strong_small.py. What they reach: docs/results.md.
 """
 
 import ml_collections

@@ -2,15 +2,11 @@
 
 75 epochs of cosine decay instead of 30, with stronger augmentation to go
 with them (crops down to 60% of the area, rotations up to 10 degrees, colour
-jitter of 0.2). Sized for a 2-core CPU: 9.2 s an epoch (about 850 training
-images/s) on the AMD EPYC of the README, 11 min 31 s end to end; it fits in
-15 minutes on any machine that trains this ResNet at 660 images/s or more
-(`python benchmarks/speed.py --model=resnet` prints it).
+jitter of 0.2), sized for two CPU cores (`python benchmarks/speed.py
+--model=resnet` prints this machine's rate).
 
   python main.py --config=configs/strong_mnist.py --workdir=runs/strong_mnist \
-      --config.data.dir=../shared/data/simpsons-mnist/train
-
-Measured: README, "A stronger model" (validation splits of seeds 0, 1, 2).
+      --config.data.dir=~/data/simpsons-mnist/dataset/rgb/train
 """
 
 import ml_collections

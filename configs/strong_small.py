@@ -2,15 +2,11 @@
 
 A larger validation share, small batches, stronger crops and rotations, many
 more epochs, a faster EMA, class-balanced loss weights, and the best checkpoint
-chosen by macro-F1, which every character counts in alike.
+chosen by macro-F1, which every character counts in alike. Fine-tuning from a
+Simpsons-MNIST run may do better: configs/finetune_frames.py.
 
   python main.py --config=configs/strong_small.py --workdir=runs/strong_frames \
       --config.data.dir=../shared/data/frames/train
-
-Measured on a 2-core AMD EPYC VM without GPU (README, "A stronger model"):
-../shared/data/frames/train (608 frames, 6 characters), 89.3% on the
-121-image validation split (macro-F1 0.807) in 6 min 26 s. Fine-tuning a
-Simpsons-MNIST run does better there: configs/finetune_frames.py (94.2%).
 """
 
 import ml_collections

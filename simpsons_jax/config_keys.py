@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+from types import ModuleType
 from typing import Any
 
 from simpsons_jax import config_upgrade
@@ -20,16 +21,21 @@ def keys(config: Any, prefix: str = "") -> list[str]:
   return found
 
 
+def load_config_file(path: str) -> ModuleType:
+  """The module of a config file (its `get_config()` gives the config)."""
+  spec = importlib.util.spec_from_file_location("config_file", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
 def unknown_override(argv: list[str]) -> str:
   """Which `--config.KEY=...` of `argv` the `--config` file lacks, and its
   closest keys, as one sentence."""
   path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "")
   if not path and "--config" in argv[:-1]:
     path = argv[argv.index("--config") + 1]
-  spec = importlib.util.spec_from_file_location("config_file", path.split(":")[0])
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  config = load_config_file(path.split(":")[0]).get_config()
   known = sorted(keys(config))
   for arg in argv:
     if arg.startswith("--config.") and "=" in arg:

@@ -8,7 +8,7 @@ one arena every block comes from the main heap, where a high mmap threshold
 keeps it and a high trim threshold keeps its pages when freed: the next step
 finds them mapped. Memory then stays at its peak instead of shrinking between
 steps, and compilations, whose threads now share the one arena, take longer
-(once a run). The README's performance section has the figures.
+(once a run). docs/performance.md says how the CPU path is fast.
 
 The arena limit counts only for threads that have not allocated yet, so the
 setting is an explicit call made before JAX starts its CPU client: main.py makes

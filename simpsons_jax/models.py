@@ -16,9 +16,9 @@ from absl import logging
 from simpsons_jax import cpu_conv, host_memory
 
 # XLA:CPU's kernel-gradient convolution slows down sharply once the batch's
-# pixels outgrow the cache (the README's performance section has the
-# figures). Each chunk holds about this many input pixels; the chunk count
-# is capped to bound the unrolled graph (and compile time).
+# pixels outgrow the cache (docs/performance.md). Each chunk holds about this
+# many input pixels; the chunk count is capped to bound the unrolled graph
+# (and compile time).
 KERNEL_GRAD_PIXELS = 8 * 14 * 14
 MAX_KERNEL_GRAD_CHUNKS = 16
 

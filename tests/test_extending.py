@@ -1,4 +1,4 @@
-"""The README's "Extending" examples, run as written."""
+"""The examples of docs/extending.md, run as written."""
 
 import json
 import re
@@ -11,12 +11,12 @@ from simpsons_jax import data, input_pipeline, synthetic
 from simpsons_jax import trained as trained_run
 from tests.conftest import make_tiny_config
 
-README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+EXTENDING = (Path(__file__).resolve().parents[1] / "docs/extending.md").read_text()
 
 
 def _block(first_line: str) -> str:
-  """The README's Python block that starts with `first_line`."""
-  blocks = re.findall(r"```python\n(.*?)```", README, re.S)
+  """The Python block of docs/extending.md that starts with `first_line`."""
+  blocks = re.findall(r"```python\n(.*?)```", EXTENDING, re.S)
   return next(b for b in blocks if b.startswith(first_line))
 
 

@@ -1,0 +1,169 @@
+"""Renders the docs' tables, and the configs' "Measured" lines, from results files.
+
+  python -m benchmarks.report          # rewrite what changed
+  python -m benchmarks.report --check  # exit 1 if anything is out of date
+
+Every figure of `docs/results.md` and `docs/performance.md` lies between
+`<!-- results: KIND -->` and `<!-- /results -->`, rendered from the files of
+`docs/results/` whose `benchmark` is KIND (see `benchmarks/results.py`); a
+config file that a results file measured gets a `Measured (...)` paragraph in
+its docstring. Hand edits inside those places are overwritten.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import textwrap
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "docs" / "results"
+DOCS = ("docs/results.md", "docs/performance.md")
+BLOCK = re.compile(r"(<!-- results: (\w+) -->\n).*?(<!-- /results -->)", re.S)
+# A config docstring's rendered paragraph: up to a blank line or the end.
+MEASURED = re.compile(r'\nMeasured \(docs/results/[^\n]*(?:\n(?!\n|""")[^\n]*)*')
+
+
+def load() -> list[dict[str, Any]]:
+  """Every results file, by name, with its file name under `file`."""
+  return [
+    {**json.loads(path.read_text()), "file": path.name}
+    for path in sorted(RESULTS.glob("*.json"))
+  ]
+
+
+def _machine(result: Mapping[str, Any]) -> str:
+  machine = result["machine"]
+  jax = result["versions"].get("jax", "?")
+  return f"{machine['cpu']}, {machine['cores']} cores, jax {jax}, {result['date']}"
+
+
+def _minutes(seconds: float) -> str:
+  return f"{int(seconds // 60)} min {round(seconds % 60):02d} s"
+
+
+def _accuracy(results: list[dict[str, Any]]) -> str:
+  rows = [
+    "| config | data | validation images | accuracy | macro-F1 | balanced accuracy "
+    "| wall time | seeds | machine | file |",
+    "|---|---|---|---|---|---|---|---|---|---|",
+  ]
+  for r in results:
+    config, median, runs = r["config"], r["median"], r["runs"]
+    data = config["data"]["dir"] or config["data"]["source"]
+    seeds = " / ".join(f"{run['accuracy']:.1%}" for run in runs)
+    rows.append(
+      f"| `{r['config_file']}` | `{data}`, {config['data']['image_size']} px, "
+      f"{runs[0]['characters']} characters | {runs[0]['num_examples']} "
+      f"| **{median['accuracy']:.1%}** | {median['macro_f1']:.3f} "
+      f"| {median['balanced_accuracy']:.3f} | {_minutes(median['seconds'])} "
+      f"| {', '.join(str(run['seed']) for run in runs)} ({seeds}) "
+      f"| {_machine(r)} | [{r['file']}](results/{r['file']}) |"
+    )
+  return "\n".join(rows)
+
+
+def _speed(results: list[dict[str, Any]]) -> str:
+  rows = [
+    "| network | mode | size | batch | images/s (median) | machine | file |",
+    "|---|---|---|---|---|---|---|",
+  ]
+  for r in results:
+    for row in r["results"]:
+      rates = ", ".join(f"{k} {v:,.0f}" for k, v in row["images_per_second"].items())
+      rows.append(
+        f"| {r['model']} | {row['mode']} | {row['size']} | {row['batch']} | {rates} "
+        f"| {_machine(r)}, {r['rounds']} rounds of {r['window_seconds']:g} s "
+        f"| [{r['file']}](results/{r['file']}) |"
+      )
+  return "\n".join(rows)
+
+
+def _serve_load(results: list[dict[str, Any]]) -> str:
+  rows = [
+    "| `--max_batch` | requests/s | p50 | p99 | memory (start / peak / end) "
+    "| clients | machine | file |",
+    "|---|---|---|---|---|---|---|---|",
+  ]
+  for r in results:
+    for row in r["results"]:
+      rss = row["rss_mb"]
+      rows.append(
+        f"| {row['max_batch']} | {row['requests_per_second']:.0f} "
+        f"| {row['p50_ms']:.0f} ms | {row['p99_ms']:.0f} ms "
+        f"| {rss['start']:.0f} / {rss['peak']:.0f} / {rss['end']:.0f} MB "
+        f"| {r['clients']} | {_machine(r)} | [{r['file']}](results/{r['file']}) |"
+      )
+  return "\n".join(rows)
+
+
+TABLES: dict[str, Callable[[list[dict[str, Any]]], str]] = {
+  "accuracy": _accuracy,
+  "speed": _speed,
+  "serve_load": _serve_load,
+}
+
+
+def render_doc(text: str, results: list[dict[str, Any]]) -> str:
+  """`text` with every results block rendered."""
+
+  def block(match: re.Match) -> str:
+    kind = match[2]
+    if kind not in TABLES:
+      raise ValueError(f"Unknown results block {kind!r}; known: {', '.join(TABLES)}.")
+    chosen = [r for r in results if r["benchmark"] == kind]
+    return f"{match[1]}{TABLES[kind](chosen)}\n{match[3]}"
+
+  return BLOCK.sub(block, text)
+
+
+def render_config(text: str, result: Mapping[str, Any]) -> str:
+  """A config file's source with its docstring's Measured paragraph."""
+  median, runs = result["median"], result["runs"]
+  data = result["config"]["data"]["dir"] or result["config"]["data"]["source"]
+  paragraph = (
+    f"Measured (docs/results/{result['file']}, rendered): "
+    f"{median['accuracy']:.1%} validation accuracy, macro-F1 "
+    f"{median['macro_f1']:.3f}, on {runs[0]['num_examples']} validation images "
+    f"of {data}, in {_minutes(median['seconds'])} end to end on "
+    f"{result['machine']['cpu']}, {result['machine']['cores']} cores "
+    f"(median of seeds {', '.join(str(r['seed']) for r in runs)})."
+  )
+  paragraph = "\n" + textwrap.fill(paragraph, width=80)
+  if MEASURED.search(text):
+    return MEASURED.sub(lambda _: paragraph, text, count=1)
+  return text.replace('"""\n', paragraph + '\n"""\n', 1)
+
+
+def rendered() -> dict[Path, str]:
+  """Every file the results decide, as it should read."""
+  results = load()
+  out = {ROOT / doc: render_doc((ROOT / doc).read_text(), results) for doc in DOCS}
+  for result in results:
+    if result["benchmark"] == "accuracy":
+      path = ROOT / result["config_file"]
+      out[path] = render_config(out.get(path, path.read_text()), result)
+  return out
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--check", action="store_true", help="Only say what is stale.")
+  args = parser.parse_args(argv)
+  stale = [path for path, text in rendered().items() if path.read_text() != text]
+  for path in stale:
+    if args.check:
+      print(f"{path.relative_to(ROOT)} is stale: run python -m benchmarks.report")
+    else:
+      path.write_text(rendered()[path])
+      print(f"rendered {path.relative_to(ROOT)}")
+  return 1 if args.check and stale else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
