@@ -31,6 +31,12 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("config", None, "The config file, e.g. configs/demo.py.")
 flags.DEFINE_multi_string("override", [], "KEY=VALUE for --config.KEY=VALUE.")
 flags.DEFINE_list("seeds", ["0"], "One run per seed.")
+flags.DEFINE_string(
+  "unknown_dir",
+  "",
+  "Also score these characters the run did not train on (evaluate --unknown_dir), "
+  "e.g. the data folder with --override=data.hold_out=...",
+)
 flags.DEFINE_string("json", "", "Write the results file here.")
 flags.mark_flag_as_required("config")
 
@@ -51,11 +57,13 @@ def _one_run(seed: str, workdir: Path) -> dict:
   _main_py(f"--config={FLAGS.config}", f"--workdir={workdir}", *overrides)
   seconds = time.perf_counter() - start
   out = workdir.parent / f"eval_{seed}"
+  unknown = [f"--unknown_dir={FLAGS.unknown_dir}"] if FLAGS.unknown_dir else []
   _main_py(
     "--mode=evaluate",
     f"--workdir={workdir}",
     "--checkpoint=latest",
     f"--output_dir={out}",
+    *unknown,
   )
   report = json.loads((out / "validation" / "report.json").read_text())
   config = json.loads((workdir / "config.json").read_text())
@@ -66,6 +74,8 @@ def _one_run(seed: str, workdir: Path) -> dict:
     "characters": len(report["characters"]),
     "steps": report["checkpoint_step"],
     "seconds": seconds,
+    "calibration": report["calibration"],
+    **({"unknown": report["unknown"]} if "unknown" in report else {}),
     "config": config,
   }
 

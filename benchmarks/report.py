@@ -102,7 +102,45 @@ def _serve_load(results: list[dict[str, Any]]) -> str:
   return "\n".join(rows)
 
 
+def _calibration(results: list[dict[str, Any]]) -> str:
+  rows = [
+    "| config | data | temperature | ECE before -> after | NLL before -> after "
+    "| threshold for 95% precision: coverage | unknown characters: AUROC (max "
+    "probability / energy), answered 'unknown' | file |",
+    "|---|---|---|---|---|---|---|---|",
+  ]
+  for r in results:
+    for run in r["runs"]:
+      if "calibration" not in run:
+        continue
+      c, u = run["calibration"], run.get("unknown")
+      held = r["config"]["data"].get("hold_out") or []
+      unknown = (
+        f"{u['auroc']['max_probability']:.3f} / {u['auroc']['energy']:.3f}, "
+        f"{u.get('unknowns_answered_unknown', float('nan')):.1%} of "
+        f"{u['unknown_images']} ({', '.join(held)})"
+        if u
+        else "not measured"
+      )
+      coverage = (
+        f"{u['threshold_for_95_precision']:.3f}: {u['known_answered']:.1%}"
+        if u and "known_answered" in u
+        else "-"
+      )
+      rows.append(
+        f"| `{r['config_file']}` seed {run['seed']} "
+        f"| {r['config']['data']['dir'] or r['config']['data']['source']} "
+        f"| {c['temperature']:.3f} "
+        f"| {c['ece']['uncalibrated']:.2%} -> **{c['ece']['calibrated']:.2%}** "
+        f"| {c['nll']['uncalibrated']:.3f} -> {c['nll']['calibrated']:.3f} "
+        f"| {coverage} | {unknown} | [{r['file']}](results/{r['file']}) |"
+      )
+  return "\n".join(rows)
+
+
+# Each block's table, and the benchmark whose results files it reads.
 TABLES: dict[str, Callable[[list[dict[str, Any]]], str]] = {
+  "calibration": _calibration,
   "accuracy": _accuracy,
   "speed": _speed,
   "serve_load": _serve_load,
@@ -116,7 +154,8 @@ def render_doc(text: str, results: list[dict[str, Any]]) -> str:
     kind = match[2]
     if kind not in TABLES:
       raise ValueError(f"Unknown results block {kind!r}; known: {', '.join(TABLES)}.")
-    chosen = [r for r in results if r["benchmark"] == kind]
+    source = {"calibration": "accuracy"}.get(kind, kind)
+    chosen = [r for r in results if r["benchmark"] == source]
     return f"{match[1]}{TABLES[kind](chosen)}\n{match[3]}"
 
   return BLOCK.sub(block, text)

@@ -31,6 +31,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.tfds_dir = ""  # tfds: where it was prepared ('': TFDS's default).
   config.data.tfds_split = "train"  # tfds: the split to carve train and val from.
   config.data.min_images = 800  # Keep characters with at least this many images.
+  # Characters left out of training and validation, e.g. to measure how well
+  # the model answers 'unknown' (evaluate --unknown_dir=<the data folder>).
+  config.data.hold_out = ()
   config.data.image_size = 128  # Images are resized to image_size x image_size.
   config.data.val_fraction = 0.05  # Stratified share of each character for val.
   config.data.train_fraction = 1.0  # Seeded share of the training split to use.

@@ -12,7 +12,7 @@ import dataclasses
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from absl import logging
 from etils import epath
@@ -160,14 +160,22 @@ def load_or_create(
   workdir: str | os.PathLike,
   images: Mapping[str, list[epath.Path]],
   min_images: int,
+  hold_out: Sequence[str] = (),
 ) -> CharacterMap:
-  """Returns the workdir's saved map, or selects one and saves it.
+  """Returns the workdir's saved map, or selects one and saves it, leaving
+  the characters of `hold_out` out (to be scored as unknown ones later).
 
   A saved map whose characters are no longer exactly those selected from the
   folder is an error: continuing would silently relabel the model's outputs.
   """
   path = files.as_path(workdir) / MAP_FILENAME
-  current = select(images, min_images)
+  absent = sorted(set(hold_out) - set(images))
+  if absent:
+    raise DatasetError(
+      f"--config.data.hold_out names characters the data has none of "
+      f"({', '.join(absent)}); its characters: {', '.join(sorted(images))}."
+    )
+  current = select({c: v for c, v in images.items() if c not in hold_out}, min_images)
   if not path.exists():
     path.parent.mkdir(parents=True, exist_ok=True)
     current.save(path)

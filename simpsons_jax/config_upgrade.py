@@ -70,6 +70,8 @@ RENAMED: dict[str, tuple[str, Any]] = {
   "seed": ("seed", 0),
   "restart": ("restart", False),
 }
+# Keys added since the config was nested, and what older runs ran with.
+ADDED: dict[str, Any] = {"data.hold_out": ()}
 # The augmentation group kept its keys; runs saved before one existed ran with these.
 AUGMENT_DEFAULTS = {
   "flip": False,
@@ -100,6 +102,9 @@ def upgrade(saved: Mapping[str, Any]) -> ml_collections.ConfigDict:
     nested = saved
   else:
     nested = _nest(saved)
+  for key, default in ADDED.items():  # Keys newer than the nesting.
+    group, _, last = key.rpartition(".")
+    nested.setdefault(group, {}).setdefault(last, default)
   nested.setdefault("augment", {})
   for key, default in AUGMENT_DEFAULTS.items():
     nested["augment"].setdefault(key, default)

@@ -21,7 +21,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from simpsons_jax import data, evaluators, files, plots, sharding, summary
+from simpsons_jax import calibration, data, evaluators, files, plots, sharding, summary
 from simpsons_jax import trained as trained_run
 
 VALIDATION = "validation"
@@ -35,8 +35,16 @@ def run(
   checkpoint: str = "best",
   seed: int = 0,
   output_dir: str | os.PathLike = "",
+  unknown_dir: str = "",
 ) -> dict[str, Any]:
   """Evaluates a checkpoint of `workdir`; writes report.json and the figures.
+
+  The report's `calibration` holds the expected calibration error and the
+  NLL without and with the checkpoint's temperature (figure
+  `reliability.png`). With `unknown_dir` (a folder of characters the run did
+  not train on), `unknown` says how well the maximum probability and the
+  energy score tell those images from the evaluated ones (AUROC), and how
+  many of them the validation-chosen threshold answers 'unknown'.
 
   `eval_dir` is a folder in either Kaggle layout, the name of one of the
   run's `config.evals`, or `tfds:NAME[:VERSION]/SPLIT`; empty, the run's
@@ -60,12 +68,30 @@ def run(
   score = evaluators.scorer(
     mesh, trained.model.apply, len(names), config.test_time_flip
   )
-  result, probs = evaluator.run(score, trained.variables, mesh, config, names)
-  result = {"checkpoint_step": trained.step, **result}
+  result, rows = evaluator.run(score, trained.variables, mesh, config, names)
+  probs = calibration.with_temperature(rows["probabilities"], trained.temperature)
+  result = {
+    "checkpoint_step": trained.step,
+    **result,
+    "calibration": _calibration_report(rows["probabilities"], probs, rows, trained),
+  }
+  if unknown_dir:
+    unknown = evaluators.unknown_examples(unknown_dir, trained.cmap, out, config)
+    unknown_rows = evaluators.Evaluator("unknown", unknown).run(
+      score, trained.variables, mesh, config, names
+    )[1]
+    result["unknown"] = _unknown_report(probs, rows, unknown_rows, trained)
   out.mkdir(parents=True, exist_ok=True)
   for stale in out.glob("*.png"):  # Another evaluation's: the report lists ours.
     stale.unlink()
   figures = _figures(trained, evaluator.examples, probs, result, out, seed)
+  figures["reliability"] = plots.reliability_diagram(
+    calibration.reliability(rows["probabilities"], rows["labels"]),
+    calibration.reliability(probs, rows["labels"]),
+    out / "reliability.png",
+    f"{name}: ECE {result['calibration']['ece']['uncalibrated']:.1%} -> "
+    f"{result['calibration']['ece']['calibrated']:.1%} (T = {trained.temperature:.2f})",
+  )
   board = (files.as_path(output_dir) if output_dir else workdir) / "tensorboard"
   result = evaluators.write(result, out, board / f"eval_{name}", trained.step, figures)
   print(
@@ -103,6 +129,55 @@ def evaluated(
     spec = {"type": "tfds", "name": data_set, "split": split}
     return f"{data_set.replace(':', '_')}_{split}", spec
   return files.as_path(eval_dir).name, {"type": "folder", "dir": eval_dir}
+
+
+def _calibration_report(
+  raw: np.ndarray, calibrated: np.ndarray, rows: dict[str, np.ndarray], trained
+) -> dict[str, Any]:
+  """ECE (15 bins) and NLL without and with the checkpoint's temperature."""
+  labels = rows["labels"]
+  return {
+    "temperature": trained.temperature,
+    "fitted": bool(trained.calibration),
+    "ece": {
+      "uncalibrated": calibration.ece(raw, labels),
+      "calibrated": calibration.ece(calibrated, labels),
+    },
+    "nll": {
+      "uncalibrated": calibration.nll(raw, labels),
+      "calibrated": calibration.nll(calibrated, labels),
+    },
+    "bins": calibration.ECE_BINS,
+  }
+
+
+def _unknown_report(
+  probs: np.ndarray,
+  rows: dict[str, np.ndarray],
+  unknown_rows: dict[str, np.ndarray],
+  trained,
+) -> dict[str, Any]:
+  """Known (the evaluated images) against unknown characters: AUROC of the
+  maximum calibrated probability and of the energy score, and the share of
+  unknowns answered 'unknown' at the threshold chosen for 95% precision."""
+  unknown = calibration.with_temperature(
+    unknown_rows["probabilities"], trained.temperature
+  )
+  report = {
+    "known_images": len(probs),
+    "unknown_images": len(unknown),
+    "auroc": {
+      "max_probability": calibration.auroc(probs.max(-1), unknown.max(-1)),
+      "energy": calibration.auroc(rows["logsumexp"], unknown_rows["logsumexp"]),
+    },
+  }
+  report["better_score"] = max(report["auroc"], key=report["auroc"].get)
+  if trained.calibration:
+    threshold = trained.threshold("auto:precision=0.95")
+    report["threshold_for_95_precision"] = threshold
+    report["unknowns_answered_unknown"] = float((unknown.max(-1) < threshold).mean())
+    report["known_answered"] = float((probs.max(-1) >= threshold).mean())
+  return report
 
 
 def _mesh(batch_size: int) -> jax.sharding.Mesh:

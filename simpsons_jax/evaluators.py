@@ -60,9 +60,9 @@ def batch_scores(
   num_classes: int,
   flip: bool = False,
 ) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
-  """Metric sums over the real (mask=1) examples of a padded batch, and the
-  softmax probabilities of every row with the mask."""
-  logits = models.inference_logits(apply_fn, variables, batch["image"], flip)
+  """Metric sums over the real (mask=1) examples of a padded batch, and each
+  row's softmax probabilities, label, energy score and the mask."""
+  logits, raw = models.inference_outputs(apply_fn, variables, batch["image"], flip)
   labels, mask = batch["label"], batch["mask"]
   losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
   predicted = logits.argmax(-1)
@@ -75,7 +75,14 @@ def batch_scores(
     "count": mask.sum(),
     "confusion": true_onehot.T @ jax.nn.one_hot(predicted, num_classes),
   }
-  return sums, {"probabilities": jax.nn.softmax(logits), "mask": mask}
+  rows = {
+    "probabilities": jax.nn.softmax(logits),
+    "labels": labels,
+    # Higher for inputs like the training data (Liu et al. 2020: -energy).
+    "logsumexp": jax.nn.logsumexp(raw, axis=-1),
+    "mask": mask,
+  }
+  return sums, rows
 
 
 def scorer(
@@ -92,16 +99,17 @@ def scorer(
 
 def accumulate(
   score: Callable, variables: Any, batches: list[input_pipeline.Batch], mesh: Mesh
-) -> tuple[dict[str, np.ndarray], np.ndarray]:
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
   """The sums of `score` over all batches, each batch's fetched and added on
-  the host in float64 (`metrics.add`), and the probabilities of the real
-  examples (N, characters), in the batches' order."""
-  totals, probabilities = None, []
+  the host in float64 (`metrics.add`), and the rows of the real examples in
+  the batches' order: `probabilities` (N, characters), `labels`, `logsumexp`."""
+  totals, rows = None, []
   for batch in sharding.prefetch(batches, mesh):
-    sums, rows = jax.device_get(score(variables, batch))
+    sums, batch_rows = jax.device_get(score(variables, batch))
     totals = metrics.add(totals, sums)
-    probabilities.append(rows["probabilities"][rows["mask"].astype(bool)])
-  return totals, np.concatenate(probabilities)
+    real = batch_rows.pop("mask").astype(bool)
+    rows.append({k: v[real] for k, v in batch_rows.items()})
+  return totals, {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
 
 
 def report(totals: Mapping[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
@@ -147,17 +155,17 @@ class Evaluator:
     mesh: Mesh,
     config: ml_collections.ConfigDict,
     names: tuple[str, ...],
-  ) -> tuple[dict[str, Any], np.ndarray]:
+  ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """The report of `variables` on this data set (see `report`), and the
-    probabilities of its examples, in order."""
-    totals, probabilities = accumulate(fn, variables, self.batches(config), mesh)
+    rows of its examples, in order (see `accumulate`)."""
+    totals, rows = accumulate(fn, variables, self.batches(config), mesh)
     return {
       "name": self.name,
       **report(totals, names),
       "skipped": sum(len(f) for f in self.skipped.values()),
       "unknown_characters": {k: len(v) for k, v in self.skipped.items()},
       "skipped_files": sorted(p for paths in self.skipped.values() for p in paths),
-    }, probabilities
+    }, rows
 
 
 class ValidationData:
@@ -195,6 +203,34 @@ class FolderData:
     known = {c: checked.images.get(c, []) for c in cmap.names}
     others = {c: [str(p) for p in paths] for c, paths in checked.images.items()}
     return folder.Files.of(known, cmap, checked.sha256), _unknown(others, cmap)
+
+
+def unknown_examples(
+  folder_dir: str,
+  cmap: characters.CharacterMap,
+  report_dir: epath.Path | None,
+  config: ml_collections.ConfigDict,
+) -> core.Examples:
+  """The images of a folder (either Kaggle layout) of characters the model
+  does not know, each labelled 0 (their label is never scored)."""
+  checked = image_files.keep_usable(
+    characters.find_labelled_images(folder_dir),
+    report_dir,
+    config.data.max_image_pixels,
+  )
+  paths = [
+    p for c, found in checked.images.items() if c not in cmap.names for p in found
+  ]
+  if not paths:
+    raise ValueError(
+      f"{folder_dir} has no image of a character the model does not know "
+      f"(it knows {', '.join(cmap.names)}): give --unknown_dir a folder of others."
+    )
+  return folder.Files(
+    np.asarray([str(p) for p in paths], dtype=str),
+    np.zeros(len(paths), np.int32),
+    tuple(checked.sha256[p] for p in paths),
+  )
 
 
 # Every evaluator `type` of `config.evals`, as 'module:Class' (imported when

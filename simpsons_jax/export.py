@@ -50,14 +50,18 @@ PLATFORMS = ("cpu", "cuda", "tpu")  # Where model.jax runs.
 
 
 def probability_fn(trained: trained_run.TrainedModel):
-  """uint8 images (B, S, S, 3) -> probabilities, with XLA's convolutions and the
-  run's test-time augmentation, the parameters as constants."""
+  """uint8 images (B, S, S, 3) -> probabilities, with XLA's convolutions, the
+  run's test-time augmentation and calibration temperature, the parameters as
+  constants."""
   config = trained.config
   # XLA's convolutions: no custom calls in a portable artifact.
   model = models.create(config, trained.cmap.num_classes, kernels="xla")
-  flip = trained.config.test_time_flip
   return functools.partial(
-    trained_run.softmax_probabilities, model.apply, trained.variables, flip=flip
+    trained_run.softmax_probabilities,
+    model.apply,
+    trained.variables,
+    flip=trained.config.test_time_flip,
+    temperature=trained.temperature,
   )
 
 
@@ -250,9 +254,14 @@ def _card(
       f"tf.image.resize to {size}x{size} (bilinear, antialias=True, aspect "
       "ratio not kept), round and clip to uint8"
     ),
-    "output": "softmax probabilities (batch, characters), in characters.json's order",
+    "output": (
+      "calibrated softmax probabilities (batch, characters), in characters.json's order"
+    ),
     "characters": list(trained.cmap.names),
     "test_time_flip": bool(trained.config.test_time_flip),
+    # The temperature inside the files, and the validation confidences that
+    # `--threshold=auto:precision=P` chooses from (serve of this folder).
+    "calibration": trained.calibration or {"temperature": 1.0},
     "checkpoint_step": trained.step,
     "validation": trained.meta.get("val", {}),
     "platforms": list(PLATFORMS),

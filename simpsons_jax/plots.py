@@ -9,7 +9,7 @@ from __future__ import annotations
 import io
 import os
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import matplotlib
 
@@ -125,6 +125,48 @@ def confusion_matrix(
           )
   fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
   ax.set_title(title or "Confusion matrix (rows sum to 1)")
+  fig.tight_layout()
+  return _save(fig, path)
+
+
+def reliability_diagram(
+  before: Mapping[str, np.ndarray],
+  after: Mapping[str, np.ndarray],
+  path: str | os.PathLike,
+  title: str = "",
+) -> np.ndarray:
+  """Accuracy against confidence per bin (`calibration.reliability`),
+  without and with the temperature, beside the diagonal of perfect
+  calibration; each bar's width is its bin, empty bins are left out."""
+  bins = len(before["count"])
+  edges = np.arange(bins) / bins
+  fig, axes = plt.subplots(1, 2, figsize=(9, 4.4), sharey=True)
+  for ax, r, label in (
+    (axes[0], before, "uncalibrated"),
+    (axes[1], after, "calibrated"),
+  ):
+    shown = r["count"] > 0
+    ax.bar(
+      edges[shown],
+      r["accuracy"][shown],
+      width=1 / bins,
+      align="edge",
+      edgecolor="black",
+      color="tab:blue",
+      label="accuracy",
+    )
+    ax.plot(
+      r["confidence"][shown],
+      r["accuracy"][shown],
+      "o",
+      color="tab:orange",
+      label="mean confidence",
+    )
+    ax.plot([0, 1], [0, 1], "--", color="grey")
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (max probability)", title=label)
+  axes[0].set_ylabel("accuracy")
+  axes[0].legend(loc="upper left")
+  fig.suptitle(title or "Reliability")
   fig.tight_layout()
   return _save(fig, path)
 

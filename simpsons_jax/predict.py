@@ -110,7 +110,7 @@ def run(
   workdir: str | os.PathLike,
   paths: Sequence[str],
   top_k: int = 3,
-  threshold: float = 0.0,
+  threshold: str | float = 0.0,
   checkpoint: str = "best",
   output: str = "",
   batch_size: int = 64,
@@ -124,9 +124,10 @@ def run(
 
   With `output`, each image's result is also appended to that file as one line
   of JSON (JSON Lines), flushed as it comes: an interrupted run keeps what it
-  did.
+  did. `threshold` is a probability or 'auto:precision=P'.
   """
   trained = trained_run.load(workdir, checkpoint)
+  threshold = trained.threshold(threshold)
   videos = [p for p in paths if video.is_video(p) and not os.path.isdir(p)]
   paths = [p for p in paths if p not in videos]
   results = []
@@ -184,7 +185,7 @@ def incomplete(results: Sequence[dict[str, Any]], paths: Sequence[str]) -> str:
 def live(
   workdir: str | os.PathLike,
   camera: int,
-  threshold: float = 0.0,
+  threshold: str | float = 0.0,
   checkpoint: str = "best",
   smooth_window: int = 3,
 ) -> None:
@@ -195,6 +196,6 @@ def live(
     trained_run.classifier(trained, 1),
     trained.cmap.names,
     trained.config.data.image_size,
-    threshold,
+    trained.threshold(threshold),
     smooth_window,
   )

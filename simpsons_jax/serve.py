@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 from absl import logging
 
-from simpsons_jax import answers, files, image_files
+from simpsons_jax import answers, calibration, files, image_files
 from simpsons_jax import trained as trained_run
 from simpsons_jax.data import core, folder
 
@@ -64,6 +64,7 @@ class Model:
   max_pixels: int
   source: str  # Where it was loaded from, for the console.
   description: str  # What it is, for answers: no local path.
+  calibration: dict  # Its temperature and validation confidences, or {}.
 
 
 def load(path: str | os.PathLike, checkpoint: str = "best") -> Model:
@@ -83,6 +84,7 @@ def load(path: str | os.PathLike, checkpoint: str = "best") -> Model:
       image_files.DEFAULT_MAX_PIXELS,
       f"{path / 'model.jax'}",
       f"exported {card['model']}, step {card['checkpoint_step']}",
+      card.get("calibration", {}),
     )
   trained = trained_run.load(path, checkpoint)
   return Model(
@@ -92,6 +94,7 @@ def load(path: str | os.PathLike, checkpoint: str = "best") -> Model:
     folder.max_pixels(trained.config),
     f"{path} (step {trained.step})",
     f"{trained.config.model.name}, step {trained.step}",
+    trained.calibration,
   )
 
 
@@ -401,7 +404,7 @@ def check_port(host: str, port: int) -> None:
 def run(
   path: str | os.PathLike,
   checkpoint: str = "best",
-  threshold: float = 0.0,
+  threshold: str | float = 0.0,
   top_k: int = 3,
   host: str = "127.0.0.1",
   port: int = 8000,
@@ -417,6 +420,9 @@ def run(
     ) from None
   check_port(host, port)
   model = load(path, checkpoint)
+  threshold, said = calibration.threshold(str(threshold), model.calibration)
+  if said:
+    print(said)
   app = create_app(model, threshold, top_k, max_batch=max_batch, batch_wait=batch_wait)
   # The model's and the libraries' objects out of the garbage collector's
   # sight: its full collections would otherwise stall requests.

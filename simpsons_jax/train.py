@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 import signal
@@ -26,6 +27,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from simpsons_jax import (
+  calibration,
   characters,
   checkpointing,
   config_checks,
@@ -43,6 +45,7 @@ from simpsons_jax import (
   sharding,
   summary,
 )
+from simpsons_jax import trained as trained_run
 
 # Folded into a step's dropout key to give the key of its batch mixing.
 MIX_STREAM = 1
@@ -339,7 +342,7 @@ def _train(
   train_step_fn = jit_train_step(mesh, config, weights, steps_per_epoch)
   extra_evals = evaluators.from_config(config, cmap, workdir)
   score = evaluators.scorer(mesh, model.apply, cmap.num_classes, config.test_time_flip)
-  validate = _validator(score, val_split, config, mesh, process)
+  validation = _Validation(score, _val_batches(val_split, config, process), mesh)
 
   writer = summary.create_writer(workdir / "tensorboard")
   if start_step == 0:
@@ -377,7 +380,7 @@ def _train(
           _report_training(writer, step, totals, rate, config, steps_per_epoch, manager)
           totals, window_start, window_steps = None, time.perf_counter(), 0
         if validating:
-          val_metrics = validate(state)
+          val_metrics = validation.metrics(state.inference_variables())
           _report_validation(writer, step, val_metrics, steps_per_epoch, manager)
         for extra in extra_evals if end_of_epoch else ():
           if epoch % extra.every_epochs == 0:
@@ -393,8 +396,8 @@ def _train(
     writer.close()
     checkpointing.raise_failed_save(manager, state, wait=True)
   if not val_metrics:
-    val_metrics = validate(state)
-  manager.close()
+    val_metrics = validation.metrics(state.inference_variables())
+  _calibrate(validation, state, workdir, manager)
   _log_finished(total_steps, val_metrics, config, manager)
   return state, val_metrics
 
@@ -413,22 +416,66 @@ def _log_finished(
   )
 
 
-def _validator(
-  score: Callable,
+def _val_batches(
   val_split: data.core.Examples,
   config: ml_collections.ConfigDict,
-  mesh: Mesh,
   process: Mapping[str, int],
-) -> Callable[[TrainState], dict[str, float]]:
-  """The validation split's metrics of a state (its batches made once)."""
-  val_batches = input_pipeline.eval_batches(
+) -> list[input_pipeline.Batch]:
+  """The validation split's padded batches (made once: the images cached)."""
+  return input_pipeline.eval_batches(
     val_split,
     config.data.image_size,
     config.train.batch_size,
     config.data.cache_dir,
     **process,
   )
-  return functools.partial(_validate, score, val_batches, mesh)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Validation:
+  """Scoring the validation split: its metrics, or its examples' outputs."""
+
+  score: Callable
+  batches: list[input_pipeline.Batch]
+  mesh: Mesh
+
+  def metrics(self, variables: Any) -> dict[str, float]:
+    return metrics.summarize(self.outputs(variables)[0])
+
+  def outputs(self, variables: Any) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    return evaluators.accumulate(self.score, variables, self.batches, self.mesh)
+
+
+def _calibrate(
+  validation: _Validation, state: TrainState, workdir: epath.Path, manager
+) -> None:
+  """Fits the temperature of the latest and the best checkpoint on the
+  validation split (`calibration`), kept in the workdir by process 0. A
+  multi-process run fits the latest only (the best restores on one device)."""
+  steps = {int(jax.device_get(state.step)): state.inference_variables()}
+  best = manager.best_step()
+  if best is not None and best not in steps and jax.process_count() == 1:
+    steps[best] = trained_run.load(workdir, str(best)).variables
+  for step, variables in sorted(steps.items()):
+    _, rows = validation.outputs(variables)
+    if len(rows["labels"]) < calibration.MIN_EXAMPLES:
+      logging.warning(
+        "Not calibrated: %d validation images are too few to fit a temperature "
+        "(at least %d); predictions use T = 1.",
+        *(len(rows["labels"]), calibration.MIN_EXAMPLES),
+      )
+      break
+    fitted = calibration.record(rows["probabilities"], rows["labels"])
+    if jax.process_index() == 0:
+      calibration.save(workdir, step, fitted)
+    logging.info(
+      "Calibrated step %d on %d validation images: temperature %.3f, ECE %.4f -> "
+      "%.4f, NLL %.4f -> %.4f.",
+      *(step, fitted["examples"], fitted["temperature"]),
+      *(fitted["ece"]["before"], fitted["ece"]["after"]),
+      *(fitted["nll"]["before"], fitted["nll"]["after"]),
+    )
+  manager.close()
 
 
 def _checkpoint_meta(
@@ -446,14 +493,6 @@ def _checkpoint_meta(
     "image_size": config.data.image_size,
     "val": dict(val_metrics or {}),
   }
-
-
-def _validate(
-  score: Callable, batches: list[input_pipeline.Batch], mesh: Mesh, state: TrainState
-) -> dict[str, float]:
-  """The validation metrics of `state`'s inference variables."""
-  totals, _ = evaluators.accumulate(score, state.inference_variables(), batches, mesh)
-  return metrics.summarize(totals)
 
 
 def _restore_or_start(

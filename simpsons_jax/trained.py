@@ -22,8 +22,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import logging
 
-from simpsons_jax import answers, characters, checkpointing, files, models
+from simpsons_jax import answers, calibration, characters, checkpointing, files, models
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +37,22 @@ class TrainedModel:
   config: ml_collections.ConfigDict
   step: int
   meta: dict[str, Any]  # The checkpoint's: epoch, validation figures ('val'), ...
+  # Its temperature and validation confidences (`calibration.record`); {}
+  # for a run trained before calibration, which then uses T = 1.
+  calibration: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+  @property
+  def temperature(self) -> float:
+    """The checkpoint's fitted temperature (1.0 if it has none)."""
+    return float(self.calibration.get("temperature", 1.0))
+
+  def threshold(self, value: str | float) -> float:
+    """`--threshold` as a probability: a number, or 'auto:precision=P'
+    chosen on this checkpoint's validation split (logged)."""
+    chosen, said = calibration.threshold(str(value), self.calibration)
+    if said:
+      logging.info("%s.", said)
+    return chosen
 
 
 def load_config_and_map(
@@ -74,23 +91,29 @@ def load(workdir: str | os.PathLike, checkpoint: str = "best") -> TrainedModel:
   else:
     variables = checkpointing.restore_fields(manager, step, abstract)
   manager.close()
-  return TrainedModel(model, variables, cmap, config, step, meta)
+  fitted = calibration.load(workdir).get(str(step), {})
+  return TrainedModel(model, variables, cmap, config, step, meta, fitted)
 
 
 def softmax_probabilities(
-  apply: Callable[..., jax.Array], variables: Any, images: jax.Array, flip: bool
+  apply: Callable[..., jax.Array],
+  variables: Any,
+  images: jax.Array,
+  flip: bool,
+  temperature: float = 1.0,
 ) -> jax.Array:
   """uint8 images (B, S, S, 3) -> softmax probabilities (B, characters), with
-  the run's test-time augmentation (`flip`)."""
-  return jax.nn.softmax(models.inference_logits(apply, variables, images, flip))
+  the run's test-time augmentation (`flip`) and calibration temperature."""
+  logits = models.inference_logits(apply, variables, images, flip)
+  return jax.nn.softmax(logits / temperature)
 
 
 _jitted = jax.jit(softmax_probabilities, static_argnums=(0, 3))
 
 
 def _forward(trained: TrainedModel, images: np.ndarray) -> jax.Array:
-  flip = trained.config.test_time_flip
-  return _jitted(trained.model.apply, trained.variables, images, flip)
+  flip, temperature = trained.config.test_time_flip, trained.temperature
+  return _jitted(trained.model.apply, trained.variables, images, flip, temperature)
 
 
 def classifier(trained: TrainedModel, batch_size: int) -> answers.Classifier:

@@ -282,8 +282,10 @@ def test_an_extra_evaluator_reports_every_epoch_and_evaluate_reproduces_it(
   events = list((tmp_path / "tensorboard" / "eval_kaggle_test").iterdir())
   assert len(events) == 2  # One per epoch.
   after = evaluate.run(tmp_path, eval_dir="kaggle_test", checkpoint="12")
-  # The same metrics (evaluate also draws figures, and lists them).
-  assert {k: v for k, v in after.items() if k not in ("name", "figures")} == {
-    k: v for k, v in during.items() if k not in ("name", "figures")
+  # The same metrics (evaluate also draws figures, and lists them, and adds
+  # the calibration figures).
+  extra = ("name", "figures", "calibration")
+  assert {k: v for k, v in after.items() if k not in extra} == {
+    k: v for k, v in during.items() if k not in extra
   }
   assert json.loads(path.read_text()) == after

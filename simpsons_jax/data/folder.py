@@ -120,7 +120,7 @@ class FolderSource(core.DataSource):
       )
       checked = dataclasses.replace(checked, images=kept)
     cmap = characters.load_or_create(
-      workdir, checked.images, self.config.data.min_images
+      workdir, checked.images, self.config.data.min_images, self.config.data.hold_out
     )
     current = self._hashes(workdir, checked, cmap.names)
     train, val = splits.choose_and_save(workdir, current, cmap, self.config)

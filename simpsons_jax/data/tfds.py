@@ -182,7 +182,7 @@ class TfdsSource(core.DataSource):
     builder = self.data.builder()
     scan = self.data.scan(builder, hashes=True)
     cmap = characters.load_or_create(
-      workdir, scan.by_class, self.config.data.min_images
+      workdir, scan.by_class, self.config.data.min_images, self.config.data.hold_out
     )
     current = {k: scan.sha256[k] for name in cmap.names for k in scan.by_class[name]}
     train, val = splits.choose_and_save(workdir, current, cmap, self.config)

@@ -14,8 +14,12 @@ flags.DEFINE_string(
   "checkpoint", "best", "evaluate/predict/export/serve: 'best', 'latest' or a step."
 )
 flags.DEFINE_integer("top_k", 3, "predict/export/serve: characters listed per image.")
-flags.DEFINE_float(
-  "threshold", 0.0, "predict/serve: below this probability the answer is 'unknown'."
+flags.DEFINE_string(
+  "threshold",
+  "0",
+  "predict/serve: below this (calibrated) probability the answer is "
+  "'unknown'; auto:precision=P picks, on the validation split, the lowest "
+  "at which the images answered are at least P right (e.g. auto:precision=0.95).",
 )
 flags.DEFINE_string(
   "output_dir",

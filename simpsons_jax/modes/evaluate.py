@@ -14,6 +14,13 @@ flags.DEFINE_string(
   "(tfds:NAME[:VERSION]/SPLIT, in TFDS_DATA_DIR) or the name of one of the "
   "run's config.evals; default: the run's validation split.",
 )
+flags.DEFINE_string(
+  "unknown_dir",
+  "",
+  "evaluate: a folder (either Kaggle layout) of characters the run did not "
+  "train on (e.g. its data folder with --config.data.hold_out): how well the "
+  "model tells them apart (AUROC) and answers them 'unknown'.",
+)
 FLAGS = flags.FLAGS
 
 
@@ -24,4 +31,10 @@ def run(
   del paths, config
   from simpsons_jax import evaluate
 
-  evaluate.run(workdir, FLAGS.eval_dir, FLAGS.checkpoint, output_dir=FLAGS.output_dir)
+  evaluate.run(
+    workdir,
+    FLAGS.eval_dir,
+    FLAGS.checkpoint,
+    output_dir=FLAGS.output_dir,
+    unknown_dir=FLAGS.unknown_dir,
+  )
