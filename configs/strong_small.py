@@ -7,6 +7,11 @@ Simpsons-MNIST run may do better: configs/finetune_frames.py.
 
   python main.py --config=configs/strong_small.py --workdir=runs/strong_frames \
       --config.data.dir=../shared/data/frames/train
+
+Measured (docs/results/strong_small_frames.json, rendered): 87.6% validation
+accuracy, macro-F1 0.799, on 121 validation images of
+../shared/data/frames/train, in 5 min 31 s end to end on Intel(R) Xeon(R)
+Processor (avx2, avx512, amx), 2 cores (median of seeds 0).
 """
 
 import ml_collections
