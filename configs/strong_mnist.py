@@ -7,6 +7,11 @@ jitter of 0.2), sized for two CPU cores (`python benchmarks/speed.py
 
   python main.py --config=configs/strong_mnist.py --workdir=runs/strong_mnist \
       --config.data.dir=~/data/simpsons-mnist/dataset/rgb/train
+
+Measured (docs/results/strong_mnist.json, rendered): 93.2% validation accuracy,
+macro-F1 0.932, on 400 validation images of ../shared/data/simpsons-mnist/train,
+in 10 min 57 s end to end on Intel(R) Xeon(R) Processor (avx2, avx512, amx), 2
+cores (median of seeds 0).
 """
 
 import ml_collections

@@ -94,22 +94,24 @@ def run(
   )
   board = (files.as_path(output_dir) if output_dir else workdir) / "tensorboard"
   result = evaluators.write(result, out, board / f"eval_{name}", trained.step, figures)
+  _say(result, f"checkpoint step {trained.step} ({checkpoint})", out)
+  return result
+
+
+def _say(result: dict[str, Any], which: str, out: epath.Path) -> None:
+  """The headline figures on the console and in the log."""
+  calibrated = result["calibration"]["ece"]
   print(
-    f"{name}, checkpoint step {trained.step} ({checkpoint}): accuracy "
-    f"{result['accuracy']:.4f}, macro-F1 {result['macro_f1']:.4f} on "
-    f"{result['num_examples']} images; report in {out}"
+    f"{result['name']}, {which}: accuracy {result['accuracy']:.4f}, macro-F1 "
+    f"{result['macro_f1']:.4f} on {result['num_examples']} images; ECE "
+    f"{calibrated['uncalibrated']:.4f} -> {calibrated['calibrated']:.4f} "
+    f"calibrated; report in {out}"
   )
   logging.info(
     "%s: accuracy %.4f, top-3 %.4f, macro-F1 %.4f on %d images (%d skipped); see %s",
-    name,
-    result["accuracy"],
-    result["top3_accuracy"],
-    result["macro_f1"],
-    result["num_examples"],
-    result["skipped"],
-    out,
+    *(result["name"], result["accuracy"], result["top3_accuracy"]),
+    *(result["macro_f1"], result["num_examples"], result["skipped"], out),
   )
-  return result
 
 
 def evaluated(
