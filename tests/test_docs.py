@@ -16,9 +16,9 @@ from simpsons_jax import config_keys
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-# Keys shown on purpose that no config has: a typo the errors table shows,
-# and the settings of the model docs/extending.md adds.
-NOT_KEYS = {"learning_rat", "model.tiny_conv.features"}
+# Keys shown on purpose that no config has: a typo and an old flat key the
+# errors table shows, and the settings of the model docs/extending.md adds.
+NOT_KEYS = {"learning_rat", "data_dir", "model.tiny_conv.features"}
 REPO_PATH = re.compile(r"(configs|benchmarks|examples|notebooks|\.ci)/[\w./-]+")
 
 
