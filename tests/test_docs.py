@@ -85,20 +85,20 @@ def test_every_command_names_what_exists(doc):
 
 COMMAND = (
   "python main.py --config=configs/demo.py --workdir=runs/demo "
-  "--config.data_dir=x --eval_directory=y configs/nothing.py"
+  "--config.image_size=x --eval_directory=y configs/nothing.py"
 )
 
 
 def test_a_renamed_flag_or_key_is_caught():
   stale = (
     "```bash\npython main.py --config=configs/demo.py --workdir=runs/demo \\\n"
-    "    --config.data_dir=x --eval_directory=y configs/nothing.py\n```\n"
+    "    --config.image_size=x --eval_directory=y configs/nothing.py\n```\n"
   )
   assert problems(stale, _main_flags()) == [
-    f"--config.data_dir is not a key of configs/demo.py: {COMMAND}",
+    f"--config.image_size is not a key of configs/demo.py: {COMMAND}",
     f"--eval_directory is not a main.py flag: {COMMAND}",
     f"configs/nothing.py does not exist: {COMMAND}",
-    "--config.data_dir is not a key of configs/default.py",
+    "--config.image_size is not a key of configs/default.py",
   ]
 
 
