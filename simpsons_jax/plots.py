@@ -155,17 +155,20 @@ def reliability_diagram(
       color="tab:blue",
       label="accuracy",
     )
+    # Where each bar would end were the model calibrated: its mean confidence.
     ax.plot(
+      edges[shown] + 0.5 / bins,
       r["confidence"][shown],
-      r["accuracy"][shown],
-      "o",
-      color="tab:orange",
+      "_",
+      markersize=14,
+      markeredgewidth=3,
+      color="tab:red",
       label="mean confidence",
     )
     ax.plot([0, 1], [0, 1], "--", color="grey")
     ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (max probability)", title=label)
   axes[0].set_ylabel("accuracy")
-  axes[0].legend(loc="upper left")
+  axes[0].legend(loc="upper left", fontsize=8)
   fig.suptitle(title or "Reliability")
   fig.tight_layout()
   return _save(fig, path)
