@@ -129,6 +129,30 @@ def confusion_matrix(
   return _save(fig, path)
 
 
+def explanation(
+  image: np.ndarray,
+  grad_cam: np.ndarray,
+  input_gradient: np.ndarray,
+  path: str | os.PathLike,
+  title: str,
+) -> np.ndarray:
+  """The frame as the model saw it, its Grad-CAM map over it, and the input
+  gradient's size per pixel (`explain.maps`)."""
+  fig, axes = plt.subplots(1, 3, figsize=(9, 3.4))
+  axes[0].imshow(image)
+  axes[0].set_title("the frame")
+  axes[1].imshow(image)
+  axes[1].imshow(grad_cam, cmap="jet", alpha=0.45, vmin=0, vmax=1)
+  axes[1].set_title("Grad-CAM")
+  axes[2].imshow(input_gradient, cmap="gray", vmin=0, vmax=1)
+  axes[2].set_title("input gradient")
+  for ax in axes:
+    ax.axis("off")
+  fig.suptitle(title)
+  fig.tight_layout()
+  return _save(fig, path)
+
+
 def reliability_diagram(
   before: Mapping[str, np.ndarray],
   after: Mapping[str, np.ndarray],

@@ -14,8 +14,18 @@ from typing import Any
 
 import numpy as np
 from absl import logging
+from etils import epath
 
-from simpsons_jax import answers, characters, image_files, video
+from simpsons_jax import (
+  answers,
+  characters,
+  explain,
+  files,
+  image_files,
+  models,
+  plots,
+  video,
+)
 from simpsons_jax import trained as trained_run
 from simpsons_jax.data import core, folder
 
@@ -88,13 +98,13 @@ def classify_stream(
   (missing, unreadable, not a JPEG or PNG, over the pixel limit) gets an
   `error` and the others are classified.
   """
-  files = expand_paths(paths)
+  image_paths = expand_paths(paths)
   size = trained.config.data.image_size
   max_pixels = folder.max_pixels(trained.config)
   classify = trained_run.classifier(trained, batch_size)
   with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
-    for start in range(0, len(files), batch_size):
-      chunk = files[start : start + batch_size]
+    for start in range(0, len(image_paths), batch_size):
+      chunk = image_paths[start : start + batch_size]
       loaded = list(pool.map(lambda p: _problem_or_image(p, size, max_pixels), chunk))
       images = [image for _, image in loaded if image is not None]
       probs = iter(classify(np.stack(images)) if images else ())
@@ -117,6 +127,7 @@ def run(
   video_options: video.Options | None = None,
   output_dir: str = "",
   annotate_video: str = "",
+  explain_images: bool = False,
 ) -> list[dict[str, Any]]:
   """Classifies `paths`, printing one line per image file as it goes; video
   files (by extension) get `video.run` with `video_options`, their tables,
@@ -124,7 +135,9 @@ def run(
 
   With `output`, each image's result is also appended to that file as one line
   of JSON (JSON Lines), flushed as it comes: an interrupted run keeps what it
-  did. `threshold` is a probability or 'auto:precision=P'.
+  did. `threshold` is a probability or 'auto:precision=P'. With
+  `explain_images`, each image's Grad-CAM and input-gradient maps for its
+  answer go to `<output_dir>/explain/<name>.png` (`explanation` in its result).
   """
   trained = trained_run.load(workdir, checkpoint)
   threshold = trained.threshold(threshold)
@@ -162,10 +175,51 @@ def run(
         sink.write(json.dumps(result) + "\n")
         sink.flush()
       results.append(result)
+  if explain_images:
+    write_explanations(trained, results, files.as_path(output_dir or "predictions"))
   errors = sum("error" in r for r in results)
   if errors:
     logging.warning("%d of %d files could not be classified.", errors, len(results))
   return results
+
+
+def write_explanations(
+  trained: trained_run.TrainedModel,
+  results: list[dict[str, Any]],
+  output_dir: epath.Path,
+  batch_size: int = 16,
+) -> None:
+  """Draws where the model looked for each classified image of `results`
+  (Grad-CAM for its most probable character, and the input gradient), and
+  adds the drawing's path to the result."""
+  out = output_dir / "explain"
+  files.check_writable(out, "give --output_dir a folder you can write to")
+  # XLA's convolutions: their gradients reach the pixels.
+  model = models.create(trained.config, trained.cmap.num_classes, kernels="xla")
+  size = trained.config.data.image_size
+  max_pixels = folder.max_pixels(trained.config)
+  done = [r for r in results if "error" not in r and "top" in r and "segments" not in r]
+  for start in range(0, len(done), batch_size):
+    chunk = done[start : start + batch_size]
+    images = np.stack(
+      [_problem_or_image(Path(r["path"]), size, max_pixels)[1] for r in chunk]
+    )
+    targets = np.asarray(
+      [trained.cmap.names.index(r["top"][0]["character"]) for r in chunk]
+    )
+    found = explain.maps(model.apply, trained.variables, images, targets)
+    for i, result in enumerate(chunk):
+      path = out / f"{start + i:04d}_{Path(result['path']).stem}.png"
+      top = result["top"][0]
+      plots.explanation(
+        images[i],
+        found["grad_cam"][i],
+        found["input_gradient"][i],
+        path,
+        f"{top['character']} {top['probability']:.2f}: {Path(result['path']).name}",
+      )
+      result["explanation"] = str(path)
+  print(f"Where the model looked: {len(done)} drawings in {out}")
 
 
 def incomplete(results: Sequence[dict[str, Any]], paths: Sequence[str]) -> str:

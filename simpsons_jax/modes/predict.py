@@ -29,6 +29,12 @@ flags.DEFINE_string(
   "predict: also write the (one) video with the character and probability "
   "drawn on every frame, to this .mp4 file.",
 )
+flags.DEFINE_bool(
+  "explain",
+  False,
+  "predict: also draw where the model looked for each image (Grad-CAM for its "
+  "answer and the input gradient) into <output_dir>/explain/.",
+)
 flags.DEFINE_integer(
   "camera",
   -1,
@@ -66,6 +72,7 @@ def run(
     video_options=video.Options(fps=FLAGS.video_fps, smooth_window=FLAGS.smooth_window),
     output_dir=FLAGS.output_dir,
     annotate_video=FLAGS.annotate_video,
+    explain_images=FLAGS.explain,
   )
   if incomplete := predict.incomplete(results, paths):
     print(incomplete, file=sys.stderr)

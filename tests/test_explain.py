@@ -1,0 +1,87 @@
+"""Where it looked: on images whose character is decided by a patch at a known
+place, Grad-CAM points at the patch for a trained model and not for the same
+network with random weights (the sanity check of Adebayo et al. 2018)."""
+
+import jax
+import numpy as np
+from PIL import Image
+
+from simpsons_jax import explain, models, train
+from simpsons_jax import trained as trained_run
+from tests.conftest import make_tiny_config
+
+SIZE, PATCH = 32, 10
+# Each class's patch: the top-left corner of a quadrant.
+CORNERS = {
+  "north_west": (3, 3),
+  "north_east": (3, 19),
+  "south_west": (19, 3),
+  "south_east": (19, 19),
+}
+
+
+def _image(rng, corner) -> np.ndarray:
+  image = rng.integers(0, 90, (SIZE, SIZE, 3), np.uint8)
+  y, x = corner
+  image[y : y + PATCH, x : x + PATCH] = (250, 230, 40)
+  return image
+
+
+def _pointing_hits(cams: np.ndarray, corners: list) -> float:
+  """The share of maps whose maximum lies in the quadrant of the image's
+  patch (the network's last map is 2x2 at 32 px: a cell a quadrant)."""
+  half = SIZE // 2
+  hits = []
+  for cam, (y, x) in zip(cams, corners, strict=True):
+    top = np.unravel_index(cam.argmax(), cam.shape)
+    hits.append((top[0] < half) == (y < half) and (top[1] < half) == (x < half))
+  return float(np.mean(hits))
+
+
+def test_grad_cam_points_at_the_deciding_patch_and_random_weights_do_not(tmp_path):
+  rng = np.random.default_rng(0)
+  for name, corner in CORNERS.items():
+    (tmp_path / "data" / name).mkdir(parents=True)
+    for i in range(30):
+      Image.fromarray(_image(rng, corner)).save(tmp_path / "data" / name / f"{i}.png")
+  config = make_tiny_config(tmp_path / "data")
+  config.train.num_epochs = 8
+  train.train_and_evaluate(config, tmp_path / "run")
+  trained = trained_run.load(tmp_path / "run", "latest")
+  model = models.create(trained.config, trained.cmap.num_classes, kernels="xla")
+  names = trained.cmap.names
+  test_rng = np.random.default_rng(1)
+  labels = np.arange(40) % len(names)
+  images = np.stack([_image(test_rng, CORNERS[names[c]]) for c in labels])
+  corners = [CORNERS[names[c]] for c in labels]
+
+  found = explain.maps(model.apply, trained.variables, images, labels)
+  assert (found["targets"] == labels).all()
+  assert found["grad_cam"].shape == found["input_gradient"].shape == (40, SIZE, SIZE)
+  answers = np.asarray(model.apply(trained.variables, images, train=False)).argmax(-1)
+  assert (answers == labels).mean() >= 0.9  # It learned where the patch is.
+  assert _pointing_hits(found["grad_cam"], corners) >= 0.8
+
+  random = model.init(jax.random.PRNGKey(7), images, train=False)
+  found_random = explain.maps(model.apply, random, images, labels)
+  assert _pointing_hits(found_random["grad_cam"], corners) <= 0.5
+  # The maps change when the weights do (Adebayo et al.'s model randomisation).
+  assert not np.allclose(found_random["grad_cam"], found["grad_cam"], atol=0.1)
+
+
+def test_predict_explain_draws_each_image_and_names_the_drawing(
+  trained_workdir, tiny_data_dir, tmp_path
+):
+  from simpsons_jax import predict
+
+  images = sorted(tiny_data_dir.glob("*/*.jpg"))[:3]
+  results = predict.run(
+    trained_workdir,
+    [*map(str, images), str(tmp_path / "missing.jpg")],
+    output_dir=str(tmp_path / "out"),
+    explain_images=True,
+  )
+  drawn = [r["explanation"] for r in results if "explanation" in r]
+  assert len(drawn) == 3 and "error" in results[-1]
+  for path in drawn:
+    assert Image.open(path).size[0] > 300  # A figure of three panels.
