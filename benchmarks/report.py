@@ -43,6 +43,13 @@ def _machine(result: Mapping[str, Any]) -> str:
   return f"{machine['cpu']}, {machine['cores']} cores, jax {jax}, {result['date']}"
 
 
+def _source(result: Mapping[str, Any], detail: str = "") -> str:
+  """The last two cells of a row: where it was measured, and its file."""
+  return (
+    f"| {_machine(result)}{detail} | [{result['file']}](results/{result['file']}) |"
+  )
+
+
 def _minutes(seconds: float) -> str:
   return f"{int(seconds // 60)} min {round(seconds % 60):02d} s"
 
@@ -64,8 +71,7 @@ def _accuracy(results: list[dict[str, Any]]) -> str:
       f"{runs[0]['characters']} characters{held} | {runs[0]['num_examples']} "
       f"| **{median['accuracy']:.1%}** | {median['macro_f1']:.3f} "
       f"| {median['balanced_accuracy']:.3f} | {_minutes(median['seconds'])} "
-      f"| {', '.join(str(run['seed']) for run in runs)} ({seeds}) "
-      f"| {_machine(r)} | [{r['file']}](results/{r['file']}) |"
+      f"| {', '.join(str(run['seed']) for run in runs)} ({seeds}) " + _source(r)
     )
   return "\n".join(rows)
 
@@ -80,8 +86,7 @@ def _speed(results: list[dict[str, Any]]) -> str:
       rates = ", ".join(f"{k} {v:,.0f}" for k, v in row["images_per_second"].items())
       rows.append(
         f"| {r['model']} | {row['mode']} | {row['size']} | {row['batch']} | {rates} "
-        f"| {_machine(r)}, {r['rounds']} rounds of {r['window_seconds']:g} s "
-        f"| [{r['file']}](results/{r['file']}) |"
+        + _source(r, f", {r['rounds']} rounds of {r['window_seconds']:g} s")
       )
   return "\n".join(rows)
 
@@ -99,7 +104,7 @@ def _serve_load(results: list[dict[str, Any]]) -> str:
         f"| {row['max_batch']} | {row['requests_per_second']:.0f} "
         f"| {row['p50_ms']:.0f} ms | {row['p99_ms']:.0f} ms "
         f"| {rss['start']:.0f} / {rss['peak']:.0f} / {rss['end']:.0f} MB "
-        f"| {r['clients']} | {_machine(r)} | [{r['file']}](results/{r['file']}) |"
+        f"| {r['clients']} " + _source(r)
       )
   return "\n".join(rows)
 

@@ -7,13 +7,12 @@ continued is `workdir.prepare`'s to say.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
 import ml_collections
 from jax.sharding import Mesh
 
-from simpsons_jax import checkpointing, data, mixing, models, sharding
+from simpsons_jax import checkpointing, config_keys, data, mixing, models, sharding
 
 CHOICES = {
   "train.dtype": ("float32", "bfloat16"),
@@ -78,20 +77,24 @@ def check(
       f"augment.crop_min_area={config.augment.crop_min_area} must lie in (0, 1]"
     )
   for key, (low, high) in RANGES.items():
-    if not low <= _value(config, key) < high:
-      problems.append(f"{key}={_value(config, key)} must lie in [{low}, {high})")
+    if not low <= config_keys.lookup(config, key) < high:
+      problems.append(
+        f"{key}={config_keys.lookup(config, key)} must lie in [{low}, {high})"
+      )
   for keys, test, says in (
     (NOT_NEGATIVE, lambda v: v >= 0, "must not be negative"),
     (AT_LEAST_ONE, lambda v: v >= 1, "must be at least 1"),
     (POSITIVE, lambda v: v > 0, "must be positive"),
   ):
     problems += [
-      f"{k}={_value(config, k)} {says}" for k in keys if not test(_value(config, k))
+      f"{k}={config_keys.lookup(config, k)} {says}"
+      for k in keys
+      if not test(config_keys.lookup(config, k))
     ]
   for key, choices in CHOICES.items():
-    if _value(config, key) not in choices:
+    if config_keys.lookup(config, key) not in choices:
       problems.append(
-        f"{key}={_value(config, key)!r} must be one of {', '.join(choices)}"
+        f"{key}={config_keys.lookup(config, key)!r} must be one of {', '.join(choices)}"
       )
   if data.source_name(config.data.source) not in data.SOURCES:
     problems.append(
@@ -101,7 +104,3 @@ def check(
   if problems:
     raise ValueError("Invalid config: " + "; ".join(problems) + ".")
   sharding.check_batch_size(config.train.batch_size, mesh)
-
-
-def _value(config: ml_collections.ConfigDict, key: str):
-  return functools.reduce(getattr, key.split("."), config)

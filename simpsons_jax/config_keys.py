@@ -21,6 +21,16 @@ def keys(config: Any, prefix: str = "") -> list[str]:
   return found
 
 
+def lookup(config: Any, key: str) -> Any:
+  """`config`'s value at a dotted key ('data.image_size'); None where a group
+  or the key is absent (e.g. another model's settings in an older config)."""
+  for part in key.split("."):
+    if part not in config:
+      return None
+    config = config[part]
+  return config
+
+
 def load_config_file(path: str) -> ModuleType:
   """The module of a config file (its `get_config()` gives the config)."""
   spec = importlib.util.spec_from_file_location("config_file", path)

@@ -36,14 +36,16 @@ def _feature_calls(apply: Callable, variables: Any, images: jax.Array) -> list[t
   return shapes
 
 
-def feature_layer(apply: Callable, variables: Any, images: jax.Array) -> int:
-  """The index (among 4-D module outputs) of the last one with a spatial
-  extent: the layer Grad-CAM reads."""
+def feature_layer(
+  apply: Callable, variables: Any, images: jax.Array
+) -> tuple[int, tuple]:
+  """The index (among 4-D module outputs) and shape of the last one with a
+  spatial extent: the layer Grad-CAM reads."""
   shapes = _feature_calls(apply, variables, images)
   spatial = [i for i, s in enumerate(shapes) if s[1] > 1 or s[2] > 1]
   if not spatial:
     raise ValueError("The model has no layer with a spatial map for Grad-CAM.")
-  return spatial[-1]
+  return spatial[-1], shapes[spatial[-1]]
 
 
 def _logits_and_features(
@@ -74,8 +76,7 @@ def maps(
   image, for the characters `targets` (default: the answers), of uint8
   images (N, S, S, 3); and the `targets`."""
   pixels = jnp.asarray(images, jnp.float32)
-  layer = feature_layer(apply, variables, pixels)
-  shape = _feature_calls(apply, variables, pixels)[layer]
+  layer, shape = feature_layer(apply, variables, pixels)
   if targets is None:
     targets = np.asarray(apply(variables, pixels, train=False).argmax(-1))
   chosen = jnp.asarray(targets)

@@ -23,7 +23,7 @@ import ml_collections
 from absl import logging
 from etils import epath
 
-from simpsons_jax import checkpointing, files, models
+from simpsons_jax import checkpointing, config_keys, files, models
 
 try:
   import fcntl
@@ -160,16 +160,9 @@ def _take(descriptor: int) -> bool:
   return True
 
 
-def _value(config: ml_collections.ConfigDict, key: str) -> Any:
-  """`config`'s value at 'group.key', None where it has none (another model)."""
-  for part in key.split("."):
-    if part not in config:
-      return None
-    config = config[part]
-  return config
-
-
-def _normalise(value):
+def _setting(config: ml_collections.ConfigDict, key: str) -> Any:
+  """The value at a dotted key, sequences as lists (JSON gives lists)."""
+  value = config_keys.lookup(config, key)
   return list(value) if isinstance(value, list | tuple) else value
 
 
@@ -203,10 +196,11 @@ def prepare(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
       workdir,
       workdir,
     )
+  pairs = {
+    key: (_setting(saved, key), _setting(config, key)) for key in resume_fixed(config)
+  }
   changed = [
-    f"{key}: {_normalise(_value(saved, key))!r} -> {_normalise(_value(config, key))!r}"
-    for key in resume_fixed(config)
-    if _normalise(_value(saved, key)) != _normalise(_value(config, key))
+    f"{key}: {old!r} -> {new!r}" for key, (old, new) in pairs.items() if old != new
   ]
   if not changed:
     return
