@@ -14,6 +14,7 @@ examples). Runs go one after another: never time two things at once.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import statistics
 import subprocess
@@ -38,6 +39,12 @@ flags.DEFINE_string(
   "e.g. the data folder with --override=data.hold_out=...",
 )
 flags.DEFINE_string("json", "", "Write the results file here.")
+flags.DEFINE_string(
+  "runs_dir",
+  "",
+  "Keep each seed's workdir (run_SEED) and evaluation (eval_SEED: report and "
+  "figures) in this folder; default: a temporary one, deleted at the end.",
+)
 flags.mark_flag_as_required("config")
 
 FIGURES = ("accuracy", "macro_f1", "balanced_accuracy", "top3_accuracy")
@@ -83,9 +90,15 @@ def _one_run(seed: str, workdir: Path) -> dict:
 def main(argv: list[str]) -> None:
   del argv
   runs = []
-  with tempfile.TemporaryDirectory() as tmp:
+  with contextlib.ExitStack() as stack:
+    if FLAGS.runs_dir:
+      kept = Path(FLAGS.runs_dir)
+      if kept.exists() and any(kept.iterdir()):
+        raise app.UsageError(f"--runs_dir={kept} is not empty: give a new folder")
+    else:
+      kept = Path(stack.enter_context(tempfile.TemporaryDirectory()))
     for seed in FLAGS.seeds:
-      runs.append(_one_run(seed, Path(tmp) / f"run_{seed}"))
+      runs.append(_one_run(seed, kept / f"run_{seed}"))
       print({k: v for k, v in runs[-1].items() if k != "config"}, flush=True)
   config = runs[0].pop("config")
   for run in runs[1:]:

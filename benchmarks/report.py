@@ -3,7 +3,7 @@
   python -m benchmarks.report          # rewrite what changed
   python -m benchmarks.report --check  # exit 1 if anything is out of date
 
-Every figure of `docs/results.md` and `docs/performance.md` lies between
+Every figure of the README, `docs/results.md` and `docs/performance.md` lies between
 `<!-- results: KIND -->` and `<!-- /results -->`, rendered from the files of
 `docs/results/` whose `benchmark` is KIND (see `benchmarks/results.py`); a
 config file that a results file measured gets a `Measured (...)` paragraph in
@@ -23,7 +23,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "results"
-DOCS = ("docs/results.md", "docs/performance.md")
+DOCS = ("README.md", "docs/results.md", "docs/performance.md")
 BLOCK = re.compile(r"(<!-- results: (\w+) -->\n).*?(<!-- /results -->)", re.S)
 # A config docstring's rendered paragraph: up to a blank line or the end.
 MEASURED = re.compile(r'\nMeasured \(docs/results/[^\n]*(?:\n(?!\n|""")[^\n]*)*')
@@ -109,9 +109,15 @@ def _serve_load(results: list[dict[str, Any]]) -> str:
   return "\n".join(rows)
 
 
+def _floor(ece: dict[str, float], images: int) -> str:
+  """The ECE a perfectly calibrated model would measure, where the file has it."""
+  return f"{ece['floor']:.2%} on {images}" if "floor" in ece else f"{images} images"
+
+
 def _calibration(results: list[dict[str, Any]]) -> str:
   rows = [
-    "| config | data | temperature | ECE before -> after | NLL before -> after "
+    "| config | data | temperature | ECE before -> after (a perfectly calibrated "
+    "model's, on as many images) | NLL before -> after "
     "| threshold for 95% precision: coverage | unknown characters: AUROC (max "
     "probability / energy), answered 'unknown' | file |",
     "|---|---|---|---|---|---|---|---|",
@@ -139,15 +145,46 @@ def _calibration(results: list[dict[str, Any]]) -> str:
         f"| {r['config']['data']['dir'] or r['config']['data']['source']} "
         f"| {c['temperature']:.3f} "
         f"| {c['ece']['uncalibrated']:.2%} -> **{c['ece']['calibrated']:.2%}** "
+        f"({_floor(c['ece'], run['num_examples'])}) "
         f"| {c['nll']['uncalibrated']:.3f} -> {c['nll']['calibrated']:.3f} "
         f"| {coverage} | {unknown} | [{r['file']}](results/{r['file']}) |"
       )
   return "\n".join(rows)
 
 
+def _how_sure(results: list[dict[str, Any]]) -> str:
+  """The README's lines: each calibrated run's figures, linked to its file."""
+  lines = []
+  for r in results:
+    for run in r["runs"]:
+      if "calibration" not in run:
+        continue
+      c, u = run["calibration"], run.get("unknown")
+      data = r["config"]["data"]["dir"] or r["config"]["data"]["source"]
+      line = (
+        f"- `{r['config_file']}` on {Path(data).parent.name or data} "
+        f"({run['num_examples']} validation images, accuracy {run['accuracy']:.1%}): "
+        f"ECE {c['ece']['uncalibrated']:.1%} -> {c['ece']['calibrated']:.1%}"
+      )
+      if "floor" in c["ece"]:
+        line += f" (a perfectly calibrated model would measure {c['ece']['floor']:.1%})"
+      if u and "known_answered" in u:
+        held = " and ".join(r["config"]["data"]["hold_out"])
+        line += (
+          f"; {held} held out: AUROC {u['auroc']['max_probability']:.3f} (maximum "
+          f"probability) / {u['auroc']['energy']:.3f} (energy), "
+          f"{u['unknowns_answered_unknown']:.0%} of them answered 'unknown' at the "
+          f"95%-precision threshold, which answers {u['known_answered']:.0%} of the "
+          "known"
+        )
+      lines.append(f"{line} ([{r['file']}](docs/results/{r['file']})).")
+  return "\n".join(lines)
+
+
 # Each block's table, and the benchmark whose results files it reads.
 TABLES: dict[str, Callable[[list[dict[str, Any]]], str]] = {
   "calibration": _calibration,
+  "how_sure": _how_sure,
   "accuracy": _accuracy,
   "speed": _speed,
   "serve_load": _serve_load,
@@ -161,7 +198,7 @@ def render_doc(text: str, results: list[dict[str, Any]]) -> str:
     kind = match[2]
     if kind not in TABLES:
       raise ValueError(f"Unknown results block {kind!r}; known: {', '.join(TABLES)}.")
-    source = {"calibration": "accuracy"}.get(kind, kind)
+    source = {"calibration": "accuracy", "how_sure": "accuracy"}.get(kind, kind)
     chosen = [r for r in results if r["benchmark"] == source]
     return f"{match[1]}{TABLES[kind](chosen)}\n{match[3]}"
 

@@ -28,3 +28,12 @@ def answer(
   top = [{"character": names[i], "probability": float(probabilities[i])} for i in order]
   best = named(top[0]["probability"], top[0]["character"], threshold)
   return {"character": best, "top": top}
+
+
+def padded_batch(batch: np.ndarray) -> np.ndarray:
+  """`batch` with zeros added along its first axis up to a power of two:
+  few batch shapes are ever compiled."""
+  size = 1 << (len(batch) - 1).bit_length()
+  out = np.zeros((size, *batch.shape[1:]), batch.dtype)
+  out[: len(batch)] = batch
+  return out

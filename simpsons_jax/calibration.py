@@ -73,6 +73,21 @@ def ece(probabilities: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> 
   )
 
 
+def ece_floor(
+  probabilities: np.ndarray, bins: int = ECE_BINS, draws: int = 200, seed: int = 0
+) -> float:
+  """The median ECE that a perfectly calibrated model, as sure as this one
+  on each image, would measure on this many images: each image's answer
+  drawn right with probability its confidence, `draws` times. Measured ECE
+  near it is sampling noise, not miscalibration (it shrinks as 1/sqrt(N))."""
+  confidence = np.asarray(probabilities, np.float64).max(axis=-1)
+  index = np.clip(np.ceil(confidence * bins).astype(int) - 1, 0, bins - 1)
+  in_bin = np.eye(bins)[index]  # (N, bins)
+  right = np.random.default_rng(seed).random((draws, len(confidence))) < confidence
+  gaps = np.abs(right @ in_bin - confidence @ in_bin)  # (draws, bins): sums
+  return float(np.median(gaps.sum(axis=-1)) / len(confidence))
+
+
 def fit_temperature(probabilities: np.ndarray, labels: np.ndarray) -> float:
   """The T in [0.05, 20] minimising `nll(with_temperature(p, T), labels)`.
 
@@ -147,7 +162,11 @@ def record(probabilities: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
     "temperature": temperature,
     "examples": len(labels),
     "nll": {"before": nll(probabilities, labels), "after": nll(calibrated, labels)},
-    "ece": {"before": ece(probabilities, labels), "after": ece(calibrated, labels)},
+    "ece": {
+      "before": ece(probabilities, labels),
+      "after": ece(calibrated, labels),
+      "floor": ece_floor(calibrated),
+    },
     "validation": {
       "confidence": calibrated.max(axis=-1).round(7).tolist(),
       "correct": (calibrated.argmax(axis=-1) == labels).astype(int).tolist(),

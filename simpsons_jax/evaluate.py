@@ -21,7 +21,16 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from simpsons_jax import calibration, data, evaluators, files, plots, sharding, summary
+from simpsons_jax import (
+  calibration,
+  data,
+  evaluators,
+  explain,
+  files,
+  plots,
+  sharding,
+  summary,
+)
 from simpsons_jax import trained as trained_run
 
 VALIDATION = "validation"
@@ -105,7 +114,8 @@ def _say(result: dict[str, Any], which: str, out: epath.Path) -> None:
     f"{result['name']}, {which}: accuracy {result['accuracy']:.4f}, macro-F1 "
     f"{result['macro_f1']:.4f} on {result['num_examples']} images; ECE "
     f"{calibrated['uncalibrated']:.4f} -> {calibrated['calibrated']:.4f} "
-    f"calibrated; report in {out}"
+    f"calibrated (a perfectly calibrated model would measure about "
+    f"{calibrated['floor']:.4f} on as many images); report in {out}"
   )
   logging.info(
     "%s: accuracy %.4f, top-3 %.4f, macro-F1 %.4f on %d images (%d skipped); see %s",
@@ -136,7 +146,8 @@ def evaluated(
 def _calibration_report(
   raw: np.ndarray, calibrated: np.ndarray, rows: dict[str, np.ndarray], trained
 ) -> dict[str, Any]:
-  """ECE (15 bins) and NLL without and with the checkpoint's temperature."""
+  """ECE (15 bins) and NLL without and with the checkpoint's temperature;
+  `ece.floor`: what a perfectly calibrated model would measure here."""
   labels = rows["labels"]
   return {
     "temperature": trained.temperature,
@@ -144,6 +155,7 @@ def _calibration_report(
     "ece": {
       "uncalibrated": calibration.ece(raw, labels),
       "calibrated": calibration.ece(calibrated, labels),
+      "floor": calibration.ece_floor(calibrated),
     },
     "nll": {
       "uncalibrated": calibration.nll(raw, labels),
@@ -192,12 +204,15 @@ def _mesh(batch_size: int) -> jax.sharding.Mesh:
 def _figures(
   trained, split, probs, result, out: epath.Path, seed: int
 ) -> dict[str, np.ndarray]:
-  """Random predictions, mismatches and the confusion matrix, as PNGs."""
+  """Random predictions and mismatches, each frame with the Grad-CAM map of
+  its answer over it, and the confusion matrix, as PNGs."""
   names = trained.cmap.names
   predicted = probs.argmax(axis=1)
   confidence = probs.max(axis=1)
+  explain_images = explain.explainer(trained.config, len(names), trained.variables)
 
   def grid(indices, filename, title):
+    images = split.model_inputs(indices, trained.config.data.image_size)
     return plots.prediction_grid(
       split.frames(indices),
       [names[split.labels[i]] for i in indices],
@@ -205,6 +220,7 @@ def _figures(
       [confidence[i] for i in indices],
       out / filename,
       title,
+      explain_images(images, predicted[indices])["grad_cam"],
     )
 
   rng = np.random.default_rng(seed)
@@ -221,7 +237,10 @@ def _figures(
   wrong = np.flatnonzero(predicted != split.labels)
   if len(wrong):
     shown = rng.choice(wrong, size=min(MAX_MISMATCHES, len(wrong)), replace=False)
-    title = f"{len(wrong)} mismatches of {len(split)} frames ({len(shown)} shown)"
+    title = (
+      f"{len(wrong)} mismatches of {len(split)} frames ({len(shown)} shown; "
+      "Grad-CAM: where the answer came from)"
+    )
     figures["mismatches"] = grid(shown, "mismatches.png", title)
   return figures
 

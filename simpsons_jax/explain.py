@@ -6,8 +6,7 @@ keeps the positive sum: a coarse map of what raised that answer, resized to the
 image. The input gradient is the size of that logit's gradient at each pixel.
 Any registered model works unchanged: the last module call whose output is a
 (N, H, W, C) array is the feature layer, found and perturbed through Flax's
-method interception. The model is built with XLA's convolutions, whose
-gradients reach the pixels.
+method interception.
 """
 
 from __future__ import annotations
@@ -18,7 +17,11 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import matplotlib
+import ml_collections
 import numpy as np
+
+from simpsons_jax import answers, models
 
 
 def _feature_calls(apply: Callable, variables: Any, images: jax.Array) -> list[tuple]:
@@ -70,15 +73,15 @@ def _logits_and_features(
 
 
 def maps(
-  apply: Callable, variables: Any, images: np.ndarray, targets: np.ndarray | None = None
-) -> dict[str, np.ndarray]:
+  apply: Callable, variables: Any, images: jax.Array, targets: jax.Array | None = None
+) -> dict[str, jax.Array]:
   """Grad-CAM and input-gradient maps (N, S, S), each scaled to [0, 1] per
   image, for the characters `targets` (default: the answers), of uint8
-  images (N, S, S, 3); and the `targets`."""
+  images (N, S, S, 3); and the `targets`. Traceable: `jitted` compiles it."""
   pixels = jnp.asarray(images, jnp.float32)
   layer, shape = feature_layer(apply, variables, pixels)
   if targets is None:
-    targets = np.asarray(apply(variables, pixels, train=False).argmax(-1))
+    targets = apply(variables, pixels, train=False).argmax(-1)
   chosen = jnp.asarray(targets)
 
   def score(delta, x):
@@ -90,13 +93,40 @@ def maps(
   )(jnp.zeros(shape, jnp.float32), pixels)
   weights = feature_grads.mean(axis=(1, 2), keepdims=True)
   cam = jax.nn.relu((weights * features).sum(-1))
-  cam = jax.image.resize(cam, (len(images), *images.shape[1:3]), "bilinear")
+  cam = jax.image.resize(cam, pixels.shape[:3], "bilinear")
   saliency = jnp.abs(pixel_grads).max(-1)
-  return {
-    "grad_cam": np.asarray(_unit(cam)),
-    "input_gradient": np.asarray(_unit(saliency)),
-    "targets": np.asarray(targets),
-  }
+  return {"grad_cam": _unit(cam), "input_gradient": _unit(saliency), "targets": chosen}
+
+
+# maps(apply, variables, images, targets), compiled once per model and shape.
+jitted = jax.jit(maps, static_argnums=0)
+
+Explainer = Callable[[np.ndarray, np.ndarray | None], dict[str, np.ndarray]]
+
+
+def explainer(
+  config: ml_collections.ConfigDict, num_classes: int, variables: Any
+) -> Explainer:
+  """`maps` of a trained model, compiled: (uint8 images, targets or None for
+  the answers) -> numpy maps. The model is built with XLA's convolutions,
+  whose gradients reach the pixels."""
+  model = models.create(config, num_classes, kernels="xla")
+
+  def explain_images(images: np.ndarray, targets: np.ndarray | None = None):
+    pad = answers.padded_batch
+    chosen = None if targets is None else pad(np.asarray(targets, np.int32))
+    found = jitted(model.apply, variables, pad(np.asarray(images)), chosen)
+    return {name: np.asarray(value)[: len(images)] for name, value in found.items()}
+
+  return explain_images
+
+
+def overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+  """A heat map in [0, 1] (S, S) over a uint8 image (S, S, 3), coloured as
+  the figures colour it ('jet'): uint8 (S, S, 3)."""
+  colours = matplotlib.colormaps["jet"](np.clip(heat, 0.0, 1.0))[..., :3] * 255
+  blended = (1 - alpha) * image.astype(np.float32) + alpha * colours
+  return np.clip(np.round(blended), 0, 255).astype(np.uint8)
 
 
 def _unit(m: jax.Array) -> jax.Array:

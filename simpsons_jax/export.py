@@ -5,6 +5,9 @@
   images (B, S, S, 3) of any batch size B in, softmax probabilities
   (B, characters) out, the parameters inside; `jax.export.deserialize` and
   `.call` run it with jax alone, on CPU, GPU or TPU;
+- `explain.jax`, beside it: where the model looked, as `jax.export` too: the
+  same images and the characters to explain (B,) int32 in, Grad-CAM maps
+  (B, S, S) in [0, 1] out (`explain.maps`; serve's "where it looked");
 - `saved_model/`: a TensorFlow SavedModel (the same StableHLO inside, through
   `jax2tf`) for TF Serving and TensorFlow programs. Its `serving_default`
   signature takes encoded images (JPEG or PNG bytes, any size and colour mode),
@@ -41,7 +44,7 @@ import jax.numpy as jnp
 import tensorflow as tf
 from etils import epath
 
-from simpsons_jax import files, image_files, models
+from simpsons_jax import explain, files, image_files, models
 from simpsons_jax import trained as trained_run
 from simpsons_jax.data import core
 
@@ -70,12 +73,30 @@ def _image_spec(size: int, batch: str = "b") -> jax.ShapeDtypeStruct:
   return jax.ShapeDtypeStruct((b, size, size, 3), jnp.uint8)
 
 
-def export_jax(trained: trained_run.TrainedModel, path: epath.Path) -> None:
-  """Writes model.jax: batch-polymorphic, for every platform in PLATFORMS."""
+def grad_cam_fn(trained: trained_run.TrainedModel):
+  """(uint8 images (B, S, S, 3), characters (B,)) -> Grad-CAM maps (B, S, S),
+  with XLA's convolutions, the parameters as constants."""
+  model = models.create(trained.config, trained.cmap.num_classes, kernels="xla")
+
+  def grad_cam(images: jax.Array, targets: jax.Array) -> jax.Array:
+    return explain.maps(model.apply, trained.variables, images, targets)["grad_cam"]
+
+  return grad_cam
+
+
+def export_jax(trained: trained_run.TrainedModel, folder: epath.Path) -> None:
+  """Writes model.jax and explain.jax: batch-polymorphic, for every platform
+  in PLATFORMS."""
+  images = _image_spec(trained.config.data.image_size)
   exported = jax.export.export(jax.jit(probability_fn(trained)), platforms=PLATFORMS)(
-    _image_spec(trained.config.data.image_size)
+    images
   )
-  path.write_bytes(exported.serialize())
+  (folder / "model.jax").write_bytes(exported.serialize())
+  targets = jax.ShapeDtypeStruct(images.shape[:1], jnp.int32)
+  exported = jax.export.export(jax.jit(grad_cam_fn(trained)), platforms=PLATFORMS)(
+    images, targets
+  )
+  (folder / "explain.jax").write_bytes(exported.serialize())
 
 
 class _Serving(tf.Module):
@@ -178,7 +199,7 @@ def run(
   target = parent / str(trained.step)
   with files.folder_written_whole(target) as folder:
     if "jax" in written:
-      export_jax(trained, folder / "model.jax")
+      export_jax(trained, folder)
     if "savedmodel" in written:  # TFLite converts it.
       export_savedmodel(trained, folder / "saved_model", top_k)
     if "tflite" in written:
@@ -189,14 +210,6 @@ def run(
     card = _card(trained, workdir, written) | {"files": _manifest(folder)}
     files.write_text_atomic(folder / "model.json", json.dumps(card, indent=2) + "\n")
   return Written(target, written)
-
-
-# The file (or folder) each format is, in an export folder.
-FORMAT_FILES = {
-  "jax": "model.jax",
-  "savedmodel": "saved_model",
-  "tflite": "model.tflite",
-}
 
 
 def _manifest(folder: epath.Path) -> dict[str, dict[str, Any]]:

@@ -48,9 +48,11 @@ def frame_grid(
   colours: Sequence[str] | None = None,
   suptitle: str = "",
   columns: int = 3,
+  heat_maps: Sequence[np.ndarray] | None = None,
 ) -> np.ndarray:
   """Frames (files or uint8 RGB pixels) in a grid, each titled (and coloured)
-  as given."""
+  as given; with `heat_maps` (values in [0, 1], any size), each stretched over
+  its frame as the model's resize squeezed the frame."""
   rows = max(1, -(-len(frames) // columns))
   fig, axes = plt.subplots(
     rows, columns, figsize=(3.2 * columns, 3.6 * rows), squeeze=False
@@ -63,7 +65,19 @@ def frame_grid(
       ax.imshow(frame)
     else:
       with Image.open(frame) as image:
-        ax.imshow(np.asarray(image.convert("RGB")))
+        frame = np.asarray(image.convert("RGB"))
+      ax.imshow(frame)
+    if heat_maps is not None:
+      height, width = frame.shape[:2]
+      ax.imshow(
+        heat_maps[i],
+        cmap="jet",
+        alpha=0.45,
+        vmin=0,
+        vmax=1,
+        extent=(-0.5, width - 0.5, height - 0.5, -0.5),
+        interpolation="bilinear",
+      )
     ax.set_title(title, fontsize=10, color=colours[i] if colours else "black")
   if suptitle:
     fig.suptitle(suptitle, fontsize=13)
@@ -78,8 +92,10 @@ def prediction_grid(
   probabilities: Sequence[float],
   path: str | os.PathLike,
   suptitle: str = "",
+  heat_maps: Sequence[np.ndarray] | None = None,
 ) -> np.ndarray:
-  """Frames titled with the prediction: green when right, red with the truth."""
+  """Frames titled with the prediction: green when right, red with the truth;
+  each with where the model looked (`heat_maps`) when given."""
   titles, colours = [], []
   for truth, guess, p in zip(true_names, predicted_names, probabilities, strict=True):
     text = f"{title(guess)} ({p:.0%})"
@@ -88,7 +104,13 @@ def prediction_grid(
     titles.append(text)
     colours.append(RIGHT if guess == truth else WRONG)
   return frame_grid(
-    frames, titles, path, colours, suptitle, columns=3 if len(frames) <= 9 else 4
+    frames,
+    titles,
+    path,
+    colours,
+    suptitle,
+    columns=3 if len(frames) <= 9 else 4,
+    heat_maps=heat_maps,
   )
 
 

@@ -22,7 +22,6 @@ from simpsons_jax import (
   explain,
   files,
   image_files,
-  models,
   plots,
   video,
 )
@@ -194,8 +193,9 @@ def write_explanations(
   adds the drawing's path to the result."""
   out = output_dir / "explain"
   files.check_writable(out, "give --output_dir a folder you can write to")
-  # XLA's convolutions: their gradients reach the pixels.
-  model = models.create(trained.config, trained.cmap.num_classes, kernels="xla")
+  explain_images = explain.explainer(
+    trained.config, trained.cmap.num_classes, trained.variables
+  )
   size = trained.config.data.image_size
   max_pixels = folder.max_pixels(trained.config)
   done = [r for r in results if "error" not in r and "top" in r and "segments" not in r]
@@ -207,7 +207,7 @@ def write_explanations(
     targets = np.asarray(
       [trained.cmap.names.index(r["top"][0]["character"]) for r in chunk]
     )
-    found = explain.maps(model.apply, trained.variables, images, targets)
+    found = explain_images(images, targets)
     for i, result in enumerate(chunk):
       path = out / f"{start + i:04d}_{Path(result['path']).stem}.png"
       top = result["top"][0]

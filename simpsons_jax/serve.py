@@ -10,7 +10,10 @@
 - `POST /predict`: the image as the request body (JPEG or PNG bytes, any size
   and colour mode), or as the first file of a `multipart/form-data` upload
   (`curl -F image=@frame.jpg`, an HTML form) -> `{"character", "top":
-  [{"character", "probability"}], "threshold"}`;
+  [{"character", "probability"}], "threshold"}`; `POST /predict?explain=1`
+  adds `where_it_looked`: the image as the model saw it with the Grad-CAM map
+  of its most probable character over it, a PNG as a `data:` URL (base64);
+  the page's "where it looked" box asks for it;
 - `GET /health`, `GET /characters`.
 
 Requests are bounded: the body's size (`max_bytes`) and the time to send it
@@ -28,6 +31,7 @@ in plain words what was wrong; answers name no local path.
 """
 
 import asyncio
+import base64
 import concurrent.futures
 import dataclasses
 import email.parser
@@ -35,6 +39,7 @@ import email.policy
 import errno
 import gc
 import importlib.resources
+import io
 import json
 import os
 import queue
@@ -46,8 +51,9 @@ from typing import Any
 
 import numpy as np
 from absl import logging
+from PIL import Image
 
-from simpsons_jax import answers, calibration, files, image_files
+from simpsons_jax import answers, calibration, explain, files, image_files
 from simpsons_jax import trained as trained_run
 from simpsons_jax.data import core, folder
 
@@ -65,6 +71,9 @@ class Model:
   source: str  # Where it was loaded from, for the console.
   description: str  # What it is, for answers: no local path.
   calibration: dict  # Its temperature and validation confidences, or {}.
+  # (uint8 images (N, S, S, 3), characters (N,)) -> Grad-CAM maps (N, S, S)
+  # in [0, 1]; None for an export written before explain.jax.
+  explain: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
 
 
 def load(path: str | os.PathLike, checkpoint: str = "best") -> Model:
@@ -77,6 +86,10 @@ def load(path: str | os.PathLike, checkpoint: str = "best") -> Model:
 
     card = export.verify(path)  # Files of one export, all there.
     exported = jax.export.deserialize((path / "model.jax").read_bytes())
+    maps = None
+    if (path / "explain.jax").is_file():
+      explained = jax.export.deserialize((path / "explain.jax").read_bytes())
+      maps = lambda images, targets: np.asarray(explained.call(images, targets))  # noqa: E731
     return Model(
       lambda images: np.asarray(exported.call(images)),
       tuple(json.loads((path / "characters.json").read_text())),
@@ -85,8 +98,12 @@ def load(path: str | os.PathLike, checkpoint: str = "best") -> Model:
       f"{path / 'model.jax'}",
       f"exported {card['model']}, step {card['checkpoint_step']}",
       card.get("calibration", {}),
+      maps,
     )
   trained = trained_run.load(path, checkpoint)
+  grad_cam = explain.explainer(
+    trained.config, trained.cmap.num_classes, trained.variables
+  )
   return Model(
     lambda images: trained_run.classifier(trained, len(images))(images),
     trained.cmap.names,
@@ -95,6 +112,7 @@ def load(path: str | os.PathLike, checkpoint: str = "best") -> Model:
     f"{path} (step {trained.step})",
     f"{trained.config.model.name}, step {trained.step}",
     trained.calibration,
+    lambda images, targets: grad_cam(images, targets)["grad_cam"],
   )
 
 
@@ -245,13 +263,16 @@ class Predictor:
       )
     return pixels
 
-  def submit(self, contents: bytes, pixels: int) -> concurrent.futures.Future:
+  def submit(
+    self, contents: bytes, pixels: int, explain_answer: bool = False
+  ) -> concurrent.futures.Future:
     """A future of the answer for a checked image (`pixels`, from `check`,
-    go back to the budget once it is decoded)."""
-    return self._batcher.submit((contents, pixels))
+    go back to the budget once it is decoded); with `explain_answer`, with
+    where the model looked (`where_it_looked`)."""
+    return self._batcher.submit((contents, pixels, explain_answer))
 
-  def __call__(self, contents: bytes) -> dict[str, Any]:
-    return self.submit(contents, self.check(contents)).result()
+  def __call__(self, contents: bytes, explain_answer: bool = False) -> dict[str, Any]:
+    return self.submit(contents, self.check(contents), explain_answer).result()
 
   def _images(self, batch: list[bytes]) -> list[np.ndarray | Exception]:
     """Decoded together; one by one only when the batch holds damaged data."""
@@ -268,27 +289,52 @@ class Predictor:
         images.append(e)
     return images
 
-  def _run(self, items: list[tuple[bytes, int]]) -> list[dict[str, Any] | Exception]:
+  def _run(
+    self, items: list[tuple[bytes, int, bool]]
+  ) -> list[dict[str, Any] | Exception]:
     try:
-      images = self._images([contents for contents, _ in items])
+      images = self._images([contents for contents, _, _ in items])
     finally:
-      for _, pixels in items:
+      for _, pixels, _ in items:
         self._budget.give_back(pixels)
-    good = [image for image in images if not isinstance(image, Exception)]
+    good = [i for i, image in enumerate(images) if not isinstance(image, Exception)]
     if not good:
       return images
-    size = 1 << (len(good) - 1).bit_length()  # Few batch sizes ever compiled.
-    padded = np.zeros((size, *good[0].shape), good[0].dtype)
-    padded[: len(good)] = good
-    probabilities = iter(np.asarray(self._model.classify(padded)))
-    return [
-      image if isinstance(image, Exception) else self._answer(next(probabilities))
-      for image in images
-    ]
+    probabilities = self._model.classify(
+      answers.padded_batch(np.stack([images[i] for i in good]))
+    )
+    results: list[dict[str, Any] | Exception] = list(images)
+    for i, p in zip(good, probabilities, strict=False):
+      results[i] = self._answer(p)
+    wanted = [(i, p.argmax()) for i, p in zip(good, probabilities, strict=False)]
+    wanted = [(i, answer) for i, answer in wanted if items[i][2]]
+    if wanted:
+      shown = answers.padded_batch(np.stack([images[i] for i, _ in wanted]))
+      targets = answers.padded_batch(np.asarray([a for _, a in wanted], np.int32))
+      maps = self._model.explain(shown, targets)
+      for (i, _), image, heat in zip(wanted, shown, maps, strict=False):
+        results[i]["where_it_looked"] = _png_data_url(explain.overlay(image, heat))
+    return results
 
   def _answer(self, p: np.ndarray) -> dict[str, Any]:
     found = answers.answer(p, self._model.names, self._k, self._threshold)
     return {**found, "threshold": self._threshold}
+
+
+def _asked_to_explain(value: str) -> bool:
+  """The `explain` query parameter as a yes or no; BadUpload otherwise."""
+  if value.lower() in ("1", "true", "yes"):
+    return True
+  if value.lower() in ("0", "false", "no", ""):
+    return False
+  raise BadUpload(400, f"explain={value} is not a yes or no: ask with explain=1")
+
+
+def _png_data_url(image: np.ndarray) -> str:
+  """A uint8 RGB image as a PNG `data:` URL (base64)."""
+  encoded = io.BytesIO()
+  Image.fromarray(image).save(encoded, format="PNG")
+  return "data:image/png;base64," + base64.b64encode(encoded.getvalue()).decode()
 
 
 def image_from_form(content_type: str, body: bytes) -> bytes:
@@ -364,12 +410,21 @@ def create_app(
   @app.post("/predict")
   async def predict_route(request: Request) -> JSONResponse:
     try:
+      explain_answer = _asked_to_explain(request.query_params.get("explain", "0"))
+      if explain_answer and model.explain is None:
+        raise BadUpload(
+          400,
+          "this export cannot draw where the model looked (it has no "
+          "explain.jax): export the run again, or serve the run itself",
+        )
       body = await read_body(request)
       try:
         async with asyncio.timeout(timeout):
           pixels = await asyncio.to_thread(predictor.check, body)
           # Waiting for the batch holds no thread: batches grow with the load.
-          result = await asyncio.wrap_future(predictor.submit(body, pixels))
+          result = await asyncio.wrap_future(
+            predictor.submit(body, pixels, explain_answer)
+          )
       except TimeoutError:
         raise BadUpload(503, f"the prediction took over {timeout:g} s") from None
     except ClientDisconnect:

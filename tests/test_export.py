@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from simpsons_jax import export, image_files, predict, serve, train
+from simpsons_jax import explain, export, image_files, predict, serve, train
 from simpsons_jax import trained as trained_run
 from simpsons_jax.data import core
 from tests.conftest import make_tiny_config
@@ -49,6 +49,15 @@ np.save(sys.argv[6], direct["output_0"].numpy())
 assert "simpsons_jax" not in sys.modules
 """
 
+
+EXPLAIN_JAX = """
+import sys
+import jax, numpy as np
+exported = jax.export.deserialize(open(sys.argv[1], "rb").read())
+images, targets = np.load(sys.argv[2]), np.load(sys.argv[3])
+np.save(sys.argv[4], np.asarray(exported.call(images, targets)))
+assert "simpsons_jax" not in sys.modules
+"""
 
 LOAD_TFLITE = """
 import sys
@@ -123,6 +132,8 @@ def test_export_writes_the_artifacts_and_a_model_card(exported):
   assert card["image_size"] == 32
   assert card["test_time_flip"] is True
   assert card["checkpoint_step"] == trained.step
+  # The artifacts hold the fitted temperature (their answers equal predict's).
+  assert card["calibration"]["temperature"] == trained.temperature != 1.0
   assert card["validation"]["accuracy"] == trained.meta["val"]["accuracy"]
   assert card["versions"]["jax"] == __import__("jax").__version__
 
@@ -139,6 +150,29 @@ def test_uint8_artifacts_equal_predict_in_a_process_without_simpsons_jax(
   np.save(tmp_path / "images.npy", _images(paths))
   _run(loader, written.folder / artifact, tmp_path / "images.npy", tmp_path / "p.npy")
   np.testing.assert_allclose(np.load(tmp_path / "p.npy"), expected, atol=1e-5)
+
+
+def test_explain_jax_draws_the_maps_of_the_run_without_simpsons_jax(
+  exported, tiny_data_dir, tmp_path
+):
+  workdir, written = exported
+  trained = trained_run.load(workdir)
+  images = _images(_frames(tiny_data_dir))
+  targets = np.arange(len(images), dtype=np.int32) % trained.cmap.num_classes
+  np.save(tmp_path / "images.npy", images)
+  np.save(tmp_path / "targets.npy", targets)
+  _run(
+    EXPLAIN_JAX,
+    written.folder / "explain.jax",
+    tmp_path / "images.npy",
+    tmp_path / "targets.npy",
+    tmp_path / "maps.npy",
+  )
+  expected = explain.explainer(
+    trained.config, trained.cmap.num_classes, trained.variables
+  )(images, targets)["grad_cam"]
+  assert expected.shape == (len(images), 32, 32) and expected.max() == 1.0
+  np.testing.assert_allclose(np.load(tmp_path / "maps.npy"), expected, atol=1e-5)
 
 
 def test_savedmodel_takes_image_bytes_and_equals_predict(
@@ -229,6 +263,7 @@ def test_a_new_export_replaces_the_folder_whole_and_lists_its_files(exported, tm
   # Nothing of the first export is left beside the second, nor a temporary.
   assert sorted(p.name for p in full.folder.iterdir()) == [
     "characters.json",
+    "explain.jax",
     "model.jax",
     "model.json",
   ]
@@ -237,7 +272,7 @@ def test_a_new_export_replaces_the_folder_whole_and_lists_its_files(exported, tm
   assert card["formats"] == ["jax"]
   assert card["run"] == os.fspath(workdir)
   assert card["checkpoint_step"] == int(full.folder.name)
-  assert sorted(card["files"]) == ["characters.json", "model.jax"]
+  assert sorted(card["files"]) == ["characters.json", "explain.jax", "model.jax"]
 
 
 def test_a_failed_export_leaves_the_previous_one_as_it_was(

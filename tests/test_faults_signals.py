@@ -1,8 +1,9 @@
 """Real processes, real signals: a killed or stopped run resumes exactly.
 
 Each case starts `main.py` as a subprocess, sends a signal when its log
-reaches a given point, runs the same command again to the end, and compares
-the final weights with an uninterrupted run.
+reaches a given point, runs the same command again (stopping it again at a
+later point), then to the end, and compares the final weights with an
+uninterrupted run.
 """
 
 import functools
@@ -87,42 +88,46 @@ def _final_params(workdir):
   return jax.tree.leaves(jax.device_get(trained.variables["params"]))
 
 
-@pytest.mark.parametrize(
-  "stop_at",
-  [
-    r"epoch 2/3 step 9/18",  # mid-epoch, during a step
-    r"epoch 1 validation",  # as the asynchronous checkpoint save starts
-    r"epoch 2/3 step 12/18",  # as the end-of-epoch evaluation starts
-  ],
-)
-def test_sigkill_then_rerun_equals_uninterrupted(
-  stop_at, reference, tiny_data_dir, tmp_path
+def test_killed_at_three_moments_each_rerun_resumes_and_ends_as_uninterrupted(
+  reference, tiny_data_dir, tmp_path
 ):
   command = _command(tmp_path, tiny_data_dir)
-  returncode, _ = _run(command, stop_at, signal.SIGKILL)
-  assert returncode == -signal.SIGKILL
+  for stop_at in (
+    r"epoch 1 validation",  # as the asynchronous checkpoint save starts
+    r"epoch 2/3 step 9/18",  # mid-epoch, during a step
+    r"epoch 2/3 step 12/18",  # as the end-of-epoch evaluation starts
+  ):
+    returncode, _ = _run(command, stop_at, signal.SIGKILL)
+    assert returncode == -signal.SIGKILL, stop_at
   returncode, log = _run(command)
   assert returncode == 0, log[-3000:]
+  # From the last complete checkpoint, or from the start where none was.
   assert "Resumed from step" in log or "epoch 1/3 step 1/18" in log
   for a, b in zip(reference, _final_params(tmp_path), strict=True):
     np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_sigterm_and_sigint_save_then_resume(
-  signum, reference, tiny_data_dir, tmp_path
+def test_sigterm_then_sigint_each_save_and_the_run_resumes(
+  reference, tiny_data_dir, tmp_path
 ):
   command = _command(tmp_path, tiny_data_dir)
-  returncode, log = _run(command, r"epoch 2/3 step 8/18", signum)
-  assert returncode == 128 + signum, log[-3000:]
-  assert "Run the same command to resume" in log
-  stopped = int(re.search(r"stopped at step (\d+)", log)[1])
-  assert 8 <= stopped < 12
-  saved = {int(p.name) for p in (tmp_path / "checkpoints").iterdir()}
-  assert stopped in saved  # a mid-epoch checkpoint
+  stopped = [0]
+  for signum, stop_at, steps in (
+    (signal.SIGTERM, r"epoch 2/3 step 8/18", range(8, 12)),
+    (signal.SIGINT, r"epoch 3/3 step 14/18", range(14, 18)),
+  ):
+    returncode, log = _run(command, stop_at, signum)
+    assert returncode == 128 + signum, log[-3000:]
+    assert "Run the same command to resume" in log
+    if stopped[-1]:
+      assert f"Resumed from step {stopped[-1]}" in log
+    stopped.append(int(re.search(r"stopped at step (\d+)", log)[1]))
+    assert stopped[-1] in steps
+    saved = {int(p.name) for p in (tmp_path / "checkpoints").iterdir()}
+    assert stopped[-1] in saved  # a mid-epoch checkpoint
   assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
   returncode, log = _run(command)
   assert returncode == 0, log[-3000:]
-  assert f"Resumed from step {stopped}" in log
+  assert f"Resumed from step {stopped[-1]}" in log
   for a, b in zip(reference, _final_params(tmp_path), strict=True):
     np.testing.assert_array_equal(a, b)

@@ -1,8 +1,10 @@
 """--mode=serve: the JSON API over real HTTP, and the page in a headless browser."""
 
+import base64
 import concurrent.futures
 import contextlib
 import dataclasses
+import io
 import json
 import shutil
 import socket
@@ -12,10 +14,13 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 
+import numpy as np
 import pytest
+from PIL import Image
 
-from simpsons_jax import export, predict, serve
+from simpsons_jax import explain, export, image_files, predict, serve
 from simpsons_jax import trained as trained_run
+from simpsons_jax.data import core
 
 pytest.importorskip("fastapi", reason='the serve extra: pip install -e ".[serve]"')
 uvicorn = pytest.importorskip("uvicorn")
@@ -97,16 +102,69 @@ def test_bad_uploads_get_a_4xx_with_a_message(server, body, status, message):
   assert message in json.loads(error.value.read())["error"]
 
 
-def test_an_exported_folder_serves_the_same_answers(trained_workdir, tiny_data_dir):
-  written = export.run(trained_workdir, formats=["jax"])
+def _picture(data_url: str) -> np.ndarray:
+  """A `data:image/png;base64,` URL's pixels."""
+  prefix = "data:image/png;base64,"
+  assert data_url.startswith(prefix)
+  with Image.open(io.BytesIO(base64.b64decode(data_url[len(prefix) :]))) as image:
+    assert image.format == "PNG"
+    return np.asarray(image)
+
+
+def test_where_it_looked_comes_on_request_as_a_small_png(
+  server, trained_workdir, tiny_data_dir
+):
+  frame = sorted(tiny_data_dir.glob("*/*.jpg"))[7]
+  status, plain = _request(f"{server}/predict", frame.read_bytes())
+  assert status == 200 and "where_it_looked" not in plain
+  status, answer = _request(f"{server}/predict?explain=1", frame.read_bytes())
+  assert status == 200
+  assert answer["top"] == plain["top"]
+  picture = _picture(answer["where_it_looked"])
+  # The frame as the model saw it with the Grad-CAM map of the answer over it.
+  trained = trained_run.load(trained_workdir)
+  image = core.resize(image_files.read_image(frame)[1], 32).numpy()
+  answer_id = trained.cmap.names.index(plain["top"][0]["character"])
+  heat = explain.explainer(trained.config, trained.cmap.num_classes, trained.variables)(
+    image[None], np.array([answer_id])
+  )["grad_cam"][0]
+  want = explain.overlay(image, heat)
+  assert picture.shape == (32, 32, 3)
+  assert np.abs(picture.astype(int) - want).max() <= 1
+  status, refused = _request(f"{server}/predict?explain=maybe", frame.read_bytes())
+  assert status == 400 and "ask with explain=1" in refused["error"]
+
+
+def test_an_exported_folder_serves_the_same_answers(
+  trained_workdir, tiny_data_dir, tmp_path
+):
+  written = export.run(trained_workdir, formats=["jax"], output_dir=str(tmp_path))
   from_export = serve.Predictor(serve.load(written.folder), threshold=0.0)
   from_run = serve.Predictor(serve.load(trained_workdir), threshold=0.0)
   frame = sorted(tiny_data_dir.glob("*/*.jpg"))[5].read_bytes()
-  a, b = from_export(frame), from_run(frame)
+  a, b = from_export(frame, explain_answer=True), from_run(frame, True)
   assert a["character"] == b["character"]
   for x, y in zip(a["top"], b["top"], strict=True):
     assert x["character"] == y["character"]
     assert x["probability"] == pytest.approx(y["probability"], abs=1e-5)
+  looked_export, looked_run = (_picture(x["where_it_looked"]) for x in (a, b))
+  assert np.abs(looked_export.astype(int) - looked_run).max() <= 1
+  # An export written before explain.jax answers, and says it cannot draw.
+  (written.folder / "explain.jax").unlink()
+  card = json.loads((written.folder / "model.json").read_text())
+  del card["files"]["explain.jax"]
+  (written.folder / "model.json").write_text(json.dumps(card))
+  older = serve.load(written.folder)
+  assert older.explain is None
+  with _serving(serve.create_app(older)) as port:
+    status, answer = _request(f"http://127.0.0.1:{port}/predict", frame)
+    assert status == 200 and answer["character"] == b["character"]
+    status, answer = _request(f"http://127.0.0.1:{port}/predict?explain=1", frame)
+  assert status == 400
+  assert answer["error"] == (
+    "this export cannot draw where the model looked (it has no explain.jax): "
+    "export the run again, or serve the run itself"
+  )
 
 
 def test_the_page_in_a_headless_browser_names_the_character(
@@ -142,6 +200,14 @@ def test_the_page_in_a_headless_browser_names_the_character(
     bars = driver.find_elements(By.CSS_SELECTOR, "#bars .bar")
     assert len(bars) == 3
     assert want["top"][0]["character"].replace("_", " ") in bars[0].text
+    looked = driver.find_element(By.ID, "looked")
+    assert not looked.is_displayed()
+    driver.find_element(By.ID, "explain").click()  # "Where it looked": asks again.
+    source = WebDriverWait(driver, 60).until(
+      lambda d: looked.is_displayed() and looked.get_attribute("src")
+    )
+    assert _picture(source).shape == (32, 32, 3)
+    assert driver.find_element(By.ID, "character").get_attribute("data-name") == shown
     driver.save_screenshot(str(tmp_path / "page.png"))
   finally:
     driver.quit()
@@ -203,9 +269,8 @@ def test_requests_waiting_together_run_as_one_batch_with_the_same_answers(
   one_at_a_time = serve.Predictor(model, threshold=0.0, max_batch=1)
   expected = [one_at_a_time(f) for f in frames]
   batches = []
-  counted = serve.Model(
-    lambda images: batches.append(len(images)) or model.classify(images),
-    *dataclasses.astuple(model)[1:],
+  counted = dataclasses.replace(
+    model, classify=lambda images: batches.append(len(images)) or model.classify(images)
   )
   batched = serve.Predictor(counted, threshold=0.0, max_batch=8, batch_wait=0.2)
   batches.clear()  # The warm-up's.
@@ -229,9 +294,8 @@ def test_the_pixels_decoded_at_once_are_bounded(trained_workdir):
   model = serve.load(trained_workdir)
   image = _jpeg(300, 200)
   batches = []
-  counted = serve.Model(
-    lambda images: batches.append(len(images)) or model.classify(images),
-    *dataclasses.astuple(model)[1:],
+  counted = dataclasses.replace(
+    model, classify=lambda images: batches.append(len(images)) or model.classify(images)
   )
   # Two images' worth of pixels: a batch never holds more, however many wait.
   answer = serve.Predictor(

@@ -75,6 +75,14 @@ def test_tfds_source_splits_and_decodes_like_the_folder(
   np.testing.assert_array_equal(train_l.indices, train_t.indices)
   np.testing.assert_array_equal(val_l.labels, val_t.labels)
   assert val_t.frames([0])[0].ndim == 3
+  # The pixels the figures explain are the ones the model is fed, in the
+  # order asked, repeats included.
+  chosen = [5, 0, 17, 5]
+  for examples in (val_f, val_t):
+    fed = [x["image"] for x in examples.decoded(32).as_numpy_iterator()]
+    np.testing.assert_array_equal(
+      examples.model_inputs(chosen, 32), np.stack([fed[i] for i in chosen])
+    )
 
 
 def test_training_from_tfds_scores_validation_like_evaluate(

@@ -44,6 +44,23 @@ class Examples(abc.ABC):
   def frames(self, indices: Sequence[int]) -> list[str | np.ndarray]:
     """The examples at `indices` at full size, to draw: a file, or pixels."""
 
+  def model_inputs(self, indices: Sequence[int], image_size: int) -> np.ndarray:
+    """The examples at `indices` as the model sees them: uint8 (N, size,
+    size, 3), decoded and resized as training does."""
+    unique, inverse = np.unique(np.asarray(indices, np.int64), return_inverse=True)
+    slot = np.full(len(self), -1, np.int64)
+    slot[unique] = np.arange(len(unique))
+    slots = tf.constant(slot)
+    ds = self.encoded().enumerate()
+    ds = ds.filter(lambda i, example: slots[i] >= 0)
+    ds = ds.map(
+      lambda i, example: (slots[i], resize(image_files.decode(example[0]), image_size))
+    )
+    pixels = np.zeros((len(unique), image_size, image_size, 3), np.uint8)
+    for position, image in ds.as_numpy_iterator():
+      pixels[position] = image
+    return pixels[inverse]
+
   def decoded(
     self,
     image_size: int,
