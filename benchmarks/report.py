@@ -54,6 +54,12 @@ def _minutes(seconds: float) -> str:
   return f"{int(seconds // 60)} min {round(seconds % 60):02d} s"
 
 
+def _changes(result: Mapping[str, Any]) -> list[str]:
+  """The config's keys the run's command changed, but its data folder."""
+  found = re.findall(r"--override=([\w.]+)=([^ ']+)", result["command"])
+  return [f"{key}={value}" for key, value in found if key != "data.dir"]
+
+
 def _accuracy(results: list[dict[str, Any]]) -> str:
   rows = [
     "| config | data | validation images | accuracy | macro-F1 | balanced accuracy "
@@ -63,8 +69,7 @@ def _accuracy(results: list[dict[str, Any]]) -> str:
   for r in results:
     config, median, runs = r["config"], r["median"], r["runs"]
     data = config["data"]["dir"] or config["data"]["source"]
-    held = config["data"].get("hold_out") or []
-    held = f", holding out {', '.join(held)}" if held else ""
+    held = "".join(f", `{change}`" for change in _changes(r))
     seeds = " / ".join(f"{run['accuracy']:.1%}" for run in runs)
     rows.append(
       f"| `{r['config_file']}` | `{data}`, {config['data']['image_size']} px, "
@@ -135,11 +140,12 @@ def _calibration(results: list[dict[str, Any]]) -> str:
         if u
         else "not measured"
       )
-      coverage = (
-        f"{u['threshold_for_95_precision']:.3f}: {u['known_answered']:.1%}"
+      at_95 = c.get("at_95_precision") or (
+        {"threshold": u["threshold_for_95_precision"], "answered": u["known_answered"]}
         if u and "known_answered" in u
-        else "-"
+        else None
       )
+      coverage = f"{at_95['threshold']:.3f}: {at_95['answered']:.1%}" if at_95 else "-"
       rows.append(
         f"| `{r['config_file']}` seed {run['seed']} "
         f"| {r['config']['data']['dir'] or r['config']['data']['source']} "
@@ -161,13 +167,18 @@ def _how_sure(results: list[dict[str, Any]]) -> str:
         continue
       c, u = run["calibration"], run.get("unknown")
       data = r["config"]["data"]["dir"] or r["config"]["data"]["source"]
+      changed = [c for c in _changes(r) if not c.startswith("data.hold_out=")]
       line = (
-        f"- `{r['config_file']}` on {Path(data).parent.name or data} "
+        f"- `{r['config_file']}`{''.join(f' `--config.{c}`' for c in changed)} "
+        f"on {Path(data).parent.name or data} "
         f"({run['num_examples']} validation images, accuracy {run['accuracy']:.1%}): "
         f"ECE {c['ece']['uncalibrated']:.1%} -> {c['ece']['calibrated']:.1%}"
       )
       if "floor" in c["ece"]:
         line += f" (a perfectly calibrated model would measure {c['ece']['floor']:.1%})"
+      if "at_95_precision" in c:
+        answered = c["at_95_precision"]["answered"]
+        line += f"; the 95%-precision threshold answers {answered:.0%}"
       if u and "known_answered" in u:
         held = " and ".join(r["config"]["data"]["hold_out"])
         line += (
@@ -223,15 +234,19 @@ def render_config(text: str, result: Mapping[str, Any]) -> str:
   return text.replace('"""\n', paragraph + '\n"""\n', 1)
 
 
+def _as_shipped(result: Mapping[str, Any]) -> bool:
+  """Whether a run measured its config as shipped (its data folder aside):
+  only such a run speaks for the config (one holding characters out, or with
+  a larger validation split, measures something else)."""
+  return not _changes(result)
+
+
 def rendered() -> dict[Path, str]:
   """Every file the results decide, as it should read."""
   results = load()
   out = {ROOT / doc: render_doc((ROOT / doc).read_text(), results) for doc in DOCS}
   for result in results:
-    # A run holding characters out measures unknowns, not what the config reaches.
-    if result["benchmark"] == "accuracy" and not result["config"]["data"].get(
-      "hold_out"
-    ):
+    if result["benchmark"] == "accuracy" and _as_shipped(result):
       path = ROOT / result["config_file"]
       out[path] = render_config(out.get(path, path.read_text()), result)
   return out

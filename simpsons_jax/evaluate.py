@@ -148,10 +148,10 @@ def _calibration_report(
 ) -> dict[str, Any]:
   """ECE (15 bins) and NLL without and with the checkpoint's temperature;
   `ece.floor`: what a perfectly calibrated model would measure here."""
-  labels = rows["labels"]
+  labels, fitted = rows["labels"], bool(trained.calibration)
   return {
     "temperature": trained.temperature,
-    "fitted": bool(trained.calibration),
+    "fitted": fitted,
     "ece": {
       "uncalibrated": calibration.ece(raw, labels),
       "calibrated": calibration.ece(calibrated, labels),
@@ -162,6 +162,20 @@ def _calibration_report(
       "calibrated": calibration.nll(calibrated, labels),
     },
     "bins": calibration.ECE_BINS,
+    **({"at_95_precision": _answered(calibrated, labels, trained)} if fitted else {}),
+  }
+
+
+def _answered(calibrated: np.ndarray, labels: np.ndarray, trained) -> dict[str, float]:
+  """At the threshold chosen on the validation split for 95% precision: the
+  share of these images answered, and how many of those are right."""
+  threshold = trained.threshold("auto:precision=0.95")
+  answered = calibrated.max(-1) >= threshold
+  right = calibrated.argmax(-1) == labels
+  return {
+    "threshold": threshold,
+    "answered": float(answered.mean()),
+    "precision": float(right[answered].mean()) if answered.any() else None,
   }
 
 

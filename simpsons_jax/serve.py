@@ -12,8 +12,9 @@
   (`curl -F image=@frame.jpg`, an HTML form) -> `{"character", "top":
   [{"character", "probability"}], "threshold"}`; `POST /predict?explain=1`
   adds `where_it_looked`: the image as the model saw it with the Grad-CAM map
-  of its most probable character over it, a PNG as a `data:` URL (base64);
-  the page's "where it looked" box asks for it;
+  of its most probable character over it, a PNG as a `data:` URL (base64;
+  the first such request compiles the gradients, a few seconds); the page's
+  "where it looked" box asks for it;
 - `GET /health`, `GET /characters`.
 
 Requests are bounded: the body's size (`max_bytes`) and the time to send it

@@ -108,7 +108,64 @@ def test_held_out_characters_are_scored_as_unknown(tiny_data_dir, tmp_path):
   assert all(0 <= a <= 1 for a in unknown["auroc"].values())
   assert 0 <= unknown["unknowns_answered_unknown"] <= 1
   assert report["calibration"]["fitted"]
+  at_95 = report["calibration"]["at_95_precision"]
+  assert at_95["threshold"] == unknown["threshold_for_95_precision"]
+  assert at_95["answered"] == unknown["known_answered"]
+  # On the split the threshold was chosen on, the answered images reach 95%.
+  assert at_95["answered"] == 0 or at_95["precision"] >= 0.95
   assert (tmp_path / "eval" / "validation" / "reliability.png").exists()
   config.data.hold_out = ("nobody",)
   with pytest.raises(ValueError, match="hold_out names characters the data has none"):
     train.train_and_evaluate(config, tmp_path / "other")
+
+
+def test_predict_video_and_serve_give_the_same_calibrated_probabilities(
+  trained_workdir, tiny_data_dir, tmp_path
+):
+  """(The exported files equal predict too: tests/test_export.py.)"""
+  av = pytest.importorskip("av")
+  from PIL import Image
+
+  from simpsons_jax import predict, serve, video
+
+  trained = trained_run.load(trained_workdir)
+  assert trained.temperature != 1.0
+  names, size = trained.cmap.names, (64, 48)
+  frames = [
+    np.asarray(Image.open(p).convert("RGB").resize(size))
+    for p in sorted(tiny_data_dir.glob("*/*.jpg"))[::11][:6]
+  ]
+  paths = []
+  for i, frame in enumerate(frames):
+    paths.append(tmp_path / f"{i}.png")
+    Image.fromarray(frame).save(paths[-1])
+  # A lossless video of the same frames (the PNG codec keeps every pixel).
+  with av.open(str(tmp_path / "clip.mov"), "w") as sink:
+    stream = sink.add_stream("png", rate=1)
+    stream.width, stream.height = size
+    stream.pix_fmt = "rgb24"
+    for frame in frames:
+      for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+        sink.mux(packet)
+    for packet in stream.encode():
+      sink.mux(packet)
+
+  def table(answers):
+    """Each answer's probabilities in the characters' order."""
+    rows = [{t["character"]: t["probability"] for t in a["top"]} for a in answers]
+    return np.array([[row[name] for name in names] for row in rows])
+
+  by_predict = table(predict.classify_stream(trained, paths, top_k=len(names)))
+  by_video = video.analyse(
+    tmp_path / "clip.mov",
+    trained_run.classifier(trained, 4),
+    trained.config.data.image_size,
+    video.Options(fps=0.0),
+  ).probabilities
+  server = serve.Predictor(serve.load(trained_workdir), threshold=0.0, top_k=len(names))
+  by_serve = table(server(path.read_bytes()) for path in paths)
+  assert by_predict.shape == (6, len(names))
+  np.testing.assert_allclose(by_video, by_predict, atol=1e-5)
+  np.testing.assert_allclose(by_serve, by_predict, atol=1e-5)
+  uncalibrated = calibration.with_temperature(by_predict, 1 / trained.temperature)
+  assert np.abs(uncalibrated - by_predict).max() > 1e-3  # The temperature matters.

@@ -4,8 +4,10 @@ network with random weights (the sanity check of Adebayo et al. 2018)."""
 
 import jax
 import numpy as np
+import pytest
 from PIL import Image
 
+from configs import default
 from simpsons_jax import explain, models, train
 from simpsons_jax import trained as trained_run
 from tests.conftest import make_tiny_config
@@ -85,3 +87,28 @@ def test_predict_explain_draws_each_image_and_names_the_drawing(
   assert len(drawn) == 3 and "error" in results[-1]
   for path in drawn:
     assert Image.open(path).size[0] > 300  # A figure of three panels.
+
+
+@pytest.mark.parametrize(
+  "name, size, dtype",
+  [
+    *((name, "min", "float32") for name in models.MODELS),
+    *((name, 64, "float32") for name in models.MODELS),
+    ("simpsons_cnn", 64, "bfloat16"),
+  ],
+)
+def test_every_model_at_any_size_and_dtype_gives_maps_of_its_images(name, size, dtype):
+  config = default.get_config()
+  config.model.name = name
+  config.train.dtype = dtype
+  size = models.min_image_size(config) if size == "min" else size
+  images = np.random.default_rng(0).integers(0, 256, (3, size, size, 3), np.uint8)
+  model = models.create(config, 5, kernels="xla")
+  variables = model.init(jax.random.PRNGKey(0), images, train=False)
+  found = explain.explainer(config, 5, variables)(images)
+  for kind in ("grad_cam", "input_gradient"):
+    assert found[kind].shape == (3, size, size)
+    assert np.isfinite(found[kind]).all()
+    assert found[kind].min() >= 0 and found[kind].max() <= 1
+  answers = np.asarray(model.apply(variables, images, train=False)).argmax(-1)
+  np.testing.assert_array_equal(found["targets"], answers)
