@@ -166,9 +166,12 @@ def _calibration_report(
   }
 
 
-def _answered(calibrated: np.ndarray, labels: np.ndarray, trained) -> dict[str, float]:
+def _answered(
+  calibrated: np.ndarray, labels: np.ndarray, trained
+) -> dict[str, float | None]:
   """At the threshold chosen on the validation split for 95% precision: the
-  share of these images answered, and how many of those are right."""
+  share of these images answered, and how many of those are right (None when
+  none is)."""
   threshold = trained.threshold("auto:precision=0.95")
   answered = calibrated.max(-1) >= threshold
   right = calibrated.argmax(-1) == labels
