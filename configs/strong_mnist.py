@@ -10,7 +10,7 @@ jitter of 0.2), sized for two CPU cores (`python benchmarks/speed.py
 
 Measured (docs/results/strong_mnist.json, rendered): 93.2% validation accuracy,
 macro-F1 0.932, on 400 validation images of ../shared/data/simpsons-mnist/train,
-in 10 min 57 s end to end on Intel(R) Xeon(R) Processor (avx2, avx512, amx), 2
+in 12 min 40 s end to end on Intel(R) Xeon(R) Processor (avx2, avx512, amx), 2
 cores (median of seeds 0).
 """
 

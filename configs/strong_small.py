@@ -10,7 +10,7 @@ Simpsons-MNIST run may do better: configs/finetune_frames.py.
 
 Measured (docs/results/strong_small_frames.json, rendered): 87.6% validation
 accuracy, macro-F1 0.799, on 121 validation images of
-../shared/data/frames/train, in 6 min 11 s end to end on Intel(R) Xeon(R)
+../shared/data/frames/train, in 5 min 59 s end to end on Intel(R) Xeon(R)
 Processor (avx2, avx512, amx), 2 cores (median of seeds 0).
 """
 

@@ -89,7 +89,9 @@ def run(
     unknown_rows = evaluators.Evaluator("unknown", unknown).run(
       score, trained.variables, mesh, config, names
     )[1]
-    result["unknown"] = _unknown_report(probs, rows, unknown_rows, trained)
+    result["unknown"] = _unknown_report(
+      probs, rows, unknown_rows, trained, result["calibration"].get("at_95_precision")
+    )
   out.mkdir(parents=True, exist_ok=True)
   for stale in out.glob("*.png"):  # Another evaluation's: the report lists ours.
     stale.unlink()
@@ -187,10 +189,12 @@ def _unknown_report(
   rows: dict[str, np.ndarray],
   unknown_rows: dict[str, np.ndarray],
   trained,
+  at_95: dict[str, Any] | None,
 ) -> dict[str, Any]:
   """Known (the evaluated images) against unknown characters: AUROC of the
   maximum calibrated probability and of the energy score, and the share of
-  unknowns answered 'unknown' at the threshold chosen for 95% precision."""
+  unknowns answered 'unknown' at the threshold chosen for 95% precision
+  (`at_95`, from the calibration report; None for a run without one)."""
   unknown = calibration.with_temperature(
     unknown_rows["probabilities"], trained.temperature
   )
@@ -203,11 +207,12 @@ def _unknown_report(
     },
   }
   report["better_score"] = max(report["auroc"], key=report["auroc"].get)
-  if trained.calibration:
-    threshold = trained.threshold("auto:precision=0.95")
-    report["threshold_for_95_precision"] = threshold
-    report["unknowns_answered_unknown"] = float((unknown.max(-1) < threshold).mean())
-    report["known_answered"] = float((probs.max(-1) >= threshold).mean())
+  if at_95:
+    report["threshold_for_95_precision"] = at_95["threshold"]
+    report["unknowns_answered_unknown"] = float(
+      (unknown.max(-1) < at_95["threshold"]).mean()
+    )
+    report["known_answered"] = at_95["answered"]
   return report
 
 
