@@ -147,7 +147,8 @@ def _calibration(results: list[dict[str, Any]]) -> str:
       )
       coverage = f"{at_95['threshold']:.3f}: {at_95['answered']:.1%}" if at_95 else "-"
       rows.append(
-        f"| `{r['config_file']}` seed {run['seed']} "
+        f"| `{r['config_file']}`{''.join(f' `{c}`' for c in _changes(r))} "
+        f"seed {run['seed']} "
         f"| {r['config']['data']['dir'] or r['config']['data']['source']} "
         f"| {c['temperature']:.3f} "
         f"| {c['ece']['uncalibrated']:.2%} -> **{c['ece']['calibrated']:.2%}** "
