@@ -46,6 +46,8 @@ def chunked_kernel_grad_conv(lhs: jax.Array, rhs: jax.Array, *args, **kwargs):
     x, kernel = residuals
     (dx,) = jax.vjp(lambda x: conv(x, kernel), x)[1](g)
     n = x.shape[0]
+    if not isinstance(n, int):  # A symbolic batch (jax.export): one chunk.
+      return dx, jax.vjp(functools.partial(conv, x), kernel)[1](g)[0]
     rows = max(1, KERNEL_GRAD_PIXELS // (x.shape[1] * x.shape[2]))
     chunks = max(1, min(n // rows, MAX_KERNEL_GRAD_CHUNKS))
     while n % chunks:

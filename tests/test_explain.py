@@ -112,3 +112,14 @@ def test_every_model_at_any_size_and_dtype_gives_maps_of_its_images(name, size, 
     assert found[kind].min() >= 0 and found[kind].max() <= 1
   answers = np.asarray(model.apply(variables, images, train=False)).argmax(-1)
   np.testing.assert_array_equal(found["targets"], answers)
+  # Exported for any batch size (explain.jax), the same maps.
+  (b,) = jax.export.symbolic_shape("b")
+  exported = jax.export.export(
+    jax.jit(lambda x, t: explain.maps(model.apply, variables, x, t)["grad_cam"])
+  )(
+    jax.ShapeDtypeStruct((b, size, size, 3), np.uint8),
+    jax.ShapeDtypeStruct((b,), np.int32),
+  )
+  np.testing.assert_allclose(
+    exported.call(images, answers.astype(np.int32)), found["grad_cam"], atol=1e-5
+  )
