@@ -322,13 +322,20 @@ class Predictor:
     return {**found, "threshold": self._threshold}
 
 
-def _asked_to_explain(value: str) -> bool:
-  """The `explain` query parameter as a yes or no; BadUpload otherwise."""
-  if value.lower() in ("1", "true", "yes"):
-    return True
+def _asked_to_explain(value: str, model: Model) -> bool:
+  """The `explain` query parameter as a yes or no; BadUpload when it is
+  neither, or yes to a model that cannot draw maps."""
   if value.lower() in ("0", "false", "no", ""):
     return False
-  raise BadUpload(400, f"explain={value} is not a yes or no: ask with explain=1")
+  if value.lower() not in ("1", "true", "yes"):
+    raise BadUpload(400, f"explain={value} is not a yes or no: ask with explain=1")
+  if model.explain is None:
+    raise BadUpload(
+      400,
+      "this export cannot draw where the model looked (it has no explain.jax): "
+      "export the run again, or serve the run itself",
+    )
+  return True
 
 
 def _png_data_url(image: np.ndarray) -> str:
@@ -411,13 +418,8 @@ def create_app(
   @app.post("/predict")
   async def predict_route(request: Request) -> JSONResponse:
     try:
-      explain_answer = _asked_to_explain(request.query_params.get("explain", "0"))
-      if explain_answer and model.explain is None:
-        raise BadUpload(
-          400,
-          "this export cannot draw where the model looked (it has no "
-          "explain.jax): export the run again, or serve the run itself",
-        )
+      asked = request.query_params.get("explain", "0")
+      explain_answer = _asked_to_explain(asked, model)
       body = await read_body(request)
       try:
         async with asyncio.timeout(timeout):
