@@ -123,10 +123,11 @@ def test_predict_video_and_serve_give_the_same_calibrated_probabilities(
   trained_workdir, tiny_data_dir, tmp_path
 ):
   """(The exported files equal predict too: tests/test_export.py.)"""
-  av = pytest.importorskip("av")
+  pytest.importorskip("av")
   from PIL import Image
 
   from simpsons_jax import predict, serve, video
+  from tests.test_video import write_clip
 
   trained = trained_run.load(trained_workdir)
   assert trained.temperature != 1.0
@@ -140,15 +141,7 @@ def test_predict_video_and_serve_give_the_same_calibrated_probabilities(
     paths.append(tmp_path / f"{i}.png")
     Image.fromarray(frame).save(paths[-1])
   # A lossless video of the same frames (the PNG codec keeps every pixel).
-  with av.open(str(tmp_path / "clip.mov"), "w") as sink:
-    stream = sink.add_stream("png", rate=1)
-    stream.width, stream.height = size
-    stream.pix_fmt = "rgb24"
-    for frame in frames:
-      for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-        sink.mux(packet)
-    for packet in stream.encode():
-      sink.mux(packet)
+  write_clip(tmp_path / "clip.mov", frames, 1, "png", "rgb24", size)
 
   def table(answers):
     """Each answer's probabilities in the characters' order."""

@@ -23,12 +23,20 @@ FPS = 10  # Of the test clips.
 SIZE = (160, 120)  # Width, height of the test clips.
 
 
-def _write_clip(path: Path, frames, fps: int = FPS, codec: str = "libx264") -> None:
-  """Encodes RGB uint8 frames (all SIZE) as a video at `fps`."""
+def write_clip(
+  path: Path,
+  frames,
+  fps: int = FPS,
+  codec: str = "libx264",
+  pix_fmt: str = "yuv420p",
+  size: tuple[int, int] = SIZE,
+) -> None:
+  """Encodes RGB uint8 frames (all `size`) as a video at `fps` (codec 'png',
+  pix_fmt 'rgb24': every pixel kept)."""
   with av.open(str(path), "w") as sink:
     stream = sink.add_stream(codec, rate=fps)
-    stream.width, stream.height = SIZE
-    stream.pix_fmt = "yuv420p"
+    stream.width, stream.height = size
+    stream.pix_fmt = pix_fmt
     for frame in frames:
       for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
         sink.mux(packet)
@@ -69,7 +77,7 @@ def test_segments_labels_and_screen_time_on_hand_built_samples():
 
 def test_frames_are_sampled_by_their_timestamps(tmp_path):
   clip = tmp_path / "clip.mkv"
-  _write_clip(clip, [np.full((*SIZE[::-1], 3), i * 8, np.uint8) for i in range(30)])
+  write_clip(clip, [np.full((*SIZE[::-1], 3), i * 8, np.uint8) for i in range(30)])
   every = list(video.Frames(clip))
   assert [i for i, _, _ in every] == list(range(30))
   assert every[0][2].shape == (SIZE[1], SIZE[0], 3)
@@ -147,7 +155,7 @@ def _known_clip(path: Path, trained_frames: dict, rng) -> list:
     frames += [shown[(i // 5) % len(shown)] for i in range(count)]  # 0.5 s each
     expected.append((name, t, t + seconds))
     t += seconds
-  _write_clip(path, frames)
+  write_clip(path, frames)
   return expected
 
 
@@ -242,7 +250,7 @@ def test_an_unwritable_output_folder_stops_before_decoding(
 ):
   workdir, trained_frames = frames_workdir
   clip = tmp_path / "clip.mp4"
-  _write_clip(clip, [next(iter(trained_frames.values()))[0]] * 4)
+  write_clip(clip, [next(iter(trained_frames.values()))[0]] * 4)
   blocker = tmp_path / "file"
   blocker.write_text("")
   monkeypatch.setattr(video, "analyse", lambda *a: pytest.fail("decoded first"))
@@ -254,7 +262,7 @@ def test_the_command_line_prints_screen_time(frames_workdir, tmp_path):
   workdir, trained_frames = frames_workdir
   clip = tmp_path / "clip.webm"
   names = sorted(trained_frames)
-  _write_clip(clip, [trained_frames[names[0]][0]] * 20, codec="libvpx-vp9")
+  write_clip(clip, [trained_frames[names[0]][0]] * 20, codec="libvpx-vp9")
   result = subprocess.run(
     [sys.executable, "main.py", "--mode=predict", f"--workdir={workdir}", str(clip)]
     + [f"--output_dir={tmp_path / 'out'}", "--video_fps=0", "--checkpoint=latest"],
