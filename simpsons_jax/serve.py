@@ -41,7 +41,6 @@ import errno
 import gc
 import importlib.resources
 import io
-import json
 import os
 import queue
 import socket
@@ -54,7 +53,15 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
-from simpsons_jax import answers, calibration, explain, files, image_files
+from simpsons_jax import (
+  answers,
+  calibration,
+  connections,
+  errors,
+  explain,
+  files,
+  image_files,
+)
 from simpsons_jax import trained as trained_run
 from simpsons_jax.data import core, folder
 
@@ -81,25 +88,20 @@ def load(path: str | os.PathLike, checkpoint: str = "best") -> Model:
   """A training run's checkpoint, or an exported folder's model.jax."""
   path = files.as_path(path)
   if (path / "model.json").is_file():  # An export folder.
-    import jax
-
     from simpsons_jax import export
 
-    card = export.verify(path)  # Files of one export, all there.
-    exported = jax.export.deserialize((path / "model.jax").read_bytes())
-    maps = None
-    if (path / "explain.jax").is_file():
-      explained = jax.export.deserialize((path / "explain.jax").read_bytes())
-      maps = lambda images, targets: np.asarray(explained.call(images, targets))  # noqa: E731
+    opened = export.open_folder(path)  # Its files, all there and agreeing.
+    maps = opened.grad_cam
+    card = opened.card
     return Model(
-      lambda images: np.asarray(exported.call(images)),
-      tuple(json.loads((path / "characters.json").read_text())),
+      lambda images: np.asarray(opened.probabilities(images)),
+      opened.names,
       card["image_size"],
       image_files.DEFAULT_MAX_PIXELS,
       f"{path / 'model.jax'}",
-      f"exported {card['model']}, step {card['checkpoint_step']}",
+      f"exported {card.get('model')}, step {card.get('checkpoint_step')}",
       card.get("calibration", {}),
-      maps,
+      None if maps is None else lambda x, y: np.asarray(maps(x, y)),
     )
   trained = trained_run.load(path, checkpoint)
   grad_cam = explain.explainer(
@@ -141,7 +143,7 @@ class Batcher:
     wait: float = 0.002,
   ):
     if max_batch < 1:
-      raise ValueError(f"--max_batch must be at least 1, not {max_batch}")
+      raise errors.UserError(f"--max_batch must be at least 1, not {max_batch}")
     self._run, self._max_batch, self._wait = run, max_batch, wait
     self._queue: queue.SimpleQueue = queue.SimpleQueue()
     threading.Thread(target=self._work, name="batcher", daemon=True).start()
@@ -441,22 +443,26 @@ def create_app(
   return app
 
 
-def check_port(host: str, port: int) -> None:
-  """ValueError in one sentence when `host:port` cannot be listened on."""
+def listening_socket(host: str, port: int) -> socket.socket:
+  """A socket listening on `host:port` (port 0: one the system picks; the
+  socket's name says which); UserError in one sentence when it cannot."""
   family = socket.AF_INET6 if ":" in host else socket.AF_INET
-  with socket.socket(family, socket.SOCK_STREAM) as probe:
-    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-      probe.bind((host, port))
-    except OSError as e:
-      if e.errno == errno.EADDRINUSE:
-        raise ValueError(
-          f"port {port} on {host} is in use (another server?): stop it, or "
-          "choose another with --port"
-        ) from None
-      raise ValueError(
-        f"cannot listen on {host}:{port} ({e.strerror}): check --host"
+  listener = socket.socket(family, socket.SOCK_STREAM)
+  listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+  try:
+    listener.bind((host, port))
+    listener.listen(2048)
+  except OSError as e:
+    listener.close()
+    if e.errno == errno.EADDRINUSE:
+      raise errors.UserError(
+        f"port {port} on {host} is in use (another server?): stop it, or "
+        "choose another with --port"
       ) from None
+    raise errors.UserError(
+      f"cannot listen on {host}:{port} ({e.strerror}): check --host and --port"
+    ) from None
+  return listener
 
 
 def run(
@@ -473,10 +479,10 @@ def run(
   try:
     import uvicorn
   except ImportError:
-    raise ValueError(
+    raise errors.UserError(
       'serving needs FastAPI and uvicorn, an optional extra: pip install -e ".[serve]"'
     ) from None
-  check_port(host, port)
+  listener = listening_socket(host, port)
   model = load(path, checkpoint)
   threshold, said = calibration.threshold(str(threshold), model.calibration)
   if said:
@@ -485,6 +491,12 @@ def run(
   # The model's and the libraries' objects out of the garbage collector's
   # sight: its full collections would otherwise stall requests.
   gc.freeze()
-  print(f"Serving {model.source} on http://{host}:{port}/")
+  bound = listener.getsockname()[1]
+  shown = f"[{host}]" if ":" in host else host
+  print(f"Serving {model.source} on http://{shown}:{bound}/", flush=True)
+  protocol = connections.bounded_protocol(
+    connections.HEADER_TIMEOUT, connections.max_connections()
+  )
   # A log line per request costs more than parsing it: errors only.
-  uvicorn.run(app, host=host, port=port, access_log=False)
+  config = uvicorn.Config(app, http=protocol, access_log=False)
+  uvicorn.Server(config).run(sockets=[listener])
