@@ -1,8 +1,9 @@
 """Checks of a config's values before heavy work.
 
 Unknown keys and wrong types are rejected by `lock_config` when the flags are
-parsed; here go values that are impossible. Whether a workdir's run can be
-continued is `workdir.prepare`'s to say.
+parsed; here go values that are impossible, and sizes that cannot fit in
+memory (`footprint`). Whether a workdir's run can be continued is
+`run_folder.prepare`'s to say.
 """
 
 from __future__ import annotations
@@ -12,7 +13,16 @@ from collections.abc import Sequence
 import ml_collections
 from jax.sharding import Mesh
 
-from simpsons_jax import checkpointing, config_keys, data, mixing, models, sharding
+from simpsons_jax import (
+  checkpointing,
+  config_keys,
+  data,
+  errors,
+  footprint,
+  mixing,
+  models,
+  sharding,
+)
 
 CHOICES = {
   "train.dtype": ("float32", "bfloat16"),
@@ -102,5 +112,6 @@ def check(
       "(tfds as tfds:NAME[:VERSION])"
     )
   if problems:
-    raise ValueError("Invalid config: " + "; ".join(problems) + ".")
+    raise errors.UserError("Invalid config: " + "; ".join(problems) + ".")
   sharding.check_batch_size(config.train.batch_size, mesh)
+  footprint.check(config, mesh)
