@@ -49,31 +49,35 @@ flags.DEFINE_enum(
 )
 flags.mark_flag_as_required("workdir")
 
-# A user's mistakes (a missing folder, an impossible value, a workdir conflict)
-# raise these with a message that names the fix: print it alone, no traceback.
-# SIMPSONS_JAX_TRACEBACK=1 shows the traceback too.
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError)
 # What a disk or a path refuses: one sentence naming the path and the way out.
-DISK_ERRORS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
+DISK_ERRORS = {
+  errno.EACCES,
+  errno.EPERM,
+  errno.EROFS,
+  errno.ENOSPC,
+  errno.EDQUOT,
+  errno.ENOENT,
+  errno.ENOTDIR,
+  errno.EISDIR,
+}
 
 
 def main(argv: list[str]) -> None:
   from simpsons_jax import host_memory
 
   host_memory.keep_freed_memory()  # Before JAX starts its threads: see there.
-  from simpsons_jax import checkpointing, files, run_folder
+  from simpsons_jax import errors, files
 
   paths = argv[1:]
   if paths and FLAGS.mode not in TAKE_PATHS:
     raise app.UsageError(f"Unexpected arguments: {paths}")
-  said = (*USER_ERRORS, run_folder.WorkdirBusy, checkpointing.SaveFailed)
   try:
     runtime.start()
     MODES[FLAGS.mode](files.as_path(FLAGS.workdir), paths, FLAGS.config)
-  except (*said, OSError) as error:
+  except (errors.UserError, OSError) as error:
     if os.environ.get("SIMPSONS_JAX_TRACEBACK"):
       raise
-    if not isinstance(error, said):
+    if not isinstance(error, errors.UserError):
       if error.errno not in DISK_ERRORS:
         raise
       error = _disk_error(error, FLAGS.mode)
@@ -86,6 +90,8 @@ def _disk_error(error: OSError, mode: str) -> str:
   where = f"{error.filename}: " if error.filename else ""
   if mode == "train":
     fix = "give --workdir a folder on a disk you can write to, with room to spare"
+  elif mode == "predict":
+    fix = "give --output, --output_dir or --annotate_video a place you can write to"
   else:
     fix = "give --output_dir a folder you can write to"
   return f"{where}{error.strerror or error} ({mode}): {fix}"
@@ -95,14 +101,21 @@ def _parse_flags(argv: list[str]) -> list[str]:
   """absl's parsing, with an unknown `--config.KEY` said in one line that
   names the closest keys of the config file (ml_collections raises a chained
   AttributeError for it)."""
+  from simpsons_jax import config_keys
+
   try:
+    config_keys.check_config_file(argv)
     return app.parse_flags_with_usage(argv)
-  except (AttributeError, KeyError):
+  except (AttributeError, KeyError, SyntaxError, config_keys.ConfigFileError) as e:
     if os.environ.get("SIMPSONS_JAX_TRACEBACK"):
       raise
-    from simpsons_jax import config_keys
-
-    print(f"error: {config_keys.unknown_override(argv)}", file=sys.stderr)
+    if isinstance(e, SyntaxError):
+      said = config_keys.syntax_error(e)
+    elif isinstance(e, config_keys.ConfigFileError):
+      said = str(e)
+    else:
+      said = config_keys.unknown_override(argv)
+    print(f"error: {said}", file=sys.stderr)
     raise SystemExit(1) from None
 
 

@@ -12,6 +12,7 @@ one uses T = 1. Everything here is NumPy in float64 on the host.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -19,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from simpsons_jax import files
+from simpsons_jax import errors, files
 
 FILENAME = "calibration.json"
 ECE_BINS = 15
@@ -182,32 +183,119 @@ def save(workdir: str | os.PathLike, step: int, fitted: Mapping[str, Any]) -> No
   files.write_text_atomic(path, json.dumps(records, indent=1) + "\n")
 
 
+def not_fitted(examples: int) -> dict[str, Any]:
+  """The record of a checkpoint whose validation split was too small to fit
+  a temperature (it predicts with T = 1)."""
+  return {"fitted": False, "examples": examples}
+
+
+def is_fitted(record: Mapping[str, Any]) -> bool:
+  """Whether a record holds a fitted temperature (not {} or `not_fitted`)."""
+  return "temperature" in record
+
+
 def load(workdir: str | os.PathLike) -> dict[str, Any]:
-  """Every checkpoint's record ({} for a run trained before calibration)."""
+  """Every checkpoint's record ({} for a run trained before calibration),
+  each checked (`checked`): a damaged file is one sentence, never trusted."""
   path = files.as_path(workdir) / FILENAME
   if not path.exists():
     return {}
-  return files.read_json(path, "delete it to use T = 1, or train again")
+  fix = "delete it to predict with T = 1, or train the run again"
+  records = files.read_json(path, fix)
+  if not isinstance(records, dict):
+    raise files.DamagedFileError(f"{path} is damaged (not a JSON object): {fix}")
+  for step, record in records.items():
+    if not step.isdigit():
+      raise files.DamagedFileError(f"{path} is damaged (a key {step!r}): {fix}")
+    checked(record, f"{path} (step {step})", fix)
+  return records
+
+
+def checked(record: Any, where: str, fix: str) -> dict[str, Any]:
+  """`record` if it is a calibration record that can be trusted: a finite,
+  positive temperature and validation confidences in [0, 1], each with a 0
+  or 1 for right, or a `not_fitted` record; else DamagedFileError naming
+  `where` and `fix`. A temperature of 0, a negative or NaN one would make
+  every probability NaN or invert every answer."""
+
+  def damaged(why: str) -> files.DamagedFileError:
+    return files.DamagedFileError(f"{where} is damaged ({why}): {fix}")
+
+  if not isinstance(record, dict):
+    raise damaged(f"a {type(record).__name__}, not a JSON object")
+  if not is_fitted(record):
+    if record and not (record.get("fitted") is False and _count(record)):
+      raise damaged("no temperature")
+    return record
+  temperature = record["temperature"]
+  if not _number(temperature) or not (math.isfinite(temperature) and temperature > 0):
+    raise damaged(f"temperature {temperature!r}: it must be a finite number above 0")
+  if "validation" in record:
+    shown = record["validation"]
+    confidence = shown.get("confidence") if isinstance(shown, dict) else None
+    correct = shown.get("correct") if isinstance(shown, dict) else None
+    if not (isinstance(confidence, list) and isinstance(correct, list)):
+      raise damaged("validation.confidence and .correct must be lists")
+    if len(confidence) != len(correct):
+      raise damaged(
+        f"{len(confidence)} validation confidences but {len(correct)} answers"
+      )
+    if not all(_number(c) and 0 <= c <= 1 for c in confidence):
+      raise damaged("a validation confidence outside [0, 1]")
+    if not all(c in (0, 1) and not isinstance(c, float) for c in correct):
+      raise damaged("a validation answer that is not 0 or 1")
+  return record
+
+
+def _number(value: Any) -> bool:
+  return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _count(record: Mapping[str, Any]) -> bool:
+  examples = record.get("examples")
+  return isinstance(examples, int) and not isinstance(examples, bool) and examples >= 0
+
+
+def parse_threshold(value: str) -> float | None:
+  """`--threshold` checked without a run: the probability it gives (None for
+  'auto:precision=P', chosen later on a run's validation split); UserError
+  in one sentence when it is neither a probability in [0, 1] nor that."""
+  if AUTO.fullmatch(value):
+    return None
+  try:
+    number = float(value)
+  except ValueError:
+    number = None
+  if number is None or not 0 <= number <= 1:
+    raise errors.UserError(
+      f"--threshold={value}: give a probability in [0, 1] (0.8), or "
+      "auto:precision=P with P in [0, 1] (auto:precision=0.95)."
+    )
+  return number
 
 
 def threshold(value: str, fitted: Mapping[str, Any]) -> tuple[float, str]:
   """`--threshold` as a probability: a number, or 'auto:precision=P' chosen
-  on the validation split of `fitted`; and a line saying what was chosen."""
-  match = AUTO.fullmatch(value)
-  if not match:
-    try:
-      return float(value), ""
-    except ValueError:
-      raise ValueError(
-        f"--threshold={value}: give a probability (0.8) or auto:precision=P "
-        "(auto:precision=0.95)."
-      ) from None
+  on the validation split of `fitted` (a checkpoint's record); and a line
+  saying what was chosen."""
+  number = parse_threshold(value)
+  if number is not None:
+    return number, ""
   if "validation" not in fitted:
-    raise ValueError(
-      f"--threshold={value}: this run has no calibration (trained before it "
-      "existed); give a probability instead, or train again."
-    )
-  precision = float(match[1])
+    if fitted.get("fitted") is False:
+      why = (
+        f"its validation split had {fitted['examples']} images, too few to "
+        f"calibrate (at least {MIN_EXAMPLES}); give a probability instead "
+        "(--threshold=0.8), or train again with a larger "
+        "--config.data.val_fraction"
+      )
+    else:
+      why = (
+        "this checkpoint has no calibration (trained before it existed); give "
+        "a probability instead (--threshold=0.8), or train again"
+      )
+    raise errors.UserError(f"--threshold={value}: {why}.")
+  precision = float(AUTO.fullmatch(value)[1])
   chosen, coverage = threshold_for_precision(
     np.asarray(fitted["validation"]["confidence"]),
     np.asarray(fitted["validation"]["correct"]),

@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from absl import logging
 from etils import epath
 
-from simpsons_jax import files
+from simpsons_jax import errors, files
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 MAP_FILENAME = "characters.json"
@@ -25,7 +25,7 @@ MAP_FILENAME = "characters.json"
 _TEST_FILENAME = re.compile(r"^(?P<name>.+)_(?P<number>\d+)$")
 
 
-class DatasetError(ValueError):
+class DatasetError(errors.UserError):
   """The data folder cannot be used as it is; the message says why and the fix."""
 
 
@@ -59,6 +59,10 @@ class CharacterMap:
       names, counts = data["names"], data["counts"]
       if not all(isinstance(n, str) for n in names) or len(names) != len(counts):
         raise ValueError("names must be strings, one count each")
+      if not names or len(set(names)) != len(names):
+        raise ValueError("names must be distinct, at least one")
+      if not all(isinstance(c, int) and not isinstance(c, bool) for c in counts):
+        raise ValueError("counts must be whole numbers")
     except (KeyError, TypeError, ValueError) as e:
       raise files.DamagedFileError(f"{path} is damaged ({e}): {fix}") from e
     return cls(names=tuple(names), counts=tuple(counts))
@@ -87,7 +91,7 @@ def resolve_data_dir(
     )
   for nested in (path / path.name, path / "simpsons_dataset"):
     if nested.is_dir():
-      return resolve_data_dir(nested)
+      return resolve_data_dir(nested, flag)
   return path
 
 
@@ -132,11 +136,46 @@ def find_images(data_dir: str | os.PathLike) -> dict[str, list[epath.Path]]:
   }
 
 
-def select(images: Mapping[str, list[epath.Path]], min_images: int) -> CharacterMap:
-  """Keeps characters with at least `min_images` pictures, in sorted order."""
+def check_hold_out(names: Sequence[str], hold_out: Sequence[str]) -> None:
+  """DatasetError when `--config.data.hold_out` names a character the data
+  has none of, or every character (`names`: the data's characters). Called
+  before any file is checked or written."""
+  absent = sorted(set(hold_out) - set(names))
+  if absent:
+    raise DatasetError(
+      f"--config.data.hold_out names characters the data has none of "
+      f"({', '.join(absent)}); its characters: {', '.join(sorted(names))}."
+    )
+  if names and set(names) <= set(hold_out):
+    raise DatasetError(
+      f"--config.data.hold_out holds out every character of the data "
+      f"({', '.join(sorted(names))}): nothing is left to train on; hold out fewer."
+    )
+
+
+def select(
+  images: Mapping[str, list[epath.Path]],
+  min_images: int,
+  skipped: Mapping[str, int] | None = None,
+) -> CharacterMap:
+  """Keeps characters with at least `min_images` pictures, in sorted order.
+
+  `skipped`: the unusable files per character (not in `images`), to say
+  when those, not `min_images`, left no character."""
   kept = sorted(name for name, files in images.items() if len(files) >= min_images)
   if not kept:
     most = max((len(f) for f in images.values()), default=0)
+    lost = sum((skipped or {}).values())
+    if lost and any(
+      len(images.get(name, [])) + skipped[name] >= min_images for name in skipped
+    ):
+      raise DatasetError(
+        f"No character has at least min_images={min_images} usable pictures: "
+        f"{lost} image files were skipped (their reasons in the log and in "
+        "skipped_files.json; over the pixel limit: raise "
+        "--config.data.max_image_pixels), the largest character keeps "
+        f"{most}: fix or replace those files, or lower --config.data.min_images."
+      )
     raise DatasetError(
       f"No character has at least min_images={min_images} pictures (found "
       f"{len(images)} character folders, the largest with {most}): lower "
@@ -161,21 +200,20 @@ def load_or_create(
   images: Mapping[str, list[epath.Path]],
   min_images: int,
   hold_out: Sequence[str] = (),
+  skipped: Mapping[str, int] | None = None,
 ) -> CharacterMap:
   """Returns the workdir's saved map, or selects one and saves it, leaving
-  the characters of `hold_out` out (to be scored as unknown ones later).
+  the characters of `hold_out` out (to be scored as unknown ones later);
+  `skipped` counts each character's unusable files (see `select`).
 
   A saved map whose characters are no longer exactly those selected from the
   folder is an error: continuing would silently relabel the model's outputs.
   """
   path = files.as_path(workdir) / MAP_FILENAME
-  absent = sorted(set(hold_out) - set(images))
-  if absent:
-    raise DatasetError(
-      f"--config.data.hold_out names characters the data has none of "
-      f"({', '.join(absent)}); its characters: {', '.join(sorted(images))}."
-    )
-  current = select({c: v for c, v in images.items() if c not in hold_out}, min_images)
+  check_hold_out(tuple(images), hold_out)
+  kept = {c: v for c, v in images.items() if c not in hold_out}
+  lost = {c: n for c, n in (skipped or {}).items() if c in kept}
+  current = select(kept, min_images, lost)
   if not path.exists():
     path.parent.mkdir(parents=True, exist_ok=True)
     current.save(path)
@@ -202,15 +240,15 @@ def parse_test_filename(path: str | os.PathLike) -> str | None:
 
 
 def find_labelled_images(
-  folder: str | os.PathLike,
+  folder: str | os.PathLike, flag: str = "--config.data.dir"
 ) -> dict[str, list[epath.Path]]:
   """Images per character of a folder in either Kaggle layout.
 
   The training layout (`<folder>/<character>/*.jpg`) or the test-set layout
   (`<folder>/<character>_<N>.jpg`); unparseable test-set names are filed
-  under the empty name.
+  under the empty name. `flag` names where the folder was given.
   """
-  root = resolve_data_dir(folder)
+  root = resolve_data_dir(folder, flag)
   flat = list_images(root)
   if not flat:
     return find_images(root)

@@ -25,7 +25,7 @@ from etils import epath
 from jax.sharding import Sharding
 from orbax.checkpoint import checkpoint_managers
 
-from simpsons_jax import config_upgrade, files
+from simpsons_jax import config_upgrade, errors, files, models
 
 CONFIG_FILENAME = "config.json"
 # Validation metrics that can rank checkpoints (higher is better).
@@ -93,7 +93,7 @@ def save(
     )
 
 
-class SaveFailed(RuntimeError):
+class SaveFailed(errors.UserError):
   """A checkpoint could not be written; the message says where, why, how much
   space it needed and which checkpoint is kept."""
 
@@ -181,7 +181,7 @@ def load_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
   """The config a workdir was trained with, as today's (`config_upgrade`)."""
   path = files.as_path(workdir) / CONFIG_FILENAME
   if not path.exists():
-    raise FileNotFoundError(
+    raise errors.UserError(
       f"{path} is missing: {workdir} holds no training run (train it with "
       "--mode=train first, or pass the --workdir of a trained run)."
     )
@@ -189,21 +189,21 @@ def load_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
   data = files.read_json(path, fix)
   if not isinstance(data, dict):
     raise files.DamagedFileError(f"{path} is damaged (not a JSON object): {fix}")
-  return config_upgrade.upgrade(data)
+  return config_upgrade.upgrade(data, models.registered_settings(), str(path))
 
 
 def select_step(manager: ocp.CheckpointManager, checkpoint: str) -> int:
   """The step named by `checkpoint`: 'best', 'latest' or a step number."""
   steps = manager.all_steps()
   if not steps:
-    raise FileNotFoundError(f"No checkpoint in {manager.directory}.")
+    raise errors.UserError(f"No checkpoint in {manager.directory}.")
   if checkpoint == "best":
     return manager.best_step()
   if checkpoint == "latest":
     return manager.latest_step()
   if checkpoint.isdigit() and int(checkpoint) in steps:
     return int(checkpoint)
-  raise ValueError(
+  raise errors.UserError(
     f"--checkpoint={checkpoint!r} is not best, latest or a saved step; "
     f"saved steps: {list(steps)}."
   )
@@ -259,7 +259,7 @@ def check_meta(
       f"{image_size}"
     )
   if problems:
-    raise ValueError(
+    raise errors.UserError(
       f"Checkpoint {where} does not belong with this workdir's files: "
       f"{'; '.join(problems)}. Put back the characters.json and config.json "
       "it was trained with, or use that run's own workdir."

@@ -1,14 +1,16 @@
-"""The keys of a config file, and which `--config.KEY=...` of a command line
-it lacks, with the closest keys it has (for a one-line error)."""
+"""The keys of a config file, and what is wrong with the `--config` of a
+command line: a file that is not there or does not parse, and the
+`--config.KEY=...` it lacks, with the closest keys it has (one-line errors)."""
 
 from __future__ import annotations
 
 import difflib
 import importlib.util
+import os
 from types import ModuleType
 from typing import Any
 
-from simpsons_jax import config_upgrade
+from simpsons_jax import config_upgrade, errors
 
 
 def keys(config: Any, prefix: str = "") -> list[str]:
@@ -39,13 +41,50 @@ def load_config_file(path: str) -> ModuleType:
   return module
 
 
-def unknown_override(argv: list[str]) -> str:
-  """Which `--config.KEY=...` of `argv` the `--config` file lacks, and its
-  closest keys, as one sentence."""
+class ConfigFileError(errors.UserError):
+  """The `--config` file is not there or not a file."""
+
+
+def config_path(argv: list[str]) -> str:
+  """The `--config` file of a command line ('' when there is none), without
+  ml_collections' `:ARGS` suffix."""
   path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "")
   if not path and "--config" in argv[:-1]:
     path = argv[argv.index("--config") + 1]
-  config = load_config_file(path.split(":")[0]).get_config()
+  return path.split(":")[0]
+
+
+def check_config_file(argv: list[str]) -> None:
+  """ConfigFileError when the command line's `--config` names no file (absl
+  would defer the error and raise it, chained, at first use)."""
+  path = config_path(argv)
+  if not path or os.path.isfile(path):
+    return
+  folder = path if os.path.isdir(path) else os.path.dirname(path) or "."
+  shipped = (
+    sorted(f for f in os.listdir(folder) if f.endswith(".py") and not f.startswith("_"))
+    if os.path.isdir(folder)
+    else []
+  )
+  there = f"; {folder} holds {', '.join(shipped)}" if shipped else ""
+  what = "is a folder" if os.path.isdir(path) else "does not exist"
+  raise ConfigFileError(
+    f"--config={path} {what}: give a config file, e.g. configs/demo.py{there}"
+  )
+
+
+def syntax_error(error: SyntaxError) -> str:
+  """A config file that does not parse, as one sentence naming its line."""
+  where = f"{error.filename}, line {error.lineno}" if error.lineno else error.filename
+  text = f": {error.text.strip()}" if error.text and error.text.strip() else ""
+  return f"--config={error.filename}: {error.msg} ({where}{text}): fix the file"
+
+
+def unknown_override(argv: list[str]) -> str:
+  """Which `--config.KEY=...` of `argv` the `--config` file lacks, and its
+  closest keys, as one sentence."""
+  path = config_path(argv)
+  config = load_config_file(path).get_config()
   known = sorted(keys(config))
   for arg in argv:
     if arg.startswith("--config.") and "=" in arg:

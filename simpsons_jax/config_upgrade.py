@@ -18,6 +18,8 @@ from typing import Any
 
 import ml_collections
 
+from simpsons_jax import errors
+
 # Flat key -> (nested key, the value runs saved before the key existed ran
 # with). 'model.*' keys land in the group of the run's model.
 RENAMED: dict[str, tuple[str, Any]] = {
@@ -91,25 +93,36 @@ def new_key(flat_key: str, model: str = "simpsons_cnn") -> str | None:
   return RENAMED[flat_key][0].replace("*", model)
 
 
-def upgrade(saved: Mapping[str, Any]) -> ml_collections.ConfigDict:
+def upgrade(
+  saved: Mapping[str, Any],
+  model_settings: Mapping[str, Mapping[str, Any]],
+  where: str = "The saved config",
+) -> ml_collections.ConfigDict:
   """Today's config for a saved one, flat (before December 2026) or nested.
 
   Keys an old run never had get the value it ran with; evaluators without a
-  `type` are folders. Raises ValueError naming a key it cannot place.
+  `type` are folders. Every key is then checked against today's (`schema`,
+  with `model_settings`: each registered model's settings and defaults,
+  `models.registered_settings()`): a key this version lacks (a newer version
+  wrote it), a value of the wrong type, a missing key or a model this version
+  lacks is a UserError naming `where` (the file) and the key.
   """
   saved = copy.deepcopy(dict(saved))
   if "data" in saved and isinstance(saved["data"], Mapping):
     nested = saved
   else:
-    nested = _nest(saved)
+    nested = _nest(saved, where)
   for key, default in ADDED.items():  # Keys newer than the nesting.
     group, _, last = key.rpartition(".")
-    nested.setdefault(group, {}).setdefault(last, default)
-  nested.setdefault("augment", {})
-  for key, default in AUGMENT_DEFAULTS.items():
-    nested["augment"].setdefault(key, default)
+    if isinstance(nested.setdefault(group, {}), dict):
+      nested[group].setdefault(last, default)
+  if isinstance(nested.setdefault("augment", {}), dict):
+    for key, default in AUGMENT_DEFAULTS.items():
+      nested["augment"].setdefault(key, default)
   evals = {}
   for name, spec in (nested.get("evals") or {}).items():
+    if not isinstance(spec, dict):
+      raise _damaged(where, f"evals.{name} is not a group of settings")
     spec = dict(spec)
     if "eval_dir" in spec:  # A folder evaluator of the flat config.
       spec["dir"] = spec.pop("eval_dir")
@@ -117,10 +130,110 @@ def upgrade(saved: Mapping[str, Any]) -> ml_collections.ConfigDict:
     spec.setdefault("every_epochs", 1)
     evals[name] = spec
   nested["evals"] = evals
+  _check(nested, model_settings, where)
   return ml_collections.ConfigDict(nested)
 
 
-def _nest(flat: dict[str, Any]) -> dict[str, Any]:
+def schema(model_settings: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+  """Every key of today's config ('group.key') with its default, whose type
+  a saved value must have; a model's settings for every model of
+  `model_settings` ('model.<name>.<setting>'). `evals` entries are free-form."""
+  known = {new: value for new, value in RENAMED.values() if "*" not in new}
+  known.update(ADDED)
+  known.update({f"augment.{key}": value for key, value in AUGMENT_DEFAULTS.items()})
+  for name, settings in model_settings.items():
+    for key, value in settings.items():
+      known[f"model.{name}.{key}"] = value
+  return known
+
+
+def _check(
+  nested: Mapping[str, Any], model_settings: Mapping[str, Mapping], where: str
+) -> None:
+  """UserError for keys this version lacks, wrong types and missing keys."""
+  known = schema(model_settings)
+  model = (
+    nested.get("model", {}).get("name")
+    if isinstance(nested.get("model"), dict)
+    else None
+  )
+  if isinstance(model, str) and model not in model_settings:
+    raise errors.UserError(
+      f"{where} names the model {model!r}, which this version does not have "
+      f"({', '.join(model_settings)}): it was trained by a newer simpsons_jax or "
+      "with a model your own code registers; use that version or code for this run"
+    )
+  flat: dict[str, Any] = {}
+  _flatten(nested, "", flat, known)
+  unknown = sorted(key for key in flat if key not in known)
+  if unknown:
+    raise errors.UserError(
+      f"{where} has keys this version does not know ({', '.join(unknown)}): it was "
+      "written by a newer simpsons_jax; use that version for this workdir."
+    )
+  for key, value in flat.items():
+    if not _same_kind(value, known[key]):
+      raise _damaged(where, f"{key} is {value!r}, not {_kind(known[key])}")
+  required = [
+    key
+    for key in known
+    if not key.startswith("model.") or key.startswith(f"model.{model}.")
+  ]
+  missing = [key for key in required if key not in flat]
+  if missing:
+    raise _damaged(where, f"it lacks {', '.join(missing[:5])}")
+
+
+def _flatten(
+  tree: Mapping[str, Any], prefix: str, flat: dict[str, Any], known: Mapping
+) -> None:
+  """Dotted keys of the groups `known` has; other models' groups are left out
+  (a run uses only its own model's settings)."""
+  for key, value in tree.items():
+    dotted = prefix + key
+    if dotted == "evals":
+      continue
+    is_group = any(k.startswith(dotted + ".") for k in known)
+    if is_group and isinstance(value, dict):
+      _flatten(value, dotted + ".", flat, known)
+    elif not (prefix == "model." and isinstance(value, dict)):
+      flat[dotted] = value
+
+
+def _same_kind(value: Any, default: Any) -> bool:
+  """Whether a saved value has the type of the key's default."""
+  if isinstance(default, bool):
+    return isinstance(value, bool)
+  if isinstance(default, int):
+    return isinstance(value, int) and not isinstance(value, bool)
+  if isinstance(default, float):
+    return isinstance(value, int | float) and not isinstance(value, bool)
+  if isinstance(default, str):
+    return isinstance(value, str)
+  if isinstance(default, list | tuple):
+    return isinstance(value, list | tuple)
+  return True
+
+
+def _kind(default: Any) -> str:
+  for kind, words in (
+    (bool, "true or false"),
+    (int, "an integer"),
+    (float, "a number"),
+  ):
+    if isinstance(default, kind):
+      return words
+  return "a string" if isinstance(default, str) else "a list"
+
+
+def _damaged(where: str, why: str) -> errors.UserError:
+  return errors.UserError(
+    f"{where} is damaged ({why}): restore it from a copy of the run, or train "
+    "afresh in a new --workdir."
+  )
+
+
+def _nest(flat: dict[str, Any], where: str) -> dict[str, Any]:
   model = flat.get("model", RENAMED["model"][1])
   nested: dict[str, Any] = {
     "augment": flat.pop("augment", {}),
@@ -128,9 +241,9 @@ def _nest(flat: dict[str, Any]) -> dict[str, Any]:
   }
   unknown = sorted(set(flat) - set(RENAMED))
   if unknown:
-    raise ValueError(
-      f"The saved config has keys this version does not know ({', '.join(unknown)}): "
-      "it was written by a newer simpsons_jax; use that version for this workdir."
+    raise errors.UserError(
+      f"{where} has keys this version does not know ({', '.join(unknown)}): it was "
+      "written by a newer simpsons_jax; use that version for this workdir."
     )
   for old, (new, default) in RENAMED.items():
     if new.count(".") == 2 and new.split(".")[1] not in ("*", model):

@@ -23,7 +23,10 @@ from etils import epath
 
 from simpsons_jax import (
   calibration,
+  characters,
+  checkpointing,
   data,
+  errors,
   evaluators,
   explain,
   files,
@@ -34,6 +37,8 @@ from simpsons_jax import (
 from simpsons_jax import trained as trained_run
 
 VALIDATION = "validation"
+# The figures evaluate draws, each `<name>.png` in its output folder.
+FIGURES = ("predictions", "mismatches", "confusion_matrix", "reliability")
 NUM_SHOWN = 9
 MAX_MISMATCHES = 16
 
@@ -64,13 +69,18 @@ def run(
   `output_dir`, nothing is written into `workdir`, which may be read-only.
   """
   workdir = files.as_path(workdir)
+  # What the user named is checked before the model loads or a batch is scored.
+  name, spec = evaluated(eval_dir, checkpointing.load_config(workdir))
+  if spec["type"] == "folder" and eval_dir == spec["dir"]:
+    characters.resolve_data_dir(eval_dir, "--eval_dir")
+  if unknown_dir:
+    characters.resolve_data_dir(unknown_dir, "--unknown_dir")
   files.check_writable(
     files.as_path(output_dir) if output_dir else workdir / "eval",
     "give --output_dir a folder you can write to (the workdir may be read-only)",
   )
   trained = trained_run.load(workdir, checkpoint)
   config, names = trained.config, trained.cmap.names
-  name, spec = evaluated(eval_dir, config)
   out = (files.as_path(output_dir) if output_dir else workdir / "eval") / name
   evaluator = evaluators.create(name, spec, trained.cmap, out, config, workdir)
   mesh = _mesh(config.train.batch_size)
@@ -93,8 +103,8 @@ def run(
       probs, rows, unknown_rows, trained, result["calibration"].get("at_95_precision")
     )
   out.mkdir(parents=True, exist_ok=True)
-  for stale in out.glob("*.png"):  # Another evaluation's: the report lists ours.
-    stale.unlink()
+  for stale in FIGURES:  # Another evaluation's; nothing else in `out` is ours.
+    (out / f"{stale}.png").unlink(missing_ok=True)
   figures = _figures(trained, evaluator.examples, probs, result, out, seed)
   figures["reliability"] = plots.reliability_diagram(
     calibration.reliability(rows["probabilities"], rows["labels"]),
@@ -139,7 +149,7 @@ def evaluated(
   if eval_dir.startswith("tfds:"):
     data_set, _, split = eval_dir[len("tfds:") :].rpartition("/")
     if not data_set or not split:
-      raise ValueError(f"--eval_dir={eval_dir}: write tfds:NAME[:VERSION]/SPLIT.")
+      raise errors.UserError(f"--eval_dir={eval_dir}: write tfds:NAME[:VERSION]/SPLIT.")
     spec = {"type": "tfds", "name": data_set, "split": split}
     return f"{data_set.replace(':', '_')}_{split}", spec
   return files.as_path(eval_dir).name, {"type": "folder", "dir": eval_dir}
@@ -150,7 +160,8 @@ def _calibration_report(
 ) -> dict[str, Any]:
   """ECE (15 bins) and NLL without and with the checkpoint's temperature;
   `ece.floor`: what a perfectly calibrated model would measure here."""
-  labels, fitted = rows["labels"], bool(trained.calibration)
+  labels = rows["labels"]
+  fitted = calibration.is_fitted(trained.calibration)
   return {
     "temperature": trained.temperature,
     "fitted": fitted,

@@ -37,6 +37,7 @@ from jax.sharding import Mesh
 from simpsons_jax import (
   characters,
   data,
+  errors,
   files,
   image_files,
   input_pipeline,
@@ -177,7 +178,7 @@ class ValidationData:
     del spec, cmap  # The split's own characters are the model's.
     examples = data.create(config).validation(workdir, report_dir)
     if not len(examples):
-      raise ValueError(
+      raise errors.UserError(
         f"The validation split of {workdir} has no image left: see the log."
       )
     return examples, {}
@@ -191,7 +192,7 @@ class FolderData:
 
   def find(self, spec: Mapping[str, Any]) -> dict[str, list[epath.Path]]:
     """The image files of the entry, by character name ('' if unreadable)."""
-    return characters.find_labelled_images(spec["dir"])
+    return characters.find_labelled_images(spec["dir"], "the evaluator's dir")
 
   def read(self, spec, cmap, report_dir, config, workdir) -> Read:
     del workdir
@@ -214,7 +215,7 @@ def unknown_examples(
   """The images of a folder (either Kaggle layout) of characters the model
   does not know, each labelled 0 (their label is never scored)."""
   checked = image_files.keep_usable(
-    characters.find_labelled_images(folder_dir),
+    characters.find_labelled_images(folder_dir, "--unknown_dir"),
     report_dir,
     config.data.max_image_pixels,
   )
@@ -222,7 +223,7 @@ def unknown_examples(
     p for c, found in checked.images.items() if c not in cmap.names for p in found
   ]
   if not paths:
-    raise ValueError(
+    raise errors.UserError(
       f"{folder_dir} has no image of a character the model does not know "
       f"(it knows {', '.join(cmap.names)}): give --unknown_dir a folder of others."
     )
@@ -283,12 +284,12 @@ def create(
   """The evaluator of one `config.evals` entry (its `type` picks the data)."""
   (problem,) = problems({name: spec}) or (None,)
   if problem:
-    raise ValueError(f"Invalid evaluator: {problem}.")
+    raise errors.UserError(f"Invalid evaluator: {problem}.")
   module, _, cls = EVALUATORS[spec["type"]].partition(":")
   reader = getattr(importlib.import_module(module), cls)()
   examples, skipped = reader.read(spec, cmap, report_dir, config, workdir)
   if not len(examples):
-    raise ValueError(
+    raise errors.UserError(
       f"{name} ({spec['type']}) has no image of the model's characters "
       f"({', '.join(cmap.names)})."
     )
@@ -329,9 +330,11 @@ def write(
   evaluation's; the headline figures (and `images`) in TensorBoard under
   `board`."""
   out.mkdir(parents=True, exist_ok=True)
+  drawn = [out / f"{tag}.png" for tag in sorted(images or {})]
   figures = {
     path.name: hashlib.sha256(path.read_bytes()).hexdigest()
-    for path in sorted(out.glob("*.png"))
+    for path in drawn
+    if path.exists()
   }
   report = {**result, "figures": figures}
   files.write_text_atomic(out / REPORT_FILENAME, json.dumps(report, indent=2) + "\n")

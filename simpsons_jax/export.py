@@ -36,7 +36,7 @@ import hashlib
 import importlib.metadata
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import tensorflow as tf
 from etils import epath
 
-from simpsons_jax import explain, files, image_files, models
+from simpsons_jax import calibration, errors, explain, files, image_files, models
 from simpsons_jax import trained as trained_run
 from simpsons_jax.data import core
 
@@ -186,9 +186,15 @@ def run(
   `<output_dir or workdir/export>/<step>/`, replacing that folder whole: it
   is written beside it and moved into place when complete, with `model.json`
   listing every file it holds (`verify` checks them)."""
+  formats = [f.strip() for f in formats if f.strip()]
+  if not formats:
+    raise errors.UserError(
+      f"--formats is empty: name one or more of {', '.join(FORMATS)} (nothing "
+      "was written or removed)"
+    )
   unknown = sorted(set(formats) - set(FORMATS))
   if unknown:
-    raise ValueError(
+    raise errors.UserError(
       f"--formats: {', '.join(unknown)} unknown; choose from {', '.join(FORMATS)}"
     )
   parent = files.as_path(output_dir or files.as_path(workdir) / "export")
@@ -197,6 +203,11 @@ def run(
   written = set(formats) | ({"savedmodel"} if "tflite" in formats else set())
   written = tuple(f for f in FORMATS if f in written)
   target = parent / str(trained.step)
+  if target.exists() and not (target / "model.json").is_file():
+    raise errors.UserError(
+      f"{target} exists and is not an export (it has no model.json), and an "
+      "export replaces its folder whole: choose another --output_dir"
+    )
   with files.folder_written_whole(target) as folder:
     if "jax" in written:
       export_jax(trained, folder)
@@ -224,7 +235,7 @@ def _manifest(folder: epath.Path) -> dict[str, dict[str, Any]]:
   return listed
 
 
-class ExportMismatch(ValueError):
+class ExportMismatch(errors.UserError):
   """An export folder whose files are not the ones its model.json lists."""
 
 
@@ -249,6 +260,79 @@ def verify(folder: str | os.PathLike) -> dict[str, Any]:
       continue
     raise ExportMismatch(f"{folder}/{name} {problem}: {fix}")
   return card
+
+
+@dataclasses.dataclass(frozen=True)
+class Opened:
+  """An export folder's model, checked: its card (model.json), characters in
+  output order, the probability function (uint8 images (B, S, S, 3) of any B
+  -> (B, characters)) and the Grad-CAM function (images, characters (B,)
+  int32 -> maps (B, S, S)), None for an export older than explain.jax."""
+
+  card: dict[str, Any]
+  names: tuple[str, ...]
+  probabilities: Callable[[Any], Any]
+  grad_cam: Callable[[Any, Any], Any] | None
+
+
+def open_folder(folder: str | os.PathLike) -> Opened:
+  """The model of an export folder, once its files are those model.json lists
+  (`verify`) and agree with each other: characters.json is model.json's list
+  of characters, model.jax takes the images model.json describes and gives
+  one probability per character, explain.jax loads and draws maps of that
+  size, the calibration is sound; else ExportMismatch naming the file."""
+  folder = files.as_path(folder)
+  card = verify(folder)
+  fix = "export the run again (python main.py --mode=export --workdir=...)"
+
+  def mismatch(name: str, why: str) -> ExportMismatch:
+    return ExportMismatch(f"{folder}/{name} {why}: {fix}")
+
+  names = files.read_json(folder / "characters.json", fix)
+  if not (
+    isinstance(names, list)
+    and names
+    and all(isinstance(n, str) for n in names)
+    and len(set(names)) == len(names)
+  ):
+    raise mismatch("characters.json", "is not a list of distinct character names")
+  if names != card.get("characters"):
+    raise mismatch("characters.json", "lists other characters than model.json")
+  size = card.get("image_size")
+  if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+    raise mismatch("model.json", f"gives image_size {size!r}, not a positive integer")
+  calibration.checked(card.get("calibration", {}), f"{folder}/model.json", fix)
+  if not (folder / "model.jax").is_file():
+    formats = ", ".join(card.get("formats", [])) or "none"
+    raise ExportMismatch(
+      f"{folder} has no model.jax (it was exported with --formats={formats}): "
+      "export the run with --formats=jax to serve it"
+    )
+  model = _deserialized(folder / "model.jax", mismatch)
+  image, out = model.in_avals[0], model.out_avals[0]
+  if tuple(image.shape[1:]) != (size, size, 3) or len(model.in_avals) != 1:
+    raise mismatch(
+      "model.jax", f"does not take {size}x{size} images as model.json says"
+    )
+  if out.shape[-1] != len(names):
+    raise mismatch(
+      "model.jax", f"gives {out.shape[-1]} probabilities for {len(names)} characters"
+    )
+  grad_cam = None
+  if (folder / "explain.jax").is_file():
+    maps = _deserialized(folder / "explain.jax", mismatch)
+    if tuple(maps.out_avals[0].shape[1:]) != (size, size):
+      raise mismatch("explain.jax", f"does not draw {size}x{size} maps")
+    grad_cam = maps.call
+  return Opened(card, tuple(names), model.call, grad_cam)
+
+
+def _deserialized(path: epath.Path, mismatch: Callable[[str, str], Exception]):
+  """The `jax.export.Exported` in `path`, or `mismatch` when it is damaged."""
+  try:
+    return jax.export.deserialize(bytearray(path.read_bytes()))
+  except Exception as e:  # noqa: BLE001 - a damaged flatbuffer raises anything.
+    raise mismatch(path.name, f"is damaged ({type(e).__name__})") from None
 
 
 def _card(

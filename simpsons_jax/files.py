@@ -13,10 +13,13 @@ import contextlib
 import errno
 import json
 import os
-from collections.abc import Iterator
+import stat
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from etils import epath
+
+from simpsons_jax import errors
 
 
 def is_local(path: str | os.PathLike) -> bool:
@@ -120,7 +123,7 @@ def folder_written_whole(target: str | os.PathLike) -> Iterator[epath.Path]:
     old.rmtree()
 
 
-class UnwritablePath(ValueError):
+class UnwritablePath(errors.UserError):
   """A folder the user named cannot be written; the message says which and how
   to choose another."""
 
@@ -148,17 +151,92 @@ def describe_os_error(error: OSError) -> str:
   return error.strerror or errno.errorcode.get(error.errno or 0, "") or str(error)
 
 
-class DamagedFileError(ValueError):
+class DamagedFileError(errors.UserError):
   """A file of the workdir cannot be read back; the message names it."""
 
 
 def read_json(path: str | os.PathLike, fix: str) -> Any:
   """The JSON value in `path`; a damaged file is one error naming it and `fix`."""
   path = as_path(path)
+  if problem := kind_problem(path):
+    raise DamagedFileError(f"{path} is {problem}: {fix}")
   try:
     return json.loads(path.read_text())
   except (ValueError, UnicodeDecodeError) as e:
     raise DamagedFileError(f"{path} is damaged ({e}): {fix}") from e
+
+
+def _identity(path: str | os.PathLike) -> tuple[int, int] | None:
+  """The device and inode of an existing local file (through links)."""
+  if not is_local(path):
+    return None
+  try:
+    found = os.stat(path)
+  except OSError:
+    return None
+  return found.st_dev, found.st_ino
+
+
+def refuse_writing_inputs(
+  outputs: Mapping[str, str | os.PathLike | None],
+  inputs: Iterable[str | os.PathLike],
+) -> None:
+  """Before anything is opened for writing: UserError when a file to be
+  written is one of `inputs`, or two are one file. `outputs` maps what names
+  each (a flag, or a sentence) to the file ('' or None: nothing written).
+
+  One file is recognised however it is named: another spelling, a symbolic
+  link, a hard link (the same device and inode), or, for a file not there
+  yet, the same resolved path."""
+  read = {}
+  for path in inputs:
+    if (identity := _identity(path)) is not None:
+      read.setdefault(identity, path)
+  seen: dict[Any, str] = {}
+  for what, path in outputs.items():
+    if not path:
+      continue
+    identity = _identity(path)
+    if identity in read:
+      raise errors.UserError(
+        f"{what}={os.fsdecode(path)} is also an input ({os.fsdecode(read[identity])}): "
+        "writing it would destroy that file; choose another name (nothing was "
+        "written)"
+      )
+    key = identity or os.path.realpath(path)
+    if key in seen:
+      raise errors.UserError(
+        f"{what} and {seen[key]} name the same file ({os.fsdecode(path)}): "
+        "give each its own (nothing was written)"
+      )
+    seen[key] = what
+
+
+def inside(path: str | os.PathLike, folder: str | os.PathLike) -> bool:
+  """Whether `path` lies in `folder` (or is it), links resolved."""
+  real, base = os.path.realpath(path), os.path.realpath(folder)
+  return real == base or real.startswith(base.rstrip(os.sep) + os.sep)
+
+
+def kind_problem(path: str | os.PathLike) -> str | None:
+  """Why `path` is not read as a file: a named pipe (FIFO), a socket or a
+  device would block a reader forever or never end. None for a regular file
+  (through links), a path that does not exist (its reader says so) and paths
+  on an object store."""
+  if not is_local(path):
+    return None
+  try:
+    mode = os.stat(path).st_mode
+  except OSError:
+    return None
+  if stat.S_ISREG(mode):
+    return None
+  if stat.S_ISDIR(mode):
+    return "a folder, not a file"
+  kind = "a named pipe (FIFO)" if stat.S_ISFIFO(mode) else "a socket"
+  if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+    kind = "a device"
+  return f"{kind}, not a regular file (only regular files are read)"
 
 
 def name_problem(path: epath.Path) -> str | None:

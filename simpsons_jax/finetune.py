@@ -20,7 +20,7 @@ import numpy as np
 from absl import logging
 from flax import traverse_util
 
-from simpsons_jax import checkpointing, trained
+from simpsons_jax import checkpointing, errors, trained
 
 HEAD = "logits"  # The name of every model's classification layer.
 
@@ -47,7 +47,7 @@ def merge(
   flat_loaded = traverse_util.flatten_dict(dict(loaded), sep="/")
   extra = sorted(set(flat_loaded) - set(flat_fresh))
   if extra:
-    raise ValueError(
+    raise errors.UserError(
       f"init_from: the source run has layers this model lacks ({', '.join(extra[:5])}"
       f"{', ...' if len(extra) > 5 else ''}): use a model of the same family and "
       "layers."
@@ -55,7 +55,7 @@ def merge(
   merged, loaded_count, report = {}, 0, []
   for path, value in flat_fresh.items():
     if path not in flat_loaded:
-      raise ValueError(
+      raise errors.UserError(
         f"init_from: the source run has no layer {path}: use a model of the same "
         "family and layers."
       )
@@ -66,7 +66,7 @@ def merge(
       report.append(line)
       continue
     if source.shape != value.shape:
-      raise ValueError(
+      raise errors.UserError(
         f"init_from: layer {path} has shape {tuple(source.shape)} in the source "
         f"run and {tuple(value.shape)} here: use the same layer sizes."
       )
@@ -81,7 +81,7 @@ def _map_head(fresh, source, names, loaded_names, path) -> tuple[Any, str]:
   """The head's last axis (one entry per character) mapped by name."""
   fresh, source = np.asarray(fresh), np.asarray(source)
   if fresh.shape[:-1] != source.shape[:-1]:
-    raise ValueError(
+    raise errors.UserError(
       f"init_from: layer {path} has shape {source.shape} in the source run and "
       f"{fresh.shape} here: use the same layer sizes."
     )
@@ -107,17 +107,17 @@ def initialize(
   try:
     source_config = checkpointing.load_config(workdir)
     if source_config.model.name != config.model.name:
-      raise ValueError(
+      raise errors.UserError(
         f"{workdir} trained model={source_config.model.name}, this run "
         f"model={config.model.name}: start from a run of the same model."
       )
     source = trained.load(workdir, which)
-  except (FileNotFoundError, ValueError) as e:
+  except errors.UserError as e:
     # The loaders speak of --workdir and --checkpoint: here the user wrote
     # --config.finetune.init_from=WORKDIR[:CHECKPOINT].
     said = str(e).replace("--workdir", "--config.finetune.init_from")
     said = said.replace("--checkpoint=", "the checkpoint ")
-    raise type(e)(
+    raise errors.UserError(
       f"--config.finetune.init_from={config.finetune.init_from}: {said}"
     ) from None
   merged, report = merge(fresh, source.variables, cmap.names, source.cmap.names)

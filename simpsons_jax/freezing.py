@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from simpsons_jax import errors
+
 
 def unfreeze_step(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
   """The step at which frozen layers start to learn (0: never)."""
@@ -66,7 +68,7 @@ def parse_multipliers(values: Sequence[str]) -> list[tuple[re.Pattern, float]]:
     except (re.error, ValueError):
       sep = ""
     if not sep:
-      raise ValueError(
+      raise errors.UserError(
         f"lr_multipliers entry {value!r} is not PATTERN=FACTOR, e.g. 'conv.*=0.1'."
       )
   return parsed

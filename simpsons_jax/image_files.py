@@ -83,7 +83,7 @@ def read_image(
 ) -> tuple[Verdict, Any]:
   """Reads, hashes, inspects and decodes one file: its verdict and the decoded
   uint8 RGB image (None when unusable)."""
-  problem = files.name_problem(path)
+  problem = files.name_problem(path) or files.kind_problem(path)
   if problem:
     return Verdict(problem), None
   try:

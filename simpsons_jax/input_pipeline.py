@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
-from simpsons_jax import augment
+from simpsons_jax import augment, errors
 from simpsons_jax.data import core
 
 Batch = dict[str, np.ndarray]
@@ -46,7 +46,7 @@ def train_batches(
   batch_size = config.train.batch_size // process_count
   steps_per_epoch = len(examples) // config.train.batch_size
   if steps_per_epoch == 0:
-    raise ValueError(
+    raise errors.UserError(
       f"The training split has {len(examples)} images, fewer than one batch of "
       f"{config.train.batch_size}: lower --config.train.batch_size or use more data."
     )

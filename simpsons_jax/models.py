@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import ml_collections
 from absl import logging
 
-from simpsons_jax import cpu_conv, host_memory
+from simpsons_jax import cpu_conv, errors, host_memory
 
 # XLA:CPU's kernel-gradient convolution slows down sharply once the batch's
 # pixels outgrow the cache (docs/performance.md). Each chunk holds about this
@@ -306,13 +306,16 @@ def setting_defaults(cls: type[nn.Module]) -> dict[str, Any]:
   }
 
 
+def registered_settings() -> dict[str, dict[str, Any]]:
+  """Every registered model's settings and their defaults, by model name."""
+  return {name: setting_defaults(cls) for name, cls in MODELS.items()}
+
+
 def settings(name: str) -> ml_collections.ConfigDict:
   """`config.model` choosing `name`: every registered model's settings at
   their defaults, so that any of them can be chosen and set by flags."""
   model_class_of(name)
-  return ml_collections.ConfigDict(
-    {"name": name, **{key: setting_defaults(cls) for key, cls in MODELS.items()}}
-  )
+  return ml_collections.ConfigDict({"name": name, **registered_settings()})
 
 
 def fixed_settings(config: ml_collections.ConfigDict) -> tuple[str, ...]:
@@ -334,7 +337,7 @@ def min_image_size(config: ml_collections.ConfigDict) -> int:
 def model_class_of(name: str) -> type[nn.Module]:
   """The model class registered as `name`."""
   if name not in MODELS:
-    raise ValueError(
+    raise errors.UserError(
       f"Unknown --config.model.name={name!r}; known: {', '.join(MODELS)}."
     )
   return MODELS[name]
@@ -359,7 +362,7 @@ def create(
   known = setting_defaults(cls)
   unknown = sorted(set(given) - set(known))
   if unknown:
-    raise ValueError(
+    raise errors.UserError(
       f"config.model.{config.model.name} has settings {cls.__name__} does not "
       f"take ({', '.join(unknown)}); its settings: {', '.join(known)}."
     )

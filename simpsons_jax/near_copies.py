@@ -75,7 +75,9 @@ def exclude(
   What is left out is listed in `<report_dir>/excluded_copies.json`.
   """
   reference = image_files.keep_usable(
-    characters.find_labelled_images(reference_dir), None, max_pixels
+    characters.find_labelled_images(reference_dir, "--config.data.exclude_copies_of"),
+    None,
+    max_pixels,
   ).images
   reference_paths = [p for paths in reference.values() for p in paths]
   candidates = [p for paths in images.values() for p in paths]

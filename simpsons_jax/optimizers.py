@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from simpsons_jax import freezing
+from simpsons_jax import errors, freezing
 
 EMA_WARMUP = 10  # The EMA decay ramps up as (1 + t) / (EMA_WARMUP + t).
 
@@ -32,7 +32,7 @@ def learning_rate(
       decay_steps=total_steps,
       end_value=0.0,
     )
-  raise ValueError(
+  raise errors.UserError(
     f"Unknown --config.optim.schedule={config.optim.schedule!r}; "
     "use constant or cosine."
   )
@@ -69,7 +69,7 @@ def _base(
       optax.add_decayed_weights(config.optim.weight_decay, mask=decay_mask),
       optax.sgd(lr, momentum=0.9, nesterov=True),
     )
-  raise ValueError(
+  raise errors.UserError(
     f"Unknown --config.optim.name={config.optim.name!r}; use adam, adamw or sgd."
   )
 

@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from etils import epath
 from simpsons_jax import (
   answers,
   characters,
+  errors,
   explain,
   files,
   image_files,
@@ -136,12 +138,16 @@ def run(
   of JSON (JSON Lines), flushed as it comes: an interrupted run keeps what it
   did. `threshold` is a probability or 'auto:precision=P'. With
   `explain_images`, each image's Grad-CAM and input-gradient maps for its
-  answer go to `<output_dir>/explain/<name>.png` (`explanation` in its result).
+  answer go to `<output_dir>/explain/<n>_<name>.png` (`explanation` in its
+  result and its JSON line; the drawings of an earlier run there are removed).
+  No file written may be one of the inputs (`check_outputs`).
   """
+  videos = [p for p in paths if video.is_video(p) and not os.path.isdir(p)]
+  images = expand_paths([p for p in paths if p not in videos])
+  out_dir = files.as_path(output_dir or "predictions")
+  check_outputs(output, annotate_video, videos, images, out_dir, explain_images)
   trained = trained_run.load(workdir, checkpoint)
   threshold = trained.threshold(threshold)
-  videos = [p for p in paths if video.is_video(p) and not os.path.isdir(p)]
-  paths = [p for p in paths if p not in videos]
   results = []
   if videos:
     options = dataclasses.replace(
@@ -153,63 +159,132 @@ def run(
       trained.cmap.names,
       trained.config.data.image_size,
       options,
-      output_dir or "predictions",
+      out_dir,
       annotate_video,
     )
-  elif annotate_video:
-    raise ValueError("--annotate_video needs a video file among the paths")
-  if not paths:
+  if not images:
     return results
+  drawings = Explanations(trained, out_dir / "explain") if explain_images else None
   with contextlib.ExitStack() as stack:
     sink = stack.enter_context(open(output, "w")) if output else None
-    for result in classify_stream(trained, paths, top_k, threshold, batch_size):
-      if "error" in result:
-        print(f"{result['path']}: skipped: {result['error']}")
-      else:
-        guesses = ", ".join(
-          f"{t['character']} {t['probability']:.3f}" for t in result["top"]
-        )
-        print(f"{result['path']}: {result['character']}  ({guesses})")
-      if sink:
-        sink.write(json.dumps(result) + "\n")
-        sink.flush()
-      results.append(result)
-  if explain_images:
-    write_explanations(trained, results, files.as_path(output_dir or "predictions"))
-  errors = sum("error" in r for r in results)
-  if errors:
-    logging.warning("%d of %d files could not be classified.", errors, len(results))
+    waiting = []
+
+    def done(batch: list[dict[str, Any]]) -> None:
+      if drawings is not None:
+        drawings.draw(batch)
+      for result in batch:
+        _say(result)
+        if sink:
+          sink.write(json.dumps(result) + "\n")
+          sink.flush()
+      results.extend(batch)
+
+    for result in classify_stream(trained, images, top_k, threshold, batch_size):
+      waiting.append(result)
+      if len(waiting) == batch_size:
+        done(waiting)
+        waiting = []
+    done(waiting)
+  if drawings is not None:
+    print(f"Where the model looked: {drawings.count} drawings in {drawings.folder}")
+  skipped = sum("error" in r for r in results)
+  if skipped:
+    logging.warning("%d of %d files could not be classified.", skipped, len(results))
   return results
 
 
-def write_explanations(
-  trained: trained_run.TrainedModel,
-  results: list[dict[str, Any]],
-  output_dir: epath.Path,
-  batch_size: int = 16,
+def check_outputs(
+  output: str,
+  annotate_video: str,
+  videos: Sequence[str],
+  images: Sequence[Path],
+  out_dir: epath.Path,
+  explain_images: bool,
 ) -> None:
-  """Draws where the model looked for each classified image of `results`
-  (Grad-CAM for its most probable character, and the input gradient), and
-  adds the drawing's path to the result."""
-  out = output_dir / "explain"
-  files.check_writable(out, "give --output_dir a folder you can write to")
-  explain_images = explain.explainer(
-    trained.config, trained.cmap.num_classes, trained.variables
-  )
-  size = trained.config.data.image_size
-  max_pixels = folder.max_pixels(trained.config)
-  done = [r for r in results if "error" not in r and "top" in r and "segments" not in r]
-  for start in range(0, len(done), batch_size):
-    chunk = done[start : start + batch_size]
+  """Before the model loads or anything is written: UserError when a file
+  predict would write is one of its inputs (any spelling or link), two
+  outputs are one file, two videos would write the same tables, or the
+  drawings' folder holds an input (its earlier drawings are removed)."""
+  if annotate_video and not video.is_video(annotate_video):
+    raise errors.UserError(
+      f"--annotate_video={annotate_video}: name a video file "
+      f"({', '.join(video.VIDEO_EXTENSIONS)}), e.g. annotated.mp4"
+    )
+  if annotate_video and not videos:
+    raise errors.UserError("--annotate_video needs a video file among the paths")
+  if output and os.path.isdir(output):
+    raise errors.UserError(
+      f"--output={output} is a folder: name a file, e.g. out.jsonl"
+    )
+  written = {"--output": output, "--annotate_video": annotate_video}
+  stems: dict[str, str] = {}
+  for path in videos:
+    if (stem := Path(path).stem) in stems:
+      raise errors.UserError(
+        f"{stems[stem]} and {path} would write the same files in {out_dir} "
+        f"({stem}.frames.csv, ...): classify them in two runs with different "
+        "--output_dir, or rename one"
+      )
+    stems[stem] = path
+    for table in video.output_files(path, out_dir):
+      written[f"the table {table.name} of {path} (--output_dir)"] = table
+  files.refuse_writing_inputs(written, [*videos, *images])
+  drawn = out_dir / "explain"
+  if explain_images:
+    inside = [p for p in [*videos, *images] if files.inside(p, drawn)]
+    if inside:
+      raise errors.UserError(
+        f"{printable(inside[0])} lies in {drawn}, where --explain replaces the "
+        "drawings of earlier runs: move it, or choose another --output_dir"
+      )
+  if output:
+    files.check_writable(Path(output).parent, "give --output a file you can write")
+
+
+def _say(result: dict[str, Any]) -> None:
+  """One image's answer (or why it was skipped) on the console."""
+  if "error" in result:
+    print(f"{result['path']}: skipped: {result['error']}")
+    return
+  guesses = ", ".join(f"{t['character']} {t['probability']:.3f}" for t in result["top"])
+  print(f"{result['path']}: {result['character']}  ({guesses})")
+
+
+class Explanations:
+  """Draws where the model looked for classified images into `folder`: the
+  Grad-CAM map of its most probable character and the input gradient, one
+  PNG per image (`<n>_<name>.png`, numbered in order), its path added to the
+  result as `explanation`. The drawings of an earlier run are removed first,
+  so that the folder holds this run's only."""
+
+  PATTERN = re.compile(r"\d{4,}_.*\.png")
+
+  def __init__(self, trained: trained_run.TrainedModel, folder: epath.Path):
+    self.trained, self.folder, self.count = trained, folder, 0
+    files.check_writable(folder, "give --output_dir a folder you can write to")
+    for stale in folder.iterdir():
+      if self.PATTERN.fullmatch(stale.name) and stale.is_file():
+        stale.unlink()
+    self._maps = explain.explainer(
+      trained.config, trained.cmap.num_classes, trained.variables
+    )
+
+  def draw(self, results: list[dict[str, Any]]) -> None:
+    """Adds `explanation` to each classified image of `results`."""
+    size = self.trained.config.data.image_size
+    max_pixels = folder.max_pixels(self.trained.config)
+    names = self.trained.cmap.names
+    done = [r for r in results if "error" not in r]
+    if not done:
+      return
     images = np.stack(
-      [_problem_or_image(Path(r["path"]), size, max_pixels)[1] for r in chunk]
+      [_problem_or_image(Path(r["path"]), size, max_pixels)[1] for r in done]
     )
-    targets = np.asarray(
-      [trained.cmap.names.index(r["top"][0]["character"]) for r in chunk]
-    )
-    found = explain_images(images, targets)
-    for i, result in enumerate(chunk):
-      path = out / f"{start + i:04d}_{Path(result['path']).stem}.png"
+    targets = np.asarray([names.index(r["top"][0]["character"]) for r in done])
+    found = self._maps(images, targets)
+    for i, result in enumerate(done):
+      path = self.folder / f"{self.count:04d}_{Path(result['path']).stem}.png"
+      self.count += 1
       top = result["top"][0]
       plots.explanation(
         images[i],
@@ -219,7 +294,6 @@ def write_explanations(
         f"{top['character']} {top['probability']:.2f}: {Path(result['path']).name}",
       )
       result["explanation"] = str(path)
-  print(f"Where the model looked: {len(done)} drawings in {out}")
 
 
 def incomplete(results: Sequence[dict[str, Any]], paths: Sequence[str]) -> str:

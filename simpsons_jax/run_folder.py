@@ -23,7 +23,7 @@ import ml_collections
 from absl import logging
 from etils import epath
 
-from simpsons_jax import checkpointing, config_keys, files, models
+from simpsons_jax import checkpointing, config_keys, errors, files, models
 
 try:
   import fcntl
@@ -72,7 +72,7 @@ RUN_FILES = (
 )
 
 
-class WorkdirBusy(RuntimeError):
+class WorkdirBusy(errors.UserError):
   """Another training process holds the workdir."""
 
 
@@ -215,6 +215,6 @@ def prepare(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
       "Use another --workdir, the old settings, or --config.restart=True to "
       "move the old run to <workdir>/archive/ and start afresh."
     )
-  raise ValueError(
+  raise errors.UserError(
     f"{workdir} holds a run this config cannot continue ({'; '.join(changed)}). " + fix
   )

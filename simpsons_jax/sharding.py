@@ -17,6 +17,8 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from simpsons_jax import errors
+
 DATA_AXIS = "data"
 
 
@@ -39,7 +41,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def check_batch_size(batch_size: int, mesh: Mesh) -> None:
   """Raises unless the global batch splits evenly over the mesh's devices."""
   if batch_size % mesh.size:
-    raise ValueError(
+    raise errors.UserError(
       f"batch_size={batch_size} does not split over {mesh.size} devices: use a "
       f"multiple of {mesh.size}, e.g. --config.train.batch_size="
       f"{max(mesh.size, batch_size // mesh.size * mesh.size)}."
@@ -105,5 +107,5 @@ def describe_devices(mesh: Mesh, require_accelerator: bool = False) -> None:
     "first: only one process can hold a TPU."
   )
   if require_accelerator:
-    raise RuntimeError(message + " (require_accelerator=True)")
+    raise errors.UserError(message + " (require_accelerator=True)")
   logging.warning("%s", "!" * 20 + " " + message)

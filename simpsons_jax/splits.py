@@ -31,7 +31,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from simpsons_jax import characters, files
+from simpsons_jax import characters, errors, files
 
 SPLIT_FILENAME = "split.json"
 _FORMAT = 1
@@ -223,7 +223,7 @@ def _restore_or_restart(workdir: epath.Path) -> str:
 def _load(workdir: epath.Path) -> dict:
   path = workdir / SPLIT_FILENAME
   if not path.exists():
-    raise FileNotFoundError(
+    raise errors.UserError(
       f"{path} is missing: the run was trained before splits were saved, or "
       "not at all. Run its training command (once more) to save it; evaluate "
       "can score another folder with --eval_dir."

@@ -32,9 +32,11 @@ from simpsons_jax import (
   checkpointing,
   config_checks,
   data,
+  errors,
   evaluators,
   files,
   finetune,
+  footprint,
   freezing,
   input_pipeline,
   metrics,
@@ -120,7 +122,7 @@ def class_weights(labels: np.ndarray, num_classes: int, kind: str) -> np.ndarray
       len(labels), num_classes * counts, out=np.zeros_like(counts), where=counts > 0
     )
     return weights.astype(np.float32)
-  raise ValueError(
+  raise errors.UserError(
     f"Unknown --config.train.class_weights={kind!r}; use none or balanced."
   )
 
@@ -276,7 +278,7 @@ class _StopSignals:
 
 def _check_finite(values: Mapping[str, float], what: str, step: int, manager) -> None:
   if not np.isfinite(values["loss"]):
-    raise FloatingPointError(
+    raise errors.UserError(
       f"{what} loss is {values['loss']} at step {step}: training stopped. The "
       f"last good checkpoint (step {manager.latest_step()}) is kept in "
       f"{manager.directory}; lower --config.optim.learning_rate and resume, or use "
@@ -305,6 +307,7 @@ def train_and_evaluate(
     source = data.create(config)
     if is_process_0:
       cmap, train_split, val_split = source.prepare(workdir)
+      footprint.check_cache(config, len(train_split) + len(val_split))
       checkpointing.save_config(workdir, config)
     if jax.process_count() > 1:  # The others read what process 0 decided.
       multihost_utils.sync_global_devices("workdir prepared")
@@ -464,6 +467,11 @@ def _calibrate(
         "(at least %d); predictions use T = 1.",
         *(len(rows["labels"]), calibration.MIN_EXAMPLES),
       )
+      if jax.process_index() == 0:
+        for unfitted in steps:
+          calibration.save(
+            workdir, unfitted, calibration.not_fitted(len(rows["labels"]))
+          )
       break
     fitted = calibration.record(rows["probabilities"], rows["labels"])
     if jax.process_index() == 0:

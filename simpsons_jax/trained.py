@@ -38,7 +38,8 @@ class TrainedModel:
   step: int
   meta: dict[str, Any]  # The checkpoint's: epoch, validation figures ('val'), ...
   # Its temperature and validation confidences (`calibration.record`); {}
-  # for a run trained before calibration, which then uses T = 1.
+  # for a run trained before calibration, or `calibration.not_fitted` for one
+  # too small to calibrate: both use T = 1.
   calibration: dict[str, Any] = dataclasses.field(default_factory=dict)
 
   @property

@@ -39,10 +39,12 @@ import numpy as np
 from absl import logging
 from PIL import Image, ImageDraw, ImageFont
 
-from simpsons_jax import answers, files, plots
+from simpsons_jax import answers, errors, files, plots
 from simpsons_jax.data import core
 
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".avi", ".webm", ".mov")
+# What `summarise` writes per video: <stem> and these.
+OUTPUT_SUFFIXES = (".frames.csv", ".segments.json", ".timeline.png")
 
 
 def is_video(path: str | os.PathLike) -> bool:
@@ -55,13 +57,13 @@ def require_av() -> Any:
   try:
     import av
   except ImportError:
-    raise ValueError(
+    raise errors.UserError(
       'videos need PyAV, an optional extra: pip install -e ".[video]"'
     ) from None
   return av
 
 
-class NotAVideo(ValueError):
+class NotAVideo(errors.UserError):
   """The file does not open as a video; the message says why."""
 
 
@@ -101,6 +103,8 @@ class Frames:
 
   def __init__(self, path: str | os.PathLike, every: float = 0.0):
     self.av = require_av()
+    if problem := files.kind_problem(path):
+      raise NotAVideo(problem)
     try:
       self._container = self.av.open(str(path))
     except (self.av.error.FFmpegError, UnicodeDecodeError) as e:
@@ -251,6 +255,14 @@ class Summary:
   screen_time: dict[str, float]
 
 
+def output_files(path: str | os.PathLike, output_dir: str | os.PathLike) -> list[Path]:
+  """The files `summarise` writes for the video `path`: its frame table,
+  segments and timeline."""
+  stem = Path(path).stem
+  out = Path(output_dir)
+  return [out / f"{stem}{suffix}" for suffix in OUTPUT_SUFFIXES]
+
+
 def summarise(
   path: str | os.PathLike,
   analysis: Analysis,
@@ -258,10 +270,10 @@ def summarise(
   options: Options,
   output_dir: str | os.PathLike,
 ) -> Summary:
-  """Writes the frame table, the segments and the timeline of one video."""
-  out = Path(output_dir)
-  out.mkdir(parents=True, exist_ok=True)
-  stem = Path(path).stem
+  """Writes the frame table, the segments and the timeline of one video
+  (`output_files`)."""
+  Path(output_dir).mkdir(parents=True, exist_ok=True)
+  frames_csv, segments_json, timeline_png = output_files(path, output_dir)
   probs = analysis.probabilities
   smoothed = smooth(probs, options.smooth_window)
   found = segments(
@@ -270,7 +282,6 @@ def summarise(
     analysis.interval,
     analysis.seconds_read,
   )
-  frames_csv = out / f"{stem}.frames.csv"
   k = min(options.top_k, len(names))
   with io.StringIO(newline="") as f:
     writer = csv.writer(f)
@@ -286,7 +297,6 @@ def summarise(
       )
     files.write_text_atomic(frames_csv, f.getvalue())
   totals = screen_time(found)
-  segments_json = out / f"{stem}.segments.json"
   files.write_text_atomic(
     segments_json,
     json.dumps(
@@ -307,7 +317,6 @@ def summarise(
     )
     + "\n",
   )
-  timeline_png = out / f"{stem}.timeline.png"
   plots.timeline(
     analysis.times, smoothed, names, found, analysis.duration, timeline_png
   )
@@ -349,24 +358,31 @@ def write_annotated(
   av = frames.av
   output = Path(output)
   output.parent.mkdir(parents=True, exist_ok=True)
+  # Written beside it and renamed when complete: an interrupted run leaves
+  # the file as it was (PyAV picks the format from the name's extension).
+  temporary = output.with_name(f".{output.stem}.{os.getpid()}.tmp{output.suffix}")
   written = 0
-  with av.open(str(output), "w", options={"movflags": "+faststart"}) as sink:
-    stream = sink.add_stream("libx264", rate=frames.frame_rate)
-    stream.pix_fmt = "yuv420p"
-    font = None
-    for _, seconds, rgb in frames:
-      if font is None:
-        # 4:2:0 needs even sides: an odd last row or column is dropped.
-        stream.height, stream.width = rgb.shape[0] // 2 * 2, rgb.shape[1] // 2 * 2
-        font = _font(stream.height)
-      i = max(0, int(np.searchsorted(analysis.times, seconds + 1e-6)) - 1)
-      text = caption(analysis.probabilities[i], names, threshold)
-      frame = annotate(rgb[: stream.height, : stream.width], text, font)
-      for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+  try:
+    with av.open(str(temporary), "w", options={"movflags": "+faststart"}) as sink:
+      stream = sink.add_stream("libx264", rate=frames.frame_rate)
+      stream.pix_fmt = "yuv420p"
+      font = None
+      for _, seconds, rgb in frames:
+        if font is None:
+          # 4:2:0 needs even sides: an odd last row or column is dropped.
+          stream.height, stream.width = rgb.shape[0] // 2 * 2, rgb.shape[1] // 2 * 2
+          font = _font(stream.height)
+        i = max(0, int(np.searchsorted(analysis.times, seconds + 1e-6)) - 1)
+        text = caption(analysis.probabilities[i], names, threshold)
+        frame = annotate(rgb[: stream.height, : stream.width], text, font)
+        for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+          sink.mux(packet)
+        written += 1
+      for packet in stream.encode():
         sink.mux(packet)
-      written += 1
-    for packet in stream.encode():
-      sink.mux(packet)
+    os.replace(temporary, output)
+  finally:
+    temporary.unlink(missing_ok=True)
   return written
 
 
@@ -375,11 +391,13 @@ def _camera_device(index: int) -> tuple[str, str]:
   if sys.platform.startswith("linux"):
     device = f"/dev/video{index}"
     if not Path(device).exists():
-      raise ValueError(f"no camera {index}: {device} does not exist")
+      raise errors.UserError(f"no camera {index}: {device} does not exist")
     return device, "v4l2"
   if sys.platform == "darwin":
     return str(index), "avfoundation"
-  raise ValueError(f"--camera is supported on Linux and macOS, not {sys.platform}")
+  raise errors.UserError(
+    f"--camera is supported on Linux and macOS, not {sys.platform}"
+  )
 
 
 def live(
@@ -396,7 +414,7 @@ def live(
   if sys.platform.startswith("linux") and not (
     os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")
   ):
-    raise ValueError(
+    raise errors.UserError(
       "--camera shows a window and there is no display here (DISPLAY is not "
       "set): run it in a desktop session, or record a clip and predict on the file"
     )
@@ -405,14 +423,16 @@ def live(
   try:
     container = av.open(device, format=input_format)
   except av.error.FFmpegError as e:
-    raise ValueError(f"camera {camera} ({device}) cannot be opened: {e}") from None
+    raise errors.UserError(
+      f"camera {camera} ({device}) cannot be opened: {e}"
+    ) from None
   try:
     import tkinter
 
     from PIL import ImageTk
   except ImportError:
     container.close()
-    raise ValueError(
+    raise errors.UserError(
       "--camera needs tkinter (Tk), which this Python lacks: install its Tk "
       "package (e.g. python3-tk)"
     ) from None
@@ -477,7 +497,7 @@ def run(
   """Analyses each video, prints its summary, writes its files; a file that is
   not a video is skipped and listed. Returns one result per path."""
   if annotate_video and len(paths) != 1:
-    raise ValueError(
+    raise errors.UserError(
       f"--annotate_video writes one video: give one video, not {len(paths)}"
     )
   # Where the results go must take them before hours of decoding.

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from simpsons_jax import checkpointing, config_upgrade, evaluate, export, train
+from simpsons_jax import checkpointing, config_upgrade, evaluate, export, models, train
 from simpsons_jax import trained as trained_run
 from tests.conftest import make_tiny_config
 
@@ -30,12 +30,14 @@ def test_the_flat_config_becomes_todays_nested_one():
   expected.evals.kaggle_test = {"type": "folder", "dir": "DATA_DIR", "every_epochs": 2}
   expected = _plain(expected)
   del expected["model"]["resnet"]  # The run never used another model's settings.
-  assert _plain(config_upgrade.upgrade(FLAT)) == expected
+  assert _plain(config_upgrade.upgrade(FLAT, models.registered_settings())) == expected
 
 
 def test_todays_config_is_left_as_it_is():
   config = make_tiny_config("DATA_DIR")
-  assert _plain(config_upgrade.upgrade(_plain(config))) == _plain(config)
+  assert _plain(
+    config_upgrade.upgrade(_plain(config), models.registered_settings())
+  ) == _plain(config)
 
 
 def test_keys_an_older_run_never_had_get_the_values_it_ran_with():
@@ -44,7 +46,7 @@ def test_keys_an_older_run_never_had_get_the_values_it_ran_with():
   }
   older = {**older, "model": "resnet", "stem_features": 16}
   del older["checkpoint_metric"], older["exclude_copies_of"]
-  config = config_upgrade.upgrade(older)
+  config = config_upgrade.upgrade(older, models.registered_settings())
   assert config.train.cpu_kernels == "onednn"
   assert config.ckpt.metric == "accuracy"
   assert config.data.exclude_copies_of == ""
@@ -62,7 +64,7 @@ def test_keys_an_older_run_never_had_get_the_values_it_ran_with():
 
 def test_a_key_of_a_newer_version_is_one_sentence():
   with pytest.raises(ValueError, match=r"keys this version does not know \(zzz\)"):
-    config_upgrade.upgrade({**FLAT, "zzz": 1})
+    config_upgrade.upgrade({**FLAT, "zzz": 1}, models.registered_settings())
 
 
 def test_a_flat_workdir_resumes_evaluates_and_exports(tiny_data_dir, tmp_path):

@@ -20,6 +20,7 @@ from simpsons_jax import (
   characters,
   checkpointing,
   config_checks,
+  errors,
   evaluate,
   evaluators,
   files,
@@ -307,7 +308,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
   tiny_config.train.num_epochs = 3
   tiny_config.optim.learning_rate = 1e30
   with pytest.raises(
-    FloatingPointError, match=f"at step .*checkpoint \\(step {good[-1]}\\)"
+    errors.UserError, match=f"at step .*checkpoint \\(step {good[-1]}\\)"
   ):
     train.train_and_evaluate(tiny_config, tmp_path)
   assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == good
@@ -324,7 +325,7 @@ def test_nothing_is_pickled(tiny_config, tmp_path):
 
 def test_require_accelerator_refuses_the_cpu(tiny_config, tmp_path):
   tiny_config.train.require_accelerator = True
-  with pytest.raises(RuntimeError, match="JAX is running on the CPU.*jax\\[tpu\\]"):
+  with pytest.raises(errors.UserError, match="JAX is running on the CPU.*jax\\[tpu\\]"):
     train.train_and_evaluate(tiny_config, tmp_path)
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from simpsons_jax import data, input_pipeline, sharding, train
+from simpsons_jax import data, errors, input_pipeline, sharding, train
 from simpsons_jax import trained as trained_run
 from tests.conftest import make_tiny_config
 
@@ -101,7 +101,7 @@ def test_training_from_tfds_scores_validation_like_evaluate(
 def test_an_unprepared_tfds_data_set_is_one_clear_error(tiny_config, tmp_path):
   tiny_config.data.source = "tfds:simpsons_characters"
   tiny_config.data.tfds_dir = str(tmp_path / "empty")
-  with pytest.raises(FileNotFoundError, match="not prepared .* --manual_dir"):
+  with pytest.raises(errors.UserError, match="not prepared .* --manual_dir"):
     train.train_and_evaluate(tiny_config, tmp_path / "run", sharding.make_mesh())
 
 

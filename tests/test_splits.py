@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from simpsons_jax import data, evaluate, splits, synthetic
+from simpsons_jax import data, errors, evaluate, splits, synthetic
 from tests.conftest import make_tiny_config, shared_data
 
 
@@ -121,5 +121,5 @@ def test_real_frames_with_duplicates_split_apart(tmp_path):
 def test_evaluate_and_show_data_refuse_a_workdir_without_a_saved_split(tmp_path):
   (tmp_path / "config.json").write_text(make_tiny_config(tmp_path).to_json())
   (tmp_path / "characters.json").write_text('{"names": ["a"], "counts": [1]}')
-  with pytest.raises(FileNotFoundError, match="split.json is missing"):
+  with pytest.raises(errors.UserError, match="split.json is missing"):
     evaluate.show_data(tmp_path)

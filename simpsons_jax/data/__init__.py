@@ -11,6 +11,7 @@ import importlib
 
 import ml_collections
 
+from simpsons_jax import errors
 from simpsons_jax.data import core
 
 # Imported when used: TFDS loads only for tfds: runs.
@@ -30,7 +31,7 @@ def create(config: ml_collections.ConfigDict) -> core.DataSource:
   """The data source `config.data.source` names."""
   name, _, spec = config.data.source.partition(":")
   if name not in SOURCES:
-    raise ValueError(
+    raise errors.UserError(
       f"Unknown --config.data.source={config.data.source!r}; use one of "
       f"{', '.join(SOURCES)} (tfds as tfds:NAME[:VERSION])."
     )

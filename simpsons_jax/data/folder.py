@@ -110,6 +110,8 @@ class FolderSource(core.DataSource):
 
   def prepare(self, workdir: epath.Path) -> core.Loaded:
     found = self.find(workdir)
+    # Before any file is checked or anything written in the workdir.
+    characters.check_hold_out(tuple(found), self.config.data.hold_out)
     checked = image_files.keep_usable(found, workdir, max_pixels(self.config))
     if self.config.data.exclude_copies_of:
       kept = near_copies.exclude(
@@ -119,8 +121,13 @@ class FolderSource(core.DataSource):
         max_pixels(self.config),
       )
       checked = dataclasses.replace(checked, images=kept)
+    skipped = {c: len(found[c]) - len(kept) for c, kept in checked.images.items()}
     cmap = characters.load_or_create(
-      workdir, checked.images, self.config.data.min_images, self.config.data.hold_out
+      workdir,
+      checked.images,
+      self.config.data.min_images,
+      self.config.data.hold_out,
+      skipped,
     )
     current = self._hashes(workdir, checked, cmap.names)
     train, val = splits.choose_and_save(workdir, current, cmap, self.config)

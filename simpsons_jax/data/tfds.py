@@ -25,7 +25,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 import simpsons_jax.tfds_builders.simpsons_characters  # noqa: F401 (registers it)
-from simpsons_jax import characters, image_files, splits
+from simpsons_jax import characters, errors, image_files, splits
 from simpsons_jax.data import core
 
 
@@ -72,7 +72,7 @@ def _data_set_name(spec: str) -> str:
   """'NAME' or 'NAME:VERSION', checked."""
   name, _, version = spec.partition(":")
   if not name:
-    raise ValueError(
+    raise errors.UserError(
       "--config.data.source=tfds: needs a data set name, e.g. tfds:simpsons_characters."
     )
   return f"{name}:{version}" if version else name
@@ -114,12 +114,12 @@ class TfdsSplit:
       name = self.name.partition(":")[0]
       close = difflib.get_close_matches(name, tfds.list_builders(), n=3, cutoff=0.6)
       hint = f"did you mean {', '.join(close)}? " if close else ""
-      raise ValueError(
+      raise errors.UserError(
         f"tfds:{self.name}: TFDS has no data set {name!r}; {hint}"
         "`tfds.list_builders()` lists them (this project's own: simpsons_characters)."
       ) from None
     if not builder.is_prepared():
-      raise FileNotFoundError(
+      raise errors.UserError(
         f"The TFDS data set {self.name} is not prepared in "
         f"{data_dir or 'the default data dir'}: build it first, for this "
         "project's own data set with `python -m "
@@ -171,7 +171,7 @@ class TfdsSource(core.DataSource):
       _data_set_name(spec), config.data.tfds_split, config.data.tfds_dir
     )
     if config.data.exclude_copies_of:
-      raise ValueError(
+      raise errors.UserError(
         "exclude_copies_of applies to folders of image files, not to "
         f"data.source={config.data.source}: train from the folder "
         "(--config.data.source=folder), or build the TFDS data set from a "
@@ -237,7 +237,7 @@ class TfdsData:
     )
     builder = data.builder()
     if data.split not in builder.info.splits:
-      raise ValueError(
+      raise errors.UserError(
         f"The TFDS data set {data.name} has no split {data.split!r}; its splits: "
         f"{', '.join(builder.info.splits)}."
       )

@@ -8,6 +8,8 @@ import ml_collections
 from absl import app, flags
 from etils import epath
 
+from simpsons_jax.modes import check_flag, finite_at_least
+
 flags.DEFINE_string(
   "output",
   "",
@@ -17,12 +19,16 @@ flags.DEFINE_string(
 flags.DEFINE_float(
   "video_fps", 2.0, "predict: video frames classified per second; 0: every frame."
 )
+check_flag(
+  "video_fps", finite_at_least(0), "frames per second, 0 (every frame) or more"
+)
 flags.DEFINE_integer(
   "smooth_window",
   3,
   "predict: a video's probabilities are averaged over this many neighbouring "
   "samples before it is cut into segments (the camera's: over the last ones).",
 )
+check_flag("smooth_window", lambda n: n >= 1, "a whole number of samples, at least 1")
 flags.DEFINE_string(
   "annotate_video",
   "",
@@ -40,6 +46,7 @@ flags.DEFINE_integer(
   -1,
   "predict: classify live camera N (0: the first) in a window instead of files.",
 )
+check_flag("camera", lambda n: n >= -1, "a camera number, 0 or more (-1: none)")
 FLAGS = flags.FLAGS
 
 
