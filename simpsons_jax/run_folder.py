@@ -84,6 +84,11 @@ def lock(workdir: str | os.PathLike) -> Iterator[None]:
   """
   workdir = files.as_path(workdir)
   created = not workdir.exists()
+  if not created and not workdir.is_dir():
+    raise errors.UserError(
+      f"--workdir={workdir} is a file, not a folder: give a folder for the run "
+      "(it is created if missing)"
+    )
   workdir.mkdir(parents=True, exist_ok=True)
   if not files.is_local(workdir):
     logging.warning(

@@ -470,6 +470,13 @@ def test_hold_out_mistakes_are_said_before_anything_is_written(tiny_config, tmp_
   assert not workdir.exists()
 
 
+def test_a_workdir_that_is_a_file_is_one_sentence(tiny_config, tmp_path):
+  (tmp_path / "run").write_text("a user's notes")
+  with pytest.raises(errors.UserError, match="--workdir=.* is a file, not a folder"):
+    train.train_and_evaluate(tiny_config, tmp_path / "run")
+  assert (tmp_path / "run").read_text() == "a user's notes"
+
+
 def test_a_pixel_limit_that_skips_everything_names_the_limit(tiny_config, tmp_path):
   tiny_config.data.max_image_pixels = 1
   with pytest.raises(characters.DatasetError, match="max_image_pixels"):
