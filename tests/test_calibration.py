@@ -93,6 +93,7 @@ def test_training_calibrates_and_every_use_applies_the_temperature(trained_workd
   )
 
 
+@pytest.mark.slow
 def test_held_out_characters_are_scored_as_unknown(tiny_data_dir, tmp_path):
   config = make_tiny_config(tiny_data_dir)
   held = sorted(p.name for p in tiny_data_dir.iterdir())[:2]

@@ -67,6 +67,7 @@ def test_a_key_of_a_newer_version_is_one_sentence():
     config_upgrade.upgrade({**FLAT, "zzz": 1}, models.registered_settings())
 
 
+@pytest.mark.slow
 def test_a_flat_workdir_resumes_evaluates_and_exports(tiny_data_dir, tmp_path):
   """A run trained before the change (its config.json flat) continues with
   today's config, and evaluate and export read it."""

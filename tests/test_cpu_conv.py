@@ -136,6 +136,7 @@ def test_sharded_over_eight_devices_equals_one_device():
       np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("get_config", [full.get_config, strong.get_config])
 def test_the_same_parameters_and_function_on_both_paths(get_config):
   _needs_kernels()
@@ -258,6 +259,7 @@ json.dump({
 """
 
 
+@pytest.mark.slow
 def test_one_device_trains_through_onednn_and_resumes_bitwise(tmp_path):
   _needs_kernels()
   env = {**os.environ, "XLA_FLAGS": "", "OMP_NUM_THREADS": "2"}

@@ -220,6 +220,7 @@ def test_the_plain_formulation_is_lax_on_a_case():
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["best", *cpu_conv.KERNEL_VARIANTS])
 def test_the_shape_space_with_each_direct_kernel_variant(variant):
   # The direct kernels are compiled for x86-64-v4 (AVX-512), v3 (AVX2) and the
@@ -247,6 +248,7 @@ def onednn_caps_here() -> list[str]:
   return caps
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cap", ["SSE41", "AVX2", "AVX512_CORE"])
 def test_the_shape_space_under_each_onednn_isa_cap(cap, tmp_path):
   # oneDNN reads its cap once, when it loads: a process of its own for each.

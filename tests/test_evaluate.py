@@ -101,6 +101,7 @@ def test_evaluate_validation_split(trained_workdir):
   }
 
 
+@pytest.mark.slow
 def test_evaluate_kaggle_layouts_and_unknown_characters(
   trained_workdir, tiny_data_dir, tmp_path
 ):
@@ -184,6 +185,7 @@ def test_damaged_json_is_one_error_naming_the_file(copied_workdir, damaged):
       evaluate.run(copied_workdir)
 
 
+@pytest.mark.slow
 def test_evaluate_with_output_dir_writes_nothing_into_the_workdir(
   trained_workdir, tmp_path, capsys
 ):
@@ -269,6 +271,7 @@ def test_predict_output_keeps_what_was_done_before_an_interruption(
   assert [r["path"] for r in lines] == [str(p) for p in paths[:4]]
 
 
+@pytest.mark.slow
 def test_an_extra_evaluator_reports_every_epoch_and_evaluate_reproduces_it(
   tiny_data_dir, tmp_path
 ):

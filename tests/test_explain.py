@@ -40,6 +40,7 @@ def _pointing_hits(cams: np.ndarray, corners: list) -> float:
   return float(np.mean(hits))
 
 
+@pytest.mark.slow
 def test_grad_cam_points_at_the_deciding_patch_and_random_weights_do_not(tmp_path):
   rng = np.random.default_rng(0)
   for name, corner in CORNERS.items():
@@ -89,6 +90,7 @@ def test_predict_explain_draws_each_image_and_names_the_drawing(
     assert Image.open(path).size[0] > 300  # A figure of three panels.
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   "name, size, dtype",
   [

@@ -118,6 +118,7 @@ def _expected(workdir, paths):
   return trained, probs
 
 
+@pytest.mark.slow
 def test_export_writes_the_artifacts_and_a_model_card(exported):
   workdir, written = exported
   trained = trained_run.load(workdir)
@@ -138,6 +139,7 @@ def test_export_writes_the_artifacts_and_a_model_card(exported):
   assert card["versions"]["jax"] == __import__("jax").__version__
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   "artifact, loader", [("model.jax", LOAD_JAX), ("model.tflite", LOAD_TFLITE)]
 )
@@ -152,6 +154,7 @@ def test_uint8_artifacts_equal_predict_in_a_process_without_simpsons_jax(
   np.testing.assert_allclose(np.load(tmp_path / "p.npy"), expected, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_explain_jax_draws_the_maps_of_the_run_without_simpsons_jax(
   exported, tiny_data_dir, tmp_path
 ):
@@ -175,6 +178,7 @@ def test_explain_jax_draws_the_maps_of_the_run_without_simpsons_jax(
   np.testing.assert_allclose(np.load(tmp_path / "maps.npy"), expected, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_savedmodel_takes_image_bytes_and_equals_predict(
   exported, tiny_data_dir, tmp_path
 ):
@@ -200,6 +204,7 @@ def test_savedmodel_takes_image_bytes_and_equals_predict(
   assert len(top[0]) == 3
 
 
+@pytest.mark.slow
 def test_an_unknown_format_is_one_sentence(exported):
   workdir, _ = exported
   with pytest.raises(ValueError, match="--formats: onnx unknown; choose from jax, "):
@@ -215,6 +220,7 @@ def _printed(stdout: str) -> dict[str, list[tuple[str, float]]]:
   return rows
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   "script, target, exact",
   [
@@ -253,6 +259,7 @@ def test_the_examples_print_what_predict_says(
           assert abs(probs[name] - p) < 0.05
 
 
+@pytest.mark.slow
 def test_a_new_export_replaces_the_folder_whole_and_lists_its_files(exported, tmp_path):
   workdir, _ = exported
   out = tmp_path / "out"
@@ -275,6 +282,7 @@ def test_a_new_export_replaces_the_folder_whole_and_lists_its_files(exported, tm
   assert sorted(card["files"]) == ["characters.json", "explain.jax", "model.jax"]
 
 
+@pytest.mark.slow
 def test_a_failed_export_leaves_the_previous_one_as_it_was(
   exported, tmp_path, monkeypatch
 ):
@@ -294,6 +302,7 @@ def test_a_failed_export_leaves_the_previous_one_as_it_was(
   export.verify(before.folder)
 
 
+@pytest.mark.slow
 def test_a_folder_that_does_not_match_its_model_json_is_refused(exported, tmp_path):
   workdir, _ = exported
   written = export.run(workdir, formats=["jax"], output_dir=str(tmp_path / "good"))
@@ -322,6 +331,7 @@ def test_a_folder_that_does_not_match_its_model_json_is_refused(exported, tmp_pa
   assert "model.tflite does not match model.json" in result.stderr
 
 
+@pytest.mark.slow
 def test_an_unwritable_output_folder_is_named_before_any_work(exported, tmp_path):
   workdir, _ = exported
   blocker = tmp_path / "file"

@@ -45,6 +45,7 @@ def test_the_csv_data_source_of_the_readme(tiny_data_dir, tmp_path, monkeypatch)
   del sys.modules["my_sources"]
 
 
+@pytest.mark.slow
 def test_the_model_of_the_readme_trains_resumes_and_predicts(
   tiny_data_dir, tmp_path, monkeypatch
 ):
@@ -76,6 +77,7 @@ def test_the_model_of_the_readme_trains_resumes_and_predicts(
   del sys.modules["my_models"]
 
 
+@pytest.mark.slow
 def test_the_evaluator_of_the_readme_scores_during_training_and_evaluate(
   tiny_data_dir, tmp_path, monkeypatch
 ):

@@ -167,6 +167,7 @@ def test_unreadable_file_is_skipped(tmp_path, monkeypatch):
   assert _reason(path) == "unreadable (Permission denied)"
 
 
+@pytest.mark.slow
 def test_training_on_a_messy_folder_skips_and_counts(messy_dir, tmp_path, tiny_config):
   root, num_good_homer, bad = messy_dir
   tiny_config.data.dir = str(root)
@@ -240,6 +241,7 @@ def test_every_config_passes_the_checks_and_gives_its_command(name):
   assert f"python main.py --config=configs/{name}.py" in module.__doc__
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   "override, message",
   [
@@ -266,6 +268,7 @@ def test_unknown_keys_and_wrong_types_are_rejected(override, message, tmp_path):
   assert not (tmp_path / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_incompatible_workdir_is_refused_and_restart_archives(tiny_config, tmp_path):
   tiny_config.train.num_epochs = 1
   train.train_and_evaluate(tiny_config, tmp_path)
@@ -289,6 +292,7 @@ def test_incompatible_workdir_is_refused_and_restart_archives(tiny_config, tmp_p
   assert state.params["conv0"]["kernel"].shape == (3, 3, 3, 8)
 
 
+@pytest.mark.slow
 def test_longer_run_new_learning_rate_and_dtype_may_resume(tiny_config, tmp_path):
   tiny_config.train.num_epochs = 1
   train.train_and_evaluate(tiny_config, tmp_path)
@@ -299,6 +303,7 @@ def test_longer_run_new_learning_rate_and_dtype_may_resume(tiny_config, tmp_path
   assert int(state.step) == 2 * 6  # 96 training images in batches of 16
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
   tiny_config, tmp_path
 ):
@@ -314,6 +319,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
   assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == good
 
 
+@pytest.mark.slow
 def test_nothing_is_pickled(tiny_config, tmp_path):
   tiny_config.train.num_epochs = 1
   train.train_and_evaluate(tiny_config, tmp_path)
@@ -339,6 +345,7 @@ def _main(*args):
   )
 
 
+@pytest.mark.slow
 def test_a_missing_data_dir_is_one_sentence_without_traceback(tmp_path):
   result = _main(
     "--config=configs/full.py",
@@ -351,6 +358,7 @@ def test_a_missing_data_dir_is_one_sentence_without_traceback(tmp_path):
   assert "--config.data.dir" in result.stderr
 
 
+@pytest.mark.slow
 def test_a_damaged_workdir_file_is_one_sentence_without_traceback(tmp_path):
   (tmp_path / "config.json").write_text('{"image_size": 12')  # Cut short.
   result = _main("--mode=evaluate", f"--workdir={tmp_path}")
@@ -393,6 +401,7 @@ def test_the_pixel_limit_is_checked_before_decoding(tmp_path, monkeypatch):
   assert decoded == []
 
 
+@pytest.mark.slow
 def test_predict_exits_non_zero_when_anything_was_skipped_or_nothing_found(
   trained_workdir, tmp_path
 ):
@@ -416,6 +425,7 @@ def test_predict_exits_non_zero_when_anything_was_skipped_or_nothing_found(
   assert predict.incomplete(done, [str(frame)]) == ""
 
 
+@pytest.mark.slow
 def test_evaluate_refuses_an_unwritable_folder_before_loading(
   trained_workdir, tmp_path
 ):
@@ -456,6 +466,7 @@ def small_disk(tmp_path):
   subprocess.run(["umount", str(mount)], check=True)
 
 
+@pytest.mark.slow
 def test_a_full_disk_stops_training_at_once_and_the_run_resumes(
   tiny_config, small_disk, monkeypatch
 ):
@@ -505,6 +516,7 @@ def test_a_full_disk_stops_training_at_once_and_the_run_resumes(
   assert checkpointing.saved_steps(workdir / "checkpoints")[-1] == 4 * first
 
 
+@pytest.mark.slow
 def test_an_unknown_config_key_is_one_line_with_the_closest_keys(tmp_path):
   result = _main(
     "--config=configs/demo.py", f"--workdir={tmp_path}", "--config.learning_rat=0.1"
@@ -531,6 +543,7 @@ def test_an_unknown_config_key_is_one_line_with_the_closest_keys(tmp_path):
   assert "--config.zzz is not a key of configs/demo.py" in result.stderr
 
 
+@pytest.mark.slow
 def test_tfds_mistakes_are_one_line_naming_the_users_flag(tmp_path):
   result = _main(
     "--config=configs/demo.py",

@@ -88,6 +88,7 @@ def _final_params(workdir):
   return jax.tree.leaves(jax.device_get(trained.variables["params"]))
 
 
+@pytest.mark.slow
 def test_killed_at_three_moments_each_rerun_resumes_and_ends_as_uninterrupted(
   reference, tiny_data_dir, tmp_path
 ):
@@ -107,6 +108,7 @@ def test_killed_at_three_moments_each_rerun_resumes_and_ends_as_uninterrupted(
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_sigterm_then_sigint_each_save_and_the_run_resumes(
   reference, tiny_data_dir, tmp_path
 ):

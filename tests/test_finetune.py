@@ -75,14 +75,10 @@ def test_multipliers_scale_updates_and_frozen_layers_wait_to_unfreeze():
   assert float(scaled["a"]["w"][0]) == pytest.approx(0.1 * float(scaled["c"]["w"][0]))
 
 
-@pytest.fixture(scope="module")
-def source_run(tmp_path_factory, tiny_data_dir):
-  """A tiny run of 6 characters, trained on 8 simulated devices."""
-  workdir = tmp_path_factory.mktemp("source")
-  config = make_tiny_config(tiny_data_dir)
-  config.train.num_epochs = 1
-  train.train_and_evaluate(config, workdir)
-  return workdir
+@pytest.fixture
+def source_run(trained_workdir):
+  """The shared tiny run (6 characters, 8 simulated devices) to start from."""
+  return trained_workdir
 
 
 def _fewer_characters(tiny_data_dir, tmp_path):
@@ -92,6 +88,7 @@ def _fewer_characters(tiny_data_dir, tmp_path):
   return tmp_path / "data"
 
 
+@pytest.mark.slow
 def test_a_frozen_body_on_one_device_keeps_the_eight_device_weights(
   source_run, tiny_data_dir, tmp_path
 ):
@@ -112,6 +109,7 @@ def test_a_frozen_body_on_one_device_keeps_the_eight_device_weights(
   )
 
 
+@pytest.mark.slow
 def test_a_fine_tuning_run_resumes_bitwise_and_reads_init_from_once(
   source_run, tiny_data_dir, tmp_path
 ):
@@ -131,6 +129,7 @@ def test_a_fine_tuning_run_resumes_bitwise_and_reads_init_from_once(
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_another_model_family_is_refused(source_run, tiny_config, tmp_path):
   tiny_config.model.name = "resnet"
   tiny_config.finetune.init_from = str(source_run)

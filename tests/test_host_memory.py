@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 # A jitted function whose 128 MB temporary (over glibc's 64 MiB per-thread heap)
 # is allocated on XLA's threads; prints the minor page faults of each call.
 # PROBE_CALL=first calls host_memory.keep_freed_memory() first (as main.py
@@ -43,6 +45,7 @@ def _probe(call: str, **env: str) -> dict:
   return json.loads(out.stdout.strip().splitlines()[-1]) | {"log": out.stderr}
 
 
+@pytest.mark.slow
 def test_a_step_reuses_its_memory_instead_of_faulting_through_it():
   kept = _probe("first")
   assert kept["set"] is True
@@ -59,6 +62,7 @@ def test_a_step_reuses_its_memory_instead_of_faulting_through_it():
   assert min(default["faults"][1:]) > 0.9 * default["temp_pages"]
 
 
+@pytest.mark.slow
 def test_importing_the_package_changes_nothing_and_a_late_call_refuses():
   late = _probe("late")  # import simpsons_jax; JAX runs; then the call.
   assert min(late["faults"][1:]) > 0.9 * late["temp_pages"]  # malloc as it was.

@@ -61,6 +61,7 @@ def test_dropout_only_in_training():
   assert not np.allclose(train, eval_a)
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_matches_float32_on_a_fixed_batch():
   config = full.get_config()
   config.data.image_size = 64
@@ -108,6 +109,7 @@ def test_strong_model_parameter_count():
   assert models.count_params(variables["batch_stats"]) == 2 * (32 + 3 * (48 + 96 + 192))
 
 
+@pytest.mark.slow
 def test_resnet_batch_norm_modes():
   model = models.ResNet(num_classes=3, stem_features=8, stage_features=(8, 16))
   images = jax.random.randint(jax.random.PRNGKey(5), (6, 16, 16, 3), 0, 256, jnp.uint8)
@@ -145,6 +147,7 @@ def test_flip_test_time_augmentation_averages_probabilities():
   np.testing.assert_allclose(jnp.exp(both), expected, rtol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strides, window", [(1, 3), (2, 3), (2, 1)])
 def test_chunked_kernel_gradient_equals_the_plain_one(strides, window):
   x = jax.random.normal(jax.random.PRNGKey(6), (48, 28, 28, 4))

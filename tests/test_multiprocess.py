@@ -55,6 +55,7 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one_with_the_same_global_batch(
   tiny_data_dir, tmp_path
 ):
@@ -136,6 +137,7 @@ def test_two_processes_train_like_one_with_the_same_global_batch(
   assert logged == pytest.approx(reference["loss"], rel=1e-3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("first, second", [(8, 1), (1, 8)])
 def test_checkpoints_move_between_device_counts(tiny_config, tmp_path, first, second):
   tiny_config.train.num_epochs = 1

@@ -78,6 +78,7 @@ def test_paths_keep_their_file_system():
   assert not files.is_local("gs://bucket/run") and files.is_local("runs/x")
 
 
+@pytest.mark.slow
 def test_a_run_on_a_remote_file_system_trains_as_a_local_one(
   remote, trained_workdir, tmp_path, monkeypatch, caplog
 ):
@@ -107,6 +108,7 @@ def test_a_run_on_a_remote_file_system_trains_as_a_local_one(
   assert trained_run.load(workdir, "latest").meta["epoch"] == 3
 
 
+@pytest.mark.slow
 def test_evaluation_reports_go_to_a_remote_folder(remote, trained_workdir, tmp_path):
   out = f"{remote}/reports"
   local = evaluate.run(trained_workdir, output_dir=tmp_path)

@@ -63,6 +63,7 @@ except run_folder.WorkdirBusy as e:
 """
 
 
+@pytest.mark.slow
 def test_the_lock_holds_on_windows_too(tmp_path):
   holder = subprocess.Popen(
     [sys.executable, "-c", AS_ON_WINDOWS + HOLD, str(tmp_path)],

@@ -135,6 +135,7 @@ def test_where_it_looked_comes_on_request_as_a_small_png(
   assert status == 400 and "ask with explain=1" in refused["error"]
 
 
+@pytest.mark.slow
 def test_an_exported_folder_serves_the_same_answers(
   trained_workdir, tiny_data_dir, tmp_path
 ):
@@ -167,6 +168,7 @@ def test_an_exported_folder_serves_the_same_answers(
   )
 
 
+@pytest.mark.slow
 def test_the_page_in_a_headless_browser_names_the_character(
   server, trained_workdir, tiny_data_dir, tmp_path
 ):

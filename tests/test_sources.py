@@ -85,6 +85,7 @@ def test_tfds_source_splits_and_decodes_like_the_folder(
     )
 
 
+@pytest.mark.slow
 def test_training_from_tfds_scores_validation_like_evaluate(
   tiny_data_dir, tfds_dir, tmp_path
 ):

@@ -107,6 +107,7 @@ def _params(state):
   return jax.tree.leaves(jax.device_get(state.params))
 
 
+@pytest.mark.slow
 def test_stop_and_resume_equals_an_uninterrupted_run(tiny_config, tmp_path):
   tiny_config.train.num_epochs = 3
   uninterrupted, _ = train.train_and_evaluate(tiny_config, tmp_path / "a")
@@ -138,6 +139,7 @@ def _crash_then_resume(config, workdir, monkeypatch, crash_at: int):
   return train.train_and_evaluate(config, workdir)[0]
 
 
+@pytest.mark.slow
 def test_crash_mid_epoch_resumes_from_the_last_checkpoint(
   tiny_config, tmp_path, monkeypatch
 ):
@@ -152,6 +154,7 @@ def test_crash_mid_epoch_resumes_from_the_last_checkpoint(
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_eight_devices_train_like_one(tiny_config, tmp_path):
   assert jax.device_count() == 8
   one_state, one = train.train_and_evaluate(
@@ -171,6 +174,7 @@ def test_batch_that_devices_do_not_divide_is_rejected(tiny_config, tmp_path):
     train.train_and_evaluate(tiny_config, tmp_path)
 
 
+@pytest.mark.slow
 def test_overfit_config_fits_real_frames_exactly(tmp_path):
   config = overfit.get_config()
   config.data.dir = str(shared_data("simpsons-mnist", "train"))
@@ -224,6 +228,7 @@ def _variables(state):
   return jax.device_get(trees)
 
 
+@pytest.mark.slow
 def test_strong_run_resumes_exactly_and_saves_its_statistics(
   resnet_config, tmp_path, monkeypatch
 ):
@@ -250,6 +255,7 @@ def test_strong_run_resumes_exactly_and_saves_its_statistics(
     np.testing.assert_array_equal(x, y)
 
 
+@pytest.mark.slow
 def test_batch_norm_statistics_cover_the_global_batch(resnet_config):
   model = models.create(resnet_config, num_classes=6)
   rng = np.random.default_rng(0)
@@ -299,6 +305,7 @@ def test_the_best_checkpoint_is_ranked_by_the_configured_metric(tmp_path, metric
   manager.close()
 
 
+@pytest.mark.slow
 def test_profile_steps_write_a_trace_tensorboard_opens(tiny_config, tmp_path):
   tiny_config.train.num_epochs = 1
   tiny_config.train.profile_steps = 2

@@ -159,6 +159,7 @@ def _known_clip(path: Path, trained_frames: dict, rng) -> list:
   return expected
 
 
+@pytest.mark.slow
 def test_a_clip_of_known_characters_gives_its_segments_table_and_timeline(
   frames_workdir, tmp_path
 ):
@@ -208,6 +209,7 @@ def test_a_clip_of_known_characters_gives_its_segments_table_and_timeline(
   assert frames[20].to_ndarray(format="rgb24")[10:14, 10:40].mean() < 60
 
 
+@pytest.mark.slow
 def test_a_truncated_video_gives_what_decodes_and_a_non_video_is_skipped(
   frames_workdir, tmp_path, capsys
 ):
@@ -246,11 +248,11 @@ def test_a_truncated_video_gives_what_decodes_and_a_non_video_is_skipped(
 
 
 def test_an_unwritable_output_folder_stops_before_decoding(
-  frames_workdir, tmp_path, monkeypatch
+  trained_workdir, tmp_path, monkeypatch
 ):
-  workdir, trained_frames = frames_workdir
+  workdir = trained_workdir
   clip = tmp_path / "clip.mp4"
-  write_clip(clip, [next(iter(trained_frames.values()))[0]] * 4)
+  write_clip(clip, [np.zeros((*SIZE[::-1], 3), np.uint8)] * 4)
   blocker = tmp_path / "file"
   blocker.write_text("")
   monkeypatch.setattr(video, "analyse", lambda *a: pytest.fail("decoded first"))
@@ -258,6 +260,7 @@ def test_an_unwritable_output_folder_stops_before_decoding(
     predict.run(workdir, [str(clip)], output_dir=str(blocker / "out"))
 
 
+@pytest.mark.slow
 def test_the_command_line_prints_screen_time(frames_workdir, tmp_path):
   workdir, trained_frames = frames_workdir
   clip = tmp_path / "clip.webm"
