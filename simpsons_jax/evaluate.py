@@ -12,6 +12,7 @@ read-only.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
@@ -22,49 +23,42 @@ from absl import logging
 from etils import epath
 
 from simpsons_jax import (
-  calibration,
   characters,
   checkpointing,
   data,
   errors,
   evaluators,
-  explain,
   files,
   plots,
   sharding,
   summary,
 )
 from simpsons_jax import trained as trained_run
+from simpsons_jax.evaluators import calibration, classification, unknowns
 
 VALIDATION = "validation"
-# The figures evaluate draws, each `<name>.png` in its output folder.
+# The pictures evaluate draws, each `<name>.png` in its output folder.
 FIGURES = ("predictions", "mismatches", "confusion_matrix", "reliability")
-NUM_SHOWN = 9
-MAX_MISMATCHES = 16
 
 
 def run(
   workdir: str | os.PathLike,
   eval_dir: str = "",
   checkpoint: str = "best",
-  seed: int = 0,
   output_dir: str | os.PathLike = "",
   unknown_dir: str = "",
 ) -> dict[str, Any]:
   """Evaluates a checkpoint of `workdir`; writes report.json and the figures.
 
-  The report's `calibration` holds the expected calibration error and the
-  NLL without and with the checkpoint's temperature (figure
-  `reliability.png`). With `unknown_dir` (a folder of characters the run did
-  not train on), `unknown` says how well the maximum probability and the
-  energy score tell those images from the evaluated ones (AUROC), and how
-  many of them the validation-chosen threshold answers 'unknown'.
-
   `eval_dir` is a folder in either Kaggle layout, the name of one of the
   run's `config.evals`, or `tfds:NAME[:VERSION]/SPLIT`; empty, the run's
-  validation split. The numbers come
-  from the evaluator the training loop uses (`evaluators`), on the run's
-  batch size. They go to `<output_dir or workdir/eval>/<name>/`, and
+  validation split. A set of images gets its classification figures and
+  pictures, and its calibration (`calibration` in the report: ECE and NLL
+  without and with the checkpoint's temperature, `reliability.png`); with
+  `unknown_dir` (a folder of characters the run did not train on),
+  `unknown` says how well the model tells those from it. The evaluators are
+  those the training loop runs (`evaluators`), on the run's batch size.
+  Everything goes to `<output_dir or workdir/eval>/<name>/`, and
   TensorBoard's to `<output_dir or workdir>/tensorboard/eval_<name>/`: with
   `output_dir`, nothing is written into `workdir`, which may be read-only.
   """
@@ -75,64 +69,72 @@ def run(
     characters.resolve_data_dir(eval_dir, "--eval_dir")
   if unknown_dir:
     characters.resolve_data_dir(unknown_dir, "--unknown_dir")
+  root = files.as_path(output_dir) if output_dir else workdir / "eval"
   files.check_writable(
-    files.as_path(output_dir) if output_dir else workdir / "eval",
-    "give --output_dir a folder you can write to (the workdir may be read-only)",
+    root, "give --output_dir a folder you can write to (the workdir may be read-only)"
   )
   trained = trained_run.load(workdir, checkpoint)
-  config, names = trained.config, trained.cmap.names
-  out = (files.as_path(output_dir) if output_dir else workdir / "eval") / name
-  evaluator = evaluators.create(name, spec, trained.cmap, out, config, workdir)
-  mesh = _mesh(config.train.batch_size)
-  score = evaluators.scorer(
-    mesh, trained.model.apply, len(names), config.test_time_flip
-  )
-  result, rows = evaluator.run(score, trained.variables, mesh, config, names)
-  probs = calibration.with_temperature(rows["probabilities"], trained.temperature)
-  result = {
-    "checkpoint_step": trained.step,
-    **result,
-    "calibration": _calibration_report(rows["probabilities"], probs, rows, trained),
-  }
-  if unknown_dir:
-    unknown = evaluators.unknown_examples(unknown_dir, trained.cmap, out, config)
-    unknown_rows = evaluators.Evaluator("unknown", unknown).run(
-      score, trained.variables, mesh, config, names
-    )[1]
-    result["unknown"] = _unknown_report(
-      probs, rows, unknown_rows, trained, result["calibration"].get("at_95_precision")
+  out = root / name
+  context = evaluators.Context(trained.config, trained.cmap, workdir, out)
+  evaluated_set = evaluators.create(name, spec, context)
+  parts: dict[str, evaluators.Evaluator] = {}
+  if isinstance(evaluated_set, classification.Classification):
+    known = dataclasses.replace(context, known=evaluated_set)
+    parts["calibration"] = calibration.Calibration(name, {}, known)
+    if unknown_dir:
+      where = {"type": "unknowns", "dir": unknown_dir}
+      parts["unknown"] = unknowns.Unknowns(name, where, known, flag="--unknown_dir")
+  elif unknown_dir:
+    raise errors.UserError(
+      f"--unknown_dir compares with a set of images; --eval_dir={eval_dir} is "
+      f"an evaluator of type {spec['type']}: leave one of them out"
     )
+  mesh = _mesh(trained.config.train.batch_size)
+  score = evaluators.scorer(
+    mesh, trained.model.apply, trained.cmap.num_classes, trained.config.test_time_flip
+  )
+  model = evaluators.Model(
+    score, trained.variables, mesh, trained.step, trained.calibration
+  )
   out.mkdir(parents=True, exist_ok=True)
   for stale in FIGURES:  # Another evaluation's; nothing else in `out` is ours.
     (out / f"{stale}.png").unlink(missing_ok=True)
-  figures = _figures(trained, evaluator.examples, probs, result, out, seed)
-  figures["reliability"] = plots.reliability_diagram(
-    calibration.reliability(rows["probabilities"], rows["labels"]),
-    calibration.reliability(probs, rows["labels"]),
-    out / "reliability.png",
-    f"{name}: ECE {result['calibration']['ece']['uncalibrated']:.1%} -> "
-    f"{result['calibration']['ece']['calibrated']:.1%} (T = {trained.temperature:.2f})",
-  )
+  found = evaluated_set.run(model, out)
+  report = {"checkpoint_step": trained.step, **found.report}
+  images, figures = dict(found.images), dict(found.scalars)
+  for key, part in parts.items():
+    more = part.run(model, out)
+    report[key] = more.report
+    images.update(more.images)
+    figures.update({f"{key}.{k}": v for k, v in more.scalars.items()})
   board = (files.as_path(output_dir) if output_dir else workdir) / "tensorboard"
-  result = evaluators.write(result, out, board / f"eval_{name}", trained.step, figures)
-  _say(result, f"checkpoint step {trained.step} ({checkpoint})", out)
-  return result
+  report = evaluators.write(
+    report, out, board / f"eval_{name}", trained.step, images, figures
+  )
+  _say(report, figures, f"checkpoint step {trained.step} ({checkpoint})", out)
+  return report
 
 
-def _say(result: dict[str, Any], which: str, out: epath.Path) -> None:
+def _say(
+  report: dict[str, Any], figures: dict[str, float], which: str, out: epath.Path
+) -> None:
   """The headline figures on the console and in the log."""
-  calibrated = result["calibration"]["ece"]
+  if "accuracy" not in report:
+    said = ", ".join(f"{k} {v:.4f}" for k, v in figures.items())
+    print(f"{report.get('name', out.name)}, {which}: {said}; report in {out}")
+    return
+  calibrated = report["calibration"]["ece"]
   print(
-    f"{result['name']}, {which}: accuracy {result['accuracy']:.4f}, macro-F1 "
-    f"{result['macro_f1']:.4f} on {result['num_examples']} images; ECE "
+    f"{report['name']}, {which}: accuracy {report['accuracy']:.4f}, macro-F1 "
+    f"{report['macro_f1']:.4f} on {report['num_examples']} images; ECE "
     f"{calibrated['uncalibrated']:.4f} -> {calibrated['calibrated']:.4f} "
     f"calibrated (a perfectly calibrated model would measure about "
     f"{calibrated['floor']:.4f} on as many images); report in {out}"
   )
   logging.info(
     "%s: accuracy %.4f, top-3 %.4f, macro-F1 %.4f on %d images (%d skipped); see %s",
-    *(result["name"], result["accuracy"], result["top3_accuracy"]),
-    *(result["macro_f1"], result["num_examples"], result["skipped"], out),
+    *(report["name"], report["accuracy"], report["top3_accuracy"]),
+    *(report["macro_f1"], report["num_examples"], report["skipped"], out),
   )
 
 
@@ -155,127 +157,11 @@ def evaluated(
   return files.as_path(eval_dir).name, {"type": "folder", "dir": eval_dir}
 
 
-def _calibration_report(
-  raw: np.ndarray, calibrated: np.ndarray, rows: dict[str, np.ndarray], trained
-) -> dict[str, Any]:
-  """ECE (15 bins) and NLL without and with the checkpoint's temperature;
-  `ece.floor`: what a perfectly calibrated model would measure here."""
-  labels = rows["labels"]
-  fitted = calibration.is_fitted(trained.calibration)
-  return {
-    "temperature": trained.temperature,
-    "fitted": fitted,
-    "ece": {
-      "uncalibrated": calibration.ece(raw, labels),
-      "calibrated": calibration.ece(calibrated, labels),
-      "floor": calibration.ece_floor(calibrated),
-    },
-    "nll": {
-      "uncalibrated": calibration.nll(raw, labels),
-      "calibrated": calibration.nll(calibrated, labels),
-    },
-    "bins": calibration.ECE_BINS,
-    **({"at_95_precision": _answered(calibrated, labels, trained)} if fitted else {}),
-  }
-
-
-def _answered(
-  calibrated: np.ndarray, labels: np.ndarray, trained
-) -> dict[str, float | None]:
-  """At the threshold chosen on the validation split for 95% precision: the
-  share of these images answered, and how many of those are right (None when
-  none is)."""
-  threshold = trained.threshold("auto:precision=0.95")
-  answered = calibrated.max(-1) >= threshold
-  right = calibrated.argmax(-1) == labels
-  return {
-    "threshold": threshold,
-    "answered": float(answered.mean()),
-    "precision": float(right[answered].mean()) if answered.any() else None,
-  }
-
-
-def _unknown_report(
-  probs: np.ndarray,
-  rows: dict[str, np.ndarray],
-  unknown_rows: dict[str, np.ndarray],
-  trained,
-  at_95: dict[str, Any] | None,
-) -> dict[str, Any]:
-  """Known (the evaluated images) against unknown characters: AUROC of the
-  maximum calibrated probability and of the energy score, and the share of
-  unknowns answered 'unknown' at the threshold chosen for 95% precision
-  (`at_95`, from the calibration report; None for a run without one)."""
-  unknown = calibration.with_temperature(
-    unknown_rows["probabilities"], trained.temperature
-  )
-  report = {
-    "known_images": len(probs),
-    "unknown_images": len(unknown),
-    "auroc": {
-      "max_probability": calibration.auroc(probs.max(-1), unknown.max(-1)),
-      "energy": calibration.auroc(rows["logsumexp"], unknown_rows["logsumexp"]),
-    },
-  }
-  report["better_score"] = max(report["auroc"], key=report["auroc"].get)
-  if at_95:
-    report["threshold_for_95_precision"] = at_95["threshold"]
-    report["unknowns_answered_unknown"] = float(
-      (unknown.max(-1) < at_95["threshold"]).mean()
-    )
-    report["known_answered"] = at_95["answered"]
-  return report
-
-
 def _mesh(batch_size: int) -> jax.sharding.Mesh:
   """A mesh of as many devices as divide the batch (all, on the trained ones)."""
   devices = jax.devices()
   count = max(n for n in range(1, len(devices) + 1) if batch_size % n == 0)
   return sharding.make_mesh(devices[:count])
-
-
-def _figures(
-  trained, split, probs, result, out: epath.Path, seed: int
-) -> dict[str, np.ndarray]:
-  """Random predictions and mismatches, each frame with the Grad-CAM map of
-  its answer over it, and the confusion matrix, as PNGs."""
-  names = trained.cmap.names
-  predicted = probs.argmax(axis=1)
-  confidence = probs.max(axis=1)
-  explain_images = explain.explainer(trained.config, len(names), trained.variables)
-
-  def grid(indices, filename, title):
-    images = split.model_inputs(indices, trained.config.data.image_size)
-    return plots.prediction_grid(
-      split.frames(indices),
-      [names[split.labels[i]] for i in indices],
-      [names[predicted[i]] for i in indices],
-      [confidence[i] for i in indices],
-      out / filename,
-      title,
-      explain_images(images, predicted[indices])["grad_cam"],
-    )
-
-  rng = np.random.default_rng(seed)
-  shown = rng.choice(len(split), size=min(NUM_SHOWN, len(split)), replace=False)
-  figures = {
-    "predictions": grid(shown, "predictions.png", "Random frames, predicted character"),
-    "confusion_matrix": plots.confusion_matrix(
-      np.asarray(result["confusion_matrix"]),
-      names,
-      out / "confusion_matrix.png",
-      f"{result['name']}: accuracy {result['accuracy']:.1%}, rows sum to 1",
-    ),
-  }
-  wrong = np.flatnonzero(predicted != split.labels)
-  if len(wrong):
-    shown = rng.choice(wrong, size=min(MAX_MISMATCHES, len(wrong)), replace=False)
-    title = (
-      f"{len(wrong)} mismatches of {len(split)} frames ({len(shown)} shown; "
-      "Grad-CAM: where the answer came from)"
-    )
-    figures["mismatches"] = grid(shown, "mismatches.png", title)
-  return figures
 
 
 def show_data(workdir: str | os.PathLike, count: int = 9, seed: int = 0) -> epath.Path:

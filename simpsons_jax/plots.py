@@ -1,7 +1,8 @@
 """Every figure: frame grids titled with characters, and the confusion matrix.
 
-Figures are drawn with matplotlib's non-interactive Agg backend, saved as
-PNG and returned as RGB arrays for TensorBoard.
+Figures are drawn on matplotlib's Agg canvas, object by object (no pyplot,
+so the process's backend stays what the caller chose), saved as PNG and
+returned as RGB arrays for TensorBoard.
 """
 
 from __future__ import annotations
@@ -11,14 +12,13 @@ import os
 import textwrap
 from collections.abc import Mapping, Sequence
 
-import matplotlib
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+from PIL import Image
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from simpsons_jax import files  # noqa: E402
+from simpsons_jax import files
 
 RIGHT, WRONG = "#1a7f37", "#cf222e"
 
@@ -28,7 +28,14 @@ def title(name: str) -> str:
   return textwrap.fill(name.replace("_", " ").title(), 22)
 
 
-def _save(fig: plt.Figure, path: str | os.PathLike) -> np.ndarray:
+def _subplots(*grid: int, figsize: tuple[float, float], **options) -> tuple:
+  """A figure on an Agg canvas of its own and its axes, as `plt.subplots`."""
+  fig = Figure(figsize=figsize)
+  FigureCanvasAgg(fig)
+  return fig, fig.subplots(*grid, **options)
+
+
+def _save(fig: Figure, path: str | os.PathLike) -> np.ndarray:
   """Writes `fig` to `path` whole (a temporary file and a rename; also on
   gs://) and returns it as RGB."""
   path = files.as_path(path)
@@ -37,7 +44,6 @@ def _save(fig: plt.Figure, path: str | os.PathLike) -> np.ndarray:
   files.write_bytes_atomic(path, encoded.getvalue())
   fig.canvas.draw()
   rgb = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
-  plt.close(fig)
   return rgb
 
 
@@ -54,7 +60,7 @@ def frame_grid(
   as given; with `heat_maps` (values in [0, 1], any size), each stretched over
   its frame as the model's resize squeezed the frame."""
   rows = max(1, -(-len(frames) // columns))
-  fig, axes = plt.subplots(
+  fig, axes = _subplots(
     rows, columns, figsize=(3.2 * columns, 3.6 * rows), squeeze=False
   )
   for ax in axes.flat:
@@ -124,7 +130,7 @@ def confusion_matrix(
     confusion, support, out=np.zeros_like(confusion), where=support > 0
   )
   size = max(5.0, 0.55 * len(names) + 3)
-  fig, ax = plt.subplots(figsize=(size, size))
+  fig, ax = _subplots(figsize=(size, size))
   image = ax.imshow(normalised, cmap="Blues", vmin=0, vmax=1)
   labels = [name.replace("_", " ") for name in names]
   ax.set_xticks(range(len(names)), labels, rotation=60, ha="right", fontsize=9)
@@ -160,7 +166,7 @@ def explanation(
 ) -> np.ndarray:
   """The frame as the model saw it, its Grad-CAM map over it, and the input
   gradient's size per pixel (`explain.maps`)."""
-  fig, axes = plt.subplots(1, 3, figsize=(9, 3.4))
+  fig, axes = _subplots(1, 3, figsize=(9, 3.4))
   axes[0].imshow(image)
   axes[0].set_title("the frame")
   axes[1].imshow(image)
@@ -186,7 +192,7 @@ def reliability_diagram(
   calibration; each bar's width is its bin, empty bins are left out."""
   bins = len(before["count"])
   edges = np.arange(bins) / bins
-  fig, axes = plt.subplots(1, 2, figsize=(9, 4.4), sharey=True)
+  fig, axes = _subplots(1, 2, figsize=(9, 4.4), sharey=True)
   for ax, r, label in (
     (axes[0], before, "uncalibrated"),
     (axes[1], after, "calibrated"),
@@ -238,7 +244,7 @@ def timeline(
   shown = shown[: max(rows, 1)]
   index = [list(names).index(n) for n in shown]
   edges = np.append(times, max(duration, times[-1]) if len(times) else duration)
-  fig, ax = plt.subplots(figsize=(10, 0.45 * len(shown) + 1.4))
+  fig, ax = _subplots(figsize=(10, 0.45 * len(shown) + 1.4))
   mesh = ax.pcolormesh(
     edges,
     np.arange(len(shown) + 1),
@@ -252,7 +258,7 @@ def timeline(
     if s["character"] in shown:
       row = shown.index(s["character"])
       ax.add_patch(
-        plt.Rectangle(
+        Rectangle(
           (s["start"], row + 0.05),
           s["end"] - s["start"],
           0.9,

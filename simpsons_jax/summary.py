@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+import ml_collections
 from clu import metric_writers
 
 
@@ -18,10 +19,16 @@ def create_writer(logdir: str | os.PathLike) -> metric_writers.MetricWriter:
   return metric_writers.AsyncWriter(metric_writers.SummaryWriter(str(logdir)))
 
 
-def hparams(config: Mapping[str, Any]) -> dict[str, bool | int | float | str]:
-  """A config's top-level values as TensorBoard hparams (sequences as text)."""
-  return {
-    key: value if isinstance(value, bool | int | float | str) else str(value)
-    for key, value in config.items()
-    if not isinstance(value, Mapping)
-  }
+def hparams(config: Any, prefix: str = "") -> dict[str, bool | int | float | str]:
+  """A config's values as TensorBoard hparams, nested groups (a ConfigDict or
+  a Mapping) flattened to dotted keys ('train.num_epochs'), sequences and
+  other values as text."""
+  found: dict[str, bool | int | float | str] = {}
+  for key, value in config.items():
+    if isinstance(value, Mapping | ml_collections.ConfigDict):
+      found.update(hparams(value, f"{prefix}{key}."))
+    elif isinstance(value, bool | int | float | str):
+      found[prefix + key] = value
+    else:
+      found[prefix + key] = str(value)
+  return found

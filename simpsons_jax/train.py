@@ -1,4 +1,9 @@
-"""The train state, the jitted train and eval steps, and the training loop."""
+"""The train state, the jitted train step, and the training loop.
+
+The loop scores the validation split every epoch and runs `config.evals`'
+evaluators (`evaluators`); it stops on request (`stopping`), says what it
+does (`reporting`) and fits the finished run's temperatures (`calibrate`).
+"""
 
 from __future__ import annotations
 
@@ -6,8 +11,6 @@ import contextlib
 import dataclasses
 import functools
 import os
-import signal
-import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -18,36 +21,36 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import logging
-from clu import metric_writers, periodic_actions
 from etils import epath
 from flax.training import train_state
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from simpsons_jax import (
-  calibration,
+  calibrate,
   characters,
   checkpointing,
   config_checks,
   data,
-  errors,
   evaluators,
   files,
   finetune,
   footprint,
   freezing,
   input_pipeline,
-  metrics,
   mixing,
   models,
   optimizers,
+  reporting,
   run_folder,
   sharding,
+  stopping,
   summary,
 )
+from simpsons_jax import losses as losses_lib
 from simpsons_jax import trained as trained_run
+from simpsons_jax.evaluators import classification
 
 # Folded into a step's dropout key to give the key of its batch mixing.
 MIX_STREAM = 1
@@ -108,25 +111,6 @@ def initial_state(
     )
 
 
-def class_weights(labels: np.ndarray, num_classes: int, kind: str) -> np.ndarray | None:
-  """Loss weight per character: None, or n / (K * n_c) for 'balanced'.
-
-  Balanced weights make every character count as much in the loss as if
-  all had the same number of training images; their mean over images is 1.
-  """
-  if kind == "none":
-    return None
-  if kind == "balanced":
-    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
-    weights = np.divide(
-      len(labels), num_classes * counts, out=np.zeros_like(counts), where=counts > 0
-    )
-    return weights.astype(np.float32)
-  raise errors.UserError(
-    f"Unknown --config.train.class_weights={kind!r}; use none or balanced."
-  )
-
-
 def train_step(
   state: TrainState,
   batch: Mapping[str, jax.Array],
@@ -153,14 +137,7 @@ def train_step(
     )
 
   def objective(logits, labels):
-    if label_smoothing:
-      targets = optax.smooth_labels(
-        jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing
-      )
-      losses = optax.softmax_cross_entropy(logits, targets)
-    else:
-      losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    return losses if weights is None else losses * weights[labels]
+    return losses_lib.cross_entropy(logits, labels, label_smoothing, weights)
 
   def loss_fn(params):
     logits, updates = state.apply_fn(
@@ -233,59 +210,6 @@ def jit_train_step(
   )
 
 
-class Interrupted(Exception):
-  """Training stopped on SIGINT or SIGTERM after saving a checkpoint."""
-
-  def __init__(self, signum: int, step: int, directory: epath.Path):
-    self.signum, self.step = signum, step
-    super().__init__(
-      f"{signal.Signals(signum).name} received: stopped at step {step} with a "
-      f"checkpoint in {directory}. Run the same command to resume."
-    )
-
-
-class _StopSignals:
-  """Turns SIGINT and SIGTERM into a request to stop at the next step.
-
-  A second signal stops at once, as Python's default handler would.
-  """
-
-  SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-  def __init__(self):
-    self.received: int | None = None
-    self._previous = {}
-
-  def _handle(self, signum, frame):
-    if self.received is not None:
-      raise KeyboardInterrupt
-    self.received = signum
-    logging.warning(
-      "%s received: saving a checkpoint after this step (send it again to quit "
-      "at once).",
-      signal.Signals(signum).name,
-    )
-
-  def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
-      self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
-    return self
-
-  def __exit__(self, *exc):
-    for signum, handler in self._previous.items():
-      signal.signal(signum, handler)
-
-
-def _check_finite(values: Mapping[str, float], what: str, step: int, manager) -> None:
-  if not np.isfinite(values["loss"]):
-    raise errors.UserError(
-      f"{what} loss is {values['loss']} at step {step}: training stopped. The "
-      f"last good checkpoint (step {manager.latest_step()}) is kept in "
-      f"{manager.directory}; lower --config.optim.learning_rate and resume, or use "
-      "--config.restart=True."
-    )
-
-
 def train_and_evaluate(
   config: ml_collections.ConfigDict,
   workdir: str | os.PathLike,
@@ -339,18 +263,29 @@ def _train(
   state = _restore_or_start(manager, model, config, mesh, cmap, steps_per_epoch)
   start_step = int(jax.device_get(state.step))
 
-  weights = class_weights(
+  weights = losses_lib.class_weights(
     train_split.labels, cmap.num_classes, config.train.class_weights
   )
   train_step_fn = jit_train_step(mesh, config, weights, steps_per_epoch)
-  extra_evals = evaluators.from_config(config, cmap, workdir)
+  context = evaluators.Context(config, cmap, workdir)
+  validation = classification.Classification(
+    "validation", {"type": "validation"}, context, examples=val_split
+  )
+  extra_evals = evaluators.from_config(
+    config, dataclasses.replace(context, known=validation)
+  )
   score = evaluators.scorer(mesh, model.apply, cmap.num_classes, config.test_time_flip)
-  validation = _Validation(score, _val_batches(val_split, config, process), mesh)
+
+  def model_now(step: int, variables: Any = None) -> evaluators.Model:
+    variables = state.inference_variables() if variables is None else variables
+    return evaluators.Model(score, variables, mesh, step)
 
   writer = summary.create_writer(workdir / "tensorboard")
   if start_step == 0:
     writer.write_hparams(summary.hparams(config))
-  actions = _periodic_actions(config, workdir, writer, total_steps, start_step)
+  actions = reporting.periodic_actions_of(
+    config, workdir, writer, total_steps, start_step
+  )
 
   def save(step: int, val_metrics: Mapping[str, float] | None) -> None:
     meta = _checkpoint_meta(step, steps_per_epoch, cmap, config, val_metrics)
@@ -360,11 +295,12 @@ def _train(
   val_metrics: dict[str, float] = {}
   totals, window_start, window_steps = None, time.perf_counter(), 0
   batches = input_pipeline.train_batches(train_split, config, start_step, **process)
+  shown = reporting.with_first_batch_shown(batches, writer, start_step)
   try:
-    with _StopSignals() as stop:
+    with stopping.StopSignals() as stop:
       for step, batch in zip(
         range(start_step + 1, total_steps + 1),
-        sharding.prefetch(_with_first_batch_shown(batches, writer, start_step), mesh),
+        sharding.prefetch(shown, mesh),
         strict=True,
       ):
         state, sums = train_step_fn(state, batch)
@@ -374,116 +310,80 @@ def _train(
         totals = _accumulate(totals, sums)
         window_steps += 1
         end_of_epoch = step % steps_per_epoch == 0
-        epoch = step // steps_per_epoch
         validating = end_of_epoch or _every(step, config.train.eval_every_steps)
         saving = validating or _every(step, config.ckpt.every_steps)
         if step % config.train.log_every_steps == 0 or end_of_epoch:
           rate = window_steps * config.train.batch_size
           rate /= time.perf_counter() - window_start
-          _report_training(writer, step, totals, rate, config, steps_per_epoch, manager)
+          reporting.training(
+            writer, step, totals, rate, config, steps_per_epoch, manager
+          )
           totals, window_start, window_steps = None, time.perf_counter(), 0
+        if validating or end_of_epoch and extra_evals:
+          now = model_now(step)
         if validating:
-          val_metrics = validation.metrics(state.inference_variables())
-          _report_validation(writer, step, val_metrics, steps_per_epoch, manager)
-        for extra in extra_evals if end_of_epoch else ():
-          if epoch % extra.every_epochs == 0:
-            _run_extra(extra, score, state, mesh, config, cmap, workdir, step)
+          val_metrics = validation.run(now).scalars
+          reporting.validation(writer, step, val_metrics, steps_per_epoch, manager)
+        if end_of_epoch:
+          _run_evaluators(extra_evals, now, step // steps_per_epoch, workdir)
         if saving:
           save(step, val_metrics if validating else None)
         if stop.received is not None:
           if not saving:
             save(step, None)
-          raise Interrupted(stop.received, step, manager.directory)
+          raise stopping.Interrupted(stop.received, step, manager.directory)
   finally:
     # A save already started completes, whatever ended the loop.
     writer.close()
     checkpointing.raise_failed_save(manager, state, wait=True)
   if not val_metrics:
-    val_metrics = validation.metrics(state.inference_variables())
-  _calibrate(validation, state, workdir, manager)
-  _log_finished(total_steps, val_metrics, config, manager)
+    val_metrics = validation.run(model_now(total_steps)).scalars
+  calibrate.fit(
+    validation, *_checkpoints_to_calibrate(state, workdir, manager, model_now)
+  )
+  manager.close()
+  reporting.finished(total_steps, val_metrics, config, manager)
   return state, val_metrics
 
 
-def _log_finished(
-  step: int,
-  val_metrics: Mapping[str, float],
-  config: ml_collections.ConfigDict,
-  manager,
+def _run_evaluators(
+  evaluators_due: list[evaluators.Evaluator],
+  model: evaluators.Model,
+  epoch: int,
+  workdir: epath.Path,
 ) -> None:
-  logging.info(
-    "Finished at step %d: validation accuracy %.4f; best checkpoint by %s: "
-    "step %s in %s.",
-    *(step, val_metrics["accuracy"], config.ckpt.metric),
-    *(manager.best_step(), manager.directory),
-  )
-
-
-def _val_batches(
-  val_split: data.core.Examples,
-  config: ml_collections.ConfigDict,
-  process: Mapping[str, int],
-) -> list[input_pipeline.Batch]:
-  """The validation split's padded batches (made once: the images cached)."""
-  return input_pipeline.eval_batches(
-    val_split,
-    config.data.image_size,
-    config.train.batch_size,
-    config.data.cache_dir,
-    **process,
-  )
-
-
-@dataclasses.dataclass(frozen=True)
-class _Validation:
-  """Scoring the validation split: its metrics, or its examples' outputs."""
-
-  score: Callable
-  batches: list[input_pipeline.Batch]
-  mesh: Mesh
-
-  def metrics(self, variables: Any) -> dict[str, float]:
-    return metrics.summarize(self.outputs(variables)[0])
-
-  def outputs(self, variables: Any) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    return evaluators.accumulate(self.score, variables, self.batches, self.mesh)
-
-
-def _calibrate(
-  validation: _Validation, state: TrainState, workdir: epath.Path, manager
-) -> None:
-  """Fits the temperature of the latest and the best checkpoint on the
-  validation split (`calibration`), kept in the workdir by process 0. A
-  multi-process run fits the latest only (the best restores on one device)."""
-  steps = {int(jax.device_get(state.step)): state.inference_variables()}
-  best = manager.best_step()
-  if best is not None and best not in steps and jax.process_count() == 1:
-    steps[best] = trained_run.load(workdir, str(best)).variables
-  for step, variables in sorted(steps.items()):
-    _, rows = validation.outputs(variables)
-    if len(rows["labels"]) < calibration.MIN_EXAMPLES:
-      logging.warning(
-        "Not calibrated: %d validation images are too few to fit a temperature "
-        "(at least %d); predictions use T = 1.",
-        *(len(rows["labels"]), calibration.MIN_EXAMPLES),
-      )
-      if jax.process_index() == 0:
-        for unfitted in steps:
-          calibration.save(
-            workdir, unfitted, calibration.not_fitted(len(rows["labels"]))
-          )
-      break
-    fitted = calibration.record(rows["probabilities"], rows["labels"])
+  """Runs the extra evaluators due at the end of `epoch`: their reports in
+  `<workdir>/eval/<name>/`, their figures in the log and TensorBoard."""
+  for evaluator in evaluators_due:
+    if epoch % evaluator.every_epochs:
+      continue
+    found = evaluator.run(model)
+    report = {"checkpoint_step": model.step, **found.report}
+    size = f"{report['num_examples']} images" if "num_examples" in report else ""
+    reporting.evaluation(evaluator.name, model.step, found.scalars, size)
     if jax.process_index() == 0:
-      calibration.save(workdir, step, fitted)
-    logging.info(
-      "Calibrated step %d on %d validation images: temperature %.3f, ECE %.4f -> "
-      "%.4f, NLL %.4f -> %.4f.",
-      *(step, fitted["examples"], fitted["temperature"]),
-      *(fitted["ece"]["before"], fitted["ece"]["after"]),
-      *(fitted["nll"]["before"], fitted["nll"]["after"]),
-    )
-  manager.close()
+      board = workdir / "tensorboard" / f"eval_{evaluator.name}"
+      out = workdir / "eval" / evaluator.name
+      evaluators.write(report, out, board, model.step, scalars=found.scalars)
+
+
+def _checkpoints_to_calibrate(
+  state: TrainState, workdir: epath.Path, manager, model_now: Callable
+) -> tuple[Callable[[int], evaluators.Model], list[int], epath.Path]:
+  """The latest and the best checkpoint, as `calibrate.fit` takes them. A
+  multi-process run fits the latest only (the best restores on one device)."""
+  latest = int(jax.device_get(state.step))
+  steps = [latest]
+  best = manager.best_step()
+  if best is not None and best != latest and jax.process_count() == 1:
+    steps.append(best)
+
+  def model_at(step: int) -> evaluators.Model:
+    if step == latest:
+      return model_now(step)
+    return model_now(step, trained_run.load(workdir, str(step)).variables)
+
+  return model_at, steps, workdir
 
 
 def _checkpoint_meta(
@@ -544,78 +444,6 @@ def _restore_or_start(
   return state
 
 
-def _periodic_actions(
-  config: ml_collections.ConfigDict,
-  workdir: epath.Path,
-  writer: metric_writers.MetricWriter,
-  total_steps: int,
-  start_step: int,
-) -> list[periodic_actions.PeriodicAction]:
-  """CLU's progress report (steps/s, ETA), and the profiler if asked for."""
-  actions: list[periodic_actions.PeriodicAction] = [
-    periodic_actions.ReportProgress(
-      num_train_steps=total_steps,
-      writer=writer,
-      every_steps=config.train.log_every_steps,
-    )
-  ]
-  if config.train.profile_steps and jax.process_index() == 0:
-    actions.append(
-      periodic_actions.Profile(
-        logdir=str(workdir / "tensorboard"),
-        num_profile_steps=config.train.profile_steps,
-        profile_duration_ms=None,
-        first_profile=start_step + 2,  # The first step compiles.
-        every_secs=None,
-      )
-    )
-  return actions
-
-
-def _report_training(
-  writer: metric_writers.MetricWriter,
-  step: int,
-  totals: Any,
-  rate: float,
-  config: ml_collections.ConfigDict,
-  steps_per_epoch: int,
-  manager,
-) -> None:
-  """The training metrics since the last report: checked, logged, written."""
-  train_metrics = metrics.summarize(jax.device_get(totals))
-  _check_finite(train_metrics, "Training", step, manager)
-  writer.write_scalars(step, {f"train_{k}": v for k, v in train_metrics.items()})
-  writer.write_scalars(step, {"train_images_per_second": rate})
-  logging.info(
-    "epoch %d/%d step %d/%d: loss %.4f, accuracy %.4f, %.0f images/s",
-    (step - 1) // steps_per_epoch + 1,
-    config.train.num_epochs,
-    step,
-    steps_per_epoch * config.train.num_epochs,
-    train_metrics["loss"],
-    train_metrics["accuracy"],
-    rate,
-  )
-
-
-def _report_validation(
-  writer: metric_writers.MetricWriter,
-  step: int,
-  val_metrics: Mapping[str, float],
-  steps_per_epoch: int,
-  manager,
-) -> None:
-  """Validation metrics: checked, written, logged."""
-  _check_finite(val_metrics, "Validation", step, manager)
-  writer.write_scalars(step, {f"val_{k}": v for k, v in val_metrics.items()})
-  writer.flush()
-  logging.info(
-    "epoch %.4g validation: %s",
-    step / steps_per_epoch,
-    ", ".join(f"{k} {v:.4f}" for k, v in val_metrics.items()),
-  )
-
-
 def _start_from(
   state: TrainState,
   config: ml_collections.ConfigDict,
@@ -640,37 +468,8 @@ def _every(step: int, interval: int) -> bool:
   return interval > 0 and step % interval == 0
 
 
-def _run_extra(extra, score, state, mesh, config, cmap, workdir: epath.Path, step: int):
-  """Scores an extra evaluator, writes its report and TensorBoard figures."""
-  variables = state.inference_variables()
-  result, _ = extra.run(score, variables, mesh, config, cmap.names)
-  result = {"checkpoint_step": step, **result}
-  logging.info(
-    "%s at step %d: accuracy %.4f, top-3 %.4f, macro-F1 %.4f on %d images",
-    extra.name,
-    step,
-    result["accuracy"],
-    result["top3_accuracy"],
-    result["macro_f1"],
-    result["num_examples"],
-  )
-  if jax.process_index() == 0:
-    board = workdir / "tensorboard" / f"eval_{extra.name}"
-    evaluators.write(result, workdir / "eval" / extra.name, board, step)
-
-
 def _accumulate(totals, sums):
   """Adds step sums on the device, so no step waits for the host."""
   if totals is None:
     return sums
   return jax.tree.map(jnp.add, totals, sums)
-
-
-def _with_first_batch_shown(
-  batches, writer: metric_writers.MetricWriter, start_step: int
-):
-  """Passes batches through, writing a grid of the first one to TensorBoard."""
-  for i, batch in enumerate(batches):
-    if i == 0 and start_step == 0:
-      writer.write_images(0, {"train_inputs": batch["image"]})
-    yield batch

@@ -289,8 +289,9 @@ def test_an_extra_evaluator_reports_every_epoch_and_evaluate_reproduces_it(
   after = evaluate.run(tmp_path, eval_dir="kaggle_test", checkpoint="12")
   # The same metrics (evaluate also draws figures, and lists them, and adds
   # the calibration figures).
-  extra = ("name", "figures", "calibration")
+  extra = ("name", "figures", "calibration", "scalars")
   assert {k: v for k, v in after.items() if k not in extra} == {
     k: v for k, v in during.items() if k not in extra
   }
+  assert during["scalars"].items() <= after["scalars"].items()
   assert json.loads(path.read_text()) == after

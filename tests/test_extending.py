@@ -81,12 +81,11 @@ def test_the_model_of_the_readme_trains_resumes_and_predicts(
 def test_the_evaluator_of_the_readme_scores_during_training_and_evaluate(
   tiny_data_dir, tmp_path, monkeypatch
 ):
-  from simpsons_jax import evaluate, evaluators, train
+  from simpsons_jax import evaluate, train
 
   (tmp_path / "my_evaluators.py").write_text(_block("# my_evaluators.py"))
   monkeypatch.syspath_prepend(str(tmp_path))
-  registry_line = re.search(r'^  "(\w+)": "(.*)",$', _block("EVALUATORS = {"), re.M)
-  monkeypatch.setitem(evaluators.EVALUATORS, registry_line[1], registry_line[2])
+  config_lines = _block("config.evals.listed = dict(")
   listed = (
     [  # Four images of each of two characters, and one it never saw.
       (path, name)
@@ -104,12 +103,19 @@ def test_the_evaluator_of_the_readme_scores_during_training_and_evaluate(
   table.write_text("".join(f"{path},{name}\n" for path, name in listed))
   config = make_tiny_config(tiny_data_dir)
   config.train.num_epochs = 1
-  config.evals.listed = {"type": "csv", "table": str(table), "every_epochs": 1}
+  exec(config_lines, {"config": config})  # The docs' config lines, as written.
+  config.evals.listed.table = str(table)
+  config.evals.listed.every_epochs = 1
   train.train_and_evaluate(config, tmp_path / "run")
   during = json.loads((tmp_path / "run/eval/listed/report.json").read_text())
   assert (during["num_examples"], during["skipped"]) == (8, 1)
   assert during["unknown_characters"] == {"nelson_muntz": 1}
   after = evaluate.run(tmp_path / "run", eval_dir="listed", checkpoint="latest")
   assert after["accuracy"] == during["accuracy"]
+  hardest = json.loads((tmp_path / "run/eval/hardest/report.json").read_text())
+  assert hardest["hardest"] in synthetic.CHARACTERS
+  assert 0 <= hardest["scalars"]["hardest_recall"] <= 1
+  again = evaluate.run(tmp_path / "run", eval_dir="hardest", checkpoint="latest")
+  assert again["hardest"] == hardest["hardest"]
   assert after["confusion_matrix"] == during["confusion_matrix"]
   del sys.modules["my_evaluators"]

@@ -10,7 +10,7 @@ import optax
 import pytest
 
 from configs import default
-from simpsons_jax import mixing, optimizers, train
+from simpsons_jax import losses, mixing, optimizers, train
 
 
 def test_warmup_then_cosine_to_zero():
@@ -69,10 +69,10 @@ def test_ema_decay_ramps_up_then_holds():
 
 
 def test_balanced_class_weights():
-  weights = train.class_weights(np.array([0, 0, 0, 1, 2, 2]), 4, "balanced")
+  weights = losses.class_weights(np.array([0, 0, 0, 1, 2, 2]), 4, "balanced")
   # n / (K n_c): 6 / (4 * 3), 6 / (4 * 1), 6 / (4 * 2); none for an absent class.
   np.testing.assert_allclose(weights, [0.5, 1.5, 0.75, 0.0])
-  assert train.class_weights(np.array([0, 1]), 2, "none") is None
+  assert losses.class_weights(np.array([0, 1]), 2, "none") is None
 
 
 def _linear_state(config, num_classes=3):

@@ -123,10 +123,13 @@ def test_a_tfds_split_is_scored_like_the_folder_it_was_built_from(
   spec["data_dir"] = str(tfds_dir)
   mesh = sharding.make_mesh()
   score = evaluators.scorer(mesh, trained.model.apply, cmap.num_classes)
+  model = evaluators.Model(score, trained.variables, mesh, trained.step)
+
+  def context(name):
+    return evaluators.Context(config, cmap, trained_workdir, tmp_path / name)
+
   reports = [
-    evaluators.create(name, spec, cmap, tmp_path / name, config, trained_workdir).run(
-      score, trained.variables, mesh, config, cmap.names
-    )[0]
+    evaluators.create(name, spec, context(name)).run(model).report
     for name, spec in (
       ("tfds", spec),
       ("folder", {"type": "folder", "dir": str(tiny_data_dir)}),
@@ -135,4 +138,4 @@ def test_a_tfds_split_is_scored_like_the_folder_it_was_built_from(
   assert reports[0]["num_examples"] == reports[1]["num_examples"] == 120
   assert reports[0]["confusion_matrix"] == reports[1]["confusion_matrix"]
   with pytest.raises(ValueError, match="has no split 'test'; its splits: train"):
-    evaluators.create("t", {**spec, "split": "test"}, cmap, None, config, tmp_path)
+    evaluators.create("t", {**spec, "split": "test"}, context("t")).run(model)

@@ -7,7 +7,8 @@ Characters are chosen by `min_images` and the split is carved, kept and
 saved exactly as for a folder (`splits`); an example's key is its
 `file_name` feature when it has one, else `<class>/<index>`. The project's
 own `simpsons_characters` builder (`simpsons_jax/tfds_builders`) is
-registered on import.
+registered with TFDS when a data set is first looked up (`register_builders`),
+not when this module is imported.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import hashlib
+import importlib
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import ml_collections
 import numpy as np
@@ -24,7 +25,6 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from etils import epath
 
-import simpsons_jax.tfds_builders.simpsons_characters  # noqa: F401 (registers it)
 from simpsons_jax import characters, errors, image_files, splits
 from simpsons_jax.data import core
 
@@ -68,7 +68,18 @@ class TfdsExamples(core.Examples):
     return [found[int(i)] for i in indices]
 
 
-def _data_set_name(spec: str) -> str:
+# This project's TFDS builders: their modules register them when imported.
+BUILDERS = ("simpsons_jax.tfds_builders.simpsons_characters",)
+
+
+def register_builders() -> None:
+  """Registers this project's TFDS builders with TFDS (once; importing their
+  modules does it), for `tfds.builder` to find them by name."""
+  for module in BUILDERS:
+    importlib.import_module(module)
+
+
+def data_set_name(spec: str) -> str:
   """'NAME' or 'NAME:VERSION', checked."""
   name, _, version = spec.partition(":")
   if not name:
@@ -108,6 +119,7 @@ class TfdsSplit:
   def builder(self) -> tfds.core.DatasetBuilder:
     """The prepared data set's builder; one sentence if it is not there."""
     data_dir = self.data_dir or None
+    register_builders()
     try:
       builder = tfds.builder(self.name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError:
@@ -168,7 +180,7 @@ class TfdsSource(core.DataSource):
   def __init__(self, config: ml_collections.ConfigDict, spec: str):
     self.config = config
     self.data = TfdsSplit(
-      _data_set_name(spec), config.data.tfds_split, config.data.tfds_dir
+      data_set_name(spec), config.data.tfds_split, config.data.tfds_dir
     )
     if config.data.exclude_copies_of:
       raise errors.UserError(
@@ -212,36 +224,3 @@ class TfdsSource(core.DataSource):
     cmap = characters.CharacterMap.load(workdir / characters.MAP_FILENAME)
     val = splits.still_valid(workdir, scan.sha256, cmap)
     return self.data.examples(builder, scan, val, cmap)
-
-
-class TfdsData:
-  """An evaluator's data (`evaluators.EVALUATORS`): a split of a prepared TFDS
-  data set whose `label` names are characters, `type="tfds",
-  name="NAME[:VERSION]", split="test"` (`data_dir` optional)."""
-
-  required = ("name", "split")
-
-  def read(
-    self,
-    spec: Mapping[str, Any],
-    cmap: characters.CharacterMap,
-    report_dir: epath.Path | None,
-    config: ml_collections.ConfigDict,
-    workdir: epath.Path,
-  ) -> tuple[TfdsExamples, dict[str, list[str]]]:
-    """Every example of the split whose class is one of `cmap`'s characters,
-    and the keys of the others by class."""
-    del report_dir, config, workdir  # A prepared data set holds no bad files.
-    data = TfdsSplit(
-      _data_set_name(spec["name"]), spec["split"], spec.get("data_dir", "")
-    )
-    builder = data.builder()
-    if data.split not in builder.info.splits:
-      raise errors.UserError(
-        f"The TFDS data set {data.name} has no split {data.split!r}; its splits: "
-        f"{', '.join(builder.info.splits)}."
-      )
-    scan = data.scan(builder, hashes=True)
-    known = {k: scan.sha256[k] for c in cmap.names for k in scan.by_class.get(c, [])}
-    others = {c: keys for c, keys in scan.by_class.items() if c not in cmap.names}
-    return data.examples(builder, scan, known, cmap), others

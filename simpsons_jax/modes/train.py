@@ -12,13 +12,13 @@ def run(
 ) -> None:
   """Trains `config` in `workdir`, resuming what is there."""
   del paths
-  from simpsons_jax import train
+  from simpsons_jax import stopping, train
 
   if config is None:
     raise app.UsageError("--config is required to train, e.g. configs/demo.py.")
   logging.info("Config:\n%s", config)
   try:
     train.train_and_evaluate(config, workdir)
-  except train.Interrupted as stop:
+  except stopping.Interrupted as stop:
     logging.warning("%s", stop)
     raise SystemExit(128 + stop.signum) from None
