@@ -1,7 +1,8 @@
 """A finished training run's temperatures, fitted on its validation split:
 the latest checkpoint's and the best one's (`calibration.record`), kept in
 `<workdir>/calibration.json` by process 0. Too small a split (fewer than
-`calibration.MIN_EXAMPLES` images) is recorded as not fitted: T = 1."""
+`calibration.MIN_EXAMPLES` images) is recorded as not fitted: T = 1. A
+multi-process run fits the latest only (the best restores on one device)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,30 @@ import jax
 from absl import logging
 from etils import epath
 
-from simpsons_jax import calibration
+from simpsons_jax import calibration, trained
 from simpsons_jax.evaluators import classification, scoring
+
+
+def fit_run(
+  validation: classification.Classification,
+  latest: scoring.Model,
+  model_with: Callable[[int, Any], scoring.Model],
+  workdir: epath.Path,
+  manager,
+) -> None:
+  """Fits the latest checkpoint (`latest`, the state in memory) and the best
+  one, restored (`model_with(step, variables)`), on `validation`."""
+  steps = [latest.step]
+  best = manager.best_step()
+  if best is not None and best != latest.step and jax.process_count() == 1:
+    steps.append(best)
+
+  def model_at(step: int) -> scoring.Model:
+    if step == latest.step:
+      return latest
+    return model_with(step, trained.load(workdir, str(step)).variables)
+
+  fit(validation, model_at, steps, workdir)
 
 
 def fit(

@@ -15,12 +15,14 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
 from flax import traverse_util
 
-from simpsons_jax import checkpointing, errors, trained
+from simpsons_jax import characters, checkpointing, errors, trained
 
 HEAD = "logits"  # The name of every model's classification layer.
 
@@ -125,3 +127,22 @@ def initialize(
     "Started from step %d of %s: %s.", source.step, workdir, "; ".join(report)
   )
   return merged
+
+
+def start_from(
+  state: Any,
+  config: ml_collections.ConfigDict,
+  cmap: characters.CharacterMap,
+  placed: jax.sharding.Sharding,
+) -> Any:
+  """A fresh train state with `config.finetune.init_from`'s weights
+  (`initialize`), placed with `placed`; its EMA, if it keeps one, starts
+  from them too."""
+  fresh = {"params": state.params, "batch_stats": state.batch_stats}
+  merged = jax.device_put(initialize(jax.device_get(fresh), config, cmap), placed)
+  ema = None
+  if state.ema is not None:
+    ema = jax.tree.map(jnp.copy, merged)  # No buffers shared: the state is donated.
+  return state.replace(
+    params=merged["params"], batch_stats=merged["batch_stats"], ema=ema
+  )

@@ -4,10 +4,12 @@ no longer finite."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -55,6 +57,39 @@ def check_finite(values: Mapping[str, float], what: str, step: int, manager) -> 
       f"{manager.directory}; lower --config.optim.learning_rate and resume, or use "
       "--config.restart=True."
     )
+
+
+class Window:
+  """The training steps since the last report: their metric sums, added on
+  the device (no step waits for the host), and how long they took."""
+
+  def __init__(self):
+    self._reset()
+
+  def _reset(self) -> None:
+    self.totals: Any = None
+    self.steps, self.start = 0, time.perf_counter()
+
+  def add(self, sums: Mapping[str, Any]) -> None:
+    """Adds one step's sums."""
+    if self.totals is None:
+      self.totals = sums
+    else:
+      self.totals = jax.tree.map(jnp.add, self.totals, sums)
+    self.steps += 1
+
+  def report(
+    self,
+    writer: metric_writers.MetricWriter,
+    step: int,
+    config: ml_collections.ConfigDict,
+    steps_per_epoch: int,
+    manager,
+  ) -> None:
+    """Reports the window (`training`) and starts the next one."""
+    rate = self.steps * config.train.batch_size / (time.perf_counter() - self.start)
+    training(writer, step, self.totals, rate, config, steps_per_epoch, manager)
+    self._reset()
 
 
 def training(

@@ -8,10 +8,8 @@ does (`reporting`) and fits the finished run's temperatures (`calibrate`).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import os
-import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -22,6 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from clu import metric_writers
 from etils import epath
 from flax.training import train_state
 from jax.experimental import multihost_utils
@@ -49,8 +48,7 @@ from simpsons_jax import (
   summary,
 )
 from simpsons_jax import losses as losses_lib
-from simpsons_jax import trained as trained_run
-from simpsons_jax.evaluators import classification
+from simpsons_jax.evaluators import in_training
 
 # Folded into a step's dropout key to give the key of its batch mixing.
 MIX_STREAM = 1
@@ -252,7 +250,6 @@ def _train(
   train_split: data.core.Examples,
   val_split: data.core.Examples,
 ) -> tuple[TrainState, dict[str, float]]:
-  process = {"process_index": jax.process_index(), "process_count": jax.process_count()}
   steps_per_epoch = len(train_split) // config.train.batch_size
   total_steps = steps_per_epoch * config.train.num_epochs
 
@@ -262,70 +259,52 @@ def _train(
   )
   state = _restore_or_start(manager, model, config, mesh, cmap, steps_per_epoch)
   start_step = int(jax.device_get(state.step))
+  train_step_fn = _step_of(config, mesh, train_split, cmap, steps_per_epoch)
+  evaluation = in_training.Evaluations(
+    config, cmap, workdir, mesh, model.apply, val_split
+  )
 
-  weights = losses_lib.class_weights(
-    train_split.labels, cmap.num_classes, config.train.class_weights
-  )
-  train_step_fn = jit_train_step(mesh, config, weights, steps_per_epoch)
-  context = evaluators.Context(config, cmap, workdir)
-  validation = classification.Classification(
-    "validation", {"type": "validation"}, context, examples=val_split
-  )
-  extra_evals = evaluators.from_config(
-    config, dataclasses.replace(context, known=validation)
-  )
-  score = evaluators.scorer(mesh, model.apply, cmap.num_classes, config.test_time_flip)
+  def model_now(step: int) -> evaluators.Model:
+    return evaluation.model(step, state.inference_variables())
 
-  def model_now(step: int, variables: Any = None) -> evaluators.Model:
-    variables = state.inference_variables() if variables is None else variables
-    return evaluators.Model(score, variables, mesh, step)
-
-  writer = summary.create_writer(workdir / "tensorboard")
-  if start_step == 0:
-    writer.write_hparams(summary.hparams(config))
-  actions = reporting.periodic_actions_of(
-    config, workdir, writer, total_steps, start_step
-  )
+  writer, actions = _reporters(config, workdir, total_steps, start_step)
 
   def save(step: int, val_metrics: Mapping[str, float] | None) -> None:
     meta = _checkpoint_meta(step, steps_per_epoch, cmap, config, val_metrics)
-    scores = val_metrics and {f"val_{k}": v for k, v in val_metrics.items()}
-    checkpointing.save(manager, state, meta, scores)
+    _save(manager, state, meta)
 
   val_metrics: dict[str, float] = {}
-  totals, window_start, window_steps = None, time.perf_counter(), 0
-  batches = input_pipeline.train_batches(train_split, config, start_step, **process)
-  shown = reporting.with_first_batch_shown(batches, writer, start_step)
+  window = reporting.Window()
+  batches = reporting.with_first_batch_shown(
+    input_pipeline.train_batches(
+      train_split, config, start_step, jax.process_index(), jax.process_count()
+    ),
+    writer,
+    start_step,
+  )
   try:
     with stopping.StopSignals() as stop:
       for step, batch in zip(
         range(start_step + 1, total_steps + 1),
-        sharding.prefetch(shown, mesh),
+        sharding.prefetch(batches, mesh),
         strict=True,
       ):
         state, sums = train_step_fn(state, batch)
         checkpointing.raise_failed_save(manager, state)
         for action in actions:
           action(step)
-        totals = _accumulate(totals, sums)
-        window_steps += 1
+        window.add(sums)
         end_of_epoch = step % steps_per_epoch == 0
         validating = end_of_epoch or _every(step, config.train.eval_every_steps)
         saving = validating or _every(step, config.ckpt.every_steps)
         if step % config.train.log_every_steps == 0 or end_of_epoch:
-          rate = window_steps * config.train.batch_size
-          rate /= time.perf_counter() - window_start
-          reporting.training(
-            writer, step, totals, rate, config, steps_per_epoch, manager
-          )
-          totals, window_start, window_steps = None, time.perf_counter(), 0
-        if validating or end_of_epoch and extra_evals:
-          now = model_now(step)
+          window.report(writer, step, config, steps_per_epoch, manager)
         if validating:
-          val_metrics = validation.run(now).scalars
+          now = model_now(step)
+          val_metrics = evaluation.validation.run(now).scalars
           reporting.validation(writer, step, val_metrics, steps_per_epoch, manager)
         if end_of_epoch:
-          _run_evaluators(extra_evals, now, step // steps_per_epoch, workdir)
+          evaluation.run_extra(now, step // steps_per_epoch)
         if saving:
           save(step, val_metrics if validating else None)
         if stop.received is not None:
@@ -336,54 +315,63 @@ def _train(
     # A save already started completes, whatever ended the loop.
     writer.close()
     checkpointing.raise_failed_save(manager, state, wait=True)
-  if not val_metrics:
-    val_metrics = validation.run(model_now(total_steps)).scalars
-  calibrate.fit(
-    validation, *_checkpoints_to_calibrate(state, workdir, manager, model_now)
-  )
-  manager.close()
-  reporting.finished(total_steps, val_metrics, config, manager)
+  val_metrics = _finish(evaluation, model_now(total_steps), val_metrics, manager)
   return state, val_metrics
 
 
-def _run_evaluators(
-  evaluators_due: list[evaluators.Evaluator],
-  model: evaluators.Model,
-  epoch: int,
+def _finish(
+  evaluation: in_training.Evaluations,
+  last: evaluators.Model,
+  val_metrics: dict[str, float],
+  manager,
+) -> dict[str, float]:
+  """After the last step: its validation figures (scored now if the loop did
+  not), the temperatures fitted, the closing line."""
+  if not val_metrics:
+    val_metrics = evaluation.validation.run(last).scalars
+  calibrate.fit_run(
+    evaluation.validation, last, evaluation.model, evaluation.workdir, manager
+  )
+  manager.close()
+  reporting.finished(last.step, val_metrics, evaluation.config, manager)
+  return val_metrics
+
+
+def _step_of(
+  config: ml_collections.ConfigDict,
+  mesh: Mesh,
+  train_split: data.core.Examples,
+  cmap: characters.CharacterMap,
+  steps_per_epoch: int,
+) -> Callable:
+  """The jitted train step of `config`, its class weights from the split."""
+  weights = losses_lib.class_weights(
+    train_split.labels, cmap.num_classes, config.train.class_weights
+  )
+  return jit_train_step(mesh, config, weights, steps_per_epoch)
+
+
+def _reporters(
+  config: ml_collections.ConfigDict,
   workdir: epath.Path,
-) -> None:
-  """Runs the extra evaluators due at the end of `epoch`: their reports in
-  `<workdir>/eval/<name>/`, their figures in the log and TensorBoard."""
-  for evaluator in evaluators_due:
-    if epoch % evaluator.every_epochs:
-      continue
-    found = evaluator.run(model)
-    report = {"checkpoint_step": model.step, **found.report}
-    size = f"{report['num_examples']} images" if "num_examples" in report else ""
-    reporting.evaluation(evaluator.name, model.step, found.scalars, size)
-    if jax.process_index() == 0:
-      board = workdir / "tensorboard" / f"eval_{evaluator.name}"
-      out = workdir / "eval" / evaluator.name
-      evaluators.write(report, out, board, model.step, scalars=found.scalars)
+  total_steps: int,
+  start_step: int,
+) -> tuple[metric_writers.MetricWriter, list]:
+  """The run's TensorBoard writer (the config's hparams written once, at
+  the start) and its periodic actions (progress, profile)."""
+  writer = summary.create_writer(workdir / "tensorboard")
+  if start_step == 0:
+    writer.write_hparams(summary.hparams(config))
+  actions = reporting.periodic_actions_of(
+    config, workdir, writer, total_steps, start_step
+  )
+  return writer, actions
 
 
-def _checkpoints_to_calibrate(
-  state: TrainState, workdir: epath.Path, manager, model_now: Callable
-) -> tuple[Callable[[int], evaluators.Model], list[int], epath.Path]:
-  """The latest and the best checkpoint, as `calibrate.fit` takes them. A
-  multi-process run fits the latest only (the best restores on one device)."""
-  latest = int(jax.device_get(state.step))
-  steps = [latest]
-  best = manager.best_step()
-  if best is not None and best != latest and jax.process_count() == 1:
-    steps.append(best)
-
-  def model_at(step: int) -> evaluators.Model:
-    if step == latest:
-      return model_now(step)
-    return model_now(step, trained_run.load(workdir, str(step)).variables)
-
-  return model_at, steps, workdir
+def _save(manager, state: TrainState, meta: dict[str, Any]) -> None:
+  """Starts saving `state` with its `meta`; its validation figures rank it."""
+  scores = meta["val"] and {f"val_{k}": v for k, v in meta["val"].items()}
+  checkpointing.save(manager, state, meta, scores or None)
 
 
 def _checkpoint_meta(
@@ -417,7 +405,7 @@ def _restore_or_start(
   if latest is None:
     state = initial_state(model, config, mesh, steps_per_epoch)
     if config.finetune.init_from:
-      state = _start_from(state, config, cmap, mesh)
+      state = finetune.start_from(state, config, cmap, sharding.replicated(mesh))
   else:
     checkpointing.check_meta(
       checkpointing.restore_meta(manager, latest),
@@ -444,32 +432,5 @@ def _restore_or_start(
   return state
 
 
-def _start_from(
-  state: TrainState,
-  config: ml_collections.ConfigDict,
-  cmap: characters.CharacterMap,
-  mesh: Mesh,
-) -> TrainState:
-  """The fresh state with `config.finetune.init_from`'s weights (see `finetune`)."""
-  fresh = {"params": state.params, "batch_stats": state.batch_stats}
-  merged = jax.device_put(
-    finetune.initialize(jax.device_get(fresh), config, cmap),
-    sharding.replicated(mesh),
-  )
-  ema = None
-  if state.ema is not None:
-    ema = jax.tree.map(jnp.copy, merged)  # No buffers shared: the state is donated.
-  return state.replace(
-    params=merged["params"], batch_stats=merged["batch_stats"], ema=ema
-  )
-
-
 def _every(step: int, interval: int) -> bool:
   return interval > 0 and step % interval == 0
-
-
-def _accumulate(totals, sums):
-  """Adds step sums on the device, so no step waits for the host."""
-  if totals is None:
-    return sums
-  return jax.tree.map(jnp.add, totals, sums)

@@ -18,12 +18,8 @@ checkpoint hold the same numbers.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from typing import Any
-
-import jax
-import ml_collections
 
 from simpsons_jax import errors, importing
 from simpsons_jax.evaluators.base import Context, Evaluator, Result
@@ -90,18 +86,6 @@ def create(name: str, spec: Mapping[str, Any], context: Context) -> Evaluator:
   return evaluator_class(spec["type"])(name, spec, context)
 
 
-def from_config(config: ml_collections.ConfigDict, context: Context) -> list[Evaluator]:
-  """The evaluators of `config.evals`, run during training; their file
-  checks go under `<workdir>/eval/<name>` on process 0."""
-  made = []
-  for name, spec in config.evals.items():
-    folder = context.workdir / "eval" / name if jax.process_index() == 0 else None
-    made.append(
-      create(name, spec.to_dict(), dataclasses.replace(context, report_dir=folder))
-    )
-  return made
-
-
 __all__ = [
   "EVALUATORS",
   "Context",
@@ -113,7 +97,6 @@ __all__ = [
   "batch_scores",
   "create",
   "evaluator_class",
-  "from_config",
   "problems",
   "report",
   "scorer",
