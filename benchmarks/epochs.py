@@ -190,11 +190,11 @@ def main(argv: list[str]) -> None:
   if FLAGS.worker:
     print(json.dumps({"pipeline": _pipeline, "keras": _keras}[FLAGS.worker]()))
     return
-  from simpsons_jax import cpu_conv, models
+  from simpsons_jax import convolutions, cpu_conv
 
   results = {
     "cpu": cpu_conv.cpu_description(),
-    "convolutions": models.conv_implementation(_config())[1],
+    "convolutions": convolutions.implementation(_config())[1],
     "data_dir": FLAGS.data_dir,
     "image_size": FLAGS.image_size,
   }

@@ -104,7 +104,7 @@ def _simpsons_jax(mode: str, size: int, batch: int) -> tuple[float, str]:
   import jax
   import numpy as np
 
-  from simpsons_jax import evaluators, models, sharding, train
+  from simpsons_jax import convolutions, evaluators, models, sharding, train
 
   config = _config()
   config.data.image_size = size
@@ -134,7 +134,7 @@ def _simpsons_jax(mode: str, size: int, batch: int) -> tuple[float, str]:
       sums = score(holder[0].inference_variables(), data)
     jax.block_until_ready(sums)
 
-  kernels = models.conv_implementation(config)[1]
+  kernels = convolutions.implementation(config)[1]
   return _timed(step, FLAGS.window), f"jax {jax.__version__}, convolutions {kernels}"
 
 

@@ -19,6 +19,16 @@ def named(probability: float, name: str, threshold: float) -> str:
   return name if probability >= threshold else UNKNOWN
 
 
+def caption(probabilities: np.ndarray, names: Sequence[str], threshold: float) -> str:
+  """An image's answer as drawn on a frame: 'homer_simpson 0.93', or
+  'unknown (homer_simpson 0.41)' below `threshold` (`named`)."""
+  best = int(np.argmax(probabilities))
+  text = f"{names[best]} {probabilities[best]:.2f}"
+  if named(probabilities[best], names[best], threshold) == UNKNOWN:
+    return f"{UNKNOWN} ({text})"
+  return text
+
+
 def answer(
   probabilities: np.ndarray, names: Sequence[str], top_k: int, threshold: float
 ) -> dict[str, Any]:
@@ -28,12 +38,3 @@ def answer(
   top = [{"character": names[i], "probability": float(probabilities[i])} for i in order]
   best = named(top[0]["probability"], top[0]["character"], threshold)
   return {"character": best, "top": top}
-
-
-def padded_batch(batch: np.ndarray) -> np.ndarray:
-  """`batch` with zeros added along its first axis up to a power of two:
-  few batch shapes are ever compiled."""
-  size = 1 << (len(batch) - 1).bit_length()
-  out = np.zeros((size, *batch.shape[1:]), batch.dtype)
-  out[: len(batch)] = batch
-  return out

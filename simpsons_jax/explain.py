@@ -21,7 +21,7 @@ import matplotlib
 import ml_collections
 import numpy as np
 
-from simpsons_jax import answers, models
+from simpsons_jax import models, padding
 
 
 def _feature_calls(apply: Callable, variables: Any, images: jax.Array) -> list[tuple]:
@@ -113,7 +113,7 @@ def explainer(
   model = models.create(config, num_classes, kernels="xla")
 
   def explain_images(images: np.ndarray, targets: np.ndarray | None = None):
-    pad = answers.padded_batch
+    pad = padding.pad
     chosen = None if targets is None else pad(np.asarray(targets, np.int32))
     found = jitted(model.apply, variables, pad(np.asarray(images)), chosen)
     return {name: np.asarray(value)[: len(images)] for name, value in found.items()}

@@ -15,6 +15,7 @@ pass may still need more, one they refuse can never fit.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 
@@ -50,7 +51,7 @@ def estimate(
   size = config.data.image_size
   image = jax.ShapeDtypeStruct((1, size, size, 3), jnp.uint8)
   variables = jax.eval_shape(
-    lambda key, x: model.init(key, x, train=False), jax.random.key(0), image
+    functools.partial(models.init_variables, model, size), jax.random.key(0)
   )
   parameters = sum(math.prod(x.shape) for x in jax.tree.leaves(variables["params"]))
   copies = 2 + SLOTS.get(config.optim.name, 2) + (config.optim.ema_decay > 0)

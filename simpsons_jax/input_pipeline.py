@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
-from simpsons_jax import augment, errors
+from simpsons_jax import augment, errors, padding
 from simpsons_jax.data import core
 
 Batch = dict[str, np.ndarray]
@@ -111,11 +111,6 @@ def eval_batches(
 def pad_batch(batch: Batch, batch_size: int) -> Batch:
   """Pads every array to `batch_size` rows and adds `mask` (1 real, 0 padding)."""
   n = len(next(iter(batch.values())))
-  padded = {
-    key: np.concatenate(
-      [value, np.zeros((batch_size - n, *value.shape[1:]), value.dtype)]
-    )
-    for key, value in batch.items()
-  }
+  padded = {key: padding.pad(value, batch_size) for key, value in batch.items()}
   padded["mask"] = (np.arange(batch_size) < n).astype(np.float32)
   return padded

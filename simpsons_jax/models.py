@@ -11,57 +11,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-from absl import logging
 
-from simpsons_jax import cpu_conv, errors, host_memory
-
-# XLA:CPU's kernel-gradient convolution slows down sharply once the batch's
-# pixels outgrow the cache (docs/performance.md). Each chunk holds about this
-# many input pixels; the chunk count is capped to bound the unrolled graph
-# (and compile time).
-KERNEL_GRAD_PIXELS = 8 * 14 * 14
-MAX_KERNEL_GRAD_CHUNKS = 16
-
-
-def chunked_kernel_grad_conv(lhs: jax.Array, rhs: jax.Array, *args, **kwargs):
-  """`lax.conv_general_dilated` whose kernel gradient is summed over chunks of
-  the batch (axis 0), for XLA:CPU. Same values as the plain convolution up to
-  float summation order.
-
-  With G chunks, chunk k holds rows k, k + G, k + 2G, ... so that a batch
-  sharded over devices splits evenly: every device holds part of every chunk.
-  """
-
-  def conv(x, kernel):
-    return jax.lax.conv_general_dilated(x, kernel, *args, **kwargs)
-
-  @jax.custom_vjp
-  def f(x, kernel):
-    return conv(x, kernel)
-
-  def forward(x, kernel):
-    return conv(x, kernel), (x, kernel)
-
-  def backward(residuals, g):
-    x, kernel = residuals
-    (dx,) = jax.vjp(lambda x: conv(x, kernel), x)[1](g)
-    n = x.shape[0]
-    if not isinstance(n, int):  # A symbolic batch (jax.export): one chunk.
-      return dx, jax.vjp(functools.partial(conv, x), kernel)[1](g)[0]
-    rows = max(1, KERNEL_GRAD_PIXELS // (x.shape[1] * x.shape[2]))
-    chunks = max(1, min(n // rows, MAX_KERNEL_GRAD_CHUNKS))
-    while n % chunks:
-      chunks -= 1
-    xs = x.reshape(n // chunks, chunks, *x.shape[1:])
-    gs = g.reshape(n // chunks, chunks, *g.shape[1:])
-    dkernel = sum(
-      jax.vjp(functools.partial(conv, xs[:, i]), kernel)[1](gs[:, i])[0]
-      for i in range(chunks)
-    )
-    return dx, dkernel
-
-  f.defvjp(forward, backward)
-  return f(lhs, rhs)
+from simpsons_jax import convolutions, cpu_conv, errors
 
 
 def max_pool_2x2(x: jax.Array) -> jax.Array:
@@ -250,39 +201,6 @@ class ResNet(nn.Module):
     return logits.astype(jnp.float32)
 
 
-def conv_implementation(config: ml_collections.ConfigDict) -> tuple[str, str]:
-  """Which convolutions the models use here ('onednn' or 'xla'), and a line
-  saying so for the log.
-
-  On one x86 CPU device, oneDNN's kernels (`cpu_conv`) unless
-  `config.train.cpu_kernels` is 'xla' or they did not load; elsewhere XLA's own (on
-  several simulated CPU devices XLA would run each custom call whole on every
-  device). Either computes the same function of the same parameters.
-  """
-  if jax.default_backend() != "cpu":
-    return "xla", f"XLA's ({jax.default_backend()})"
-  if config.train.cpu_kernels == "xla":
-    return "xla", "XLA:CPU's (--config.train.cpu_kernels=xla)"
-  if jax.device_count() > 1:
-    return (
-      "xla",
-      f"XLA:CPU's (oneDNN's run on one CPU device, not {jax.device_count()})",
-    )
-  loaded, detail = cpu_conv.available()
-  if loaded:
-    return "onednn", f"{detail} on {cpu_conv.cpu_description()}"
-  return "xla", f"XLA:CPU's (oneDNN kernels unavailable: {detail})"
-
-
-@functools.cache
-def _set_up_convolutions(line: str) -> None:
-  """Once per process: logs which convolutions run and, on CPU, whether a
-  step's memory is reused (see `host_memory`)."""
-  logging.info("Convolutions: %s.", line)
-  if jax.default_backend() == "cpu" and host_memory.kept():
-    logging.info("Memory: one malloc arena, freed blocks kept (no faults per step).")
-
-
 # Every network by its --config.model.name. A model is a Flax module whose
 # `__call__(images, *, train)` maps uint8 images (N, H, W, 3) to float32 logits,
 # with a `num_classes` field; its other fields with defaults are its settings,
@@ -356,8 +274,8 @@ def create(
   ('xla' or 'onednn'; '': this machine's, see `conv_implementation`)."""
   cls = model_class(config)
   if not kernels:
-    kernels, line = conv_implementation(config)
-    _set_up_convolutions(line)
+    kernels, line = convolutions.implementation(config)
+    convolutions.set_up(line)
   given = config.model[config.model.name]
   known = setting_defaults(cls)
   unknown = sorted(set(given) - set(known))
@@ -374,41 +292,22 @@ def create(
     "num_classes": num_classes,
     "dtype": jnp.dtype(config.train.dtype),
     "onednn": kernels == "onednn",
-    "conv_fn": _conv_fn(kernels),
+    "conv_fn": convolutions.conv_fn(kernels),
   }
   fields = {field.name for field in dataclasses.fields(cls)}
   return cls(**kwargs, **{k: v for k, v in runtime.items() if k in fields})
 
 
-def _conv_fn(kernels: str) -> Callable | None:
-  """What replaces `lax.conv_general_dilated` in models that take `conv_fn`."""
-  if kernels == "onednn":
-    return cpu_conv.conv_general_dilated
-  if jax.default_backend() == "cpu":
-    # On XLA:CPU the kernel gradients are faster summed over batch chunks.
-    return chunked_kernel_grad_conv
-  return None
-
-
-def inference_logits(
-  apply_fn: Callable, variables: Any, images: jax.Array, flip: bool = False
-) -> jax.Array:
-  """Logits for evaluation; with `flip`, the log of the mean of the softmax
-  probabilities of the images and their mirrors (test-time augmentation)."""
-  return inference_outputs(apply_fn, variables, images, flip)[0]
-
-
-def inference_outputs(
-  apply_fn: Callable, variables: Any, images: jax.Array, flip: bool = False
-) -> tuple[jax.Array, jax.Array]:
-  """`inference_logits`, and the network's raw logits (with `flip`, the mean
-  of the image's and its mirror's), whose scale the energy score reads."""
-  logits = apply_fn(variables, images, train=False)
-  if not flip:
-    return logits, logits
-  mirrored = apply_fn(variables, jnp.flip(images, axis=2), train=False)
-  both = jnp.stack([jax.nn.log_softmax(logits), jax.nn.log_softmax(mirrored)])
-  return jax.nn.logsumexp(both, axis=0) - jnp.log(2.0), (logits + mirrored) / 2
+def init_variables(model: nn.Module, image_size: int, rng: jax.Array) -> dict[str, Any]:
+  """Fresh variables of `model` for images of `image_size`: `params` and
+  `batch_stats` ({} for a model without BatchNorm). Under `jax.eval_shape`,
+  their shapes alone (nothing allocated)."""
+  images = jnp.zeros((1, image_size, image_size, 3), jnp.uint8)
+  variables = model.init(rng, images, train=False)
+  return {
+    "params": variables["params"],
+    "batch_stats": variables.get("batch_stats", {}),
+  }
 
 
 def count_params(params: Any) -> int:

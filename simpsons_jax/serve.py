@@ -42,10 +42,7 @@ import gc
 import importlib.resources
 import io
 import os
-import queue
 import socket
-import threading
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -55,12 +52,14 @@ from PIL import Image
 
 from simpsons_jax import (
   answers,
+  batching,
   calibration,
   connections,
   errors,
   explain,
   files,
   image_files,
+  padding,
 )
 from simpsons_jax import trained as trained_run
 from simpsons_jax.data import core, folder
@@ -127,77 +126,6 @@ class BadUpload(ValueError):
     self.status = status
 
 
-class Batcher:
-  """Runs the items of requests that wait together as one batch.
-
-  `submit` queues one item and returns a future of its result. One worker
-  thread takes the first item waiting, gathers more for at most `wait` seconds
-  (at most `max_batch` in all), and hands them at once to `run`, which returns
-  one result or exception per item. With `max_batch` 1, items run one at a time.
-  """
-
-  def __init__(
-    self,
-    run: Callable[[list[Any]], list[Any]],
-    max_batch: int = 32,
-    wait: float = 0.002,
-  ):
-    if max_batch < 1:
-      raise errors.UserError(f"--max_batch must be at least 1, not {max_batch}")
-    self._run, self._max_batch, self._wait = run, max_batch, wait
-    self._queue: queue.SimpleQueue = queue.SimpleQueue()
-    threading.Thread(target=self._work, name="batcher", daemon=True).start()
-
-  def submit(self, item: Any) -> concurrent.futures.Future:
-    """Queues one item: a future of its result."""
-    done: concurrent.futures.Future = concurrent.futures.Future()
-    self._queue.put((item, done))
-    return done
-
-  def _work(self) -> None:
-    while True:
-      waiting = [self._queue.get()]
-      deadline = time.monotonic() + self._wait
-      while len(waiting) < self._max_batch:
-        try:
-          waiting.append(self._queue.get(timeout=max(0.0, deadline - time.monotonic())))
-        except queue.Empty:
-          break
-      try:
-        results = self._run([item for item, _ in waiting])
-      except Exception as e:  # noqa: BLE001 - handed to every waiting request.
-        results = [e] * len(waiting)
-      for (_, done), result in zip(waiting, results, strict=True):
-        if isinstance(result, Exception):
-          done.set_exception(result)
-        else:
-          done.set_result(result)
-
-
-class PixelBudget:
-  """The pixels all requests may be decoding at once: a request waits for its
-  image's share (read from the header) for at most `timeout` seconds."""
-
-  def __init__(self, pixels: int, timeout: float):
-    self.total, self._free, self._timeout = pixels, pixels, timeout
-    self._changed = threading.Condition()
-
-  def take(self, pixels: int) -> bool:
-    """Takes `pixels` of the budget (an image larger than all of it takes all
-    of it: it decodes alone); False if they did not free up in time."""
-    pixels = min(pixels, self.total)
-    with self._changed:
-      if not self._changed.wait_for(lambda: self._free >= pixels, self._timeout):
-        return False
-      self._free -= pixels
-      return True
-
-  def give_back(self, pixels: int) -> None:
-    with self._changed:
-      self._free += min(pixels, self.total)
-      self._changed.notify_all()
-
-
 def preparer(image_size: int) -> Callable[[Sequence[bytes]], np.ndarray]:
   """JPEG or PNG bytes, a batch of them -> the uint8 (N, S, S, 3) images the
   model takes, decoded and resized as training does, in one TensorFlow graph
@@ -243,9 +171,11 @@ class Predictor:
   ):
     self._model, self._threshold = model, threshold
     self._k = min(top_k, len(model.names))
-    self._batcher = Batcher(self._run, max_batch, batch_wait)
+    self._batcher = batching.Batcher(self._run, max_batch, batch_wait)
     self._decode = preparer(model.image_size)
-    self._budget = PixelBudget(decode_pixels or model.max_pixels, queue_timeout)
+    self._budget = batching.PixelBudget(
+      decode_pixels or model.max_pixels, queue_timeout
+    )
     # Each batch size compiles at its first use, stalling every request
     # waiting then: all of them now, before the first request.
     for size in (1 << n for n in range((max_batch - 1).bit_length() + 1)):
@@ -304,7 +234,7 @@ class Predictor:
     if not good:
       return images
     probabilities = self._model.classify(
-      answers.padded_batch(np.stack([images[i] for i in good]))
+      padding.pad(np.stack([images[i] for i in good]))
     )
     results: list[dict[str, Any] | Exception] = list(images)
     for i, p in zip(good, probabilities, strict=False):
@@ -312,8 +242,8 @@ class Predictor:
     wanted = [(i, p.argmax()) for i, p in zip(good, probabilities, strict=False)]
     wanted = [(i, answer) for i, answer in wanted if items[i][2]]
     if wanted:
-      shown = answers.padded_batch(np.stack([images[i] for i, _ in wanted]))
-      targets = answers.padded_batch(np.asarray([a for _, a in wanted], np.int32))
+      shown = padding.pad(np.stack([images[i] for i, _ in wanted]))
+      targets = padding.pad(np.asarray([a for _, a in wanted], np.int32))
       maps = self._model.explain(shown, targets)
       for (i, _), image, heat in zip(wanted, shown, maps, strict=False):
         results[i]["where_it_looked"] = _png_data_url(explain.overlay(image, heat))
@@ -360,6 +290,27 @@ def image_from_form(content_type: str, body: bytes) -> bytes:
   raise BadUpload(400, "the form has no file: attach the image as a file field")
 
 
+async def read_body(request: Any, max_bytes: int, timeout: float) -> bytes:
+  """The image of a request (its body, or the first file of a form), at most
+  `max_bytes` and sent within `timeout` seconds; else BadUpload (413, 408)."""
+  declared = int(request.headers.get("content-length") or 0)
+  if declared > max_bytes:
+    raise BadUpload(413, f"the image is over {max_bytes} bytes")
+  body = bytearray()
+  try:
+    async with asyncio.timeout(timeout):
+      async for chunk in request.stream():
+        body += chunk
+        if len(body) > max_bytes:
+          raise BadUpload(413, f"the image is over {max_bytes} bytes")
+  except TimeoutError:
+    raise BadUpload(408, f"the upload took over {timeout:g} s") from None
+  content_type = request.headers.get("content-type", "")
+  if content_type.startswith("multipart/form-data"):
+    return image_from_form(content_type, bytes(body))
+  return bytes(body)
+
+
 def create_app(
   model: Model,
   threshold: float = 0.0,
@@ -399,30 +350,12 @@ def create_app(
   def characters() -> list[str]:
     return list(model.names)
 
-  async def read_body(request: Request) -> bytes:
-    declared = int(request.headers.get("content-length") or 0)
-    if declared > max_bytes:
-      raise BadUpload(413, f"the image is over {max_bytes} bytes")
-    body = bytearray()
-    try:
-      async with asyncio.timeout(body_timeout):
-        async for chunk in request.stream():
-          body += chunk
-          if len(body) > max_bytes:
-            raise BadUpload(413, f"the image is over {max_bytes} bytes")
-    except TimeoutError:
-      raise BadUpload(408, f"the upload took over {body_timeout:g} s") from None
-    content_type = request.headers.get("content-type", "")
-    if content_type.startswith("multipart/form-data"):
-      return image_from_form(content_type, bytes(body))
-    return bytes(body)
-
   @app.post("/predict")
   async def predict_route(request: Request) -> JSONResponse:
     try:
       asked = request.query_params.get("explain", "0")
       explain_answer = _asked_to_explain(asked, model)
-      body = await read_body(request)
+      body = await read_body(request, max_bytes, body_timeout)
       try:
         async with asyncio.timeout(timeout):
           pixels = await asyncio.to_thread(predictor.check, body)

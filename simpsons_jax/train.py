@@ -31,6 +31,7 @@ from simpsons_jax import (
   characters,
   checkpointing,
   config_checks,
+  convolutions,
   data,
   evaluators,
   files,
@@ -77,9 +78,8 @@ def create_train_state(
 ) -> TrainState:
   """Fresh variables and optimizer state for `model` on the config's images."""
   init_rng, dropout_rng = jax.random.split(rng)
-  images = jnp.zeros((1, config.data.image_size, config.data.image_size, 3), jnp.uint8)
-  variables = model.init(init_rng, images, train=False)
-  params, batch_stats = variables["params"], variables.get("batch_stats", {})
+  variables = models.init_variables(model, config.data.image_size, init_rng)
+  params, batch_stats = variables["params"], variables["batch_stats"]
   ema = None
   if config.optim.ema_decay > 0:
     # Copies: the train step donates the state, so no two fields may share buffers.
@@ -174,7 +174,7 @@ def _compiler_options(config: ml_collections.ConfigDict) -> dict[str, Any] | Non
   already use every core, and an op XLA ran beside one only contended with it
   (docs: the performance notes). The same arithmetic in another order of
   independent ops: results are bitwise equal."""
-  if models.conv_implementation(config)[0] != "onednn":
+  if convolutions.implementation(config)[0] != "onednn":
     return None
   return {"xla_cpu_enable_concurrency_optimized_scheduler": False}
 

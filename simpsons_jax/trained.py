@@ -19,12 +19,20 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
 
-from simpsons_jax import answers, calibration, characters, checkpointing, files, models
+from simpsons_jax import (
+  answers,
+  calibration,
+  characters,
+  checkpointing,
+  files,
+  inference,
+  models,
+  padding,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,11 +78,10 @@ def load(workdir: str | os.PathLike, checkpoint: str = "best") -> TrainedModel:
   """Loads the `checkpoint` ('best', 'latest' or a step) of a trained workdir."""
   config, cmap = load_config_and_map(workdir)
   model = models.create(config, cmap.num_classes)
-  images = jnp.zeros((1, config.data.image_size, config.data.image_size, 3), jnp.uint8)
   shapes = jax.eval_shape(
-    functools.partial(model.init, train=False), jax.random.PRNGKey(0), images
+    functools.partial(models.init_variables, model, config.data.image_size),
+    jax.random.PRNGKey(0),
   )
-  shapes = {"params": shapes["params"], "batch_stats": shapes.get("batch_stats", {})}
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   abstract = checkpointing.abstract_like(shapes, device)
   metric = config.ckpt.metric
@@ -105,7 +112,7 @@ def softmax_probabilities(
 ) -> jax.Array:
   """uint8 images (B, S, S, 3) -> softmax probabilities (B, characters), with
   the run's test-time augmentation (`flip`) and calibration temperature."""
-  logits = models.inference_logits(apply, variables, images, flip)
+  logits = inference.logits(apply, variables, images, flip)
   return jax.nn.softmax(logits / temperature)
 
 
@@ -125,8 +132,7 @@ def classifier(trained: TrainedModel, batch_size: int) -> answers.Classifier:
     probs = []
     for start in range(0, len(images), batch_size):
       chunk = images[start : start + batch_size]
-      padded = np.zeros((batch_size, *chunk.shape[1:]), chunk.dtype)
-      padded[: len(chunk)] = chunk
+      padded = padding.pad(chunk, batch_size)
       probs.append(np.asarray(_forward(trained, padded))[: len(chunk)])
     return np.concatenate(probs)
 

@@ -16,7 +16,7 @@ import pytest
 from jax import lax
 
 from configs import full, strong
-from simpsons_jax import cpu_conv, models, sharding
+from simpsons_jax import convolutions, cpu_conv, models, sharding
 
 X86_LINUX = sys.platform == "linux" and platform.machine() == "x86_64"
 NHWC = ("NHWC", "HWIO", "NHWC")
@@ -198,13 +198,13 @@ def test_the_notebook_network_keeps_its_parameter_count_with_onednn():
 def test_the_log_line_names_the_kernels():
   config = full.get_config()
   config.train.cpu_kernels = "xla"
-  assert models.conv_implementation(config) == (
+  assert convolutions.implementation(config) == (
     "xla",
     "XLA:CPU's (--config.train.cpu_kernels=xla)",
   )
   config.train.cpu_kernels = "onednn"
   # The tests simulate 8 CPU devices: oneDNN's kernels are for one.
-  assert models.conv_implementation(config) == (
+  assert convolutions.implementation(config) == (
     "xla",
     "XLA:CPU's (oneDNN's run on one CPU device, not 8)",
   )
@@ -214,7 +214,7 @@ ONE_DEVICE_RUN = """
 import json, sys
 import jax, jax.numpy as jnp, numpy as np
 from configs import default
-from simpsons_jax import characters, models, sharding, synthetic, train
+from simpsons_jax import characters, convolutions, sharding, synthetic, train
 
 root, out = sys.argv[1], sys.argv[2]
 config = default.get_config()
@@ -246,7 +246,7 @@ by_default = train.jit_train_step(mesh, config)
 stepped = [f(jax.tree.map(jnp.copy, whole), batch) for f in (by_memory, by_default)]
 json.dump({
   "devices": jax.device_count(),
-  "convolutions": models.conv_implementation(config)[1],
+  "convolutions": convolutions.implementation(config)[1],
   "bitwise_equal": all(
     np.array_equal(a, b) for a, b in zip(leaves(whole), leaves(resumed))
   ),
@@ -405,7 +405,7 @@ def test_kernels_that_fail_their_self_check_are_refused_once(monkeypatch, caplog
     config = full.get_config()
     config.train.cpu_kernels = "onednn"
     monkeypatch.setattr(jax, "device_count", lambda: 1)
-    assert models.conv_implementation(config) == (
+    assert convolutions.implementation(config) == (
       "xla",
       f"XLA:CPU's (oneDNN kernels unavailable: {why})",
     )

@@ -10,7 +10,7 @@ import optax
 import pytest
 
 from configs import full, strong
-from simpsons_jax import models
+from simpsons_jax import convolutions, inference, models
 
 
 def _init(model, image_size, transform=jax.jit):
@@ -137,9 +137,9 @@ def test_flip_test_time_augmentation_averages_probabilities():
   images = jnp.zeros((2, 4, 4, 3), jnp.uint8)
   images = images.at[:, 0, 0, :].set(jnp.array([[1, 2, 3], [0, 0, 9]], jnp.uint8))
   images = images.at[:, 0, 3, :].set(jnp.array([[3, 2, 1], [5, 0, 0]], jnp.uint8))
-  plain = models.inference_logits(apply_fn, {}, images)
+  plain = inference.logits(apply_fn, {}, images)
   np.testing.assert_array_equal(plain, images[:, 0, 0, :])
-  both = models.inference_logits(apply_fn, {}, images, flip=True)
+  both = inference.logits(apply_fn, {}, images, flip=True)
   expected = 0.5 * (
     jax.nn.softmax(images[:, 0, 0, :].astype(jnp.float32))
     + jax.nn.softmax(images[:, 0, 3, :].astype(jnp.float32))
@@ -167,6 +167,6 @@ def test_chunked_kernel_gradient_equals_the_plain_one(strides, window):
     return jax.jit(jax.grad(loss, argnums=(0, 1)))(x, kernel)
 
   plain = grads(jax.lax.conv_general_dilated)
-  chunked = grads(models.chunked_kernel_grad_conv)
+  chunked = grads(convolutions.chunked_kernel_grad_conv)
   for a, b in zip(plain, chunked, strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * np.abs(a).max())

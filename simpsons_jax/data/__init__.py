@@ -7,11 +7,9 @@ source is one `core.DataSource` class and one line in `SOURCES`.
 
 from __future__ import annotations
 
-import importlib
-
 import ml_collections
 
-from simpsons_jax import errors
+from simpsons_jax import errors, importing
 from simpsons_jax.data import core
 
 # Imported when used: TFDS loads only for tfds: runs.
@@ -35,8 +33,7 @@ def create(config: ml_collections.ConfigDict) -> core.DataSource:
       f"Unknown --config.data.source={config.data.source!r}; use one of "
       f"{', '.join(SOURCES)} (tfds as tfds:NAME[:VERSION])."
     )
-  module, _, cls = SOURCES[name].partition(":")
-  return getattr(importlib.import_module(module), cls)(config, spec)
+  return importing.load(SOURCES[name])(config, spec)
 
 
 __all__ = ["SOURCES", "core", "create", "source_name"]

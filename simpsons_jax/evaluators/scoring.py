@@ -28,9 +28,9 @@ from jax.sharding import Mesh
 from simpsons_jax import (
   calibration,
   files,
+  inference,
   input_pipeline,
   metrics,
-  models,
   sharding,
   summary,
 )
@@ -48,7 +48,7 @@ def batch_scores(
 ) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
   """Metric sums over the real (mask=1) examples of a padded batch, and each
   row's softmax probabilities, label, energy score and the mask."""
-  logits, raw = models.inference_outputs(apply_fn, variables, batch["image"], flip)
+  logits, raw = inference.outputs(apply_fn, variables, batch["image"], flip)
   labels, mask = batch["label"], batch["mask"]
   losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
   predicted = logits.argmax(-1)
