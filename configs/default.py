@@ -13,7 +13,8 @@ from simpsons_jax import models
 
 
 def get_config() -> ml_collections.ConfigDict:
-  """The default configuration."""
+  """The default configuration: its top-level keys here, each group (data,
+  augment, model, optim, train, finetune, evals, ckpt) from its function."""
   config = ml_collections.ConfigDict()
   config.seed = 0  # Split, shuffling, augmentation, initialisation and dropout.
   # True: move the workdir's run to archive/ and start anew; the same command
@@ -22,92 +23,135 @@ def get_config() -> ml_collections.ConfigDict:
   # Average the predictions of each image and its mirror (evaluation, predict,
   # export, serve, video).
   config.test_time_flip = False
+  config.data = _data()
+  config.augment = _augment()
+  config.model = _model()
+  config.optim = _optim()
+  config.train = _train()
+  config.finetune = _finetune()
+  config.evals = _evals()
+  config.ckpt = _ckpt()
+  return config
 
-  config.data = ml_collections.ConfigDict()
+
+def _data() -> ml_collections.ConfigDict:
+  """`config.data`: where the images come from, which characters, the split."""
+  group = ml_collections.ConfigDict()
   # 'folder': the Kaggle layout in data.dir; 'synthetic': the demo;
   # 'tfds:NAME[:VERSION]': a prepared TFDS data set (see simpsons_jax/data).
-  config.data.source = "folder"
-  config.data.dir = ""  # One sub-folder per character (simpsons_dataset).
-  config.data.tfds_dir = ""  # tfds: where it was prepared ('': TFDS's default).
-  config.data.tfds_split = "train"  # tfds: the split to carve train and val from.
-  config.data.min_images = 800  # Keep characters with at least this many images.
+  group.source = "folder"
+  group.dir = ""  # One sub-folder per character (simpsons_dataset).
+  group.tfds_dir = ""  # tfds: where it was prepared ('': TFDS's default).
+  group.tfds_split = "train"  # tfds: the split to carve train and val from.
+  group.min_images = 800  # Keep characters with at least this many images.
   # Characters left out of training and validation, e.g. to measure how well
   # the model answers 'unknown' (evaluate --unknown_dir=<the data folder>).
-  config.data.hold_out = ()
-  config.data.image_size = 128  # Images are resized to image_size x image_size.
-  config.data.val_fraction = 0.05  # Stratified share of each character for val.
-  config.data.train_fraction = 1.0  # Seeded share of the training split to use.
-  config.data.cache_dir = ""  # '' caches decoded images in memory; else on disk.
+  group.hold_out = ()
+  group.image_size = 128  # Images are resized to image_size x image_size.
+  group.val_fraction = 0.05  # Stratified share of each character for val.
+  group.train_fraction = 1.0  # Seeded share of the training split to use.
+  group.cache_dir = ""  # '' caches decoded images in memory; else on disk.
   # A folder (either Kaggle layout) whose images, and their near-copies at any
   # size, this run never trains or validates on (see simpsons_jax/near_copies).
-  config.data.exclude_copies_of = ""
-  config.data.synthetic_per_character = 250  # For source='synthetic'.
+  group.exclude_copies_of = ""
+  group.synthetic_per_character = 250  # For source='synthetic'.
   # Larger images are skipped (and listed) before they are decoded; also in
   # evaluate and predict.
-  config.data.max_image_pixels = 100_000_000
+  group.max_image_pixels = 100_000_000
+  return group
 
+
+def _augment() -> ml_collections.ConfigDict:
+  """`config.augment`: the augmentation of training batches."""
   # Augmentation of training batches (after the cache; seeded). All off: the
   # notebook's run. Crop, shift, rotation and flip are one affine warp.
-  config.augment = ml_collections.ConfigDict()
-  config.augment.flip = False  # Mirror left-right with probability 1/2.
-  config.augment.crop_min_area = 1.0  # Random resized crop of [this, 1] of the area.
-  config.augment.shift = 0.0  # Random shift, up to this fraction of the size.
-  config.augment.rotation_degrees = 0.0  # Random rotation in [-this, this].
-  config.augment.brightness = 0.0  # Colour jitter: +-this of the range,
-  config.augment.contrast = 0.0  # contrast and saturation factors in
-  config.augment.saturation = 0.0  # [1 - this, 1 + this].
+  group = ml_collections.ConfigDict()
+  group.flip = False  # Mirror left-right with probability 1/2.
+  group.crop_min_area = 1.0  # Random resized crop of [this, 1] of the area.
+  group.shift = 0.0  # Random shift, up to this fraction of the size.
+  group.rotation_degrees = 0.0  # Random rotation in [-this, this].
+  group.brightness = 0.0  # Colour jitter: +-this of the range,
+  group.contrast = 0.0  # contrast and saturation factors in
+  group.saturation = 0.0  # [1 - this, 1 + this].
+  return group
 
+
+def _model() -> ml_collections.ConfigDict:
+  """`config.model`: the network and its settings."""
   # The network: model.name picks one of simpsons_jax/models.py's MODELS;
   # model.<name> holds its settings (the fields of its class, with their
   # defaults and meaning there), e.g. --config.model.name=resnet
   # --config.model.resnet.stage_features=64,128. The notebook's network:
-  config.model = models.settings("simpsons_cnn")
-  config.model.simpsons_cnn.dropout_rate = 0.4
+  group = models.settings("simpsons_cnn")
+  group.simpsons_cnn.dropout_rate = 0.4
+  return group
 
-  config.optim = ml_collections.ConfigDict()
-  config.optim.name = "adam"  # 'adam', 'adamw' or 'sgd' (Nesterov momentum 0.9).
-  config.optim.learning_rate = 1e-3  # Peak learning rate.
-  config.optim.schedule = "constant"  # 'constant' or 'cosine' (after warmup, to 0).
-  config.optim.warmup_epochs = 0.0  # Linear warmup from 0 (cosine schedule).
-  config.optim.weight_decay = 0.0  # Decoupled (adamw) or L2 (sgd); not on norms.
-  config.optim.ema_decay = 0.0  # > 0: evaluate and predict with an EMA of weights.
 
-  config.train = ml_collections.ConfigDict()
-  config.train.batch_size = 64  # Global batch, split over all devices.
-  config.train.num_epochs = 70
-  config.train.label_smoothing = 0.0
-  config.train.mix = "none"  # 'none', 'mixup' or 'cutmix' (each image with another).
-  config.train.mix_alpha = 1.0  # The mixing ratio is drawn from Beta(alpha, alpha).
-  config.train.class_weights = "none"  # 'none' or 'balanced' (weight n/(K n_c)).
-  config.train.dtype = "float32"  # Compute: 'bfloat16' on GPU/TPU; params stay fp32.
+def _optim() -> ml_collections.ConfigDict:
+  """`config.optim`: the optimizer, its schedule and the EMA of the weights."""
+  group = ml_collections.ConfigDict()
+  group.name = "adam"  # 'adam', 'adamw' or 'sgd' (Nesterov momentum 0.9).
+  group.learning_rate = 1e-3  # Peak learning rate.
+  group.schedule = "constant"  # 'constant' or 'cosine' (after warmup, to 0).
+  group.warmup_epochs = 0.0  # Linear warmup from 0 (cosine schedule).
+  group.weight_decay = 0.0  # Decoupled (adamw) or L2 (sgd); not on norms.
+  group.ema_decay = 0.0  # > 0: evaluate and predict with an EMA of weights.
+  return group
+
+
+def _train() -> ml_collections.ConfigDict:
+  """`config.train`: the training loop: batch, epochs, loss, compute, logging."""
+  group = ml_collections.ConfigDict()
+  group.batch_size = 64  # Global batch, split over all devices.
+  group.num_epochs = 70
+  group.label_smoothing = 0.0
+  group.mix = "none"  # 'none', 'mixup' or 'cutmix' (each image with another).
+  group.mix_alpha = 1.0  # The mixing ratio is drawn from Beta(alpha, alpha).
+  group.class_weights = "none"  # 'none' or 'balanced' (weight n/(K n_c)).
+  group.dtype = "float32"  # Compute: 'bfloat16' on GPU/TPU; params stay fp32.
   # Convolutions on x86 CPUs: 'onednn' (oneDNN's kernels, as TensorFlow's) or
   # 'xla' (XLA:CPU's own). The same function and parameters either way.
-  config.train.cpu_kernels = "onednn"
-  config.train.require_accelerator = False  # True: fail rather than train on CPU.
-  config.train.log_every_steps = 50
+  group.cpu_kernels = "onednn"
+  group.require_accelerator = False  # True: fail rather than train on CPU.
+  group.log_every_steps = 50
   # The validation split is scored every epoch, and every this many steps if > 0.
-  config.train.eval_every_steps = 0
+  group.eval_every_steps = 0
   # > 0: trace this many steps (after the first, which compiles) for
   # TensorBoard's profile tab (pip install tensorboard-plugin-profile).
-  config.train.profile_steps = 0
+  group.profile_steps = 0
+  return group
 
+
+def _finetune() -> ml_collections.ConfigDict:
+  """`config.finetune`: starting from another run's weights, frozen or slowed layers."""
   # Starting from another run (see simpsons_jax/finetune.py).
-  config.finetune = ml_collections.ConfigDict()
-  config.finetune.init_from = ""  # 'WORKDIR[:best|latest|STEP]': weights at step 0.
-  config.finetune.freeze = ()  # Regexes on parameter paths, e.g. ('(?!logits/).*',).
-  config.finetune.unfreeze_after_epochs = 0.0  # > 0: frozen layers train after.
-  config.finetune.lr_multipliers = ()  # ('PATTERN=FACTOR', ...): ('conv.*=0.1',).
+  group = ml_collections.ConfigDict()
+  group.init_from = ""  # 'WORKDIR[:best|latest|STEP]': weights at step 0.
+  group.freeze = ()  # Regexes on parameter paths, e.g. ('(?!logits/).*',).
+  group.unfreeze_after_epochs = 0.0  # > 0: frozen layers train after.
+  group.lr_multipliers = ()  # ('PATTERN=FACTOR', ...): ('conv.*=0.1',).
+  return group
 
-  # More data sets to score during training, each every `every_epochs` epochs,
-  # by `type` (simpsons_jax/evaluators.py's EVALUATORS), e.g. in a config file:
+
+def _evals() -> ml_collections.ConfigDict:
+  """`config.evals`: more evaluations during training, by type."""
+  # Evaluations run every `every_epochs` epochs, each by its `type`: one of
+  # simpsons_jax/evaluators' EVALUATORS (validation, folder, tfds,
+  # calibration, unknowns) or a class of yours as 'module:Class'
+  # (docs/extending.md), e.g. in a config file:
   #   config.evals.kaggle_test = dict(
   #       type="folder", dir="~/data/kaggle_simpson_testset", every_epochs=5)
-  config.evals = ml_collections.ConfigDict()
+  #   config.evals.others = dict(type="unknowns", dir="~/data/others")
+  group = ml_collections.ConfigDict()
+  return group
 
-  config.ckpt = ml_collections.ConfigDict()
-  config.ckpt.every_steps = 0  # > 0: also save every this many steps.
-  config.ckpt.keep = 3  # The latest few; the best is always kept too.
+
+def _ckpt() -> ml_collections.ConfigDict:
+  """`config.ckpt`: which checkpoints are kept, and how the best is chosen."""
+  group = ml_collections.ConfigDict()
+  group.every_steps = 0  # > 0: also save every this many steps.
+  group.keep = 3  # The latest few; the best is always kept too.
   # The validation metric that picks the best checkpoint: 'accuracy',
   # 'balanced_accuracy', 'macro_f1' (for unbalanced data) or 'top3_accuracy'.
-  config.ckpt.metric = "accuracy"
-  return config
+  group.metric = "accuracy"
+  return group

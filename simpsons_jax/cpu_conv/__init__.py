@@ -24,13 +24,7 @@ x86-64-v3 (AVX2) and the x86-64 baseline; the best the CPU runs is used, and
 
 from __future__ import annotations
 
-import ctypes
 import functools
-import importlib.metadata
-import importlib.util
-import os
-import platform
-import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -40,108 +34,15 @@ import numpy as np
 from absl import logging
 from jax import lax
 
-from simpsons_jax.cpu_conv import self_check
+from simpsons_jax.cpu_conv import library, self_check
+from simpsons_jax.cpu_conv.library import (
+  KERNEL_VARIANTS,
+  cpu_description,
+  kernel_variants_here,
+  use_kernel_variant,
+)
 
-_EXTENSION = "simpsons_jax.cpu_conv._onednn"
-_RUNTIME = "onednn-cpu-gomp"
-_TARGETS = {
-  "forward": "OnednnConvForward",
-  "backward_data": "OnednnConvBackwardData",
-  "backward_weights": "OnednnConvBackwardWeights",
-  "backward_weights_bias": "OnednnConvBackwardWeightsBias",
-  "conv_relu_pool_forward": "ConvBiasReluPoolForward",
-  "conv_relu_pool_forward_u8": "ConvBiasReluPoolForwardU8",
-  "conv_relu_pool_backward_u8": "ConvBiasReluPoolBackwardU8",
-  "relu_pool_forward": "ReluMaxPoolForward",
-  "relu_pool_backward": "ReluMaxPoolBackward",
-}
 _NHWC = ("NHWC", "HWIO", "NHWC")
-
-
-class _Version(ctypes.Structure):
-  _fields_ = [
-    ("major", ctypes.c_int),
-    ("minor", ctypes.c_int),
-    ("patch", ctypes.c_int),
-    ("hash", ctypes.c_char_p),
-    ("cpu_runtime", ctypes.c_uint),
-    ("gpu_runtime", ctypes.c_uint),
-  ]
-
-
-def cpu_description() -> str:
-  """The CPU's model name and the vector extensions that decide oneDNN's
-  kernels, e.g. 'AMD EPYC (avx2, avx512)', and any limit set on them through
-  the environment (ONEDNN_MAX_CPU_ISA, XLA's --xla_cpu_max_isa)."""
-  model, flags = platform.processor() or platform.machine(), set()
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        key, _, value = line.partition(":")
-        if key.strip() == "model name":
-          model = value.strip()
-        elif key.strip() == "flags":
-          flags = set(value.split())
-          break
-  except OSError:
-    pass
-  extensions = [
-    name
-    for name, flag in (("avx2", "avx2"), ("avx512", "avx512f"), ("amx", "amx_tile"))
-    if flag in flags
-  ]
-  limits = re.findall(r"--xla_cpu_max_isa=\S+", os.environ.get("XLA_FLAGS", ""))
-  if os.environ.get("ONEDNN_MAX_CPU_ISA"):
-    limits.insert(0, f"oneDNN at most {os.environ['ONEDNN_MAX_CPU_ISA']}")
-  return f"{model} ({', '.join(extensions + limits) or 'no avx2'})"
-
-
-def _runtime_library() -> str:
-  """The path of libdnnl.so.3 from the oneDNN runtime wheel."""
-  files = importlib.metadata.distribution(_RUNTIME).files or []
-  for file in files:
-    if file.name == "libdnnl.so.3":
-      return str(file.locate())
-  raise FileNotFoundError(f"{_RUNTIME} has no libdnnl.so.3")
-
-
-# The direct kernels' compiled variants, best first (onednn_conv.cc numbers
-# them 2, 1, 0).
-KERNEL_VARIANTS = ("x86-64-v4", "x86-64-v3", "baseline")
-
-
-@functools.cache
-def _load() -> tuple[bool, str]:
-  """(True, oneDNN's version) once the kernels are registered with XLA:CPU, or
-  (False, why not). Loads and registers on the first call only."""
-  if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
-    return (
-      False,
-      f"built for x86-64 Linux only, not {platform.system()} {platform.machine()}",
-    )
-  spec = importlib.util.find_spec(_EXTENSION)
-  if spec is None or spec.origin is None:
-    return (
-      False,
-      "the extension was not built at install (`pip install -v -e .` says why)",
-    )
-  try:
-    dnnl = ctypes.CDLL(_runtime_library(), mode=ctypes.RTLD_GLOBAL)
-    library = ctypes.CDLL(spec.origin)
-  except (OSError, importlib.metadata.PackageNotFoundError) as e:
-    return False, f"oneDNN could not be loaded ({e})"
-  for target in _TARGETS.values():
-    jax.ffi.register_ffi_target(
-      target, jax.ffi.pycapsule(getattr(library, target)), platform="cpu"
-    )
-  dnnl.dnnl_version.restype = ctypes.POINTER(_Version)
-  v = dnnl.dnnl_version().contents
-  global _use_variant
-  _use_variant = library.SimpsonsUseKernelVariant
-  return True, f"oneDNN {v.major}.{v.minor}.{v.patch}"
-
-
-_use_variant = None  # onednn_conv.cc's SimpsonsUseKernelVariant, once loaded.
 
 
 @functools.cache
@@ -149,7 +50,7 @@ def available() -> tuple[bool, str]:
   """(True, oneDNN's version) where the kernels are registered with XLA:CPU and
   compute the plain formulation's values and gradients on this CPU, else
   (False, why not), logged once. The first call loads them and checks."""
-  loaded, detail = _load()
+  loaded, detail = library.load()
   if not loaded:
     return False, detail
   # Concrete values even when the first call comes while tracing.
@@ -181,43 +82,13 @@ def _checked_block(x, k, b, pads, g):
   return (y, *vjp(g))
 
 
-def kernel_variants_here() -> tuple[str, ...]:
-  """The direct kernels' variants this CPU runs, best first ('x86-64-v4',
-  'x86-64-v3', 'baseline'); none where the kernels did not load."""
-  if not _load()[0]:
-    return ()
-  previous = _use_variant(-1)
-  _use_variant(2)
-  best = _use_variant(-1)
-  _use_variant(previous)
-  return KERNEL_VARIANTS[len(KERNEL_VARIANTS) - 1 - best :]
-
-
-def use_kernel_variant(variant: str | None) -> str | None:
-  """Runs the direct kernels' `variant` (one of `kernel_variants_here()`), or
-  the best this CPU runs for None, from the next call on; returns the variant
-  set before (None where that was the best). Convolutions already compiled
-  follow too: the choice is made at each call."""
-  if not _load()[0]:
-    raise RuntimeError(f"oneDNN's convolutions are unavailable here: {_load()[1]}.")
-  here = kernel_variants_here()
-  if variant is not None and variant not in here:
-    raise ValueError(f"this CPU runs the kernel variants {here}, not {variant!r}")
-  previous = _use_variant(-1)
-  _use_variant(
-    2 if variant is None else len(KERNEL_VARIANTS) - 1 - KERNEL_VARIANTS.index(variant)
-  )
-  name = KERNEL_VARIANTS[len(KERNEL_VARIANTS) - 1 - previous]
-  return None if name == here[0] else name
-
-
 def _f32(*shape: int) -> jax.ShapeDtypeStruct:
   return jax.ShapeDtypeStruct(tuple(shape), jnp.float32)
 
 
 def _call(kind: str, out_shape, *operands: jax.Array, geometry=None, **attributes):
   """Calls one FFI handler; `out_shape` is one ShapeDtypeStruct or a tuple."""
-  loaded, why = _load()  # Registers the handlers on first use.
+  loaded, why = library.load()  # Registers the handlers on first use.
   if not loaded:
     raise RuntimeError(f"oneDNN's convolutions are unavailable here: {why}.")
   if geometry is not None:
@@ -230,7 +101,7 @@ def _call(kind: str, out_shape, *operands: jax.Array, geometry=None, **attribute
       pad_left=pad_left,
       pad_right=pad_right,
     )
-  return jax.ffi.ffi_call(_TARGETS[kind], out_shape)(*operands, **attributes)
+  return jax.ffi.ffi_call(library.TARGETS[kind], out_shape)(*operands, **attributes)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -461,3 +332,15 @@ def conv_general_dilated(
       preferred_element_type,
     )
   return _conv(lhs, rhs, _geometry(lhs.shape, rhs.shape, window_strides, padding))
+
+
+__all__ = [
+  "KERNEL_VARIANTS",
+  "available",
+  "conv_general_dilated",
+  "conv_relu_pool",
+  "cpu_description",
+  "kernel_variants_here",
+  "relu_max_pool",
+  "use_kernel_variant",
+]

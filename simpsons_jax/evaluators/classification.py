@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from etils import epath
 
-from simpsons_jax import characters, data, errors, explain, image_files, plots
+from simpsons_jax import characters, data, errors, explain, image_files, metrics, plots
 from simpsons_jax.data import core, folder
 from simpsons_jax.evaluators import base, scoring
 
@@ -71,11 +71,7 @@ class Classification(base.Evaluator):
       "unknown_characters": {k: len(v) for k, v in self.skipped.items()},
       "skipped_files": sorted(p for paths in self.skipped.values() for p in paths),
     }
-    scalars = {
-      key: report[key]
-      for key in ("accuracy", "top3_accuracy", "macro_f1", "balanced_accuracy", "loss")
-      if key in report
-    }
+    scalars = metrics.summarize(totals)  # In the order the loop has always logged.
     images = {} if draw_in is None else self.draw(model, report, draw_in)
     return base.Result(scalars, report, images)
 
