@@ -52,7 +52,7 @@ def _data() -> ml_collections.ConfigDict:
   group.train_fraction = 1.0  # Seeded share of the training split to use.
   group.cache_dir = ""  # '' caches decoded images in memory; else on disk.
   # A folder (either Kaggle layout) whose images, and their near-copies at any
-  # size, this run never trains or validates on (see simpsons_jax/near_copies).
+  # size, this run never trains or validates on (see simpsons_jax/data/near_copies.py).
   group.exclude_copies_of = ""
   group.synthetic_per_character = 250  # For source='synthetic'.
   # Larger images are skipped (and listed) before they are decoded; also in

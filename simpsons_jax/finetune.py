@@ -13,7 +13,7 @@ slowing layers while fine-tuning: `freezing`.)
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -22,9 +22,12 @@ import numpy as np
 from absl import logging
 from flax import traverse_util
 
-from simpsons_jax import characters, checkpointing, errors, trained
+from simpsons_jax import checkpointing, errors, trained
 
 HEAD = "logits"  # The name of every model's classification layer.
+
+if TYPE_CHECKING:
+  from simpsons_jax import characters
 
 
 def parse_init_from(value: str) -> tuple[str, str]:

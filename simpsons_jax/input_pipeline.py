@@ -1,4 +1,4 @@
-"""From a data source's examples to batches: shuffle, augment, batch, pad.
+"""From a data source's examples to training batches: shuffle, augment, batch.
 
 Each image is decoded once per run: the resized uint8 images are cached (in
 memory, or on disk under `config.data.cache_dir`) after the first pass (see
@@ -6,22 +6,21 @@ memory, or on disk under `config.data.cache_dir`) after the first pass (see
 reads one iterator over all remaining epochs, each epoch shuffled with a seed
 derived from (seed, epoch) and augmented (if the config asks) with a seed
 derived from (seed, epoch, batch), so a resumed run sees the same batches as
-an uninterrupted one. Evaluation pads the last batch and marks real examples in
-`mask`, so every example counts exactly once.
+an uninterrupted one. Evaluation's batches are `data.core.eval_batches`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import ml_collections
-import numpy as np
 import tensorflow as tf
 
-from simpsons_jax import augment, errors, padding
-from simpsons_jax.data import core
+from simpsons_jax import augment, errors
 
-Batch = dict[str, np.ndarray]
+if TYPE_CHECKING:
+  from simpsons_jax.data import core
 
 
 def epoch_seed(seed: int, epoch: tf.Tensor) -> tf.Tensor:
@@ -35,7 +34,7 @@ def train_batches(
   start_step: int = 0,
   process_index: int = 0,
   process_count: int = 1,
-) -> Iterator[Batch]:
+) -> Iterator[core.Batch]:
   """This process's part of each shuffled training batch, from `start_step` on.
 
   Each of `process_count` processes reads its own shard of the files and
@@ -76,41 +75,3 @@ def train_batches(
   options = tf.data.Options()
   options.autotune.enabled = False
   return ds.with_options(options).as_numpy_iterator()
-
-
-def eval_batches(
-  examples: core.Examples,
-  image_size: int,
-  batch_size: int,
-  cache_dir: str = "",
-  process_index: int = 0,
-  process_count: int = 1,
-) -> list[Batch]:
-  """This process's share of `examples`, in order, padded with `mask`=0.
-
-  Every process gets the same number of batches of `batch_size //
-  process_count` rows, so that together they cover `examples` exactly once.
-  """
-  batch_size //= process_count
-  decoded = examples.decoded(image_size, cache_dir, process_index, process_count)
-  ds = decoded.batch(batch_size)
-  batches = [
-    pad_batch(batch, batch_size)
-    for batch in ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
-  ]
-  per_process = -(-len(examples) // process_count)
-  empty = {
-    "image": np.zeros((0, image_size, image_size, 3), np.uint8),
-    "label": np.zeros(0, np.int32),
-  }
-  while len(batches) < -(-per_process // batch_size):
-    batches.append(pad_batch(empty, batch_size))
-  return batches
-
-
-def pad_batch(batch: Batch, batch_size: int) -> Batch:
-  """Pads every array to `batch_size` rows and adds `mask` (1 real, 0 padding)."""
-  n = len(next(iter(batch.values())))
-  padded = {key: padding.pad(value, batch_size) for key, value in batch.items()}
-  padded["mask"] = (np.arange(batch_size) < n).astype(np.float32)
-  return padded

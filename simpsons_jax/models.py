@@ -19,7 +19,8 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
   """2x2 max pooling with stride 2 ('VALID'), as `nn.max_pool` computes it.
 
   Written as a reshape and a max: the same values as `nn.max_pool`, but XLA's
-  CPU backward pass for it is much faster than the one for `reduce_window`.
+  CPU backward pass for it is faster than the one for `reduce_window`
+  (docs/performance.md).
   Its gradient goes to each window's maximum, split evenly between ties
   (`cpu_conv`'s fused block computes the same).
   """

@@ -25,17 +25,21 @@ import dataclasses
 import json
 import os
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import ml_collections
 import numpy as np
 from absl import logging
 from etils import epath
 
-from simpsons_jax import characters, errors, files
+from simpsons_jax import errors, files
 
 SPLIT_FILENAME = "split.json"
 _FORMAT = 1
 _SHOWN = 5  # Example paths per kind of change in the log.
+
+if TYPE_CHECKING:
+  from simpsons_jax import characters
 
 
 @dataclasses.dataclass

@@ -2,7 +2,8 @@
 
 The loop scores the validation split every epoch and runs `config.evals`'
 evaluators (`evaluators`); it stops on request (`stopping`), says what it
-does (`reporting`) and fits the finished run's temperatures (`calibrate`).
+does (`reporting`) and fits the finished run's temperatures
+(`evaluators.in_training`).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import contextlib
 import functools
 import os
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import flax
 import flax.linen as nn
@@ -27,8 +28,6 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from simpsons_jax import (
-  calibrate,
-  characters,
   checkpointing,
   config_checks,
   convolutions,
@@ -53,6 +52,9 @@ from simpsons_jax.evaluators import in_training
 
 # Folded into a step's dropout key to give the key of its batch mixing.
 MIX_STREAM = 1
+
+if TYPE_CHECKING:
+  from simpsons_jax import characters
 
 
 class TrainState(train_state.TrainState):
@@ -329,7 +331,7 @@ def _finish(
   not), the temperatures fitted, the closing line."""
   if not val_metrics:
     val_metrics = evaluation.validation.run(last).scalars
-  calibrate.fit_run(
+  in_training.fit_calibration(
     evaluation.validation, last, evaluation.model, evaluation.workdir, manager
   )
   manager.close()

@@ -15,7 +15,7 @@ import dataclasses
 import functools
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import flax.linen as nn
 import jax
@@ -24,7 +24,6 @@ import numpy as np
 from absl import logging
 
 from simpsons_jax import (
-  answers,
   calibration,
   characters,
   checkpointing,
@@ -33,6 +32,9 @@ from simpsons_jax import (
   models,
   padding,
 )
+
+if TYPE_CHECKING:
+  from simpsons_jax import answers
 
 
 @dataclasses.dataclass(frozen=True)

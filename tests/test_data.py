@@ -140,7 +140,7 @@ def test_eval_batches_count_every_example_once(tmp_path):
   root = _make_folder(tmp_path / "d", {"bart": 6, "lisa": 7})
   images = characters.find_images(root)
   split = folder.Files.of(images, characters.select(images, 1))
-  batches = input_pipeline.eval_batches(split, image_size=8, batch_size=8)
+  batches = core.eval_batches(split, image_size=8, batch_size=8)
   assert [b["image"].shape for b in batches] == [(8, 8, 8, 3)] * 2
   mask = np.concatenate([b["mask"] for b in batches])
   labels = np.concatenate([b["label"] for b in batches])

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from simpsons_jax import data, input_pipeline, synthetic
+from simpsons_jax import data, synthetic
 from simpsons_jax import trained as trained_run
+from simpsons_jax.data import core
 from tests.conftest import make_tiny_config
 
 EXTENDING = (Path(__file__).resolve().parents[1] / "docs/extending.md").read_text()
@@ -40,7 +41,7 @@ def test_the_csv_data_source_of_the_readme(tiny_data_dir, tmp_path, monkeypatch)
   assert (len(train), len(val)) == (48, 12)
   _, again, _ = data.create(config).load(tmp_path / "run")
   assert list(again.paths) == list(train.paths)
-  batches = input_pipeline.eval_batches(val, 32, 16)
+  batches = core.eval_batches(val, 32, 16)
   assert sum(b["mask"].sum() for b in batches) == 12
   del sys.modules["my_sources"]
 

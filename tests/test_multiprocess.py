@@ -20,6 +20,7 @@ from simpsons_jax import (
   train,
 )
 from simpsons_jax import trained as trained_run
+from simpsons_jax.data import core
 from tests.conftest import make_tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,9 +34,7 @@ def test_process_shards_cover_each_example_once(tiny_config, tmp_path):
   _, train_split, val_split = _split(tiny_config, tmp_path)
   seen = []
   for index in range(3):
-    batches = input_pipeline.eval_batches(
-      val_split, 32, 6, process_index=index, process_count=3
-    )
+    batches = core.eval_batches(val_split, 32, 6, process_index=index, process_count=3)
     assert len(batches) == 4  # ceil(ceil(24 / 3) / 2)
     seen += [
       y for b in batches for y, m in zip(b["label"], b["mask"], strict=True) if m
@@ -116,7 +115,7 @@ def test_two_processes_train_like_one_with_the_same_global_batch(
   for halves in zip(*shards, strict=True):
     batch = {k: np.concatenate([h[k] for h in halves]) for k in halves[0]}
     state, _ = train_step(state, sharding.shard_batch(batch, mesh))
-  val_batches = input_pipeline.eval_batches(val_split, 32, config.train.batch_size)
+  val_batches = core.eval_batches(val_split, 32, config.train.batch_size)
   score = evaluators.scorer(
     mesh, state.apply_fn, cmap.num_classes, config.test_time_flip
   )

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from conftest import make_tiny_config
 
-from simpsons_jax import data, near_copies, synthetic
+from simpsons_jax import data, synthetic
+from simpsons_jax.data import near_copies
 
 
 def _save(image, path, **kwargs):

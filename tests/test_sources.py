@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from simpsons_jax import data, errors, input_pipeline, sharding, train
+from simpsons_jax import data, errors, sharding, train
 from simpsons_jax import trained as trained_run
+from simpsons_jax.data import core
 from tests.conftest import make_tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,7 +47,7 @@ def _pixels(examples):
   """(label, image bytes) of every example, sorted."""
   return sorted(
     (int(label), image.tobytes())
-    for batch in input_pipeline.eval_batches(examples, 32, 16)
+    for batch in core.eval_batches(examples, 32, 16)
     for image, label, mask in zip(
       batch["image"], batch["label"], batch["mask"], strict=True
     )

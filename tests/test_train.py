@@ -21,6 +21,7 @@ from simpsons_jax import (
   train,
 )
 from simpsons_jax import trained as trained_run
+from simpsons_jax.data import core
 from tests.conftest import shared_data
 
 
@@ -74,9 +75,7 @@ def test_evaluation_counts_each_example_once_exactly():
   images = np.zeros((13, 4, 4, 3), np.uint8)
   images[:, 0, 0, 0] = predicted
   batches = [
-    input_pipeline.pad_batch(
-      {"image": images[i : i + 8], "label": labels[i : i + 8]}, 8
-    )
+    core.pad_batch({"image": images[i : i + 8], "label": labels[i : i + 8]}, 8)
     for i in (0, 8)
   ]
   mesh = sharding.make_mesh()
@@ -187,9 +186,7 @@ def test_overfit_config_fits_real_frames_exactly(tmp_path):
   cmap, small, _ = data.create(config).load(tmp_path)
   assert len(small) == 80
   mesh = sharding.make_mesh()
-  batches = input_pipeline.eval_batches(
-    small, config.data.image_size, config.train.batch_size
-  )
+  batches = core.eval_batches(small, config.data.image_size, config.train.batch_size)
   result = _validate(state, batches, mesh, cmap.num_classes, config.test_time_flip)
   assert result["accuracy"] == 1.0
 

@@ -1,12 +1,13 @@
 """Convolutions on x86 CPUs through oneDNN, the library TensorFlow runs there.
 
-XLA:CPU's convolutions, and their kernel gradients above all, run several times
-slower than oneDNN's on AVX-512 CPUs (oneDNN picks its kernels for the CPU at run
-time). `onednn_conv.cc`, built by `pip install` into `_onednn`, wraps oneDNN's
-forward, input-gradient and kernel-gradient convolutions as XLA FFI handlers;
-`conv_general_dilated` here is a drop-in for `lax.conv_general_dilated` that calls
-them, with a `jax.custom_vjp` tying the three together. `conv_relu_pool` fuses the
-notebook network's block (conv + bias, ReLU, 2x2 max pool) around them.
+XLA:CPU's convolutions, and their kernel gradients above all, run slower than
+oneDNN's on AVX-512 CPUs (docs/performance.md measures them; oneDNN picks its
+kernels for the CPU at run time). `onednn_conv.cc`, built by `pip install`
+into `_onednn` (loaded by `library`), wraps oneDNN's forward, input-gradient
+and kernel-gradient convolutions as XLA FFI handlers; `conv_general_dilated`
+here is a drop-in for `lax.conv_general_dilated` that calls them, with a
+`jax.custom_vjp` tying the three together. `conv_relu_pool` fuses the notebook
+network's block (conv + bias, ReLU, 2x2 max pool) around them.
 
 It computes the same function on the same parameters (equal to `lax` within
 float32 rounding, tested), so checkpoints move freely between the two paths.

@@ -7,10 +7,14 @@ source is one `core.DataSource` class and one line in `SOURCES`.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import ml_collections
 
 from simpsons_jax import errors, importing
-from simpsons_jax.data import core
+
+if TYPE_CHECKING:
+  from simpsons_jax.data import core
 
 # Imported when used: TFDS loads only for tfds: runs.
 SOURCES: dict[str, str] = {

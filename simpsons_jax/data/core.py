@@ -20,7 +20,7 @@ import numpy as np
 import tensorflow as tf
 from etils import epath
 
-from simpsons_jax import characters, files, image_files
+from simpsons_jax import characters, files, image_files, padding
 
 
 class Examples(abc.ABC):
@@ -89,6 +89,8 @@ class Examples(abc.ABC):
 
 
 Loaded = tuple[characters.CharacterMap, Examples, Examples]
+# A batch of arrays by name ('image', 'label', and 'mask' when padded).
+Batch = dict[str, np.ndarray]
 
 
 class DataSource(abc.ABC):
@@ -128,3 +130,41 @@ def _cache_file(cache_dir: str, key: str) -> str:
     for stale in tf.io.gfile.glob(glob.escape(prefix) + "*"):
       tf.io.gfile.remove(stale)
   return prefix
+
+
+def eval_batches(
+  examples: Examples,
+  image_size: int,
+  batch_size: int,
+  cache_dir: str = "",
+  process_index: int = 0,
+  process_count: int = 1,
+) -> list[Batch]:
+  """This process's share of `examples`, in order, padded with `mask`=0.
+
+  Every process gets the same number of batches of `batch_size //
+  process_count` rows, so that together they cover `examples` exactly once.
+  """
+  batch_size //= process_count
+  decoded = examples.decoded(image_size, cache_dir, process_index, process_count)
+  ds = decoded.batch(batch_size)
+  batches = [
+    pad_batch(batch, batch_size)
+    for batch in ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
+  ]
+  per_process = -(-len(examples) // process_count)
+  empty = {
+    "image": np.zeros((0, image_size, image_size, 3), np.uint8),
+    "label": np.zeros(0, np.int32),
+  }
+  while len(batches) < -(-per_process // batch_size):
+    batches.append(pad_batch(empty, batch_size))
+  return batches
+
+
+def pad_batch(batch: Batch, batch_size: int) -> Batch:
+  """Pads every array to `batch_size` rows and adds `mask` (1 real, 0 padding)."""
+  n = len(next(iter(batch.values())))
+  padded = {key: padding.pad(value, batch_size) for key, value in batch.items()}
+  padded["mask"] = (np.arange(batch_size) < n).astype(np.float32)
+  return padded

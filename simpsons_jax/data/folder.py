@@ -18,8 +18,8 @@ import numpy as np
 import tensorflow as tf
 from etils import epath
 
-from simpsons_jax import characters, image_files, near_copies, splits, synthetic
-from simpsons_jax.data import core
+from simpsons_jax import characters, image_files, splits, synthetic
+from simpsons_jax.data import core, near_copies
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

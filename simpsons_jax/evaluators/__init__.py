@@ -86,6 +86,19 @@ def create(name: str, spec: Mapping[str, Any], context: Context) -> Evaluator:
   return evaluator_class(spec["type"])(name, spec, context)
 
 
+def known_set(
+  spec: Mapping[str, Any], key: str, context: Context, owner: str
+) -> Evaluator:
+  """The set of the model's characters that an evaluator comparing with one
+  (calibration, unknowns) reads: the folder `spec[key]` if given, else the
+  context's known set, else the run's validation split."""
+  if spec.get(key):
+    return create(owner, {"type": "folder", "dir": spec[key]}, context)
+  if context.known is not None:
+    return context.known
+  return create(owner, {"type": "validation"}, context)
+
+
 __all__ = [
   "EVALUATORS",
   "Context",
@@ -97,6 +110,7 @@ __all__ = [
   "batch_scores",
   "create",
   "evaluator_class",
+  "known_set",
   "problems",
   "report",
   "scorer",

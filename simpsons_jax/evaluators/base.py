@@ -13,14 +13,15 @@ from __future__ import annotations
 import abc
 import dataclasses
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ml_collections
 import numpy as np
 from etils import epath
 
-from simpsons_jax import characters
-from simpsons_jax.evaluators import scoring
+if TYPE_CHECKING:
+  from simpsons_jax import characters
+  from simpsons_jax.evaluators import scoring
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,13 +12,16 @@ right. Drawn: the reliability diagram before and after.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from etils import epath
 
-from simpsons_jax import calibration, plots
-from simpsons_jax.evaluators import base, classification, scoring
+from simpsons_jax import calibration, evaluators, plots
+from simpsons_jax.evaluators import base
+
+if TYPE_CHECKING:
+  from simpsons_jax.evaluators import scoring
 
 
 class Calibration(base.Evaluator):
@@ -31,7 +34,7 @@ class Calibration(base.Evaluator):
     context: base.Context,
   ):
     super().__init__(name, spec, context)
-    self.known = classification.known_set(spec, "dir", context, name)
+    self.known = evaluators.known_set(spec, "dir", context, name)
 
   def run(self, model: scoring.Model, draw_in: epath.Path | None = None) -> base.Result:
     rows = model.outputs(self.known.data)[1]

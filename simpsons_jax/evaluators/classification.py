@@ -170,16 +170,3 @@ def not_known(
     for c, items in by_character.items()
     if c not in cmap.names and items
   }
-
-
-def known_set(
-  spec: Mapping[str, Any], key: str, context: base.Context, owner: str
-) -> Classification:
-  """The evaluator of the known characters that calibration and unknowns
-  compare with: the folder `spec[key]`, or the context's known set, or the
-  run's validation split."""
-  if spec.get(key):
-    return Folder(owner, {"type": "folder", "dir": spec[key]}, context)
-  if context.known is not None:
-    return context.known
-  return Validation(owner, {"type": "validation"}, context)

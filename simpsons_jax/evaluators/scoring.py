@@ -29,7 +29,6 @@ from simpsons_jax import (
   calibration,
   files,
   inference,
-  input_pipeline,
   metrics,
   sharding,
   summary,
@@ -84,7 +83,7 @@ def scorer(
 
 
 def accumulate(
-  score: Callable, variables: Any, batches: list[input_pipeline.Batch], mesh: Mesh
+  score: Callable, variables: Any, batches: list[core.Batch], mesh: Mesh
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
   """The sums of `score` over all batches, each batch's fetched and added on
   the host in float64 (`metrics.add`), and the rows of the real examples in
@@ -117,14 +116,14 @@ class Data:
 
   def __init__(self, examples: core.Examples, config: ml_collections.ConfigDict):
     self.examples, self._config = examples, config
-    self._batches: list[input_pipeline.Batch] | None = None
+    self._batches: list[core.Batch] | None = None
 
   def __len__(self) -> int:
     return len(self.examples)
 
-  def batches(self) -> list[input_pipeline.Batch]:
+  def batches(self) -> list[core.Batch]:
     if self._batches is None:
-      self._batches = input_pipeline.eval_batches(
+      self._batches = core.eval_batches(
         self.examples,
         self._config.data.image_size,
         self._config.train.batch_size,

@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 from etils import epath
 
-from simpsons_jax import calibration, characters, errors, image_files
+from simpsons_jax import calibration, characters, errors, evaluators, image_files
 from simpsons_jax.data import folder
-from simpsons_jax.evaluators import base, classification, scoring
+from simpsons_jax.evaluators import base, scoring
 
 
 class Unknowns(base.Evaluator):
@@ -35,7 +35,7 @@ class Unknowns(base.Evaluator):
     flag: str = "",
   ):
     super().__init__(name, spec, context)
-    self.known = classification.known_set(spec, "known_dir", context, name)
+    self.known = evaluators.known_set(spec, "known_dir", context, name)
     self.flag = flag or f"--config.evals.{name}.dir"  # Where `dir` was given.
     self._unknown: scoring.Data | None = None
 

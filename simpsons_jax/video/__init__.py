@@ -32,12 +32,12 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from absl import logging
 
-from simpsons_jax import answers, errors, files, plots
+from simpsons_jax import errors, files, plots
 from simpsons_jax.data import core
 from simpsons_jax.video.av_io import (
   VIDEO_EXTENSIONS,
@@ -52,6 +52,9 @@ from simpsons_jax.video.segments import labels, screen_time, segments, smooth
 
 # What `summarise` writes per video: <stem> and these.
 OUTPUT_SUFFIXES = (".frames.csv", ".segments.json", ".timeline.png")
+
+if TYPE_CHECKING:
+  from simpsons_jax import answers
 
 
 @dataclasses.dataclass(frozen=True)

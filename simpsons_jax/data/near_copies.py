@@ -11,11 +11,7 @@ Near-copy, measured on thumbnails (each image shrunk to `THUMBNAIL` pixels
 square by area averaging, so that size and JPEG encoding matter little) as the
 root-mean-square difference of their 0-255 values: for each reference image,
 the candidates within `MARGIN` times the distance of the nearest one and
-within `LIMIT`. Measured between `frames/train` (608) and Simpsons-MNIST
-(8,000): 549 frames have one candidate nearer than 2/3 of the next (their
-copy, at a median distance of 16); of the other 59, 27 have two near-equal
-candidates within 30 (a copy stored twice) and 32 none: no copy. These
-settings leave out 577 images, at most 2 per frame.
+within `LIMIT` (docs/results.md: how these were chosen on the shared sets).
 """
 
 from __future__ import annotations
