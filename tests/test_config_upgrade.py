@@ -89,3 +89,13 @@ def test_a_flat_workdir_resumes_evaluates_and_exports(tiny_data_dir, tmp_path):
   state, _ = train.train_and_evaluate(config, tmp_path)
   assert int(state.step) == 2 * before["checkpoint_step"]
   assert "data" in json.loads((tmp_path / "config.json").read_text())
+
+
+def test_a_nested_config_of_the_last_release_is_read_unchanged():
+  """config.json as main at 7217eff (before the saved config was checked)
+  wrote it: every key known, every type right, nothing added or dropped."""
+  saved = json.loads(
+    (Path(__file__).parent / "data/nested_config_7217eff.json").read_text()
+  )
+  loaded = config_upgrade.upgrade(saved, models.registered_settings())
+  assert _plain(loaded) == saved
