@@ -203,7 +203,7 @@ def run(
   written = set(formats) | ({"savedmodel"} if "tflite" in formats else set())
   written = tuple(f for f in FORMATS if f in written)
   target = parent / str(trained.step)
-  if target.exists() and not (target / "model.json").is_file():
+  if target.exists() and not is_export(target):
     raise errors.UserError(
       f"{target} exists and is not an export (it has no model.json), and an "
       "export replaces its folder whole: choose another --output_dir"
@@ -273,6 +273,11 @@ class Opened:
   names: tuple[str, ...]
   probabilities: Callable[[Any], Any]
   grad_cam: Callable[[Any, Any], Any] | None
+
+
+def is_export(folder: str | os.PathLike) -> bool:
+  """Whether `folder` is an export folder (it has a model.json)."""
+  return (files.as_path(folder) / "model.json").is_file()
 
 
 def open_folder(folder: str | os.PathLike) -> Opened:

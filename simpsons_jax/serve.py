@@ -86,9 +86,9 @@ class Model:
 def load(path: str | os.PathLike, checkpoint: str = "best") -> Model:
   """A training run's checkpoint, or an exported folder's model.jax."""
   path = files.as_path(path)
-  if (path / "model.json").is_file():  # An export folder.
-    from simpsons_jax import export
+  from simpsons_jax import export
 
+  if export.is_export(path):
     opened = export.open_folder(path)  # Its files, all there and agreeing.
     maps = opened.grad_cam
     card = opened.card
