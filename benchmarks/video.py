@@ -79,7 +79,13 @@ def main(argv: list[str]) -> None:
   summary = video.summarise(clip, analysis, trained.cmap.names, options, out)
   start = time.perf_counter()
   frames = video.write_annotated(
-    clip, analysis, trained.cmap.names, options.threshold, out / "annotated.mp4"
+    clip,
+    analysis.times,
+    analysis.probabilities,
+    trained.cmap.names,
+    options.threshold,
+    out / "annotated.mp4",
+    analysis.scores,
   )
   annotated = time.perf_counter() - start
   print(video.describe(clip, analysis, summary))

@@ -47,6 +47,13 @@ def _data() -> ml_collections.ConfigDict:
   # Characters left out of training and validation, e.g. to measure how well
   # the model answers 'unknown' (evaluate --unknown_dir=<the data folder>).
   group.hold_out = ()
+  # Images of characters the model must answer 'unknown' for ("known
+  # unknowns"): '' (none), 'below_min_images' (every folder with fewer than
+  # min_images pictures: on the Kaggle data, the 29 characters the notebook
+  # drops) or folder names, 'a,b'. They train towards "none of these" (the
+  # uniform answer, weighted by train.negatives_weight) and their validation
+  # share chooses the unknown score and threshold (simpsons_jax/open_set.py).
+  group.negatives = ""
   group.image_size = 128  # Images are resized to image_size x image_size.
   group.val_fraction = 0.05  # Stratified share of each character for val.
   group.train_fraction = 1.0  # Seeded share of the training split to use.
@@ -108,6 +115,9 @@ def _train() -> ml_collections.ConfigDict:
   group.mix = "none"  # 'none', 'mixup' or 'cutmix' (each image with another).
   group.mix_alpha = 1.0  # The mixing ratio is drawn from Beta(alpha, alpha).
   group.class_weights = "none"  # 'none' or 'balanced' (weight n/(K n_c)).
+  # The weight of the negatives' term (data.negatives): cross-entropy with the
+  # uniform distribution, as outlier exposure (Hendrycks et al. 2019).
+  group.negatives_weight = 0.5
   group.dtype = "float32"  # Compute: 'bfloat16' on GPU/TPU; params stay fp32.
   # Convolutions on x86 CPUs: 'onednn' (oneDNN's kernels, as TensorFlow's) or
   # 'xla' (XLA:CPU's own). The same function and parameters either way.

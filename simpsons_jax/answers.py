@@ -4,14 +4,28 @@ threshold). One definition for predict, serve and video."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
 UNKNOWN = "unknown"
-# uint8 images (N, S, S, 3), any N -> probabilities (N, characters).
-Classifier = Callable[[np.ndarray], np.ndarray]
+# `--threshold`'s value for a run's own unknown score and threshold.
+AUTO = "auto"
+# uint8 images (N, S, S, 3), any N -> calibrated probabilities (N,
+# characters) and the unknown score (N,) that the threshold is compared with.
+Classifier = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+@dataclasses.dataclass(frozen=True)
+class UnknownRule:
+  """When an image is 'unknown': its `score` (`open_set.SCORES`) is below
+  `threshold`; `bank`, the training features the knn score compares."""
+
+  score: str
+  threshold: float
+  bank: np.ndarray | None = None
 
 
 def named(probability: float, name: str, threshold: float) -> str:
@@ -19,22 +33,35 @@ def named(probability: float, name: str, threshold: float) -> str:
   return name if probability >= threshold else UNKNOWN
 
 
-def caption(probabilities: np.ndarray, names: Sequence[str], threshold: float) -> str:
+def caption(
+  probabilities: np.ndarray,
+  names: Sequence[str],
+  threshold: float,
+  score: float | None = None,
+) -> str:
   """An image's answer as drawn on a frame: 'homer_simpson 0.93', or
-  'unknown (homer_simpson 0.41)' below `threshold` (`named`)."""
+  'unknown (homer_simpson 0.41)' when its unknown `score` (default: the top
+  probability) is below `threshold` (`named`)."""
   best = int(np.argmax(probabilities))
   text = f"{names[best]} {probabilities[best]:.2f}"
-  if named(probabilities[best], names[best], threshold) == UNKNOWN:
+  compared = probabilities[best] if score is None else score
+  if named(compared, names[best], threshold) == UNKNOWN:
     return f"{UNKNOWN} ({text})"
   return text
 
 
 def answer(
-  probabilities: np.ndarray, names: Sequence[str], top_k: int, threshold: float
+  probabilities: np.ndarray,
+  names: Sequence[str],
+  top_k: int,
+  threshold: float,
+  score: float | None = None,
 ) -> dict[str, Any]:
   """{"character", "top": [{"character", "probability"}]} for one image's
-  probabilities (one per character, in `names`' order)."""
+  probabilities (one per character, in `names`' order); 'unknown' when its
+  unknown `score` (default: its top probability) is below `threshold`."""
   order = np.argsort(-probabilities)[: min(top_k, len(names))]
   top = [{"character": names[i], "probability": float(probabilities[i])} for i in order]
-  best = named(top[0]["probability"], top[0]["character"], threshold)
+  compared = top[0]["probability"] if score is None else float(score)
+  best = top[0]["character"] if compared >= threshold else UNKNOWN
   return {"character": best, "top": top}

@@ -260,7 +260,7 @@ def parse_threshold(value: str) -> float | None:
   """`--threshold` checked without a run: the probability it gives (None for
   'auto:precision=P', chosen later on a run's validation split); UserError
   in one sentence when it is neither a probability in [0, 1] nor that."""
-  if AUTO.fullmatch(value):
+  if AUTO.fullmatch(value) or value == "auto":
     return None
   try:
     number = float(value)
@@ -268,7 +268,7 @@ def parse_threshold(value: str) -> float | None:
     number = None
   if number is None or not 0 <= number <= 1:
     raise errors.UserError(
-      f"--threshold={value}: give a probability in [0, 1] (0.8), or "
+      f"--threshold={value}: give auto, a probability in [0, 1] (0.8), or "
       "auto:precision=P with P in [0, 1] (auto:precision=0.95)."
     )
   return number
@@ -277,7 +277,10 @@ def parse_threshold(value: str) -> float | None:
 def threshold(value: str, fitted: Mapping[str, Any]) -> tuple[float, str]:
   """`--threshold` as a probability: a number, or 'auto:precision=P' chosen
   on the validation split of `fitted` (a checkpoint's record); and a line
-  saying what was chosen."""
+  saying what was chosen. 'auto' (the run's own unknown score, `trained`'s
+  to apply) asks nothing of the probability: 0."""
+  if value == "auto":
+    return 0.0, ""
   number = parse_threshold(value)
   if number is not None:
     return number, ""

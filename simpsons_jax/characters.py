@@ -153,6 +153,44 @@ def check_hold_out(names: Sequence[str], hold_out: Sequence[str]) -> None:
     )
 
 
+# `config.data.negatives`: every folder below `min_images`.
+BELOW_MIN_IMAGES = "below_min_images"
+
+
+def negatives(
+  spec: str,
+  counts: Mapping[str, int],
+  min_images: int,
+  hold_out: Sequence[str] = (),
+) -> tuple[str, ...]:
+  """The folders whose images train as "none of these"
+  (`config.data.negatives`), by name; `counts`: each folder's images. Folders
+  held out stay out. DatasetError for a name the data has no folder for, or
+  one also held out."""
+  if not spec:
+    return ()
+  if spec == BELOW_MIN_IMAGES:
+    return tuple(
+      sorted(n for n, c in counts.items() if 0 < c < min_images and n not in hold_out)
+    )
+  names = tuple(sorted({n.strip() for n in spec.split(",") if n.strip()}))
+  absent = [n for n in names if n not in counts]
+  if absent:
+    raise DatasetError(
+      f"--config.data.negatives={spec!r} names folders the data has none of "
+      f"({', '.join(absent)}); give '{BELOW_MIN_IMAGES}' or names among "
+      f"{', '.join(sorted(counts))}."
+    )
+  both = sorted(set(names) & set(hold_out))
+  if both:
+    raise DatasetError(
+      f"{', '.join(both)} both held out (--config.data.hold_out) and negatives "
+      "(--config.data.negatives): a held-out character stays out of training; "
+      "name it in one of them."
+    )
+  return names
+
+
 def select(
   images: Mapping[str, list[epath.Path]],
   min_images: int,
@@ -201,9 +239,11 @@ def load_or_create(
   min_images: int,
   hold_out: Sequence[str] = (),
   skipped: Mapping[str, int] | None = None,
+  negative: Sequence[str] = (),
 ) -> CharacterMap:
   """Returns the workdir's saved map, or selects one and saves it, leaving
-  the characters of `hold_out` out (to be scored as unknown ones later);
+  the characters of `hold_out` out (to be scored as unknown ones later) and
+  the `negative` ones (trained as "none of these");
   `skipped` counts each character's unusable files (see `select`).
 
   A saved map whose characters are no longer exactly those selected from the
@@ -211,7 +251,7 @@ def load_or_create(
   """
   path = files.as_path(workdir) / MAP_FILENAME
   check_hold_out(tuple(images), hold_out)
-  kept = {c: v for c, v in images.items() if c not in hold_out}
+  kept = {c: v for c, v in images.items() if c not in (*hold_out, *negative)}
   lost = {c: n for c, n in (skipped or {}).items() if c in kept}
   current = select(kept, min_images, lost)
   if not path.exists():

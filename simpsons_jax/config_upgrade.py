@@ -73,7 +73,11 @@ RENAMED: dict[str, tuple[str, Any]] = {
   "restart": ("restart", False),
 }
 # Keys added since the config was nested, and what older runs ran with.
-ADDED: dict[str, Any] = {"data.hold_out": ()}
+ADDED: dict[str, Any] = {
+  "data.hold_out": (),
+  "data.negatives": "",
+  "train.negatives_weight": 0.5,
+}
 # The augmentation group kept its keys; runs saved before one existed ran with these.
 AUGMENT_DEFAULTS = {
   "flip": False,

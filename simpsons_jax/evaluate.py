@@ -29,12 +29,13 @@ from simpsons_jax import (
   errors,
   evaluators,
   files,
+  open_set,
   plots,
   sharding,
   summary,
 )
 from simpsons_jax import trained as trained_run
-from simpsons_jax.evaluators import calibration, classification, unknowns
+from simpsons_jax.evaluators import calibration, classification, sets, unknowns
 
 VALIDATION = "validation"
 # The pictures evaluate draws, each `<name>.png` in its output folder.
@@ -47,6 +48,7 @@ def run(
   checkpoint: str = "best",
   output_dir: str | os.PathLike = "",
   unknown_dir: str = "",
+  coverage: float = 0.0,
 ) -> dict[str, Any]:
   """Evaluates a checkpoint of `workdir`; writes report.json and the figures.
 
@@ -56,7 +58,9 @@ def run(
   pictures, and its calibration (`calibration` in the report: ECE and NLL
   without and with the checkpoint's temperature, `reliability.png`); with
   `unknown_dir` (a folder of characters the run did not train on),
-  `unknown` says how well the model tells those from it. The evaluators are
+  `unknown` says how well the model tells those from it; with `coverage`,
+  `sets` says how often the conformal prediction sets hold the true
+  character there, and their mean size. The evaluators are
   those the training loop runs (`evaluators`), on the run's batch size.
   Everything goes to `<output_dir or workdir/eval>/<name>/`, and
   TensorBoard's to `<output_dir or workdir>/tensorboard/eval_<name>/`: with
@@ -84,7 +88,12 @@ def run(
     if unknown_dir:
       where = {"type": "unknowns", "dir": unknown_dir}
       parts["unknown"] = unknowns.Unknowns(name, where, known, flag="--unknown_dir")
-  elif unknown_dir:
+    if coverage:
+      asked = {"type": "sets", "coverage": coverage}
+      parts["sets"] = sets.PredictionSets(name, asked, known)
+  if coverage:  # Before any scoring: the run must have its conformity scores.
+    open_set.coverage_threshold(trained.open_set, coverage)
+  if not isinstance(evaluated_set, classification.Classification) and unknown_dir:
     raise errors.UserError(
       f"--unknown_dir compares with a set of images; --eval_dir={eval_dir} is "
       f"an evaluator of type {spec['type']}: leave one of them out"
@@ -94,7 +103,7 @@ def run(
     mesh, trained.model.apply, trained.cmap.num_classes, trained.config.test_time_flip
   )
   model = evaluators.Model(
-    score, trained.variables, mesh, trained.step, trained.calibration
+    score, trained.variables, mesh, trained.step, trained.calibration, trained.open_set
   )
   out.mkdir(parents=True, exist_ok=True)
   for stale in FIGURES:  # Another evaluation's; nothing else in `out` is ours.

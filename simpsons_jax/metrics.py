@@ -61,7 +61,12 @@ def _macro(statistic: str) -> Callable[[Mapping[str, np.ndarray]], float]:
 # one line here.
 METRICS: tuple[tuple[str, tuple[str, ...], Callable[..., float]], ...] = (
   ("loss", ("loss_sum",), lambda t: float(t["loss_sum"]) / float(t["count"])),
-  ("accuracy", ("correct",), lambda t: float(t["correct"]) / float(t["count"])),
+  # Of the characters' images: negatives (the train step's) are never right.
+  (
+    "accuracy",
+    ("correct",),
+    lambda t: float(t["correct"]) / float(t["count"] - t.get("negatives", 0)),
+  ),
   (
     "top3_accuracy",
     ("top3_correct",),

@@ -24,6 +24,7 @@ from simpsons_jax import (
   explain,
   files,
   image_files,
+  open_set,
   plots,
   video,
 )
@@ -90,30 +91,42 @@ def classify_stream(
   trained: trained_run.TrainedModel,
   paths: Sequence[str | os.PathLike],
   top_k: int = 3,
-  threshold: float = 0.0,
+  threshold: float | answers.UnknownRule = 0.0,
   batch_size: int = 64,
+  coverage: float = 0.0,
 ) -> Iterator[dict[str, Any]]:
   """Yields, per file in order, its top-k characters or its `error`.
 
-  `character` is 'unknown' below `threshold`. A file that cannot be used
+  `character` is 'unknown' when the rule `threshold` says (a number: the
+  top probability below it). A file that cannot be used
   (missing, unreadable, not a JPEG or PNG, over the pixel limit) gets an
-  `error` and the others are classified.
+  `error` and the others are classified. With `coverage`, each answer has
+  its conformal prediction set (`set`: characters, most probable first).
   """
   image_paths = expand_paths(paths)
   size = trained.config.data.image_size
   max_pixels = folder.max_pixels(trained.config)
-  classify = trained_run.classifier(trained, batch_size)
+  rule = threshold
+  if not isinstance(rule, answers.UnknownRule):
+    rule = answers.UnknownRule("max_probability", float(threshold))
+  classify = trained_run.classifier(trained, batch_size, rule)
+  in_set = open_set.coverage_threshold(trained.open_set, coverage) if coverage else None
   with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
     for start in range(0, len(image_paths), batch_size):
       chunk = image_paths[start : start + batch_size]
       loaded = list(pool.map(lambda p: _problem_or_image(p, size, max_pixels), chunk))
       images = [image for _, image in loaded if image is not None]
-      probs = iter(classify(np.stack(images)) if images else ())
+      probs, scores = classify(np.stack(images)) if images else ((), ())
+      found_rows = iter(zip(probs, scores, strict=True))
       for path, (problem, _) in zip(chunk, loaded, strict=True):
         if problem:
           yield {"path": printable(path), "error": problem}
           continue
-        found = answers.answer(next(probs), trained.cmap.names, top_k, threshold)
+        p, score = next(found_rows)
+        found = answers.answer(p, trained.cmap.names, top_k, rule.threshold, score)
+        if in_set is not None:
+          (members,) = open_set.prediction_sets(p[None], in_set)
+          found["set"] = [trained.cmap.names[i] for i in members]
         yield {"path": printable(path), **found}
 
 
@@ -121,7 +134,7 @@ def run(
   workdir: str | os.PathLike,
   paths: Sequence[str],
   top_k: int = 3,
-  threshold: str | float = 0.0,
+  threshold: str | float = answers.AUTO,
   checkpoint: str = "best",
   output: str = "",
   batch_size: int = 64,
@@ -129,6 +142,7 @@ def run(
   output_dir: str = "",
   annotate_video: str = "",
   explain_images: bool = False,
+  coverage: float = 0.0,
 ) -> list[dict[str, Any]]:
   """Classifies `paths`, printing one line per image file as it goes; video
   files (by extension) get `video.run` with `video_options`, their tables,
@@ -136,7 +150,8 @@ def run(
 
   With `output`, each image's result is also appended to that file as one line
   of JSON (JSON Lines), flushed as it comes: an interrupted run keeps what it
-  did. `threshold` is a probability or 'auto:precision=P'. With
+  did. `threshold` is 'auto' (the run's own unknown score and threshold), a
+  probability or 'auto:precision=P'. With
   `explain_images`, each image's Grad-CAM and input-gradient maps for its
   answer go to `<output_dir>/explain/<n>_<name>.png` (`explanation` in its
   result and its JSON line; the drawings of an earlier run there are removed).
@@ -147,15 +162,17 @@ def run(
   out_dir = files.as_path(output_dir or "predictions")
   check_outputs(output, annotate_video, videos, images, out_dir, explain_images)
   trained = trained_run.load(workdir, checkpoint)
-  threshold = trained.threshold(threshold)
+  rule = trained.rule(threshold)
+  if coverage:  # Before any file is read: the run must have prediction sets.
+    open_set.coverage_threshold(trained.open_set, coverage)
   results = []
   if videos:
     options = dataclasses.replace(
-      video_options or video.Options(), threshold=threshold, top_k=top_k
+      video_options or video.Options(), threshold=rule.threshold, top_k=top_k
     )
     results += video.run(
       videos,
-      trained_run.classifier(trained, options.batch_size),
+      trained_run.classifier(trained, options.batch_size, rule),
       trained.cmap.names,
       trained.config.data.image_size,
       options,
@@ -179,7 +196,8 @@ def run(
           sink.flush()
       results.extend(batch)
 
-    for result in classify_stream(trained, images, top_k, threshold, batch_size):
+    found = classify_stream(trained, images, top_k, rule, batch_size, coverage)
+    for result in found:
       waiting.append(result)
       if len(waiting) == batch_size:
         done(waiting)
@@ -247,7 +265,8 @@ def _say(result: dict[str, Any]) -> None:
     print(f"{result['path']}: skipped: {result['error']}")
     return
   guesses = ", ".join(f"{t['character']} {t['probability']:.3f}" for t in result["top"])
-  print(f"{result['path']}: {result['character']}  ({guesses})")
+  members = f"  set: {', '.join(result['set'])}" if "set" in result else ""
+  print(f"{result['path']}: {result['character']}  ({guesses}){members}")
 
 
 class Explanations:
@@ -313,17 +332,18 @@ def incomplete(results: Sequence[dict[str, Any]], paths: Sequence[str]) -> str:
 def live(
   workdir: str | os.PathLike,
   camera: int,
-  threshold: str | float = 0.0,
+  threshold: str | float = answers.AUTO,
   checkpoint: str = "best",
   smooth_window: int = 3,
 ) -> None:
   """The camera `camera` in a window, the character drawn on each frame."""
   trained = trained_run.load(workdir, checkpoint)
+  rule = trained.rule(threshold)
   video.live(
     camera,
-    trained_run.classifier(trained, 1),
+    trained_run.classifier(trained, 1, rule),
     trained.cmap.names,
     trained.config.data.image_size,
-    trained.threshold(threshold),
+    rule.threshold,
     smooth_window,
   )

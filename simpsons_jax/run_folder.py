@@ -41,6 +41,7 @@ LOCK_FILENAME = "train.lock"
 RESUME_FIXED = (
   "data.source",
   "data.min_images",
+  "data.negatives",
   "data.image_size",
   "data.val_fraction",
   "data.train_fraction",

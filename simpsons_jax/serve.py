@@ -35,8 +35,6 @@ import asyncio
 import base64
 import concurrent.futures
 import dataclasses
-import email.parser
-import email.policy
 import errno
 import gc
 import importlib.resources
@@ -53,13 +51,14 @@ from PIL import Image
 from simpsons_jax import (
   answers,
   batching,
-  calibration,
   connections,
   errors,
   explain,
   files,
   image_files,
+  open_set,
   padding,
+  uploads,
 )
 from simpsons_jax import trained as trained_run
 from simpsons_jax.data import core, folder
@@ -69,15 +68,20 @@ MAX_BYTES = 20 * 2**20
 
 @dataclasses.dataclass(frozen=True)
 class Model:
-  """What the server needs: a classifier of uint8 images and its characters."""
+  """What the server needs: a classifier of uint8 images and its characters.
+  `classify_with(rule)` classifies (uint8 images (N, S, S, 3), any N) with
+  `rule`'s unknown score; `rule(--threshold)` is that rule."""
 
-  classify: answers.Classifier  # uint8 images (N, S, S, 3), any N.
+  classify_with: Callable[[answers.UnknownRule], answers.Classifier]
+  rule: Callable[[str], answers.UnknownRule]
+  # coverage -> the conformal quantile of its prediction sets (UserError for
+  # a run without them).
+  set_threshold: Callable[[float], float]
   names: Sequence[str]
   image_size: int
   max_pixels: int
   source: str  # Where it was loaded from, for the console.
   description: str  # What it is, for answers: no local path.
-  calibration: dict  # Its temperature and validation confidences, or {}.
   # (uint8 images (N, S, S, 3), characters (N,)) -> Grad-CAM maps (N, S, S)
   # in [0, 1]; None for an export written before explain.jax.
   explain: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
@@ -93,37 +97,35 @@ def load(path: str | os.PathLike, checkpoint: str = "best") -> Model:
     maps = opened.grad_cam
     card = opened.card
     return Model(
-      lambda images: np.asarray(opened.probabilities(images)),
+      opened.classify_with,
+      opened.rule,
+      lambda c: open_set.coverage_threshold(card.get("open_set", {}), c),
       opened.names,
       card["image_size"],
       image_files.DEFAULT_MAX_PIXELS,
       f"{path / 'model.jax'}",
       f"exported {card.get('model')}, step {card.get('checkpoint_step')}",
-      card.get("calibration", {}),
       None if maps is None else lambda x, y: np.asarray(maps(x, y)),
     )
   trained = trained_run.load(path, checkpoint)
   grad_cam = explain.explainer(
     trained.config, trained.cmap.num_classes, trained.variables
   )
+
+  def classify_with(rule: answers.UnknownRule) -> answers.Classifier:
+    return lambda images: trained_run.classifier(trained, len(images), rule)(images)
+
   return Model(
-    lambda images: trained_run.classifier(trained, len(images))(images),
+    classify_with,
+    trained.rule,
+    lambda coverage: open_set.coverage_threshold(trained.open_set, coverage),
     trained.cmap.names,
     trained.config.data.image_size,
     folder.max_pixels(trained.config),
     f"{path} (step {trained.step})",
     f"{trained.config.model.name}, step {trained.step}",
-    trained.calibration,
     lambda images, targets: grad_cam(images, targets)["grad_cam"],
   )
-
-
-class BadUpload(ValueError):
-  """An upload the server refuses; `status` is the HTTP status."""
-
-  def __init__(self, status: int, message: str):
-    super().__init__(message)
-    self.status = status
 
 
 def preparer(image_size: int) -> Callable[[Sequence[bytes]], np.ndarray]:
@@ -145,7 +147,7 @@ def preparer(image_size: int) -> Callable[[Sequence[bytes]], np.ndarray]:
     try:
       return graph(tf.constant(list(batch), tf.string)).numpy()
     except tf.errors.OpError:
-      raise BadUpload(
+      raise uploads.BadUpload(
         415, "not usable: not a readable JPEG or PNG (its data is damaged or cut short)"
       ) from None
 
@@ -162,14 +164,16 @@ class Predictor:
   def __init__(
     self,
     model: Model,
-    threshold: float,
+    threshold: str | float,
     top_k: int = 3,
     max_batch: int = 1,
     batch_wait: float = 0.002,
     decode_pixels: int = 0,
     queue_timeout: float = 10.0,
   ):
-    self._model, self._threshold = model, threshold
+    self._model = model
+    self.rule = model.rule(str(threshold))  # The unknown score and threshold.
+    self._classify = model.classify_with(self.rule)
     self._k = min(top_k, len(model.names))
     self._batcher = batching.Batcher(self._run, max_batch, batch_wait)
     self._decode = preparer(model.image_size)
@@ -180,45 +184,54 @@ class Predictor:
     # waiting then: all of them now, before the first request.
     for size in (1 << n for n in range((max_batch - 1).bit_length() + 1)):
       shape = (size, model.image_size, model.image_size, 3)
-      model.classify(np.zeros(shape, np.uint8))
+      self._classify(np.zeros(shape, np.uint8))
 
   def check(self, contents: bytes) -> int:
     """The image's pixel count, taken from the decoding budget; BadUpload if
     it is not usable or the budget did not free up in time."""
     if not contents:
-      raise BadUpload(400, "the request has no image: send its bytes as the body")
+      raise uploads.BadUpload(
+        400, "the request has no image: send its bytes as the body"
+      )
     problem, pixels = image_files.read_header(contents, self._model.max_pixels)
     if problem:
-      raise BadUpload(415, f"not usable: {problem}")
+      raise uploads.BadUpload(415, f"not usable: {problem}")
     if not self._budget.take(pixels):
-      raise BadUpload(
+      raise uploads.BadUpload(
         503, "the server is busy decoding other images: retry in a moment"
       )
     return pixels
 
   def submit(
-    self, contents: bytes, pixels: int, explain_answer: bool = False
+    self,
+    contents: bytes,
+    pixels: int,
+    explain_answer: bool = False,
+    coverage: float = 0.0,
   ) -> concurrent.futures.Future:
     """A future of the answer for a checked image (`pixels`, from `check`,
     go back to the budget once it is decoded); with `explain_answer`, with
     where the model looked (`where_it_looked`)."""
-    return self._batcher.submit((contents, pixels, explain_answer))
+    return self._batcher.submit((contents, pixels, explain_answer, coverage))
 
-  def __call__(self, contents: bytes, explain_answer: bool = False) -> dict[str, Any]:
-    return self.submit(contents, self.check(contents), explain_answer).result()
+  def __call__(
+    self, contents: bytes, explain_answer: bool = False, coverage: float = 0.0
+  ) -> dict[str, Any]:
+    pixels = self.check(contents)
+    return self.submit(contents, pixels, explain_answer, coverage).result()
 
   def _images(self, batch: list[bytes]) -> list[np.ndarray | Exception]:
     """Decoded together; one by one only when the batch holds damaged data."""
     try:
       return list(self._decode(batch))
-    except BadUpload:
+    except uploads.BadUpload:
       if len(batch) == 1:
         raise
     images: list[np.ndarray | Exception] = []
     for contents in batch:
       try:
         images.append(self._decode([contents])[0])
-      except BadUpload as e:
+      except uploads.BadUpload as e:
         images.append(e)
     return images
 
@@ -226,19 +239,19 @@ class Predictor:
     self, items: list[tuple[bytes, int, bool]]
   ) -> list[dict[str, Any] | Exception]:
     try:
-      images = self._images([contents for contents, _, _ in items])
+      images = self._images([item[0] for item in items])
     finally:
-      for _, pixels, _ in items:
+      for _, pixels, _, _ in items:
         self._budget.give_back(pixels)
     good = [i for i, image in enumerate(images) if not isinstance(image, Exception)]
     if not good:
       return images
-    probabilities = self._model.classify(
+    probabilities, scores = self._classify(
       padding.pad(np.stack([images[i] for i in good]))
     )
     results: list[dict[str, Any] | Exception] = list(images)
-    for i, p in zip(good, probabilities, strict=False):
-      results[i] = self._answer(p)
+    for i, p, score in zip(good, probabilities, scores, strict=False):
+      results[i] = self._answer(p, score, items[i][3])
     wanted = [(i, p.argmax()) for i, p in zip(good, probabilities, strict=False)]
     wanted = [(i, answer) for i, answer in wanted if items[i][2]]
     if wanted:
@@ -249,25 +262,28 @@ class Predictor:
         results[i]["where_it_looked"] = _png_data_url(explain.overlay(image, heat))
     return results
 
-  def _answer(self, p: np.ndarray) -> dict[str, Any]:
-    found = answers.answer(p, self._model.names, self._k, self._threshold)
-    return {**found, "threshold": self._threshold}
+  def _answer(self, p: np.ndarray, score: float, coverage: float) -> dict[str, Any]:
+    threshold = self.rule.threshold
+    found = answers.answer(p, self._model.names, self._k, threshold, score)
+    if coverage:
+      (members,) = open_set.prediction_sets(
+        p[None], self._model.set_threshold(coverage)
+      )
+      found["set"] = [self._model.names[i] for i in members]
+    return {**found, "threshold": threshold, "unknown_score": self.rule.score}
 
 
-def _asked_to_explain(value: str, model: Model) -> bool:
-  """The `explain` query parameter as a yes or no; BadUpload when it is
-  neither, or yes to a model that cannot draw maps."""
-  if value.lower() in ("0", "false", "no", ""):
-    return False
-  if value.lower() not in ("1", "true", "yes"):
-    raise BadUpload(400, f"explain={value} is not a yes or no: ask with explain=1")
-  if model.explain is None:
-    raise BadUpload(
-      400,
-      "this export cannot draw where the model looked (it has no explain.jax): "
-      "export the run again, or serve the run itself",
-    )
-  return True
+def _unknown_rule_in_words(rule: answers.UnknownRule) -> str:
+  """When the page's answer is 'unknown', in words."""
+  if rule.score == "max_probability":
+    if rule.threshold <= 0:
+      return "The answer is always one of the characters the model knows."
+    return f'Below a probability of {rule.threshold:g} the answer is "unknown".'
+  return (
+    f"When the image looks too little like the characters the model knows "
+    f"({rule.score} below {rule.threshold:.3g}, chosen on its validation "
+    'images), the answer is "unknown".'
+  )
 
 
 def _png_data_url(image: np.ndarray) -> str:
@@ -277,43 +293,9 @@ def _png_data_url(image: np.ndarray) -> str:
   return "data:image/png;base64," + base64.b64encode(encoded.getvalue()).decode()
 
 
-def image_from_form(content_type: str, body: bytes) -> bytes:
-  """The first file of a multipart/form-data body (what `curl -F`, HTML forms
-  and most client libraries send), or BadUpload naming what is missing."""
-  header = f"Content-Type: {content_type}\r\nMIME-Version: 1.0\r\n\r\n".encode()
-  message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(header + body)
-  if not message.is_multipart():
-    raise BadUpload(400, "a multipart/form-data body without parts")
-  for part in message.iter_parts():
-    if part.get_filename() is not None or part.get_content_maintype() == "image":
-      return part.get_payload(decode=True) or b""
-  raise BadUpload(400, "the form has no file: attach the image as a file field")
-
-
-async def read_body(request: Any, max_bytes: int, timeout: float) -> bytes:
-  """The image of a request (its body, or the first file of a form), at most
-  `max_bytes` and sent within `timeout` seconds; else BadUpload (413, 408)."""
-  declared = int(request.headers.get("content-length") or 0)
-  if declared > max_bytes:
-    raise BadUpload(413, f"the image is over {max_bytes} bytes")
-  body = bytearray()
-  try:
-    async with asyncio.timeout(timeout):
-      async for chunk in request.stream():
-        body += chunk
-        if len(body) > max_bytes:
-          raise BadUpload(413, f"the image is over {max_bytes} bytes")
-  except TimeoutError:
-    raise BadUpload(408, f"the upload took over {timeout:g} s") from None
-  content_type = request.headers.get("content-type", "")
-  if content_type.startswith("multipart/form-data"):
-    return image_from_form(content_type, bytes(body))
-  return bytes(body)
-
-
 def create_app(
   model: Model,
-  threshold: float = 0.0,
+  threshold: str | float = answers.AUTO,
   top_k: int = 3,
   max_bytes: int = MAX_BYTES,
   timeout: float = 30.0,
@@ -323,7 +305,8 @@ def create_app(
   decode_pixels: int = 0,
   queue_timeout: float = 10.0,
 ) -> Any:
-  """The FastAPI application."""
+  """The FastAPI application; `threshold` is `--threshold` ('auto': the
+  run's own unknown score and threshold)."""
   from fastapi import FastAPI, Request
   from fastapi.responses import HTMLResponse, JSONResponse
   from starlette.requests import ClientDisconnect
@@ -339,7 +322,7 @@ def create_app(
   @app.get("/", response_class=HTMLResponse)
   def page() -> str:
     return page_html.replace("{{LIMIT}}", f"{max_bytes / 2**20:.3g} MB").replace(
-      "{{THRESHOLD}}", f"{threshold:g}"
+      "{{UNKNOWN}}", _unknown_rule_in_words(predictor.rule)
     )
 
   @app.get("/health")
@@ -354,21 +337,24 @@ def create_app(
   async def predict_route(request: Request) -> JSONResponse:
     try:
       asked = request.query_params.get("explain", "0")
-      explain_answer = _asked_to_explain(asked, model)
-      body = await read_body(request, max_bytes, body_timeout)
+      explain_answer = uploads.explain_asked(asked, model)
+      coverage = uploads.coverage_asked(request.query_params.get("coverage", ""), model)
+      body = await uploads.read_body(request, max_bytes, body_timeout)
       try:
         async with asyncio.timeout(timeout):
           pixels = await asyncio.to_thread(predictor.check, body)
           # Waiting for the batch holds no thread: batches grow with the load.
           result = await asyncio.wrap_future(
-            predictor.submit(body, pixels, explain_answer)
+            predictor.submit(body, pixels, explain_answer, coverage)
           )
       except TimeoutError:
-        raise BadUpload(503, f"the prediction took over {timeout:g} s") from None
+        raise uploads.BadUpload(
+          503, f"the prediction took over {timeout:g} s"
+        ) from None
     except ClientDisconnect:
       logging.info("A client went away mid-upload (%s).", request.client)
       return JSONResponse({"error": "the client went away"}, status_code=499)
-    except BadUpload as e:
+    except uploads.BadUpload as e:
       headers = {"Retry-After": "1"} if e.status == 503 else None
       return JSONResponse({"error": str(e)}, status_code=e.status, headers=headers)
     return JSONResponse(result)
@@ -401,7 +387,7 @@ def listening_socket(host: str, port: int) -> socket.socket:
 def run(
   path: str | os.PathLike,
   checkpoint: str = "best",
-  threshold: str | float = 0.0,
+  threshold: str | float = answers.AUTO,
   top_k: int = 3,
   host: str = "127.0.0.1",
   port: int = 8000,
@@ -417,9 +403,6 @@ def run(
     ) from None
   listener = listening_socket(host, port)
   model = load(path, checkpoint)
-  threshold, said = calibration.threshold(str(threshold), model.calibration)
-  if said:
-    print(said)
   app = create_app(model, threshold, top_k, max_batch=max_batch, batch_wait=batch_wait)
   # The model's and the libraries' objects out of the garbage collector's
   # sight: its full collections would otherwise stall requests.

@@ -212,9 +212,22 @@ def _count_copies(record: Record) -> None:
 
 
 def ordered(keys: Mapping[str, str], cmap: characters.CharacterMap) -> dict[str, str]:
-  """Key -> SHA-256 in the order the examples take: by character id, then key."""
+  """Key -> SHA-256 in the order the examples take: by character id, then key;
+  the negatives' (characters not in `cmap`) last, by name."""
   label_of = {name: i for i, name in enumerate(cmap.names)}
-  return {k: keys[k] for k in sorted(keys, key=lambda k: (label_of[character(k)], k))}
+
+  def position(key: str) -> tuple:
+    name = character(key)
+    return (label_of.get(name, len(label_of)), name, key)
+
+  return {k: keys[k] for k in sorted(keys, key=position)}
+
+
+def names_in(current: Mapping[str, str], cmap: characters.CharacterMap) -> tuple:
+  """`cmap`'s characters, then the other characters of `current`'s keys (the
+  run's negatives), by name: the labels a split is stratified by."""
+  others = sorted({character(k) for k in current} - set(cmap.names))
+  return (*cmap.names, *others)
 
 
 def _restore_or_restart(workdir: epath.Path) -> str:
@@ -257,8 +270,9 @@ def choose_and_save(
   """The training and validation keys of this run, each with its SHA-256, in
   example order; see the module docstring.
 
-  `current` maps each usable example of `cmap`'s characters, by its key
-  (`<character>/<name>`), to the SHA-256 of its bytes. Saves the decision on
+  `current` maps each usable example of `cmap`'s characters, and of the run's
+  negatives (`config.data.negatives`, stratified as characters of their own),
+  by its key (`<character>/<name>`), to the SHA-256 of its bytes. Saves the decision on
   the first run, and the keys in use on every run (`last_chosen` reads them).
   """
   workdir = files.as_path(workdir)
@@ -269,7 +283,7 @@ def choose_and_save(
   else:
     record = decide(
       current,
-      cmap.names,
+      names_in(current, cmap),
       config.data.val_fraction,
       config.data.train_fraction,
       config.seed,
@@ -310,11 +324,15 @@ def still_valid(
   current: Mapping[str, str],
   cmap: characters.CharacterMap,
 ) -> dict[str, str]:
-  """The saved validation keys whose content in `current` is unchanged.
+  """The saved validation keys of `cmap`'s characters (not the negatives')
+  whose content in `current` is unchanged.
 
   The others (missing, changed, unusable now) are logged.
   """
   workdir = files.as_path(workdir)
-  used, changes = reconcile(Record({}, saved_validation(workdir), {}), current)
+  saved = {
+    k: v for k, v in saved_validation(workdir).items() if character(k) in cmap.names
+  }
+  used, changes = reconcile(Record({}, saved, {}), current)
   changes.log(workdir / SPLIT_FILENAME)
   return ordered(used.val, cmap)

@@ -119,6 +119,7 @@ def train_step(
   ema_decay: float = 0.0,
   mix: str = "none",
   mix_alpha: float = 1.0,
+  negatives_weight: float = 0.0,
   freeze: tuple[str, ...] = (),
   unfreeze_step: int = 0,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -137,7 +138,9 @@ def train_step(
     )
 
   def objective(logits, labels):
-    return losses_lib.cross_entropy(logits, labels, label_smoothing, weights)
+    return losses_lib.objective(
+      logits, labels, label_smoothing, weights, negatives_weight
+    )
 
   def loss_fn(params):
     logits, updates = state.apply_fn(
@@ -164,8 +167,9 @@ def train_step(
     state = state.replace(ema=optimizers.update_ema(state.ema, new, decay))
   sums = {
     "loss_sum": losses.sum(),
-    "correct": (logits.argmax(-1) == labels).sum(),
+    "correct": (logits.argmax(-1) == labels).sum(),  # Never a negative's.
     "count": jnp.asarray(losses.shape[0], jnp.float32),
+    "negatives": (labels < 0).sum(),
   }
   return state, sums
 
@@ -194,6 +198,7 @@ def jit_train_step(
   step = functools.partial(
     train_step,
     label_smoothing=config.train.label_smoothing,
+    negatives_weight=config.train.negatives_weight,
     weights=None if weights is None else jnp.asarray(weights),
     ema_decay=config.optim.ema_decay,
     mix=config.train.mix,
@@ -263,7 +268,7 @@ def _train(
   start_step = int(jax.device_get(state.step))
   train_step_fn = _step_of(config, mesh, train_split, cmap, steps_per_epoch)
   evaluation = in_training.Evaluations(
-    config, cmap, workdir, mesh, model.apply, val_split
+    config, cmap, workdir, mesh, model.apply, val_split, train_split
   )
 
   def model_now(step: int) -> evaluators.Model:
@@ -331,9 +336,7 @@ def _finish(
   not), the temperatures fitted, the closing line."""
   if not val_metrics:
     val_metrics = evaluation.validation.run(last).scalars
-  in_training.fit_calibration(
-    evaluation.validation, last, evaluation.model, evaluation.workdir, manager
-  )
+  in_training.fit_after_training(evaluation, last, evaluation.model, manager)
   manager.close()
   reporting.finished(last.step, val_metrics, evaluation.config, manager)
   return val_metrics

@@ -15,7 +15,7 @@ import dataclasses
 import functools
 import os
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -24,17 +24,16 @@ import numpy as np
 from absl import logging
 
 from simpsons_jax import (
+  answers,
   calibration,
   characters,
   checkpointing,
   files,
   inference,
   models,
+  open_set,
   padding,
 )
-
-if TYPE_CHECKING:
-  from simpsons_jax import answers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,19 +50,42 @@ class TrainedModel:
   # for a run trained before calibration, or `calibration.not_fitted` for one
   # too small to calibrate: both use T = 1.
   calibration: dict[str, Any] = dataclasses.field(default_factory=dict)
+  # Its unknown score and threshold chosen on validation (`open_set.fit`'s
+  # record); {} for a run trained before them.
+  open_set: dict[str, Any] = dataclasses.field(default_factory=dict)
 
   @property
   def temperature(self) -> float:
     """The checkpoint's fitted temperature (1.0 if it has none)."""
     return float(self.calibration.get("temperature", 1.0))
 
-  def threshold(self, value: str | float) -> float:
-    """`--threshold` as a probability: a number, or 'auto:precision=P'
-    chosen on this checkpoint's validation split (logged)."""
-    chosen, said = calibration.threshold(str(value), self.calibration)
-    if said:
-      logging.info("%s.", said)
-    return chosen
+  def rule(self, value: str | float) -> answers.UnknownRule:
+    """`--threshold` as the rule answering 'unknown': 'auto', the run's own
+    score and threshold (`open_set`; never 'unknown' for a run without
+    them); a probability or 'auto:precision=P' on the maximum calibrated
+    probability (chosen on this checkpoint's validation split). Logged."""
+    return unknown_rule(str(value), self.calibration, self.open_set)
+
+
+def unknown_rule(
+  value: str, calibrated: dict[str, Any], chosen: dict[str, Any]
+) -> answers.UnknownRule:
+  """`--threshold`'s rule (see `TrainedModel.rule`) for a checkpoint with
+  the calibration record `calibrated` and the open-set record `chosen`."""
+  if value == answers.AUTO:
+    if chosen:
+      logging.info(
+        "Unknown: %s below %.4f (chosen on the validation split).",
+        chosen["score"],
+        chosen["threshold"],
+      )
+      bank = open_set.decode_bank(chosen["bank"]) if "bank" in chosen else None
+      return answers.UnknownRule(chosen["score"], chosen["threshold"], bank)
+    return answers.UnknownRule("max_probability", 0.0)
+  threshold, said = calibration.threshold(value, calibrated)
+  if said:
+    logging.info("%s.", said)
+  return answers.UnknownRule("max_probability", threshold)
 
 
 def load_config_and_map(
@@ -102,7 +124,8 @@ def load(workdir: str | os.PathLike, checkpoint: str = "best") -> TrainedModel:
     variables = checkpointing.restore_fields(manager, step, abstract)
   manager.close()
   fitted = calibration.load(workdir).get(str(step), {})
-  return TrainedModel(model, variables, cmap, config, step, meta, fitted)
+  chosen = open_set.load(workdir).get(str(step), {})
+  return TrainedModel(model, variables, cmap, config, step, meta, fitted, chosen)
 
 
 def softmax_probabilities(
@@ -118,24 +141,51 @@ def softmax_probabilities(
   return jax.nn.softmax(logits / temperature)
 
 
-_jitted = jax.jit(softmax_probabilities, static_argnums=(0, 3))
+def outputs(
+  apply: Callable[..., jax.Array],
+  variables: Any,
+  images: jax.Array,
+  flip: bool,
+  temperature: float = 1.0,
+) -> dict[str, jax.Array]:
+  """uint8 images -> the calibrated probabilities and what the unknown
+  scores read (`open_set.score_of`): max_logit, logsumexp, features."""
+  logits, raw, features = inference.outputs(apply, variables, images, flip)
+  return {
+    "probabilities": jax.nn.softmax(logits / temperature),
+    "max_logit": raw.max(-1),
+    "logsumexp": jax.nn.logsumexp(raw, axis=-1),
+    "features": features,
+  }
 
 
-def _forward(trained: TrainedModel, images: np.ndarray) -> jax.Array:
+_jitted = jax.jit(outputs, static_argnums=(0, 3))
+
+
+def classifier(
+  trained: TrainedModel, batch_size: int, rule: answers.UnknownRule | None = None
+) -> answers.Classifier:
+  """A function from uint8 images (N, S, S, 3), any N, to their calibrated
+  probabilities (N, characters) and their `rule`'s unknown score (N,) (the
+  maximum probability without a rule), run in padded batches of
+  `batch_size` (one compilation)."""
+  rule = rule or answers.UnknownRule("max_probability", 0.0)
   flip, temperature = trained.config.test_time_flip, trained.temperature
-  return _jitted(trained.model.apply, trained.variables, images, flip, temperature)
 
-
-def classifier(trained: TrainedModel, batch_size: int) -> answers.Classifier:
-  """A function from uint8 images (N, S, S, 3), any N, to their probabilities
-  (N, characters), run in padded batches of `batch_size` (one compilation)."""
-
-  def classify(images: np.ndarray) -> np.ndarray:
-    probs = []
+  def classify(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    probs, scores = [], []
     for start in range(0, len(images), batch_size):
       chunk = images[start : start + batch_size]
-      padded = padding.pad(chunk, batch_size)
-      probs.append(np.asarray(_forward(trained, padded))[: len(chunk)])
-    return np.concatenate(probs)
+      found = _jitted(
+        trained.model.apply,
+        trained.variables,
+        padding.pad(chunk, batch_size),
+        flip,
+        temperature,
+      )
+      found = {k: np.asarray(v)[: len(chunk)] for k, v in found.items()}
+      probs.append(found["probabilities"])
+      scores.append(open_set.score_of(rule.score, found, rule.bank))
+    return np.concatenate(probs), np.concatenate(scores)
 
   return classify

@@ -63,7 +63,7 @@ def test_the_threshold_is_the_lowest_that_keeps_the_precision():
   chosen, said = calibration.threshold("auto:precision=0.75", fitted)
   assert chosen == 0.8 and "answers 80.0% of the validation images" in said
   assert calibration.threshold("0.5", fitted) == (0.5, "")
-  with pytest.raises(ValueError, match="give a probability"):
+  with pytest.raises(ValueError, match="give auto, a probability"):
     calibration.threshold("auto:precision=high", fitted)
   with pytest.raises(ValueError, match="no calibration"):
     calibration.threshold("auto:precision=0.9", {})
@@ -82,7 +82,7 @@ def test_training_calibrates_and_every_use_applies_the_temperature(trained_workd
   fitted = records[str(trained.step)]
   assert fitted["nll"]["after"] <= fitted["nll"]["before"]
   images = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), np.uint8)
-  calibrated = trained_run.classifier(trained, 8)(images)
+  calibrated, scores = trained_run.classifier(trained, 8)(images)
   raw = trained_run.softmax_probabilities(
     trained.model.apply, trained.variables, images, flip=False
   )
@@ -91,6 +91,7 @@ def test_training_calibrates_and_every_use_applies_the_temperature(trained_workd
     calibration.with_temperature(np.asarray(raw), trained.temperature),
     atol=1e-6,
   )
+  np.testing.assert_array_equal(scores, calibrated.max(-1))  # No rule: max prob.
 
 
 @pytest.mark.slow

@@ -255,7 +255,7 @@ def test_predict_output_keeps_what_was_done_before_an_interruption(
 ):
   paths = sorted((tiny_data_dir / "clown").glob("*.jpg"))[:5]
   calls = []
-  real_forward = trained_run._forward
+  real_forward = trained_run._jitted
 
   def forward_then_stop(*args):
     calls.append(1)
@@ -263,7 +263,7 @@ def test_predict_output_keeps_what_was_done_before_an_interruption(
       raise KeyboardInterrupt
     return real_forward(*args)
 
-  monkeypatch.setattr(trained_run, "_forward", forward_then_stop)
+  monkeypatch.setattr(trained_run, "_jitted", forward_then_stop)
   output = tmp_path / "out.jsonl"
   with pytest.raises(KeyboardInterrupt):
     predict.run(trained_workdir, paths, output=str(output), batch_size=2)

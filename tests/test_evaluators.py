@@ -25,7 +25,12 @@ def _model_and_context(workdir, report_dir):
   mesh = sharding.make_mesh()
   score = evaluators.scorer(mesh, trained.model.apply, trained.cmap.num_classes)
   model = evaluators.Model(
-    score, trained.variables, mesh, trained.step, trained.calibration
+    score,
+    trained.variables,
+    mesh,
+    trained.step,
+    trained.calibration,
+    trained.open_set,
   )
   context = evaluators.Context(trained.config, trained.cmap, workdir, report_dir)
   return model, context

@@ -185,7 +185,7 @@ def _resealed(folder: Path, tmp_path: Path) -> Path:
   a hand edit that redid the hashes would)."""
   card_path = folder / "model.json"
   card = json.loads(card_path.read_text())
-  card["files"] = export._manifest(files.as_path(folder))
+  card["files"] = export.manifest(files.as_path(folder))
   card_path.write_text(json.dumps(card))
   return folder
 

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from simpsons_jax import explain, export, image_files, predict, serve
+from simpsons_jax import explain, export, image_files, predict, serve, uploads
 from simpsons_jax import trained as trained_run
 from simpsons_jax.data import core
 
@@ -272,7 +272,10 @@ def test_requests_waiting_together_run_as_one_batch_with_the_same_answers(
   expected = [one_at_a_time(f) for f in frames]
   batches = []
   counted = dataclasses.replace(
-    model, classify=lambda images: batches.append(len(images)) or model.classify(images)
+    model,
+    classify_with=lambda rule: (
+      lambda images: batches.append(len(images)) or model.classify_with(rule)(images)
+    ),
   )
   batched = serve.Predictor(counted, threshold=0.0, max_batch=8, batch_wait=0.2)
   batches.clear()  # The warm-up's.
@@ -287,7 +290,7 @@ def test_requests_waiting_together_run_as_one_batch_with_the_same_answers(
     assert [t["character"] for t in got["top"]] == [t["character"] for t in want["top"]]
     for a, b in zip(got["top"], want["top"], strict=True):
       assert a["probability"] == pytest.approx(b["probability"], abs=1e-6)
-  with pytest.raises(serve.BadUpload) as refused:  # Only the damaged one fails.
+  with pytest.raises(uploads.BadUpload) as refused:  # Only the damaged one fails.
     damaged.result()
   assert refused.value.status == 415 and "damaged" in str(refused.value)
 
@@ -297,7 +300,10 @@ def test_the_pixels_decoded_at_once_are_bounded(trained_workdir):
   image = _jpeg(300, 200)
   batches = []
   counted = dataclasses.replace(
-    model, classify=lambda images: batches.append(len(images)) or model.classify(images)
+    model,
+    classify_with=lambda rule: (
+      lambda images: batches.append(len(images)) or model.classify_with(rule)(images)
+    ),
   )
   # Two images' worth of pixels: a batch never holds more, however many wait.
   answer = serve.Predictor(
@@ -311,7 +317,7 @@ def test_the_pixels_decoded_at_once_are_bounded(trained_workdir):
   assert tiny(image)["top"]  # Larger than the whole budget: decoded alone.
   busy = serve.Predictor(model, 0.0, decode_pixels=300 * 200, queue_timeout=0.01)
   assert busy.check(image) == 300 * 200  # Held, as by a request being decoded.
-  with pytest.raises(serve.BadUpload) as refused:
+  with pytest.raises(uploads.BadUpload) as refused:
     busy(image)
   assert refused.value.status == 503 and "retry" in str(refused.value)
 

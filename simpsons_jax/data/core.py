@@ -44,6 +44,11 @@ class Examples(abc.ABC):
   def frames(self, indices: Sequence[int]) -> list[str | np.ndarray]:
     """The examples at `indices` at full size, to draw: a file, or pixels."""
 
+  def select(self, keep: np.ndarray) -> Examples:
+    """The examples where `keep` (bool, one per example) is true, in order.
+    Sources whose examples can be negatives (label -1) implement it."""
+    raise NotImplementedError(f"{type(self).__name__} has no negatives to set apart")
+
   def model_inputs(self, indices: Sequence[int], image_size: int) -> np.ndarray:
     """The examples at `indices` as the model sees them: uint8 (N, size,
     size, 3), decoded and resized as training does."""
@@ -89,6 +94,17 @@ class Examples(abc.ABC):
 
 
 Loaded = tuple[characters.CharacterMap, Examples, Examples]
+
+
+def set_apart_negatives(examples: Examples) -> tuple[Examples, Examples | None]:
+  """The examples of the model's characters, and the negatives (label -1,
+  `config.data.negatives`) or None when there are none."""
+  negative = examples.labels < 0
+  if not negative.any():
+    return examples, None
+  return examples.select(~negative), examples.select(negative)
+
+
 # A batch of arrays by name ('image', 'label', and 'mask' when padded).
 Batch = dict[str, np.ndarray]
 

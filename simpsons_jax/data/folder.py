@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 import ml_collections
 import numpy as np
 import tensorflow as tf
+from absl import logging
 from etils import epath
 
 from simpsons_jax import characters, image_files, splits, synthetic
@@ -55,6 +56,14 @@ class Files(core.Examples):
     shard = slice(process_index, None, process_count)
     ds = tf.data.Dataset.from_tensor_slices((self.paths[shard], self.labels[shard]))
     return ds.map(lambda path, label: (tf.io.read_file(path), label))
+
+  def select(self, keep: np.ndarray) -> Files:
+    """The examples where `keep` (bool, one per example) is true, in order."""
+    return Files(
+      self.paths[keep],
+      self.labels[keep],
+      tuple(np.asarray(self.sha256, dtype=object)[keep]) if self.sha256 else (),
+    )
 
   def frames(self, indices: Sequence[int]) -> list[str]:
     return [str(self.paths[i]) for i in indices]
@@ -101,17 +110,22 @@ class FolderSource(core.DataSource):
     }
 
   def _files(self, workdir: epath.Path, chosen: Mapping[str, str], cmap) -> Files:
-    labels = {name: i for i, name in enumerate(cmap.names)}
+    labels = {name: i for i, name in enumerate(cmap.names)}  # Negatives: -1.
     return Files(
       np.asarray([str(self.path(workdir, key)) for key in chosen], dtype=str),
-      np.asarray([labels[splits.character(key)] for key in chosen], dtype=np.int32),
+      np.asarray(
+        [labels.get(splits.character(key), -1) for key in chosen], dtype=np.int32
+      ),
       tuple(chosen.values()),
     )
 
   def prepare(self, workdir: epath.Path) -> core.Loaded:
     found = self.find(workdir)
     # Before any file is checked or anything written in the workdir.
-    characters.check_hold_out(tuple(found), self.config.data.hold_out)
+    data = self.config.data
+    characters.check_hold_out(tuple(found), data.hold_out)
+    counts = {c: len(paths) for c, paths in found.items()}
+    characters.negatives(data.negatives, counts, data.min_images, data.hold_out)
     checked = image_files.keep_usable(found, workdir, max_pixels(self.config))
     if self.config.data.exclude_copies_of:
       kept = near_copies.exclude(
@@ -122,14 +136,21 @@ class FolderSource(core.DataSource):
       )
       checked = dataclasses.replace(checked, images=kept)
     skipped = {c: len(found[c]) - len(kept) for c, kept in checked.images.items()}
-    cmap = characters.load_or_create(
-      workdir,
-      checked.images,
-      self.config.data.min_images,
-      self.config.data.hold_out,
-      skipped,
+    usable = {c: len(paths) for c, paths in checked.images.items()}
+    negative = characters.negatives(
+      data.negatives, usable, data.min_images, data.hold_out
     )
-    current = self._hashes(workdir, checked, cmap.names)
+    cmap = characters.load_or_create(
+      workdir, checked.images, data.min_images, data.hold_out, skipped, negative
+    )
+    if negative:
+      logging.info(
+        "Negatives (trained as none of these): %d images of %d folders (%s).",
+        sum(usable[c] for c in negative),
+        len(negative),
+        ", ".join(negative),
+      )
+    current = self._hashes(workdir, checked, (*cmap.names, *negative))
     train, val = splits.choose_and_save(workdir, current, cmap, self.config)
     return cmap, self._files(workdir, train, cmap), self._files(workdir, val, cmap)
 
@@ -144,7 +165,8 @@ class FolderSource(core.DataSource):
     for key in splits.saved_validation(workdir):
       by_character[splits.character(key)].append(self.path(workdir, key))
     checked = image_files.keep_usable(by_character, report_dir, max_pixels(self.config))
-    current = self._hashes(workdir, checked, tuple(checked.images))
+    known = tuple(c for c in checked.images if c in cmap.names)  # No negatives.
+    current = self._hashes(workdir, checked, known)
     return self._files(workdir, splits.still_valid(workdir, current, cmap), cmap)
 
 

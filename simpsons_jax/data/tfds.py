@@ -182,6 +182,12 @@ class TfdsSource(core.DataSource):
     self.data = TfdsSplit(
       data_set_name(spec), config.data.tfds_split, config.data.tfds_dir
     )
+    if config.data.negatives:
+      raise errors.UserError(
+        "--config.data.negatives applies to folders of image files, not to "
+        f"data.source={config.data.source}: train from the folder "
+        "(--config.data.source=folder)."
+      )
     if config.data.exclude_copies_of:
       raise errors.UserError(
         "exclude_copies_of applies to folders of image files, not to "

@@ -41,6 +41,7 @@ EVALUATORS: dict[str, str] = {
   "tfds": "simpsons_jax.evaluators.tfds_split:TfdsSplit",
   "calibration": "simpsons_jax.evaluators.calibration:Calibration",
   "unknowns": "simpsons_jax.evaluators.unknowns:Unknowns",
+  "sets": "simpsons_jax.evaluators.sets:PredictionSets",
 }
 
 

@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -46,10 +47,15 @@ def batch_scores(
   flip: bool = False,
 ) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
   """Metric sums over the real (mask=1) examples of a padded batch, and each
-  row's softmax probabilities, label, energy score and the mask."""
-  logits, raw = inference.outputs(apply_fn, variables, batch["image"], flip)
-  labels, mask = batch["label"], batch["mask"]
-  losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  row's softmax probabilities, label, largest raw logit, energy score,
+  normalised penultimate features and the mask. Negatives (label -1) count
+  in no sum."""
+  logits, raw, features = inference.outputs(apply_fn, variables, batch["image"], flip)
+  labels = batch["label"]
+  mask = batch["mask"] * (labels >= 0)
+  losses = optax.softmax_cross_entropy_with_integer_labels(
+    logits, jnp.maximum(labels, 0)
+  )
   predicted = logits.argmax(-1)
   top3 = jax.lax.top_k(logits, min(3, num_classes))[1]
   true_onehot = jax.nn.one_hot(labels, num_classes) * mask[:, None]
@@ -65,7 +71,9 @@ def batch_scores(
     "labels": labels,
     # Higher for inputs like the training data (Liu et al. 2020: -energy).
     "logsumexp": jax.nn.logsumexp(raw, axis=-1),
-    "mask": mask,
+    "max_logit": raw.max(axis=-1),
+    "features": features,
+    "mask": batch["mask"],
   }
   return sums, rows
 
@@ -136,8 +144,9 @@ class Data:
 
 class Model:
   """The model under evaluation: the jitted `scorer`, the variables of one
-  checkpoint (or of the training state now) and its calibration record ({}
-  or `calibration.not_fitted`: T = 1). Each `Data` is scored once."""
+  checkpoint (or of the training state now), its calibration record ({}
+  or `calibration.not_fitted`: T = 1) and its unknown score and threshold
+  (`open_set`; {} without). Each `Data` is scored once."""
 
   def __init__(
     self,
@@ -146,9 +155,11 @@ class Model:
     mesh: Mesh,
     step: int,
     calibration_record: Mapping[str, Any] | None = None,
+    open_set_record: Mapping[str, Any] | None = None,
   ):
     self.score, self.variables, self.mesh, self.step = score, variables, mesh, step
     self.calibration = dict(calibration_record or {})
+    self.open_set = dict(open_set_record or {})
     self._scored: dict[int, tuple[dict[str, Any], dict[str, np.ndarray]]] = {}
 
   @property

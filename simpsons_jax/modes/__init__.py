@@ -45,15 +45,30 @@ flags.DEFINE_integer("top_k", 3, "predict/export/serve: characters listed per im
 check_flag("top_k", lambda k: k >= 1, "a whole number of characters, at least 1")
 flags.DEFINE_string(
   "threshold",
-  "0",
-  "predict/serve: below this (calibrated) probability the answer is "
-  "'unknown'; auto:precision=P picks, on the validation split, the lowest "
-  "at which the images answered are at least P right (e.g. auto:precision=0.95).",
+  "auto",
+  "predict/serve: when the answer is 'unknown'. auto: the run's own unknown "
+  "score and threshold, chosen on its validation split (never 'unknown' for a "
+  "run trained before them); a probability: below this calibrated "
+  "probability; auto:precision=P: the lowest probability at which the "
+  "validation images answered are at least P right (e.g. auto:precision=0.95).",
 )
 check_flag(
   "threshold",
   _threshold_ok,
-  "a probability in [0, 1] (0.8), or auto:precision=P with P in [0, 1]",
+  "auto, a probability in [0, 1] (0.8), or auto:precision=P with P in [0, 1]",
+)
+flags.DEFINE_float(
+  "coverage",
+  0.0,
+  "evaluate/predict: with a probability P (e.g. 0.9), each image also gets its "
+  "prediction set: the fewest characters that hold the true one with "
+  "probability P (split conformal on the run's validation split); evaluate "
+  "reports the coverage and mean size reached. serve takes ?coverage=P.",
+)
+check_flag(
+  "coverage",
+  lambda c: c == 0 or 0 < c < 1,
+  "a probability strictly between 0 and 1, e.g. 0.9 (0: no sets)",
 )
 flags.DEFINE_string(
   "output_dir",

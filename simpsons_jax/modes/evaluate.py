@@ -37,4 +37,5 @@ def run(
     FLAGS.checkpoint,
     output_dir=FLAGS.output_dir,
     unknown_dir=FLAGS.unknown_dir,
+    coverage=FLAGS.coverage,
   )

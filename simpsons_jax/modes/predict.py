@@ -80,6 +80,7 @@ def run(
     output_dir=FLAGS.output_dir,
     annotate_video=FLAGS.annotate_video,
     explain_images=FLAGS.explain,
+    coverage=FLAGS.coverage,
   )
   if incomplete := predict.incomplete(results, paths):
     print(incomplete, file=sys.stderr)

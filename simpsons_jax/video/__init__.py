@@ -74,6 +74,7 @@ class Analysis:
 
   times: np.ndarray  # (samples,) seconds from the video's start.
   probabilities: np.ndarray  # (samples, characters).
+  scores: np.ndarray  # (samples,) the unknown score the threshold compares.
   frames_decoded: int
   duration: float  # Seconds, from the stream's header (or the last frame).
   stopped: str  # '' when the whole video decoded, else where and why not.
@@ -99,11 +100,13 @@ def analyse(
   """Samples, resizes and classifies the frames of one video, in batches."""
   frames = Frames(path, 1.0 / options.fps if options.fps > 0 else 0.0)
   interval = 1.0 / options.fps if options.fps > 0 else 1.0 / frames.rate
-  times, probs, pending = [], [], []
+  times, probs, scores, pending = [], [], [], []
 
   def flush() -> None:
     if pending:
-      probs.append(np.asarray(classify(np.stack(pending))))
+      found, unknown_scores = classify(np.stack(pending))
+      probs.append(np.asarray(found))
+      scores.append(np.asarray(unknown_scores))
       pending.clear()
 
   with _progress(frames.total, Path(path).name) as bar:
@@ -129,6 +132,7 @@ def analyse(
   return Analysis(
     times=np.asarray(times),
     probabilities=np.concatenate(probs),
+    scores=np.concatenate(scores),
     frames_decoded=frames.decoded,
     duration=duration,
     stopped=stopped,
@@ -167,11 +171,12 @@ def summarise(
   (`output_files`)."""
   Path(output_dir).mkdir(parents=True, exist_ok=True)
   frames_csv, segments_json, timeline_png = output_files(path, output_dir)
-  probs = analysis.probabilities
+  probs, scores = analysis.probabilities, analysis.scores
   smoothed = smooth(probs, options.smooth_window)
+  smoothed_scores = smooth(scores[:, None], options.smooth_window)[:, 0]
   found = segments(
     analysis.times,
-    labels(smoothed, names, options.threshold),
+    labels(smoothed, names, options.threshold, smoothed_scores),
     analysis.interval,
     analysis.seconds_read,
   )
@@ -182,7 +187,7 @@ def summarise(
       ["time", "character"]
       + [c for i in range(1, k + 1) for c in (f"top{i}", f"probability{i}")]
     )
-    per_frame = labels(probs, names, options.threshold)
+    per_frame = labels(probs, names, options.threshold, scores)
     for t, label, p in zip(analysis.times, per_frame, probs, strict=True):
       order = np.argsort(-p)[:k]
       writer.writerow(
@@ -294,6 +299,7 @@ def run(
         names,
         options.threshold,
         annotate_video,
+        analysis.scores,
       )
       print(f"  annotated video: {annotate_video} ({frames} frames)")
       result["annotated_frames"] = frames

@@ -108,6 +108,7 @@ def write_annotated(
   names: Sequence[str],
   threshold: float,
   output: str | os.PathLike,
+  scores: np.ndarray | None = None,
 ) -> int:
   """Re-decodes the video and writes every frame with the caption of the
   latest sample at or before it (H.264, the source's frame rate; no audio).
@@ -131,7 +132,8 @@ def write_annotated(
           stream.height, stream.width = rgb.shape[0] // 2 * 2, rgb.shape[1] // 2 * 2
           font = caption_font(stream.height)
         i = max(0, int(np.searchsorted(times, seconds + 1e-6)) - 1)
-        text = answers.caption(probabilities[i], names, threshold)
+        score = None if scores is None else scores[i]
+        text = answers.caption(probabilities[i], names, threshold, score)
         frame = annotate(rgb[: stream.height, : stream.width], text, font)
         for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
           sink.mux(packet)

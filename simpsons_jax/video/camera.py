@@ -81,8 +81,11 @@ def live(
         break
       rgb = frame.to_ndarray(format="rgb24")
       font = font or caption_font(rgb.shape[0])
-      recent.append(classify(core.resize(rgb, image_size).numpy()[None])[0])
-      text = answers.caption(np.mean(recent, axis=0), names, threshold)
+      probabilities, scores = classify(core.resize(rgb, image_size).numpy()[None])
+      recent.append((probabilities[0], scores[0]))
+      mean_p = np.mean([p for p, _ in recent], axis=0)
+      mean_score = float(np.mean([s for _, s in recent]))
+      text = answers.caption(mean_p, names, threshold, mean_score)
       photo = ImageTk.PhotoImage(Image.fromarray(annotate(rgb, text, font)))
       view.configure(image=photo)
       view.image = photo  # Tk keeps no reference of its own.

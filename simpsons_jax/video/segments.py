@@ -25,12 +25,20 @@ def smooth(probabilities: np.ndarray, window: int) -> np.ndarray:
   return (padded[hi] - padded[lo]) / (hi - lo)[:, None]
 
 
-def labels(probabilities: np.ndarray, names: Sequence[str], threshold: float) -> list:
-  """Each row's most probable character, or 'unknown' below `threshold`."""
+def labels(
+  probabilities: np.ndarray,
+  names: Sequence[str],
+  threshold: float,
+  scores: np.ndarray | None = None,
+) -> list:
+  """Each row's most probable character, or 'unknown' when its unknown score
+  (default: its top probability) is below `threshold`."""
   best = probabilities.argmax(axis=1)
+  if scores is None:
+    scores = probabilities.max(axis=1)
   return [
-    answers.named(p[i], names[i], threshold)
-    for i, p in zip(best, probabilities, strict=True)
+    answers.named(score, names[i], threshold)
+    for i, score in zip(best, scores, strict=True)
   ]
 
 

@@ -32,11 +32,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import importlib.metadata
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -44,9 +43,24 @@ import jax.numpy as jnp
 import tensorflow as tf
 from etils import epath
 
-from simpsons_jax import calibration, errors, explain, files, image_files, models
+from simpsons_jax import (
+  errors,
+  explain,
+  files,
+  image_files,
+  models,
+  open_set,
+)
 from simpsons_jax import trained as trained_run
 from simpsons_jax.data import core
+from simpsons_jax.export.folder import (
+  ExportMismatch,
+  Opened,
+  is_export,
+  manifest,
+  open_folder,
+  verify,
+)
 
 FORMATS = ("jax", "savedmodel", "tflite")
 PLATFORMS = ("cpu", "cuda", "tpu")  # Where model.jax runs.
@@ -84,9 +98,39 @@ def grad_cam_fn(trained: trained_run.TrainedModel):
   return grad_cam
 
 
+def unknown_fn(trained: trained_run.TrainedModel):
+  """uint8 images (B, S, S, 3) -> the run's unknown score (B,) (`open_set`:
+  the one it chose on validation), the parameters and the knn score's
+  feature bank as constants."""
+  chosen = trained.open_set
+  model = models.create(trained.config, trained.cmap.num_classes, kernels="xla")
+  bank = open_set.decode_bank(chosen["bank"]) if "bank" in chosen else None
+
+  def score(images: jax.Array) -> jax.Array:
+    found = trained_run.outputs(
+      model.apply,
+      trained.variables,
+      images,
+      trained.config.test_time_flip,
+      trained.temperature,
+    )
+    if chosen["score"] == "max_probability":
+      return found["probabilities"].max(-1)
+    if chosen["score"] == "max_logit":
+      return found["max_logit"]
+    if chosen["score"] == "energy":
+      return found["logsumexp"]
+    cosine = found["features"] @ jnp.asarray(bank).T
+    k = min(open_set.NEIGHBOUR, len(bank))
+    kth = jax.lax.top_k(cosine, k)[0][:, k - 1]
+    return -jnp.sqrt(jnp.maximum(2.0 - 2.0 * kth, 0.0))
+
+  return score
+
+
 def export_jax(trained: trained_run.TrainedModel, folder: epath.Path) -> None:
-  """Writes model.jax and explain.jax: batch-polymorphic, for every platform
-  in PLATFORMS."""
+  """Writes model.jax, explain.jax and, for a run with an unknown score,
+  unknown.jax: batch-polymorphic, for every platform in PLATFORMS."""
   images = _image_spec(trained.config.data.image_size)
   exported = jax.export.export(jax.jit(probability_fn(trained)), platforms=PLATFORMS)(
     images
@@ -97,6 +141,11 @@ def export_jax(trained: trained_run.TrainedModel, folder: epath.Path) -> None:
     images, targets
   )
   (folder / "explain.jax").write_bytes(exported.serialize())
+  if trained.open_set:
+    exported = jax.export.export(jax.jit(unknown_fn(trained)), platforms=PLATFORMS)(
+      images
+    )
+    (folder / "unknown.jax").write_bytes(exported.serialize())
 
 
 class _Serving(tf.Module):
@@ -218,126 +267,9 @@ def run(
     files.write_text_atomic(
       folder / "characters.json", json.dumps(list(trained.cmap.names), indent=2) + "\n"
     )
-    card = _card(trained, workdir, written) | {"files": _manifest(folder)}
+    card = _card(trained, workdir, written) | {"files": manifest(folder)}
     files.write_text_atomic(folder / "model.json", json.dumps(card, indent=2) + "\n")
   return Written(target, written)
-
-
-def _manifest(folder: epath.Path) -> dict[str, dict[str, Any]]:
-  """Every file under `folder` (model.json aside): its size and SHA-256."""
-  listed = {}
-  every = [where / name for where, _, names in folder.walk() for name in names]
-  for path in sorted(every):
-    name = path.relative_to(folder).as_posix()
-    if name != "model.json":
-      data = path.read_bytes()
-      listed[name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-  return listed
-
-
-class ExportMismatch(errors.UserError):
-  """An export folder whose files are not the ones its model.json lists."""
-
-
-def verify(folder: str | os.PathLike) -> dict[str, Any]:
-  """model.json of the export `folder`, once every file it lists is there with
-  its size and SHA-256 and no other is; else ExportMismatch naming the file."""
-  folder = files.as_path(folder)
-  card = files.read_json(folder / "model.json", "export the run again")
-  listed = card.get("files")
-  fix = "export the run again (python main.py --mode=export --workdir=...)"
-  if listed is None:
-    raise ExportMismatch(f"{folder}/model.json lists no files (an older export): {fix}")
-  present = _manifest(folder)
-  for name in sorted(set(listed) | set(present)):
-    if name not in present:
-      problem = "is missing"
-    elif name not in listed:
-      problem = "is not in model.json (left by another export?)"
-    elif present[name] != listed[name]:
-      problem = "differs from the one model.json lists"
-    else:
-      continue
-    raise ExportMismatch(f"{folder}/{name} {problem}: {fix}")
-  return card
-
-
-@dataclasses.dataclass(frozen=True)
-class Opened:
-  """An export folder's model, checked: its card (model.json), characters in
-  output order, the probability function (uint8 images (B, S, S, 3) of any B
-  -> (B, characters)) and the Grad-CAM function (images, characters (B,)
-  int32 -> maps (B, S, S)), None for an export older than explain.jax."""
-
-  card: dict[str, Any]
-  names: tuple[str, ...]
-  probabilities: Callable[[Any], Any]
-  grad_cam: Callable[[Any, Any], Any] | None
-
-
-def is_export(folder: str | os.PathLike) -> bool:
-  """Whether `folder` is an export folder (it has a model.json)."""
-  return (files.as_path(folder) / "model.json").is_file()
-
-
-def open_folder(folder: str | os.PathLike) -> Opened:
-  """The model of an export folder, once its files are those model.json lists
-  (`verify`) and agree with each other: characters.json is model.json's list
-  of characters, model.jax takes the images model.json describes and gives
-  one probability per character, explain.jax loads and draws maps of that
-  size, the calibration is sound; else ExportMismatch naming the file."""
-  folder = files.as_path(folder)
-  card = verify(folder)
-  fix = "export the run again (python main.py --mode=export --workdir=...)"
-
-  def mismatch(name: str, why: str) -> ExportMismatch:
-    return ExportMismatch(f"{folder}/{name} {why}: {fix}")
-
-  names = files.read_json(folder / "characters.json", fix)
-  if not (
-    isinstance(names, list)
-    and names
-    and all(isinstance(n, str) for n in names)
-    and len(set(names)) == len(names)
-  ):
-    raise mismatch("characters.json", "is not a list of distinct character names")
-  if names != card.get("characters"):
-    raise mismatch("characters.json", "lists other characters than model.json")
-  size = card.get("image_size")
-  if not isinstance(size, int) or isinstance(size, bool) or size < 1:
-    raise mismatch("model.json", f"gives image_size {size!r}, not a positive integer")
-  calibration.checked(card.get("calibration", {}), f"{folder}/model.json", fix)
-  if not (folder / "model.jax").is_file():
-    formats = ", ".join(card.get("formats", [])) or "none"
-    raise ExportMismatch(
-      f"{folder} has no model.jax (it was exported with --formats={formats}): "
-      "export the run with --formats=jax to serve it"
-    )
-  model = _deserialized(folder / "model.jax", mismatch)
-  image, out = model.in_avals[0], model.out_avals[0]
-  if tuple(image.shape[1:]) != (size, size, 3) or len(model.in_avals) != 1:
-    raise mismatch(
-      "model.jax", f"does not take {size}x{size} images as model.json says"
-    )
-  if out.shape[-1] != len(names):
-    raise mismatch(
-      "model.jax", f"gives {out.shape[-1]} probabilities for {len(names)} characters"
-    )
-  grad_cam = None
-  if (folder / "explain.jax").is_file():
-    maps = _deserialized(folder / "explain.jax", mismatch)
-    if tuple(maps.out_avals[0].shape[1:]) != (size, size):
-      raise mismatch("explain.jax", f"does not draw {size}x{size} maps")
-    grad_cam = maps.call
-  return Opened(card, tuple(names), model.call, grad_cam)
-
-
-def _deserialized(path: epath.Path, mismatch: Callable[[str, str], Exception]):
-  """The `jax.export.Exported` in `path`, or `mismatch` when it is damaged."""
-  try:
-    return jax.export.deserialize(bytearray(path.read_bytes()))
-  except Exception as e:  # noqa: BLE001 - a damaged flatbuffer raises anything.
-    raise mismatch(path.name, f"is damaged ({type(e).__name__})") from None
 
 
 def _card(
@@ -364,6 +296,13 @@ def _card(
     # The temperature inside the files, and the validation confidences that
     # `--threshold=auto:precision=P` chooses from (serve of this folder).
     "calibration": trained.calibration or {"temperature": 1.0},
+    # The unknown score unknown.jax computes, its threshold, and the
+    # conformity scores of prediction sets (the feature bank is inside).
+    **(
+      {"open_set": {k: v for k, v in trained.open_set.items() if k != "bank"}}
+      if trained.open_set
+      else {}
+    ),
     "checkpoint_step": trained.step,
     "validation": trained.meta.get("val", {}),
     "platforms": list(PLATFORMS),
@@ -385,3 +324,22 @@ def _installed(name: str) -> bool:
   except importlib.metadata.PackageNotFoundError:
     return False
   return True
+
+
+__all__ = [
+  "FORMATS",
+  "ExportMismatch",
+  "Opened",
+  "Written",
+  "export_jax",
+  "export_savedmodel",
+  "export_tflite",
+  "grad_cam_fn",
+  "is_export",
+  "manifest",
+  "open_folder",
+  "probability_fn",
+  "run",
+  "unknown_fn",
+  "verify",
+]

@@ -1,0 +1,242 @@
+"""Saying "I don't know": how much an image looks like the characters the
+model knows, the score and threshold a run chose on its validation split,
+and prediction sets that hold the true character with a chosen probability.
+
+Scores, higher for images like the known characters:
+- `max_logit`: the largest raw logit (Vaze et al. 2022, "a good closed-set
+  classifier is all you need");
+- `max_probability`: the largest calibrated probability;
+- `energy`: the log-sum-exp of the raw logits (Liu et al. 2020);
+- `knn`: minus the distance from the image's normalised penultimate features
+  to its k-th nearest among a bank of training images' (Sun et al. 2022).
+
+At the end of training (`fit`) every score is measured on the validation
+split: the characters' images against the validation negatives
+(`config.data.negatives`) when the run has any. The score with the highest
+AUROC is chosen, with the lowest threshold at which the images answered (the
+negatives count as wrong answers) are at least 95% right. A run without
+negatives keeps the maximum probability and its 95%-precision threshold. The
+validation split alone decides: the unknown characters an evaluation scores
+are never read.
+
+Prediction sets (split conformal, adaptive prediction sets of Angelopoulos
+et al. 2021): a character set is the most probable characters, in order,
+until their probabilities add up to the quantile of the validation images'
+conformity scores (the probability mass up to and including the true
+character) that the coverage asks for. Over exchangeable images it holds the
+true character with at least that probability.
+
+Everything is NumPy on the host, kept per checkpoint in
+`<workdir>/open_set.json` (`save`, `load`, checked before it is trusted) and
+copied into exports.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from simpsons_jax import calibration, errors, files
+
+FILENAME = "open_set.json"
+SCORES = ("max_logit", "max_probability", "energy", "knn")
+PRECISION = 0.95  # Of the images answered, at validation.
+NEIGHBOUR = 10  # The k of the k-nearest-neighbour score.
+BANK_SIZE = 2048  # Training images whose features the knn score compares.
+
+
+def knn_score(features: np.ndarray, bank: np.ndarray, k: int = NEIGHBOUR) -> np.ndarray:
+  """Minus the distance of each normalised feature row to its k-th nearest
+  row of `bank` (normalised too): sqrt(2 - 2 cos)."""
+  k = min(k, len(bank))
+  cosine = np.asarray(features, np.float32) @ np.asarray(bank, np.float32).T
+  kth = -np.partition(-cosine, k - 1, axis=1)[:, k - 1]
+  return -np.sqrt(np.maximum(2.0 - 2.0 * kth, 0.0))
+
+
+def scores(
+  rows: Mapping[str, np.ndarray], temperature: float, bank: np.ndarray | None
+) -> dict[str, np.ndarray]:
+  """Every score of the rows an evaluation gives (`evaluators.scoring`:
+  probabilities, max_logit, logsumexp, features); `knn` only with a bank."""
+  found = {
+    "max_logit": np.asarray(rows["max_logit"], np.float64),
+    "max_probability": calibration.with_temperature(
+      rows["probabilities"], temperature
+    ).max(-1),
+    "energy": np.asarray(rows["logsumexp"], np.float64),
+  }
+  if bank is not None and len(bank):
+    found["knn"] = knn_score(rows["features"], bank)
+  return found
+
+
+def score_of(
+  name: str, outputs: Mapping[str, np.ndarray], bank: np.ndarray | None = None
+) -> np.ndarray:
+  """The score `name` of a model's outputs for some images (`trained`'s:
+  calibrated probabilities, max_logit, logsumexp, features)."""
+  if name == "max_probability":
+    return np.asarray(outputs["probabilities"]).max(-1)
+  if name == "max_logit":
+    return np.asarray(outputs["max_logit"])
+  if name == "energy":
+    return np.asarray(outputs["logsumexp"])
+  if bank is None:
+    raise ValueError("the knn score needs the run's feature bank")
+  return knn_score(outputs["features"], bank)
+
+
+def fpr_at_tpr(known: np.ndarray, unknown: np.ndarray, tpr: float = 0.95) -> float:
+  """The share of unknowns scoring at least the threshold that keeps `tpr`
+  of the knowns (FPR at 95% TPR, lower is better)."""
+  threshold = np.quantile(np.asarray(known, np.float64), 1 - tpr)
+  return float((np.asarray(unknown) >= threshold).mean())
+
+
+def choose(
+  known: Mapping[str, np.ndarray],
+  correct: np.ndarray,
+  unknown: Mapping[str, np.ndarray] | None,
+  precision: float = PRECISION,
+) -> dict[str, Any]:
+  """The score and threshold a run answers 'unknown' with, from validation
+  scores of its characters' images (`known`, with `correct`: whether each is
+  named right) and of its negatives (`unknown`; None when it has none)."""
+  if not unknown:
+    threshold, answered = calibration.threshold_for_precision(
+      known["max_probability"], correct, precision
+    )
+    return {"score": "max_probability", "threshold": threshold, "answered": answered}
+  names = [n for n in known if n in unknown]
+  auroc = {n: calibration.auroc(known[n], unknown[n]) for n in names}
+  fpr = {n: fpr_at_tpr(known[n], unknown[n]) for n in names}
+  best = max(names, key=lambda n: (auroc[n], -fpr[n]))
+  pooled = np.concatenate([known[best], unknown[best]])
+  right = np.concatenate(
+    [np.asarray(correct, bool), np.zeros(len(unknown[best]), bool)]
+  )
+  threshold, _ = calibration.threshold_for_precision(pooled, right, precision)
+  return {
+    "score": best,
+    "threshold": threshold,
+    "answered": float((known[best] >= threshold).mean()),
+    "negatives_refused": float((unknown[best] < threshold).mean()),
+    "auroc": auroc,
+    "fpr_at_95_tpr": fpr,
+  }
+
+
+def conformity(probabilities: np.ndarray, labels: np.ndarray) -> np.ndarray:
+  """Each image's conformity score: the calibrated probability mass of the
+  characters at least as probable as its true one (APS, not randomised)."""
+  p = np.asarray(probabilities, np.float64)
+  true = p[np.arange(len(labels)), labels]
+  return (p * (p >= true[:, None])).sum(-1)
+
+
+def set_threshold(conformity_scores: np.ndarray, coverage: float) -> float:
+  """The conformal quantile for `coverage`: the ceil((n + 1) coverage)-th
+  smallest validation score (1.0, every character, when n is too small)."""
+  n = len(conformity_scores)
+  rank = math.ceil((n + 1) * coverage)
+  if rank > n:
+    return 1.0
+  return float(np.sort(conformity_scores)[rank - 1])
+
+
+def coverage_threshold(record: Mapping[str, Any], coverage: float) -> float:
+  """The conformal quantile for `coverage` of a checkpoint's record;
+  UserError for a run trained before prediction sets."""
+  if "conformity" not in record:
+    raise errors.UserError(
+      f"--coverage={coverage}: this checkpoint has no prediction sets (it was "
+      "trained before them): train it again"
+    )
+  return set_threshold(np.asarray(record["conformity"]), coverage)
+
+
+def prediction_sets(probabilities: np.ndarray, threshold: float) -> list[np.ndarray]:
+  """Per image, the characters (indices, most probable first) whose
+  probabilities, added in that order, first reach `threshold`."""
+  p = np.asarray(probabilities, np.float64)
+  order = np.argsort(-p, axis=-1, kind="stable")
+  mass = np.cumsum(np.take_along_axis(p, order, -1), axis=-1)
+  sizes = (mass < threshold - 1e-12).sum(-1) + 1
+  return [row[: min(size, len(row))] for row, size in zip(order, sizes, strict=True)]
+
+
+def encode_bank(bank: np.ndarray) -> dict[str, Any]:
+  """A feature bank as JSON: float16 bytes in base64, with its shape."""
+  data = np.asarray(bank, np.float16)
+  return {
+    "shape": list(data.shape),
+    "float16": base64.b64encode(data.tobytes()).decode(),
+  }
+
+
+def decode_bank(entry: Mapping[str, Any]) -> np.ndarray:
+  """The float32 bank of `encode_bank`'s JSON."""
+  data = np.frombuffer(base64.b64decode(entry["float16"]), np.float16)
+  return data.reshape(entry["shape"]).astype(np.float32)
+
+
+def save(workdir: str | os.PathLike, step: int, record: Mapping[str, Any]) -> None:
+  """Adds (or replaces) checkpoint `step`'s record in the workdir's file."""
+  records = load(workdir)
+  records[str(step)] = dict(record)
+  path = files.as_path(workdir) / FILENAME
+  files.write_text_atomic(path, json.dumps(records) + "\n")
+
+
+def load(workdir: str | os.PathLike) -> dict[str, Any]:
+  """Every checkpoint's record ({} for a run trained before open_set.json),
+  each checked (`checked`)."""
+  path = files.as_path(workdir) / FILENAME
+  if not path.exists():
+    return {}
+  fix = "delete it to answer by probability alone, or train the run again"
+  records = files.read_json(path, fix)
+  if not isinstance(records, dict) or not all(k.isdigit() for k in records):
+    raise files.DamagedFileError(f"{path} is damaged (not records by step): {fix}")
+  for step, record in records.items():
+    checked(record, f"{path} (step {step})", fix)
+  return records
+
+
+def checked(
+  record: Any, where: str, fix: str, with_bank: bool = True
+) -> dict[str, Any]:
+  """`record` if it can be trusted: a known score, a finite threshold,
+  conformity scores in [0, 1] and (`with_bank`, for the knn score) a finite
+  feature bank; else DamagedFileError naming `where` and `fix`."""
+
+  def damaged(why: str) -> files.DamagedFileError:
+    return files.DamagedFileError(f"{where} is damaged ({why}): {fix}")
+
+  if not isinstance(record, dict):
+    raise damaged("not a JSON object")
+  if record.get("score") not in SCORES:
+    raise damaged(f"score {record.get('score')!r} is not one of {', '.join(SCORES)}")
+  threshold = record.get("threshold")
+  if not isinstance(threshold, int | float) or not math.isfinite(threshold):
+    raise damaged(f"threshold {threshold!r} is not a finite number")
+  sets = record.get("conformity", [])
+  if not isinstance(sets, list) or not all(
+    isinstance(c, int | float) and 0 <= c <= 1 + 1e-9 for c in sets
+  ):
+    raise damaged("conformity scores must be numbers in [0, 1]")
+  if with_bank and (record["score"] == "knn" or "bank" in record):
+    try:
+      bank = decode_bank(record["bank"])
+    except (KeyError, TypeError, ValueError) as e:
+      raise damaged(f"its feature bank ({e})") from None
+    if bank.ndim != 2 or not len(bank) or not np.isfinite(bank).all():
+      raise damaged("its feature bank is empty or not finite")
+  return record
