@@ -19,12 +19,12 @@ negatives keeps the maximum probability and its 95%-precision threshold. The
 validation split alone decides: the unknown characters an evaluation scores
 are never read.
 
-Prediction sets (split conformal, adaptive prediction sets of Angelopoulos
-et al. 2021): a character set is the most probable characters, in order,
-until their probabilities add up to the quantile of the validation images'
-conformity scores (the probability mass up to and including the true
-character) that the coverage asks for. Over exchangeable images it holds the
-true character with at least that probability.
+Prediction sets (split conformal, Angelopoulos and Bates 2021, with the
+least-ambiguous set score of Sadinle et al. 2019): an image's set holds every
+character whose calibrated probability is at least 1 - q, q the quantile of
+the validation images' 1 - p(true character) that the coverage asks for. Over
+exchangeable images it holds the true character with at least that
+probability, with the fewest characters on average.
 
 Everything is NumPy on the host, kept per checkpoint in
 `<workdir>/open_set.json` (`save`, `load`, checked before it is trusted) and
@@ -100,6 +100,27 @@ def fpr_at_tpr(known: np.ndarray, unknown: np.ndarray, tpr: float = 0.95) -> flo
   return float((np.asarray(unknown) >= threshold).mean())
 
 
+def oscr(
+  known: np.ndarray, correct: np.ndarray, unknown: np.ndarray, points: int = 64
+) -> dict[str, Any]:
+  """The open-set classification rate curve (Dhamija et al. 2018) of one
+  score: at each threshold, the share of known images answered and right
+  (`ccr`) against the share of unknown ones answered (`fpr`), `points` of it
+  from the highest threshold down, and the area under it."""
+  thresholds = np.unique(np.concatenate([known, unknown]))[::-1]
+  right = np.asarray(correct, bool)
+  ccr = np.asarray([(right & (known >= t)).mean() for t in thresholds])
+  fpr = np.asarray([(unknown >= t).mean() for t in thresholds])
+  ccr, fpr = np.concatenate([[0.0], ccr]), np.concatenate([[0.0], fpr])
+  area = float(np.sum(np.diff(fpr) * (ccr[1:] + ccr[:-1]) / 2))
+  shown = np.unique(np.linspace(0, len(ccr) - 1, points).round().astype(int))
+  return {
+    "fpr": fpr[shown].round(5).tolist(),
+    "ccr": ccr[shown].round(5).tolist(),
+    "area": area,
+  }
+
+
 def choose(
   known: Mapping[str, np.ndarray],
   correct: np.ndarray,
@@ -134,16 +155,16 @@ def choose(
 
 
 def conformity(probabilities: np.ndarray, labels: np.ndarray) -> np.ndarray:
-  """Each image's conformity score: the calibrated probability mass of the
-  characters at least as probable as its true one (APS, not randomised)."""
+  """Each image's nonconformity: 1 - the calibrated probability of its true
+  character (the least-ambiguous sets of Sadinle et al. 2019)."""
   p = np.asarray(probabilities, np.float64)
-  true = p[np.arange(len(labels)), labels]
-  return (p * (p >= true[:, None])).sum(-1)
+  return 1.0 - p[np.arange(len(labels)), labels]
 
 
 def set_threshold(conformity_scores: np.ndarray, coverage: float) -> float:
   """The conformal quantile for `coverage`: the ceil((n + 1) coverage)-th
-  smallest validation score (1.0, every character, when n is too small)."""
+  smallest validation nonconformity (1.0, every character, when n is too
+  small for the coverage asked)."""
   n = len(conformity_scores)
   rank = math.ceil((n + 1) * coverage)
   if rank > n:
@@ -164,12 +185,14 @@ def coverage_threshold(record: Mapping[str, Any], coverage: float) -> float:
 
 def prediction_sets(probabilities: np.ndarray, threshold: float) -> list[np.ndarray]:
   """Per image, the characters (indices, most probable first) whose
-  probabilities, added in that order, first reach `threshold`."""
+  probability is at least 1 - `threshold`: the smallest sets that hold the
+  true character as often as the coverage asked (never empty: the most
+  probable one at least)."""
   p = np.asarray(probabilities, np.float64)
   order = np.argsort(-p, axis=-1, kind="stable")
-  mass = np.cumsum(np.take_along_axis(p, order, -1), axis=-1)
-  sizes = (mass < threshold - 1e-12).sum(-1) + 1
-  return [row[: min(size, len(row))] for row, size in zip(order, sizes, strict=True)]
+  kept = np.take_along_axis(p, order, -1) >= 1.0 - threshold - 1e-12
+  sizes = np.maximum(kept.sum(-1), 1)
+  return [row[:size] for row, size in zip(order, sizes, strict=True)]
 
 
 def encode_bank(bank: np.ndarray) -> dict[str, Any]:
@@ -231,7 +254,7 @@ def checked(
   if not isinstance(sets, list) or not all(
     isinstance(c, int | float) and 0 <= c <= 1 + 1e-9 for c in sets
   ):
-    raise damaged("conformity scores must be numbers in [0, 1]")
+    raise damaged("nonconformity scores must be numbers in [0, 1]")
   if with_bank and (record["score"] == "knn" or "bank" in record):
     try:
       bank = decode_bank(record["bank"])

@@ -79,11 +79,13 @@ class Unknowns(base.Evaluator):
     rule = _rule(model)
     if rule is not None:  # What the run answers: its own choice, on validation.
       name, threshold = rule
+      correct = known_rows["probabilities"].argmax(-1) == known_rows["labels"]
       report |= {
         "score": name,
         "threshold": threshold,
         "unknowns_answered_unknown": float((unknown[name] < threshold).mean()),
         "known_answered": float((known[name] >= threshold).mean()),
+        "oscr": open_set.oscr(known[name], correct, unknown[name]),
       }
     scalars = {f"auroc.{k}": v for k, v in report["auroc"].items()}
     if "unknowns_answered_unknown" in report:
