@@ -193,9 +193,79 @@ def _how_sure(results: list[dict[str, Any]]) -> str:
   return "\n".join(lines)
 
 
+def _open_set(results: list[dict[str, Any]]) -> str:
+  """Per held-out pair, the runs without and with negatives: accuracy on the
+  known characters, the run's own unknown score (chosen on validation), its
+  AUROC and FPR at 95% TPR on the pair, the pair answered 'unknown', and the
+  90% prediction sets; then the means."""
+  rows = [
+    "| held out | negatives | known accuracy | the run's score | AUROC | FPR@95 "
+    "| answered 'unknown' | 90% sets: coverage, size | file |",
+    "|---|---|---|---|---|---|---|---|---|",
+  ]
+  for r in results:
+    for run in r["runs"]:
+      u, score = run["unknown"], run["unknown"]["score"]
+      negatives = ", ".join(run["negative_characters"]) if run["negatives"] else "none"
+      rows.append(
+        f"| {run['pair'].replace('+', ', ')} | {negatives} | {run['accuracy']:.1%} "
+        f"| {score} | {u['auroc'][score]:.3f} | {u['fpr_at_95_tpr'][score]:.1%} "
+        f"| {u['unknowns_answered_unknown']:.1%} "
+        f"| {run['sets']['coverage']:.1%}, {run['sets']['mean_size']:.2f} "
+        f"| [{r['file']}](results/{r['file']}) |"
+      )
+    for kind, s in r["summary"].items():
+      rows.append(
+        f"| **mean** ({len(r['runs']) // 2} pairs) | {kind.replace('_', ' ')} "
+        f"| {s['mean_accuracy']:.1%} | | **{s['mean_auroc']:.3f}** (min "
+        f"{s['min_auroc']:.3f}) | | {s['mean_answered_unknown']:.1%} "
+        f"| {s['mean_set_coverage']:.1%}, {s['mean_set_size']:.2f} "
+        f"| {_machine(r)} |"
+      )
+  return "\n".join(rows)
+
+
+def _open_set_summary(results: list[dict[str, Any]]) -> str:
+  """The README's lines: the means over the pairs, without and with negatives."""
+  lines = []
+  for r in results:
+    for kind, s in r["summary"].items():
+      lines.append(
+        f"- `{r['config_file']}` at 28 px, {kind.replace('_', ' ')}: mean AUROC "
+        f"{s['mean_auroc']:.3f} (lowest {s['min_auroc']:.3f}) with the run's own "
+        f"score, {s['mean_answered_unknown']:.0%} of the held-out characters "
+        f"answered 'unknown', known accuracy {s['mean_accuracy']:.1%}; 90% "
+        f"prediction sets cover {s['mean_set_coverage']:.1%} with "
+        f"{s['mean_set_size']:.2f} characters on average "
+        f"([{r['file']}](docs/results/{r['file']}))."
+      )
+  return "\n".join(lines)
+
+
+def _open_set_weights(results: list[dict[str, Any]]) -> str:
+  """The weights of the negatives' term, as their validation splits judged them
+  (the choice) and as the held-out characters did (never looked at for it)."""
+  rows = [
+    "| `train.negatives_weight` | AUROC on the runs' own validation negatives "
+    "| AUROC on the held-out pairs (lowest) | known accuracy | file |",
+    "|---|---|---|---|---|",
+  ]
+  for r in results:
+    for run in r["sweep"]:
+      rows.append(
+        f"| {run['negatives_weight']:g} | {run['mean_validation_auroc']:.3f} "
+        f"| {run['mean_auroc']:.3f} ({run['min_auroc']:.3f}) "
+        f"| {run['mean_accuracy']:.1%} | [{r['file']}](results/{r['file']}) |"
+      )
+  return "\n".join(rows)
+
+
 # Each block's table, and the benchmark whose results files it reads.
 TABLES: dict[str, Callable[[list[dict[str, Any]]], str]] = {
   "calibration": _calibration,
+  "open_set": _open_set,
+  "open_set_summary": _open_set_summary,
+  "open_set_weights": _open_set_weights,
   "how_sure": _how_sure,
   "accuracy": _accuracy,
   "speed": _speed,
@@ -210,7 +280,11 @@ def render_doc(text: str, results: list[dict[str, Any]]) -> str:
     kind = match[2]
     if kind not in TABLES:
       raise ValueError(f"Unknown results block {kind!r}; known: {', '.join(TABLES)}.")
-    source = {"calibration": "accuracy", "how_sure": "accuracy"}.get(kind, kind)
+    source = {
+      "calibration": "accuracy",
+      "how_sure": "accuracy",
+      "open_set_summary": "open_set",
+    }.get(kind, kind)
     chosen = [r for r in results if r["benchmark"] == source]
     return f"{match[1]}{TABLES[kind](chosen)}\n{match[3]}"
 

@@ -117,7 +117,7 @@ def _train() -> ml_collections.ConfigDict:
   group.class_weights = "none"  # 'none' or 'balanced' (weight n/(K n_c)).
   # The weight of the negatives' term (data.negatives): cross-entropy with the
   # uniform distribution, as outlier exposure (Hendrycks et al. 2019).
-  group.negatives_weight = 0.5
+  group.negatives_weight = 2.0
   group.dtype = "float32"  # Compute: 'bfloat16' on GPU/TPU; params stay fp32.
   # Convolutions on x86 CPUs: 'onednn' (oneDNN's kernels, as TensorFlow's) or
   # 'xla' (XLA:CPU's own). The same function and parameters either way.

@@ -76,7 +76,7 @@ RENAMED: dict[str, tuple[str, Any]] = {
 ADDED: dict[str, Any] = {
   "data.hold_out": (),
   "data.negatives": "",
-  "train.negatives_weight": 0.5,
+  "train.negatives_weight": 2.0,
 }
 # The augmentation group kept its keys; runs saved before one existed ran with these.
 AUGMENT_DEFAULTS = {

@@ -99,5 +99,5 @@ def test_a_nested_config_of_the_last_release_is_read_unchanged():
   saved = json.loads(path.read_text())
   loaded = _plain(config_upgrade.upgrade(saved, models.registered_settings()))
   assert loaded["data"].pop("negatives") == ""
-  assert loaded["train"].pop("negatives_weight") == 0.5
+  assert loaded["train"].pop("negatives_weight") == 2.0
   assert loaded == saved

@@ -91,6 +91,7 @@ def test_a_type_is_a_registered_name_or_an_evaluator_class():
   assert len(said) == 4  # A class named by its module is a type too.
 
 
+@pytest.mark.slow
 def test_importing_any_module_leaves_matplotlib_and_tfds_as_they_were():
   """Every module of the package imported in a fresh process: matplotlib's
   backend stays the caller's choice, and no TFDS builder is registered."""

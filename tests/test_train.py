@@ -25,6 +25,7 @@ from simpsons_jax.data import core
 from tests.conftest import shared_data
 
 
+@pytest.mark.slow
 def test_train_step_lowers_the_loss_on_a_fixed_batch(tiny_config):
   tiny_config.model.simpsons_cnn.dropout_rate = 0.0
   mesh = sharding.make_mesh()
