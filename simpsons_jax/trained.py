@@ -137,8 +137,7 @@ def softmax_probabilities(
 ) -> jax.Array:
   """uint8 images (B, S, S, 3) -> softmax probabilities (B, characters), with
   the run's test-time augmentation (`flip`) and calibration temperature."""
-  logits = inference.logits(apply, variables, images, flip)
-  return jax.nn.softmax(logits / temperature)
+  return outputs(apply, variables, images, flip, temperature)["probabilities"]
 
 
 def outputs(

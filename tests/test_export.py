@@ -273,13 +273,19 @@ def test_a_new_export_replaces_the_folder_whole_and_lists_its_files(exported, tm
     "explain.jax",
     "model.jax",
     "model.json",
+    "unknown.jax",  # The run's unknown score (open_set.json).
   ]
   assert [p.name for p in out.iterdir()] == [full.folder.name]
   card = export.verify(only_jax.folder)
   assert card["formats"] == ["jax"]
   assert card["run"] == os.fspath(workdir)
   assert card["checkpoint_step"] == int(full.folder.name)
-  assert sorted(card["files"]) == ["characters.json", "explain.jax", "model.jax"]
+  assert sorted(card["files"]) == [
+    "characters.json",
+    "explain.jax",
+    "model.jax",
+    "unknown.jax",
+  ]
 
 
 @pytest.mark.slow

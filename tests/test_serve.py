@@ -145,6 +145,11 @@ def test_an_exported_folder_serves_the_same_answers(
   frame = sorted(tiny_data_dir.glob("*/*.jpg"))[5].read_bytes()
   a, b = from_export(frame, explain_answer=True), from_run(frame, True)
   assert a["character"] == b["character"]
+  by_rule = [  # The run's own unknown rule, from the run and from its export.
+    serve.Predictor(serve.load(folder), threshold="auto")(frame)["character"]
+    for folder in (written.folder, trained_workdir)
+  ]
+  assert by_rule[0] == by_rule[1]
   for x, y in zip(a["top"], b["top"], strict=True):
     assert x["character"] == y["character"]
     assert x["probability"] == pytest.approx(y["probability"], abs=1e-5)
@@ -157,7 +162,7 @@ def test_an_exported_folder_serves_the_same_answers(
   (written.folder / "model.json").write_text(json.dumps(card))
   older = serve.load(written.folder)
   assert older.explain is None
-  with _serving(serve.create_app(older)) as port:
+  with _serving(serve.create_app(older, threshold=0.0)) as port:
     status, answer = _request(f"http://127.0.0.1:{port}/predict", frame)
     assert status == 200 and answer["character"] == b["character"]
     status, answer = _request(f"http://127.0.0.1:{port}/predict?explain=1", frame)
