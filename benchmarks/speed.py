@@ -5,6 +5,11 @@
   python benchmarks/speed.py --model=resnet       # strong.py's ResNet beside PyTorch
   python benchmarks/speed.py --frameworks=simpsons_jax --sizes=64 --json=out.json
 
+Each framework's best CPU mode is a framework of its own: `simpsons_jax_bf16`
+(`--config.train.dtype=bfloat16`), `keras_bf16` (Keras's `mixed_bfloat16`
+policy, the last layer in float32) and `torch_bf16` (`torch.autocast("cpu",
+dtype=torch.bfloat16)` around the forward pass and the loss).
+
 Every measurement runs in a fresh worker process (one framework at a time, so
 they never compete for the cores), the frameworks take turns round after
 round, and each figure is the median over rounds of a timed window of steps
@@ -23,6 +28,7 @@ same network:
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import os
@@ -44,7 +50,8 @@ flags.DEFINE_list(
   "frameworks",
   None,
   "What to compare (default: simpsons_jax, keras, torch for the notebook's "
-  "network; simpsons_jax, torch for the ResNet).",
+  "network; simpsons_jax, torch for the ResNet); each also as <name>_bf16, its "
+  "bfloat16 mode.",
 )
 flags.DEFINE_list("sizes", None, "Image sizes (default: 64,128; the ResNet's 28,64).")
 flags.DEFINE_integer(
@@ -97,7 +104,9 @@ def _timed(step, window: float, batches_per_call: int = 1) -> float:
   return calls * batches_per_call * FLAGS.batch / (time.perf_counter() - start)
 
 
-def _simpsons_jax(mode: str, size: int, batch: int) -> tuple[float, str]:
+def _simpsons_jax(
+  mode: str, size: int, batch: int, bfloat16: bool = False
+) -> tuple[float, str]:
   from simpsons_jax import host_memory
 
   host_memory.keep_freed_memory()  # As main.py does, before JAX runs.
@@ -109,6 +118,7 @@ def _simpsons_jax(mode: str, size: int, batch: int) -> tuple[float, str]:
   config = _config()
   config.data.image_size = size
   config.train.cpu_kernels = FLAGS.cpu_kernels
+  config.train.dtype = "bfloat16" if bfloat16 else "float32"
   config.test_time_flip = False  # One forward pass, as the references' inference.
   mesh = sharding.make_mesh(jax.devices()[:1])
   state = train.initial_state(
@@ -135,15 +145,22 @@ def _simpsons_jax(mode: str, size: int, batch: int) -> tuple[float, str]:
     jax.block_until_ready(sums)
 
   kernels = convolutions.implementation(config)[1]
-  return _timed(step, FLAGS.window), f"jax {jax.__version__}, convolutions {kernels}"
+  dtype = convolutions.compute_dtype(config, convolutions.implementation(config)[0])
+  return _timed(step, FLAGS.window), (
+    f"jax {jax.__version__}, convolutions {kernels}, computing in {dtype}"
+  )
 
 
-def _keras(mode: str, size: int, batch: int) -> tuple[float, str]:
+def _keras(
+  mode: str, size: int, batch: int, bfloat16: bool = False
+) -> tuple[float, str]:
   if FLAGS.model != "notebook":
     raise ValueError("the Keras reference builds the notebook's network only")
   import keras
   import numpy as np
 
+  if bfloat16:
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
   layers = [keras.Input((size, size, 3)), keras.layers.Rescaling(1 / 255)]
   for features in (8, 16, 32, 64):
     layers += [
@@ -153,7 +170,10 @@ def _keras(mode: str, size: int, batch: int) -> tuple[float, str]:
   layers.append(keras.layers.Flatten())
   for _ in range(4):
     layers += [keras.layers.Dropout(0.4), keras.layers.Dense(512, activation="relu")]
-  layers += [keras.layers.Dropout(0.4), keras.layers.Dense(NUM_CLASSES)]
+  layers += [
+    keras.layers.Dropout(0.4),
+    keras.layers.Dense(NUM_CLASSES, dtype="float32"),  # float32 logits
+  ]
   model = keras.Sequential(layers)
   model.compile(
     optimizer=keras.optimizers.Adam(1e-3),
@@ -261,9 +281,14 @@ def _torch_notebook(size: int):
   return model, optimizer, 0.0, lambda: None, lambda x: x.float() / 255
 
 
-def _torch(mode: str, size: int, batch: int) -> tuple[float, str]:
+def _torch(
+  mode: str, size: int, batch: int, bfloat16: bool = False
+) -> tuple[float, str]:
   import torch
   from torch import nn
+
+  def autocast():
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bfloat16)
 
   build = _torch_resnet if FLAGS.model == "resnet" else _torch_notebook
   model, optimizer, label_smoothing, after_step, scale = build(size)
@@ -275,21 +300,28 @@ def _torch(mode: str, size: int, batch: int) -> tuple[float, str]:
     if mode == "train":
       model.train()
       optimizer.zero_grad()
-      loss = nn.functional.cross_entropy(
-        model(x), labels, label_smoothing=label_smoothing
-      )
+      with autocast():
+        loss = nn.functional.cross_entropy(
+          model(x), labels, label_smoothing=label_smoothing
+        )
       loss.backward()
       optimizer.step()
       after_step()
     else:
       model.eval()
-      with torch.no_grad():
+      with torch.no_grad(), autocast():
         model(x)
 
   return _timed(step, FLAGS.window), f"torch {torch.__version__}"
 
 
 WORKERS = {"simpsons_jax": _simpsons_jax, "keras": _keras, "torch": _torch}
+WORKERS.update(
+  {
+    f"{name}_bf16": functools.partial(worker, bfloat16=True)
+    for name, worker in list(WORKERS.items())
+  }
+)
 
 
 def _measure(framework: str, mode: str, size: int, batch: int) -> tuple[float, str]:
@@ -345,12 +377,23 @@ def main(argv: list[str]) -> None:
   header = f"{'mode':6} {'size':>4} {'batch':>5} " + " ".join(
     f"{f:>13}" for f in FLAGS.frameworks
   )
-  reference = next((f for f in ("keras", "torch") if f in FLAGS.frameworks), None)
-  compare = "simpsons_jax" in FLAGS.frameworks and reference
-  print(header + (f"   jax/{reference}" if compare else ""))
+  ours = [f for f in FLAGS.frameworks if f.startswith("simpsons_jax")]
+  peers = [f for f in FLAGS.frameworks if f not in ours]
+  compare = bool(ours and peers)
+  print(header + ("   best jax / best peer" if compare else ""))
   for case in cases:
     medians = {f: statistics.median(rates[(f, *case)]) for f in FLAGS.frameworks}
-    ratio = f"{medians['simpsons_jax'] / medians[reference]:.2f}x" if compare else ""
+    best = {
+      group: max(group_members, key=medians.get)
+      for group, group_members in (("ours", ours), ("peers", peers))
+      if group_members
+    }
+    ratio = (
+      f"{medians[best['ours']] / medians[best['peers']]:.2f}x "
+      f"({best['ours']} / {best['peers']})"
+      if compare
+      else ""
+    )
     print(
       f"{case[0]:6} {case[1]:>4} {case[2]:>5} "
       + " ".join(f"{medians[f]:>13.0f}" for f in FLAGS.frameworks)

@@ -118,7 +118,9 @@ def _train() -> ml_collections.ConfigDict:
   # The weight of the negatives' term (data.negatives): cross-entropy with the
   # uniform distribution, as outlier exposure (Hendrycks et al. 2019).
   group.negatives_weight = 2.0
-  group.dtype = "float32"  # Compute: 'bfloat16' on GPU/TPU; params stay fp32.
+  # Compute: 'bfloat16' on GPU/TPU and on x86 CPUs with bfloat16 dot products
+  # (AVX512_BF16, AMX; float32 elsewhere, said in the log); params stay fp32.
+  group.dtype = "float32"
   # Convolutions on x86 CPUs: 'onednn' (oneDNN's kernels, as TensorFlow's) or
   # 'xla' (XLA:CPU's own). The same function and parameters either way.
   group.cpu_kernels = "onednn"

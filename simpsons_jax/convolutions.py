@@ -9,6 +9,7 @@ import functools
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 from absl import logging
 
@@ -87,6 +88,30 @@ def implementation(config: ml_collections.ConfigDict) -> tuple[str, str]:
   if loaded:
     return "onednn", f"{detail} on {cpu_conv.cpu_description()}"
   return "xla", f"XLA:CPU's (oneDNN kernels unavailable: {detail})"
+
+
+def compute_dtype(config: ml_collections.ConfigDict, kernels: str) -> jnp.dtype:
+  """The type the models compute in: `config.train.dtype`, except bfloat16 on
+  a CPU where it would be slower than float32 (no bfloat16 dot products, or
+  XLA's convolutions, which compute it no faster): float32 there, said once
+  in the log. Parameters and optimizer state are float32 either way."""
+  dtype = jnp.dtype(config.train.dtype)
+  if dtype != jnp.bfloat16 or jax.default_backend() != "cpu":
+    return dtype
+  usable, why = cpu_conv.bfloat16() if kernels == "onednn" else (False, "")
+  if usable:
+    return dtype
+  _say_once(
+    "--config.train.dtype=bfloat16 runs in float32 on this CPU: "
+    + (why or "bfloat16 needs oneDNN's convolutions here")
+    + "."
+  )
+  return jnp.dtype(jnp.float32)
+
+
+@functools.cache
+def _say_once(line: str) -> None:
+  logging.info("%s", line)
 
 
 @functools.cache

@@ -33,10 +33,11 @@ class ConvReluPool(nn.Conv):
   """`nn.Conv`, then ReLU and a 2x2 max pool: one block of the notebook network.
 
   Its parameters are `nn.Conv`'s (same names, shapes and initialisers). With
-  `onednn`, a float32 block runs as `cpu_conv.conv_relu_pool` (bias, ReLU and
-  pool fused around oneDNN's convolution, or a direct one on uint8 images);
-  otherwise as `nn.Conv`, `nn.relu` and `max_pool_2x2`. Both compute the same
-  function and gradients.
+  `onednn`, a float32 or bfloat16 block runs as `cpu_conv.conv_relu_pool`
+  (bias, ReLU and pool fused around oneDNN's convolution, or a direct one on
+  uint8 images; in bfloat16 the convolution's operands are rounded and its
+  results stay float32); otherwise as `nn.Conv`, `nn.relu` and
+  `max_pool_2x2`. Both compute the same function and gradients.
   """
 
   onednn: bool = False
@@ -46,10 +47,13 @@ class ConvReluPool(nn.Conv):
 
   @nn.compact
   def __call__(self, inputs: jax.Array) -> jax.Array:
-    fused = self.onednn and jnp.dtype(self.dtype) == jnp.float32
+    bfloat16 = jnp.dtype(self.dtype) == jnp.bfloat16
+    fused = self.onednn and (bfloat16 or jnp.dtype(self.dtype) == jnp.float32)
     # uint8 images go to the fused kernel as they are: it divides them itself.
+    # The fused blocks take float32 values (their convolutions round them to
+    # bfloat16 themselves where they compute in it).
     if self.input_divisor and not (fused and inputs.dtype == jnp.uint8):
-      inputs = inputs.astype(self.dtype) / self.input_divisor
+      inputs = inputs.astype(jnp.float32 if fused else self.dtype) / self.input_divisor
     if not (fused and inputs.dtype in (jnp.float32, jnp.uint8)):
       return max_pool_2x2(nn.relu(super().__call__(inputs)))
     kernel_shape = (*self.kernel_size, inputs.shape[-1], self.features)
@@ -58,7 +62,7 @@ class ConvReluPool(nn.Conv):
     strides = self.strides or 1
     strides = (strides,) * 2 if isinstance(strides, int) else tuple(strides)
     return cpu_conv.conv_relu_pool(
-      inputs, kernel, bias, strides, self.padding, self.input_divisor or 1.0
+      inputs, kernel, bias, strides, self.padding, self.input_divisor or 1.0, bfloat16
     )
 
 
@@ -66,8 +70,8 @@ class SimpsonsCNN(nn.Module):
   """The notebook's network: conv+ReLU+pool blocks, then dropout+dense layers.
 
   Inputs are uint8 images (N, H, W, 3); outputs one float32 logit per
-  character. `dtype` is the compute type (bfloat16 on accelerators); the
-  parameters stay float32.
+  character. `dtype` is the compute type (bfloat16 on accelerators and on
+  CPUs with bfloat16 dot products); the parameters stay float32.
   """
 
   num_classes: int
@@ -271,7 +275,8 @@ def create(
   config: ml_collections.ConfigDict, num_classes: int, kernels: str = ""
 ) -> nn.Module:
   """Builds `config.model.name`'s model with its settings for `num_classes`
-  characters, computing in `config.train.dtype`, with `kernels`' convolutions
+  characters, computing in `config.train.dtype` (see
+  `convolutions.compute_dtype`), with `kernels`' convolutions
   ('xla' or 'onednn'; '': this machine's, see `conv_implementation`)."""
   cls = model_class(config)
   if not kernels:
@@ -291,7 +296,7 @@ def create(
   }
   runtime = {
     "num_classes": num_classes,
-    "dtype": jnp.dtype(config.train.dtype),
+    "dtype": convolutions.compute_dtype(config, kernels),
     "onednn": kernels == "onednn",
     "conv_fn": convolutions.conv_fn(kernels),
   }

@@ -424,3 +424,84 @@ def test_kernels_that_fail_their_self_check_are_refused_once(monkeypatch, caplog
       cpu_conv.relu_max_pool(x)
   finally:
     cpu_conv.available.cache_clear()
+
+
+@pytest.mark.parametrize(
+  "get_config, kernel",
+  [
+    (full.get_config, "ConvBiasReluPoolForwardBf16"),
+    (strong.get_config, "OnednnConvBackwardDataBf16"),
+  ],
+)
+def test_bfloat16_networks_are_as_close_to_float32_as_xlas_bfloat16(get_config, kernel):
+  # The same parameters in float32, in bfloat16 through oneDNN (its bfloat16
+  # kernels in the compiled step) and in bfloat16 through XLA: ours is as near
+  # float32 as XLA's bfloat16 is (its rounding, not a fault of ours).
+  if not cpu_conv.bfloat16()[0]:
+    pytest.skip(cpu_conv.bfloat16()[1])
+  config = get_config()
+  config.data.image_size = 32
+  images = jnp.asarray(
+    np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+  )
+  f32 = models.create(config, num_classes=13, kernels="onednn")
+  config.train.dtype = "bfloat16"
+  ours = models.create(config, num_classes=13, kernels="onednn")
+  xla = models.create(config, num_classes=13, kernels="xla").clone(dtype=jnp.bfloat16)
+  assert (f32.dtype, ours.dtype) == (jnp.float32, jnp.bfloat16)
+  variables = f32.init(jax.random.PRNGKey(0), images, train=False)
+
+  def loss(model, params):
+    logits, _ = model.apply(
+      {**variables, "params": params},
+      images,
+      train=True,
+      mutable=["batch_stats"],
+      rngs={"dropout": jax.random.PRNGKey(1)},
+    )
+    return (logits * jnp.arange(13.0)).sum(), logits
+
+  def gradient(model):
+    step = jax.jit(jax.grad(functools.partial(loss, model), has_aux=True))
+    grads, logits = step(variables["params"])
+    flat = jnp.concatenate([g.ravel() for g in jax.tree.leaves(grads)])
+    return step.lower(variables["params"]).as_text(), flat, logits
+
+  _, want, want_logits = gradient(f32)
+  lowered, got, got_logits = gradient(ours)
+  _, xla_got, xla_logits = gradient(xla)
+  assert kernel in lowered
+  assert got.dtype == got_logits.dtype == jnp.float32
+
+  def error(a, b):
+    return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+
+  assert error(got, want) < 0.25  # bfloat16 keeps 8 bits.
+  assert error(got, want) < 1.25 * error(xla_got, want)
+  assert error(got_logits, want_logits) < 1.25 * error(xla_logits, want_logits) + 1e-3
+
+
+def test_bfloat16_runs_in_float32_where_it_would_be_slower(monkeypatch, caplog):
+  # XLA:CPU's convolutions, or a CPU without bfloat16 dot products: float32,
+  # said once in the log.
+  config = full.get_config()
+  config.train.dtype = "bfloat16"
+  monkeypatch.setattr(
+    cpu_conv, "bfloat16", lambda: (False, "CPU X has no bfloat16 dot products")
+  )
+  convolutions._say_once.cache_clear()
+  with caplog.at_level("INFO"):
+    assert convolutions.compute_dtype(config, "onednn") == jnp.float32
+    assert convolutions.compute_dtype(config, "onednn") == jnp.float32
+    assert convolutions.compute_dtype(config, "xla") == jnp.float32
+  lines = [
+    r.getMessage() for r in caplog.records if "runs in float32" in r.getMessage()
+  ]
+  assert lines == [
+    "--config.train.dtype=bfloat16 runs in float32 on this CPU: CPU X has no "
+    "bfloat16 dot products.",
+    "--config.train.dtype=bfloat16 runs in float32 on this CPU: bfloat16 needs "
+    "oneDNN's convolutions here.",
+  ]
+  config.train.dtype = "float32"
+  assert convolutions.compute_dtype(config, "xla") == jnp.float32

@@ -28,7 +28,7 @@ import pytest
 from jax import lax
 
 from simpsons_jax import cpu_conv
-from simpsons_jax.cpu_conv.self_check import close, plain_block, plain_conv
+from simpsons_jax.cpu_conv.self_check import close, plain_block, plain_conv, rounded
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,11 +118,20 @@ def _operands(case: dict, block: bool) -> tuple[np.ndarray, ...]:
   return x, k.astype(np.float32), b.astype(np.float32), g.astype(np.float32)
 
 
-def _ours(convs: list[dict], blocks: list[dict]) -> list[tuple]:
+def _direct(case: dict) -> bool:
+  """Whether the block runs as the direct convolution (float32 always)."""
+  return case["shape"][-1] <= 4 and case["features"] % 8 == 0
+
+
+def _ours(convs: list[dict], blocks: list[dict], bfloat16: bool = False) -> list[tuple]:
   """cpu_conv's value and gradients for every case, from one compiled function:
-  (y, dx, dk) for a convolution, (y, dx or None, dk, db) for a block."""
+  (y, dx, dk) for a convolution, (y, dx or None, dk, db) for a block. With
+  `bfloat16`, the convolutions' bfloat16 kernels, their float32 results as
+  computed (before `conv_general_dilated` rounds them to bfloat16)."""
 
   def conv(case, x, k, g):
+    if bfloat16:
+      return cpu_conv._checked_conv_bfloat16(x, k, case["strides"], _pads(case), g)
     y, vjp = jax.vjp(
       lambda x, k: cpu_conv.conv_general_dilated(
         x, k, case["strides"], _pads(case), dimension_numbers=NHWC
@@ -134,7 +143,9 @@ def _ours(convs: list[dict], blocks: list[dict]) -> list[tuple]:
 
   def block(case, x, k, b, g):
     def f(x, k, b):
-      return cpu_conv.conv_relu_pool(x, k, b, padding=_pads(case), divisor=255.0)
+      return cpu_conv.conv_relu_pool(
+        x, k, b, padding=_pads(case), divisor=255.0, bfloat16=bfloat16
+      )
 
     if case["uint8"]:  # Images get no gradient.
       y, vjp = jax.vjp(lambda k, b: f(x, k, b), k, b)
@@ -156,27 +167,37 @@ def _ours(convs: list[dict], blocks: list[dict]) -> list[tuple]:
   return jax.device_get(jax.jit(all_cases)(*operands))
 
 
-def shape_space_failures(conv_count: int, block_count: int) -> list[str]:
+def shape_space_failures(
+  conv_count: int, block_count: int, bfloat16: bool = False
+) -> list[str]:
   """One line for each case whose value or gradients differ from the plain
-  formulation's, naming the case and what differs."""
+  formulation's (with `bfloat16`, of the convolutions' operands rounded to
+  bfloat16, the direct convolution's blocks excepted), naming the case and
+  what differs."""
   convs, blocks = conv_cases(conv_count), block_cases(block_count)
-  outputs = _ours(convs, blocks)
+  outputs = _ours(convs, blocks, bfloat16)
   names = ("forward", "input gradient", "kernel gradient", "bias gradient")
+  operand = rounded if bfloat16 else np.asarray
   failures = []
   for case, ours in zip(convs + blocks, outputs, strict=True):
     if "uint8" in case:
       x, k, b, g = _operands(case, block=True)
-      expected = plain_block(x, k, b, _pads(case), g, 255.0)
+      rounding = bfloat16 and not _direct(case)
+      expected = plain_block(x, k, b, _pads(case), g, 255.0, rounding)
     else:
       x, k, _, g = _operands(case, block=False)
-      expected = plain_conv(x, k, case["strides"], _pads(case), g)
+      expected = plain_conv(
+        operand(x), operand(k), case["strides"], _pads(case), operand(g)
+      )
     wrong = [
       name
       for name, got, want in zip(names, ours, expected, strict=False)
       if not close(got, want)
     ]
     if wrong:
-      kind = "block" if "uint8" in case else "conv"
+      kind = ("bfloat16 " if bfloat16 else "") + (
+        "block" if "uint8" in case else "conv"
+      )
       failures.append(f"{kind} {json.dumps(case)}: {', '.join(wrong)}")
   return failures
 
@@ -197,7 +218,7 @@ def test_the_cases_cover_the_shape_space():
   assert {"SAME", "VALID"} <= {p for p in paddings if isinstance(p, str)}
   assert any(isinstance(p, list) and p[0][0] != p[0][1] for p in paddings)
   blocks = block_cases(BLOCK_CASES)
-  direct = [c for c in blocks if c["shape"][-1] <= 4 and c["features"] % 8 == 0]
+  direct = [c for c in blocks if _direct(c)]
   assert {c["uint8"] for c in direct} == {True, False}
   assert any(c["uint8"] and c["kernel"][0] == 3 for c in direct)
   assert any(c["shape"][-1] > 4 or c["features"] % 8 for c in blocks)
@@ -238,21 +259,42 @@ def test_the_shape_space_with_each_direct_kernel_variant(variant):
   assert not failures, "\n".join(failures)
 
 
+# The ONEDNN_MAX_CPU_ISA caps, the CPU flags each needs, and whether oneDNN
+# computes bfloat16 dot products in hardware under it.
+ONEDNN_CAPS = {
+  "SSE41": ((), False),
+  "AVX2": (("avx2",), False),
+  "AVX512_CORE": (("avx512bw",), False),
+  "AVX512_CORE_BF16": (("avx512bw", "avx512_bf16"), True),
+  "AVX512_CORE_AMX": (("avx512bw", "amx_bf16", "amx_tile"), True),
+}
+
+
 def onednn_caps_here() -> list[str]:
   """The ONEDNN_MAX_CPU_ISA caps at or below this CPU's instruction sets."""
   cpuinfo = Path("/proc/cpuinfo")
   flags = set(cpuinfo.read_text().split()) if cpuinfo.exists() else set()
-  caps = ["SSE41"]
-  caps += ["AVX2"] if "avx2" in flags else []
-  caps += ["AVX512_CORE"] if "avx512bw" in flags else []
-  return caps
+  return [cap for cap, (needs, _) in ONEDNN_CAPS.items() if flags.issuperset(needs)]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("cap", ["SSE41", "AVX2", "AVX512_CORE"])
+def test_the_shape_space_in_bfloat16():
+  # The bfloat16 kernels on this CPU's best instruction set (the caps below
+  # take each in turn): the plain formulation of the rounded operands.
+  _needs_kernels()
+  if not cpu_conv.bfloat16()[0]:
+    pytest.skip(cpu_conv.bfloat16()[1])
+  failures = shape_space_failures(CONV_CASES, BLOCK_CASES, bfloat16=True)
+  assert not failures, "\n".join(failures)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cap", list(ONEDNN_CAPS))
 def test_the_shape_space_under_each_onednn_isa_cap(cap, tmp_path):
   # oneDNN reads its cap once, when it loads: a process of its own for each.
   # Two OpenMP threads at least: some of oneDNN's faults need more than one.
+  # Where the cap has bfloat16 dot products the bfloat16 kernels run the
+  # shape space too; below it they are not used (float32 instead).
   _needs_kernels()
   if cap not in onednn_caps_here():
     pytest.skip(f"this CPU does not reach {cap}")
@@ -262,8 +304,11 @@ def test_the_shape_space_under_each_onednn_isa_cap(cap, tmp_path):
     "from simpsons_jax import cpu_conv\n"
     "from tests.test_cpu_conv_shapes import shape_space_failures\n"
     "assert cpu_conv.available()[0], cpu_conv.available()[1]\n"
-    "json.dump(shape_space_failures(int(sys.argv[2]), int(sys.argv[3])),"
-    " open(sys.argv[1], 'w'))\n"
+    "bf16 = cpu_conv.bfloat16()[0]\n"
+    "counts = int(sys.argv[2]), int(sys.argv[3])\n"
+    "failures = shape_space_failures(*counts)\n"
+    "failures += shape_space_failures(*counts, bfloat16=True) if bf16 else []\n"
+    "json.dump({'bfloat16': bf16, 'failures': failures}, open(sys.argv[1], 'w'))\n"
   )
   env = {
     **os.environ,
@@ -278,5 +323,8 @@ def test_the_shape_space_under_each_onednn_isa_cap(cap, tmp_path):
     check=True,
     timeout=600,
   )
-  failures = json.loads(out.read_text())
-  assert not failures, f"under ONEDNN_MAX_CPU_ISA={cap}:\n" + "\n".join(failures)
+  result = json.loads(out.read_text())
+  assert result["bfloat16"] == ONEDNN_CAPS[cap][1]
+  assert not result["failures"], f"under ONEDNN_MAX_CPU_ISA={cap}:\n" + "\n".join(
+    result["failures"]
+  )

@@ -11,12 +11,17 @@ network's block (conv + bias, ReLU, 2x2 max pool) around them.
 
 It computes the same function on the same parameters (equal to `lax` within
 float32 rounding, tested), so checkpoints move freely between the two paths.
-Convolutions it does not handle (other dtypes, dilation, groups, layouts) go to
-`lax.conv_general_dilated` unchanged. `available()` says whether the kernels
-loaded and compute the right values here (a self-check against the plain
-formulation, `self_check.py`, run once), and why not where they do not (not
-x86-64 Linux, no compiler at install, the oneDNN wheel missing, wrong results on
-this CPU): the models then use XLA's convolutions.
+Where the CPU has bfloat16 dot products (AVX512_BF16, AMX: `bfloat16()`), the
+convolutions also take bfloat16 operands and accumulate and return float32
+(`conv_relu_pool(..., bfloat16=True)`; `conv_general_dilated` of bfloat16
+arrays), the plain formulation of the rounded operands within float32
+rounding (tested). Convolutions it does not handle (other dtypes, dilation,
+groups, layouts) go to `lax.conv_general_dilated` unchanged. `available()`
+says whether the kernels loaded and compute the right values here (a
+self-check against the plain formulation, `self_check.py`, run once), and why
+not where they do not (not x86-64 Linux, no compiler at install, the oneDNN
+wheel missing, wrong results on this CPU): the models then use XLA's
+convolutions.
 
 The direct kernels (`direct_kernels.inc`) are compiled for x86-64-v4 (AVX-512),
 x86-64-v3 (AVX2) and the x86-64 baseline; the best the CPU runs is used, and
@@ -74,12 +79,59 @@ def _checked_conv(x, k, strides, pads, g):
   return (y, *vjp(g))
 
 
-def _checked_block(x, k, b, pads, g):
+def _checked_conv_bfloat16(x, k, strides, pads, g):
+  """_checked_conv on bfloat16 operands, its results in float32 as computed
+  (before the rounding of `_conv`'s outputs to bfloat16)."""
+  x, k, g = (a.astype(jnp.bfloat16) for a in (x, k, g))
+  geometry = _geometry(x.shape, k.shape, strides, pads)
+  return (
+    _call("forward", _f32(*_output_shape(x, k, geometry)), x, k, geometry=geometry),
+    _call("backward_data", _f32(*x.shape), g, k, geometry=geometry),
+    _call("backward_weights", _f32(*k.shape), x, g, geometry=geometry),
+  )
+
+
+@functools.cache
+def bfloat16() -> tuple[bool, str]:
+  """(True, a line) where the convolutions take bfloat16 operands here: the
+  kernels are `available()`, the CPU has bfloat16 dot products (AVX512_BF16 or
+  AMX, within any ONEDNN_MAX_CPU_ISA cap) and they compute the plain
+  formulation of the rounded operands in the self-check; else (False, why not)."""
+  loaded, detail = available()
+  if not loaded:
+    return False, detail
+  if not library.bfloat16_instructions():
+    return False, f"{cpu_description()} has no bfloat16 dot products (AVX512_BF16, AMX)"
+  with jax.ensure_compile_time_eval():
+    wrong = self_check.failures(
+      _checked_conv_bfloat16,
+      functools.partial(_checked_block, bfloat16=True),
+      jax.jit,
+      bfloat16=True,
+    )
+  if wrong:
+    why = f"{detail} computed wrong bfloat16 results ({'; '.join(wrong)})"
+    logging.warning("Not using bfloat16 convolutions: %s.", why)
+    return False, why
+  return True, f"bfloat16 on {cpu_description()}"
+
+
+def _require_bfloat16() -> None:
+  usable, why = bfloat16()
+  if not usable:
+    raise RuntimeError(f"bfloat16 convolutions are not used here: {why}.")
+
+
+def _checked_block(x, k, b, pads, g, bfloat16=False):
   geometry = _geometry(x.shape, k.shape, (1, 1), pads)
+
+  def block(x, k, b):
+    return _conv_relu_pool(x, k, b, geometry, 255.0, bfloat16)
+
   if x.dtype == jnp.uint8:  # Images get no gradient.
-    y, vjp = jax.vjp(lambda k, b: _conv_relu_pool(x, k, b, geometry, 255.0), k, b)
+    y, vjp = jax.vjp(lambda k, b: block(x, k, b), k, b)
     return (y, None, *vjp(g))
-  y, vjp = jax.vjp(lambda x, k, b: _conv_relu_pool(x, k, b, geometry, 255.0), x, k, b)
+  y, vjp = jax.vjp(block, x, k, b)
   return (y, *vjp(g))
 
 
@@ -88,10 +140,13 @@ def _f32(*shape: int) -> jax.ShapeDtypeStruct:
 
 
 def _call(kind: str, out_shape, *operands: jax.Array, geometry=None, **attributes):
-  """Calls one FFI handler; `out_shape` is one ShapeDtypeStruct or a tuple."""
+  """Calls one FFI handler (its bfloat16 twin for bfloat16 operands);
+  `out_shape` is one ShapeDtypeStruct or a tuple."""
   loaded, why = library.load()  # Registers the handlers on first use.
   if not loaded:
     raise RuntimeError(f"oneDNN's convolutions are unavailable here: {why}.")
+  if operands[0].dtype == jnp.bfloat16:
+    kind += "_bf16"
   if geometry is not None:
     stride_h, stride_w, (pad_top, pad_bottom), (pad_left, pad_right) = geometry
     attributes.update(
@@ -107,9 +162,12 @@ def _call(kind: str, out_shape, *operands: jax.Array, geometry=None, **attribute
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _conv(x: jax.Array, kernel: jax.Array, geometry) -> jax.Array:
-  return _call(
+  """x * kernel in their type (float32, or bfloat16 accumulated in float32 and
+  rounded once, as `lax` computes it)."""
+  y = _call(
     "forward", _f32(*_output_shape(x, kernel, geometry)), x, kernel, geometry=geometry
   )
+  return y.astype(x.dtype)
 
 
 def _output_shape(x: jax.Array, kernel: jax.Array, geometry) -> tuple[int, ...]:
@@ -132,7 +190,7 @@ def _conv_backward(geometry, residuals, dy):
   x, kernel = residuals
   dx = _call("backward_data", _f32(*x.shape), dy, kernel, geometry=geometry)
   dkernel = _call("backward_weights", _f32(*kernel.shape), x, dy, geometry=geometry)
-  return dx, dkernel
+  return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
 
 
 _conv.defvjp(_conv_forward, _conv_backward)
@@ -149,12 +207,12 @@ def _geometry(shape, kernel_shape, window_strides, padding) -> tuple:
   )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _conv_relu_pool(x, kernel, bias, geometry, divisor):
-  return _conv_relu_pool_forward(x, kernel, bias, geometry, divisor)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _conv_relu_pool(x, kernel, bias, geometry, divisor, bfloat16):
+  return _conv_relu_pool_forward(x, kernel, bias, geometry, divisor, bfloat16)[0]
 
 
-def _conv_relu_pool_forward(x, kernel, bias, geometry, divisor):
+def _conv_relu_pool_forward(x, kernel, bias, geometry, divisor, bfloat16):
   n, h, w, c = _output_shape(x, kernel, geometry)
   pooled = (n, h // 2, w // 2, c)
   outputs = (_f32(*pooled), jax.ShapeDtypeStruct(pooled, jnp.int8))
@@ -168,14 +226,14 @@ def _conv_relu_pool_forward(x, kernel, bias, geometry, divisor):
       geometry=geometry,
       divisor=np.float32(divisor),
     )
-  else:
-    y, code = _call(
-      "conv_relu_pool_forward", outputs, x, kernel, bias, geometry=geometry
-    )
+    return y, (x, kernel, code, (n, h, w, c))
+  if bfloat16:  # The rounded operands are kept for the gradients.
+    x, kernel = x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16)
+  y, code = _call("conv_relu_pool_forward", outputs, x, kernel, bias, geometry=geometry)
   return y, (x, kernel, code, (n, h, w, c))
 
 
-def _conv_relu_pool_backward(geometry, divisor, residuals, g):
+def _conv_relu_pool_backward(geometry, divisor, bfloat16, residuals, g):
   x, kernel, code, y_shape = residuals
   images = x.dtype == jnp.uint8
   gradients = (_f32(*kernel.shape), _f32(kernel.shape[-1]))
@@ -191,7 +249,7 @@ def _conv_relu_pool_backward(geometry, divisor, residuals, g):
       divisor=np.float32(divisor),
     )
     return None, dkernel, dbias
-  dy = _call("relu_pool_backward", _f32(*y_shape), code, g)
+  dy = _call("relu_pool_backward", _f32(*y_shape), code, g).astype(kernel.dtype)
   dkernel, dbias = _call(
     "backward_weights_bias",
     gradients,
@@ -254,6 +312,7 @@ def conv_relu_pool(
   window_strides: Sequence[int] = (1, 1),
   padding: str | Sequence[tuple[int, int]] = "SAME",
   divisor: float = 255.0,
+  bfloat16: bool = False,
 ) -> jax.Array:
   """A float32 NHWC convolution with HWIO `kernel`, plus `bias`, then ReLU and a
   2x2 max pool ('VALID'), as one oneDNN convolution and one pass of the pool;
@@ -267,12 +326,21 @@ def conv_relu_pool(
   The same values and gradients as `models.max_pool_2x2(nn.relu(...))` of
   `lax.conv_general_dilated(...) + bias` within float32 rounding: the pool's
   gradient goes to each window's positive maximum, split evenly between ties.
+
+  With `bfloat16` (where `bfloat16()` allows it), a block that oneDNN runs
+  convolves `x` and `kernel` rounded to bfloat16, and its gradients take the
+  convolution's gradient rounded to bfloat16, all accumulated in float32; the
+  values, gradients and parameters stay float32. The direct convolution (the
+  first block's few channels) stays float32.
   """
   _require()
   geometry = _geometry(x.shape, kernel.shape, window_strides, padding)
-  if x.dtype == jnp.uint8 and not _direct(x.shape, kernel.shape, geometry):
+  direct = _direct(x.shape, kernel.shape, geometry)
+  if x.dtype == jnp.uint8 and not direct:
     x = x.astype(jnp.float32) / divisor
-  return _conv_relu_pool(x, kernel, bias, geometry, divisor)
+  if bfloat16 and not direct:
+    _require_bfloat16()
+  return _conv_relu_pool(x, kernel, bias, geometry, divisor, bfloat16 and not direct)
 
 
 def _direct(shape, kernel_shape, geometry) -> bool:
@@ -284,7 +352,9 @@ def _direct(shape, kernel_shape, geometry) -> bool:
 def _handled(lhs, rhs, lhs_dilation, rhs_dilation, dimension_numbers, groups) -> bool:
   if lhs.ndim != 4 or rhs.ndim != 4 or groups != 1:
     return False
-  if lhs.dtype != jnp.float32 or rhs.dtype != jnp.float32:
+  if lhs.dtype != rhs.dtype or lhs.dtype not in (jnp.float32, jnp.bfloat16):
+    return False
+  if lhs.dtype == jnp.bfloat16 and not bfloat16()[0]:
     return False
   if any(d != 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ()))):
     return False
@@ -309,8 +379,8 @@ def conv_general_dilated(
   preferred_element_type: Any = None,
 ) -> jax.Array:
   """`lax.conv_general_dilated`, through oneDNN for float32 NHWC/HWIO 2-D
-  convolutions without dilation or groups where `available()`, through `lax`
-  otherwise."""
+  convolutions without dilation or groups where `available()` (and bfloat16
+  ones where `bfloat16()`), through `lax` otherwise."""
   if (
     not available()[0]
     or batch_group_count != 1
@@ -338,6 +408,7 @@ def conv_general_dilated(
 __all__ = [
   "KERNEL_VARIANTS",
   "available",
+  "bfloat16",
   "conv_general_dilated",
   "conv_relu_pool",
   "cpu_description",

@@ -27,6 +27,23 @@ TARGETS = {
   "relu_pool_forward": "ReluMaxPoolForward",
   "relu_pool_backward": "ReluMaxPoolBackward",
 }
+# The convolutions that also take bfloat16 operands (float32 results and
+# accumulation): `kind + "_bf16"`.
+TARGETS.update(
+  {
+    f"{kind}_bf16": f"{TARGETS[kind]}Bf16"
+    for kind in (
+      "forward",
+      "backward_data",
+      "backward_weights",
+      "backward_weights_bias",
+      "conv_relu_pool_forward",
+    )
+  }
+)
+# oneDNN's dnnl_cpu_isa_avx512_core_bf16 bits: an instruction set that holds
+# them computes bfloat16 dot products in hardware (AVX512_BF16, AMX).
+_ISA_BF16 = 0xE7
 
 
 class _Version(ctypes.Structure):
@@ -81,8 +98,9 @@ def _runtime_library() -> str:
 KERNEL_VARIANTS = ("x86-64-v4", "x86-64-v3", "baseline")
 
 
-# onednn_conv.cc's SimpsonsUseKernelVariant, once loaded.
+# onednn_conv.cc's SimpsonsUseKernelVariant and oneDNN's library, once loaded.
 _use_variant = None
+_dnnl = None
 
 
 @functools.cache
@@ -111,8 +129,8 @@ def load() -> tuple[bool, str]:
     )
   dnnl.dnnl_version.restype = ctypes.POINTER(_Version)
   v = dnnl.dnnl_version().contents
-  global _use_variant
-  _use_variant = library.SimpsonsUseKernelVariant
+  global _use_variant, _dnnl
+  _use_variant, _dnnl = library.SimpsonsUseKernelVariant, dnnl
   return True, f"oneDNN {v.major}.{v.minor}.{v.patch}"
 
 
@@ -144,3 +162,12 @@ def use_kernel_variant(variant: str | None) -> str | None:
   )
   name = KERNEL_VARIANTS[len(KERNEL_VARIANTS) - 1 - previous]
   return None if name == here[0] else name
+
+
+def bfloat16_instructions() -> bool:
+  """Whether oneDNN runs bfloat16 dot products in hardware here (AVX512_BF16
+  or AMX, within any ONEDNN_MAX_CPU_ISA cap); False where the kernels did not
+  load. Without them oneDNN emulates bfloat16, slower than float32."""
+  if not load()[0]:
+    return False
+  return (_dnnl.dnnl_get_effective_cpu_isa() & _ISA_BF16) == _ISA_BF16

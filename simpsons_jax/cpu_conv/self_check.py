@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import ml_dtypes
 import numpy as np
 
 Pads = Sequence[tuple[int, int]]
@@ -70,17 +71,33 @@ def plain_relu_pool(y: np.ndarray, g: np.ndarray) -> tuple[np.ndarray, np.ndarra
   return np.maximum(top[:, :, 0, :, 0], 0), dy
 
 
+def rounded(a: np.ndarray) -> np.ndarray:
+  """`a` rounded to bfloat16 (to nearest even), as float32."""
+  return np.asarray(a, np.float32).astype(ml_dtypes.bfloat16).astype(np.float32)
+
+
 def plain_block(
-  x: np.ndarray, k: np.ndarray, b: np.ndarray, pads: Pads, g: np.ndarray, divisor: float
+  x: np.ndarray,
+  k: np.ndarray,
+  b: np.ndarray,
+  pads: Pads,
+  g: np.ndarray,
+  divisor: float,
+  bfloat16: bool = False,
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, np.ndarray]:
   """`cpu_conv.conv_relu_pool` written out: the pooled value and the input
-  (None for uint8 images), kernel and bias gradients."""
+  (None for uint8 images), kernel and bias gradients. With `bfloat16`, the
+  convolutions' operands (x, the kernel, the convolution's gradient) are
+  rounded to bfloat16 first."""
   images = x.dtype == np.uint8
   if images:
     x = x.astype(np.float32) / np.float32(divisor)
+  operand = rounded if bfloat16 else np.asarray
+  x, k = operand(x), operand(k)
   conv_shape = conv_output_shape(x.shape, k.shape, (1, 1), pads)
   y = plain_conv(x, k, (1, 1), pads, np.zeros(conv_shape))[0]
   pooled, dy = plain_relu_pool(y + b, g)
+  dy = operand(dy)
   _, dx, dk = plain_conv(x, k, (1, 1), pads, dy)
   return pooled, None if images else dx, dk, dy.sum(axis=(0, 1, 2))
 
@@ -125,10 +142,14 @@ def _operands(
   )
 
 
-def failures(conv: Callable, block: Callable, jit: Callable) -> list[str]:
+def failures(
+  conv: Callable, block: Callable, jit: Callable, bfloat16: bool = False
+) -> list[str]:
   """The cases whose value or gradients from `conv(x, k, strides, pads, g)`
   and `block(x, k, b, pads, g)` (each returning what `plain_conv` and
-  `plain_block` return), all run in one `jit`, differ from the plain ones."""
+  `plain_block` return), all run in one `jit`, differ from the plain ones;
+  with `bfloat16`, from the plain ones of the operands rounded to bfloat16
+  (uint8 blocks stay float32)."""
   rng = np.random.default_rng(0)
   conv_operands = [
     _operands(rng, s, k, conv_output_shape(s, k, st, p), False) for s, k, st, p in CONVS
@@ -149,12 +170,13 @@ def failures(conv: Callable, block: Callable, jit: Callable) -> list[str]:
     ]
 
   got = jit(run)(conv_operands, block_operands)
+  operand = rounded if bfloat16 else np.asarray
   expected = [
-    plain_conv(x, k, st, p, g)
+    plain_conv(operand(x), operand(k), st, p, operand(g))
     for (_, _, st, p), (x, k, _, g) in zip(CONVS, conv_operands, strict=True)
   ] + [
-    plain_block(x, k, b, p, g, 255.0)
-    for (_, _, p, _), (x, k, b, g) in zip(BLOCKS, block_operands, strict=True)
+    plain_block(x, k, b, p, g, 255.0, bfloat16 and not images)
+    for (_, _, p, images), (x, k, b, g) in zip(BLOCKS, block_operands, strict=True)
   ]
   names = ("value", "input gradient", "kernel gradient", "bias gradient")
   cases = [f"conv {s}*{k} strides {st}" for s, k, st, _ in CONVS]
