@@ -105,13 +105,17 @@ class SimpsonsCNN(nn.Module):
         name=f"conv{i}",
       )(x)
     x = x.reshape(x.shape[0], -1)
+    # On the CPU path (oneDNN's convolutions) the dense layers stay float32:
+    # XLA:CPU's bfloat16 matrix products and their gradients are slower than
+    # its float32 ones at these sizes (docs/performance.md).
+    dense_dtype = jnp.float32 if self.onednn else self.dtype
     for i, features in enumerate(self.dense_features):
       x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-      dense = nn.Dense(features, kernel_init=glorot, dtype=self.dtype, name=f"dense{i}")
+      dense = nn.Dense(features, kernel_init=glorot, dtype=dense_dtype, name=f"dense{i}")
       x = nn.relu(dense(x))
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
     logits = nn.Dense(
-      self.num_classes, kernel_init=glorot, dtype=self.dtype, name="logits"
+      self.num_classes, kernel_init=glorot, dtype=dense_dtype, name="logits"
     )(x)
     return logits.astype(jnp.float32)
 

@@ -392,7 +392,7 @@ def test_kernels_that_fail_their_self_check_are_refused_once(monkeypatch, caplog
   monkeypatch.setattr(
     cpu_conv.self_check,
     "failures",
-    lambda *args: ["conv (2, 8, 8, 4): kernel gradient"],
+    lambda *args, **kwargs: ["conv (2, 8, 8, 4): kernel gradient"],
   )
   cpu_conv.available.cache_clear()
   try:
