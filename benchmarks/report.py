@@ -83,17 +83,56 @@ def _accuracy(results: list[dict[str, Any]]) -> str:
 
 def _speed(results: list[dict[str, Any]]) -> str:
   rows = [
-    "| network | mode | size | batch | images/s (median) | machine | file |",
-    "|---|---|---|---|---|---|---|",
+    "| network | mode | size | batch | images/s (median) | best simpsons_jax / best "
+    "peer | machine | file |",
+    "|---|---|---|---|---|---|---|---|",
   ]
   for r in results:
     for row in r["results"]:
-      rates = ", ".join(f"{k} {v:,.0f}" for k, v in row["images_per_second"].items())
+      rates = row["images_per_second"]
+      ours = [v for k, v in rates.items() if k.startswith("simpsons_jax")]
+      peers = [v for k, v in rates.items() if not k.startswith("simpsons_jax")]
+      ratio = f"{max(ours) / max(peers):.2f}x" if ours and peers else "-"
       rows.append(
-        f"| {r['model']} | {row['mode']} | {row['size']} | {row['batch']} | {rates} "
+        f"| {r['model']} | {row['mode']} | {row['size']} | {row['batch']} | "
+        + ", ".join(f"{k} {v:,.0f}" for k, v in rates.items())
+        + f" | {ratio} "
         + _source(r, f", {r['rounds']} rounds of {r['window_seconds']:g} s")
       )
   return "\n".join(rows)
+
+
+def _step_parts(results: list[dict[str, Any]]) -> str:
+  rows = []
+  for r in results:
+    precisions = list(r["parts"])
+    rows += [
+      f"{r['size']} px, batch {r['batch']}, median of {r['repeats']} calls, on "
+      f"{_machine(r)} ([{r['file']}](results/{r['file']})):",
+      "",
+      "| part | GFLOP | "
+      + " | ".join(f"{p}: ms | {p}: GFLOP/s" for p in precisions)
+      + " |",
+      "|---|---|" + "---|---|" * len(precisions),
+    ]
+    by_part = zip(*(r["parts"][p] for p in precisions), strict=True)
+    totals = [sum(part["ms"] for part in r["parts"][p]) for p in precisions]
+    for parts in by_part:
+      cells = [
+        f"{part['ms']:.2f} | "
+        + (f"{part['gflop'] / part['ms'] * 1e3:.0f}" if part["gflop"] else "-")
+        for part in parts
+      ]
+      rows.append(
+        f"| {parts[0]['part']} | {parts[0]['gflop']:.2f} | " + " | ".join(cells) + " |"
+      )
+    rows.append(
+      "| **the parts together** | | "
+      + " | ".join(f"**{total:.1f}** | " for total in totals)
+      + " |"
+    )
+    rows.append("")
+  return "\n".join(rows).rstrip()
 
 
 def _serve_load(results: list[dict[str, Any]]) -> str:
@@ -269,6 +308,7 @@ TABLES: dict[str, Callable[[list[dict[str, Any]]], str]] = {
   "how_sure": _how_sure,
   "accuracy": _accuracy,
   "speed": _speed,
+  "step_parts": _step_parts,
   "serve_load": _serve_load,
 }
 

@@ -145,9 +145,12 @@ def _simpsons_jax(
     jax.block_until_ready(sums)
 
   kernels = convolutions.implementation(config)[1]
-  dtype = convolutions.compute_dtype(config, convolutions.implementation(config)[0])
+  dtype, conv_bfloat16 = convolutions.precision(
+    config, convolutions.implementation(config)[0]
+  )
+  computing = "bfloat16 convolutions, float32 else" if conv_bfloat16 else dtype
   return _timed(step, FLAGS.window), (
-    f"jax {jax.__version__}, convolutions {kernels}, computing in {dtype}"
+    f"jax {jax.__version__}, convolutions {kernels}, computing in {computing}"
   )
 
 

@@ -90,23 +90,32 @@ def implementation(config: ml_collections.ConfigDict) -> tuple[str, str]:
   return "xla", f"XLA:CPU's (oneDNN kernels unavailable: {detail})"
 
 
-def compute_dtype(config: ml_collections.ConfigDict, kernels: str) -> jnp.dtype:
-  """The type the models compute in: `config.train.dtype`, except bfloat16 on
-  a CPU where it would be slower than float32 (no bfloat16 dot products, or
-  XLA's convolutions, which compute it no faster): float32 there, said once
-  in the log. Parameters and optimizer state are float32 either way."""
+def precision(
+  config: ml_collections.ConfigDict, kernels: str
+) -> tuple[jnp.dtype, bool]:
+  """(the type the models compute in, whether their convolutions round their
+  operands to bfloat16) for `config.train.dtype` with `kernels`' convolutions.
+
+  On GPU and TPU, bfloat16 computes everything in bfloat16. On a CPU with
+  oneDNN's kernels and bfloat16 dot products (`cpu_conv.bfloat16()`), it
+  rounds the convolutions' operands alone (as PyTorch's autocast does) and
+  computes the rest in float32: XLA:CPU's bfloat16 BatchNorm, matrix products
+  and their gradients were slower than its float32 ones (docs/performance.md).
+  Elsewhere on CPU it computes in float32, said once in the log. Parameters
+  and optimizer state are float32 either way.
+  """
   dtype = jnp.dtype(config.train.dtype)
   if dtype != jnp.bfloat16 or jax.default_backend() != "cpu":
-    return dtype
+    return dtype, False
   usable, why = cpu_conv.bfloat16() if kernels == "onednn" else (False, "")
   if usable:
-    return dtype
+    return jnp.dtype(jnp.float32), True
   _say_once(
     "--config.train.dtype=bfloat16 runs in float32 on this CPU: "
     + (why or "bfloat16 needs oneDNN's convolutions here")
     + "."
   )
-  return jnp.dtype(jnp.float32)
+  return jnp.dtype(jnp.float32), False
 
 
 @functools.cache
@@ -123,10 +132,11 @@ def set_up(line: str) -> None:
     logging.info("Memory: one malloc arena, freed blocks kept (no faults per step).")
 
 
-def conv_fn(kernels: str) -> Callable | None:
-  """What replaces `lax.conv_general_dilated` in models that take `conv_fn`."""
+def conv_fn(kernels: str, bfloat16: bool = False) -> Callable | None:
+  """What replaces `lax.conv_general_dilated` in models that take `conv_fn`;
+  with `bfloat16` (see `precision`), oneDNN's rounding its operands."""
   if kernels == "onednn":
-    return cpu_conv.conv_general_dilated
+    return functools.partial(cpu_conv.conv_general_dilated, bfloat16=bfloat16)
   if jax.default_backend() == "cpu":
     # On XLA:CPU the kernel gradients are faster summed over batch chunks.
     return chunked_kernel_grad_conv

@@ -33,27 +33,25 @@ class ConvReluPool(nn.Conv):
   """`nn.Conv`, then ReLU and a 2x2 max pool: one block of the notebook network.
 
   Its parameters are `nn.Conv`'s (same names, shapes and initialisers). With
-  `onednn`, a float32 or bfloat16 block runs as `cpu_conv.conv_relu_pool`
-  (bias, ReLU and pool fused around oneDNN's convolution, or a direct one on
-  uint8 images; in bfloat16 the convolution's operands are rounded and its
-  results stay float32); otherwise as `nn.Conv`, `nn.relu` and
-  `max_pool_2x2`. Both compute the same function and gradients.
+  `onednn`, a float32 block runs as `cpu_conv.conv_relu_pool` (bias, ReLU and
+  pool fused around oneDNN's convolution, or a direct one on uint8 images;
+  with `bfloat16`, the convolution's operands rounded to bfloat16); otherwise
+  as `nn.Conv`, `nn.relu` and `max_pool_2x2`. Both compute the same function
+  and gradients.
   """
 
   onednn: bool = False
+  bfloat16: bool = False  # The fused block's convolution in bfloat16.
   # Set for the first block: its inputs are pixel values (uint8 images, or
   # float after mixing), used as `inputs.astype(dtype) / input_divisor`.
   input_divisor: float | None = None
 
   @nn.compact
   def __call__(self, inputs: jax.Array) -> jax.Array:
-    bfloat16 = jnp.dtype(self.dtype) == jnp.bfloat16
-    fused = self.onednn and (bfloat16 or jnp.dtype(self.dtype) == jnp.float32)
+    fused = self.onednn and jnp.dtype(self.dtype) == jnp.float32
     # uint8 images go to the fused kernel as they are: it divides them itself.
-    # The fused blocks take float32 values (their convolutions round them to
-    # bfloat16 themselves where they compute in it).
     if self.input_divisor and not (fused and inputs.dtype == jnp.uint8):
-      inputs = inputs.astype(jnp.float32 if fused else self.dtype) / self.input_divisor
+      inputs = inputs.astype(self.dtype) / self.input_divisor
     if not (fused and inputs.dtype in (jnp.float32, jnp.uint8)):
       return max_pool_2x2(nn.relu(super().__call__(inputs)))
     kernel_shape = (*self.kernel_size, inputs.shape[-1], self.features)
@@ -62,7 +60,13 @@ class ConvReluPool(nn.Conv):
     strides = self.strides or 1
     strides = (strides,) * 2 if isinstance(strides, int) else tuple(strides)
     return cpu_conv.conv_relu_pool(
-      inputs, kernel, bias, strides, self.padding, self.input_divisor or 1.0, bfloat16
+      inputs,
+      kernel,
+      bias,
+      strides,
+      self.padding,
+      self.input_divisor or 1.0,
+      self.bfloat16,
     )
 
 
@@ -70,8 +74,8 @@ class SimpsonsCNN(nn.Module):
   """The notebook's network: conv+ReLU+pool blocks, then dropout+dense layers.
 
   Inputs are uint8 images (N, H, W, 3); outputs one float32 logit per
-  character. `dtype` is the compute type (bfloat16 on accelerators and on
-  CPUs with bfloat16 dot products); the parameters stay float32.
+  character. `dtype` is the compute type (bfloat16 on accelerators); the
+  parameters stay float32.
   """
 
   num_classes: int
@@ -79,7 +83,8 @@ class SimpsonsCNN(nn.Module):
   dense_features: Sequence[int] = (512, 512, 512, 512)
   dropout_rate: float = 0.0
   dtype: Any = jnp.float32
-  onednn: bool = False  # Conv blocks through cpu_conv.conv_relu_pool.
+  onednn: bool = False  # Conv blocks through cpu_conv.conv_relu_pool,
+  conv_bfloat16: bool = False  # their convolutions' operands in bfloat16.
 
   # The settings that fix its parameters (a resumed run may not change them).
   FIXED_SETTINGS = ("conv_features", "dense_features")
@@ -101,21 +106,18 @@ class SimpsonsCNN(nn.Module):
         kernel_init=glorot,
         dtype=self.dtype,
         onednn=self.onednn,
+        bfloat16=self.conv_bfloat16,
         input_divisor=255.0 if i == 0 else None,
         name=f"conv{i}",
       )(x)
     x = x.reshape(x.shape[0], -1)
-    # On the CPU path (oneDNN's convolutions) the dense layers stay float32:
-    # XLA:CPU's bfloat16 matrix products and their gradients are slower than
-    # its float32 ones at these sizes (docs/performance.md).
-    dense_dtype = jnp.float32 if self.onednn else self.dtype
     for i, features in enumerate(self.dense_features):
       x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-      dense = nn.Dense(features, kernel_init=glorot, dtype=dense_dtype, name=f"dense{i}")
+      dense = nn.Dense(features, kernel_init=glorot, dtype=self.dtype, name=f"dense{i}")
       x = nn.relu(dense(x))
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
     logits = nn.Dense(
-      self.num_classes, kernel_init=glorot, dtype=dense_dtype, name="logits"
+      self.num_classes, kernel_init=glorot, dtype=self.dtype, name="logits"
     )(x)
     return logits.astype(jnp.float32)
 
@@ -221,7 +223,15 @@ MODELS: dict[str, type[nn.Module]] = {
   "resnet": ResNet,
 }
 # Fields `create` fills from the config's other groups, where a model has them.
-RUNTIME_FIELDS = ("num_classes", "dtype", "onednn", "conv_fn", "parent", "name")
+RUNTIME_FIELDS = (
+  "num_classes",
+  "dtype",
+  "onednn",
+  "conv_bfloat16",
+  "conv_fn",
+  "parent",
+  "name",
+)
 
 
 def setting_defaults(cls: type[nn.Module]) -> dict[str, Any]:
@@ -280,7 +290,7 @@ def create(
 ) -> nn.Module:
   """Builds `config.model.name`'s model with its settings for `num_classes`
   characters, computing in `config.train.dtype` (see
-  `convolutions.compute_dtype`), with `kernels`' convolutions
+  `convolutions.precision`), with `kernels`' convolutions
   ('xla' or 'onednn'; '': this machine's, see `conv_implementation`)."""
   cls = model_class(config)
   if not kernels:
@@ -298,11 +308,13 @@ def create(
     key: tuple(value) if isinstance(value, list | tuple) else value
     for key, value in given.items()
   }
+  dtype, conv_bfloat16 = convolutions.precision(config, kernels)
   runtime = {
     "num_classes": num_classes,
-    "dtype": convolutions.compute_dtype(config, kernels),
+    "dtype": dtype,
     "onednn": kernels == "onednn",
-    "conv_fn": convolutions.conv_fn(kernels),
+    "conv_bfloat16": conv_bfloat16,
+    "conv_fn": convolutions.conv_fn(kernels, conv_bfloat16),
   }
   fields = {field.name for field in dataclasses.fields(cls)}
   return cls(**kwargs, **{k: v for k, v in runtime.items() if k in fields})

@@ -125,16 +125,13 @@ def _direct(case: dict) -> bool:
 
 def _ours(convs: list[dict], blocks: list[dict], bfloat16: bool = False) -> list[tuple]:
   """cpu_conv's value and gradients for every case, from one compiled function:
-  (y, dx, dk) for a convolution, (y, dx or None, dk, db) for a block. With
-  `bfloat16`, the convolutions' bfloat16 kernels, their float32 results as
-  computed (before `conv_general_dilated` rounds them to bfloat16)."""
+  (y, dx, dk) for a convolution, (y, dx or None, dk, db) for a block; with
+  `bfloat16`, through the bfloat16 kernels."""
 
   def conv(case, x, k, g):
-    if bfloat16:
-      return cpu_conv._checked_conv_bfloat16(x, k, case["strides"], _pads(case), g)
     y, vjp = jax.vjp(
       lambda x, k: cpu_conv.conv_general_dilated(
-        x, k, case["strides"], _pads(case), dimension_numbers=NHWC
+        x, k, case["strides"], _pads(case), dimension_numbers=NHWC, bfloat16=bfloat16
       ),
       x,
       k,

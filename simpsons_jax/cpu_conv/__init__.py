@@ -12,11 +12,11 @@ network's block (conv + bias, ReLU, 2x2 max pool) around them.
 It computes the same function on the same parameters (equal to `lax` within
 float32 rounding, tested), so checkpoints move freely between the two paths.
 Where the CPU has bfloat16 dot products (AVX512_BF16, AMX: `bfloat16()`), the
-convolutions also take bfloat16 operands and accumulate and return float32
-(`conv_relu_pool(..., bfloat16=True)`; `conv_general_dilated` of bfloat16
-arrays), the plain formulation of the rounded operands within float32
-rounding (tested). Convolutions it does not handle (other dtypes, dilation,
-groups, layouts) go to `lax.conv_general_dilated` unchanged. `available()`
+convolutions can round their operands to bfloat16 and accumulate and return
+float32 (`bfloat16=True`), the plain formulation of the rounded operands
+within float32 rounding (tested). Convolutions it does not handle (other
+dtypes, dilation, groups, layouts) go to `lax.conv_general_dilated`
+unchanged. `available()`
 says whether the kernels loaded and compute the right values here (a
 self-check against the plain formulation, `self_check.py`, run once), and why
 not where they do not (not x86-64 Linux, no compiler at install, the oneDNN
@@ -72,23 +72,10 @@ def available() -> tuple[bool, str]:
   return False, why
 
 
-def _checked_conv(x, k, strides, pads, g):
-  y, vjp = jax.vjp(
-    lambda x, k: _conv(x, k, _geometry(x.shape, k.shape, strides, pads)), x, k
-  )
-  return (y, *vjp(g))
-
-
-def _checked_conv_bfloat16(x, k, strides, pads, g):
-  """_checked_conv on bfloat16 operands, its results in float32 as computed
-  (before the rounding of `_conv`'s outputs to bfloat16)."""
-  x, k, g = (a.astype(jnp.bfloat16) for a in (x, k, g))
+def _checked_conv(x, k, strides, pads, g, bfloat16=False):
   geometry = _geometry(x.shape, k.shape, strides, pads)
-  return (
-    _call("forward", _f32(*_output_shape(x, k, geometry)), x, k, geometry=geometry),
-    _call("backward_data", _f32(*x.shape), g, k, geometry=geometry),
-    _call("backward_weights", _f32(*k.shape), x, g, geometry=geometry),
-  )
+  y, vjp = jax.vjp(lambda x, k: _conv(x, k, geometry, bfloat16), x, k)
+  return (y, *vjp(g))
 
 
 @functools.cache
@@ -104,7 +91,7 @@ def bfloat16() -> tuple[bool, str]:
     return False, f"{cpu_description()} has no bfloat16 dot products (AVX512_BF16, AMX)"
   with jax.ensure_compile_time_eval():
     wrong = self_check.failures(
-      _checked_conv_bfloat16,
+      functools.partial(_checked_conv, bfloat16=True),
       functools.partial(_checked_block, bfloat16=True),
       jax.jit,
       bfloat16=True,
@@ -160,14 +147,14 @@ def _call(kind: str, out_shape, *operands: jax.Array, geometry=None, **attribute
   return jax.ffi.ffi_call(library.TARGETS[kind], out_shape)(*operands, **attributes)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _conv(x: jax.Array, kernel: jax.Array, geometry) -> jax.Array:
-  """x * kernel in their type (float32, or bfloat16 accumulated in float32 and
-  rounded once, as `lax` computes it)."""
-  y = _call(
-    "forward", _f32(*_output_shape(x, kernel, geometry)), x, kernel, geometry=geometry
-  )
-  return y.astype(x.dtype)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv(
+  x: jax.Array, kernel: jax.Array, geometry, bfloat16: bool = False
+) -> jax.Array:
+  """x * kernel in float32; with `bfloat16`, of the operands rounded to
+  bfloat16 (accumulated in float32), the gradients taking the output's
+  gradient rounded to bfloat16 too."""
+  return _conv_forward(x, kernel, geometry, bfloat16)[0]
 
 
 def _output_shape(x: jax.Array, kernel: jax.Array, geometry) -> tuple[int, ...]:
@@ -182,15 +169,21 @@ def _output_shape(x: jax.Array, kernel: jax.Array, geometry) -> tuple[int, ...]:
   )
 
 
-def _conv_forward(x, kernel, geometry):
-  return _conv(x, kernel, geometry), (x, kernel)
+def _conv_forward(x, kernel, geometry, bfloat16):
+  if bfloat16:  # The rounded operands are kept for the gradients.
+    x, kernel = x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16)
+  y = _call(
+    "forward", _f32(*_output_shape(x, kernel, geometry)), x, kernel, geometry=geometry
+  )
+  return y, (x, kernel)
 
 
-def _conv_backward(geometry, residuals, dy):
+def _conv_backward(geometry, bfloat16, residuals, dy):
   x, kernel = residuals
+  dy = dy.astype(x.dtype)
   dx = _call("backward_data", _f32(*x.shape), dy, kernel, geometry=geometry)
   dkernel = _call("backward_weights", _f32(*kernel.shape), x, dy, geometry=geometry)
-  return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
+  return dx, dkernel
 
 
 _conv.defvjp(_conv_forward, _conv_backward)
@@ -352,9 +345,7 @@ def _direct(shape, kernel_shape, geometry) -> bool:
 def _handled(lhs, rhs, lhs_dilation, rhs_dilation, dimension_numbers, groups) -> bool:
   if lhs.ndim != 4 or rhs.ndim != 4 or groups != 1:
     return False
-  if lhs.dtype != rhs.dtype or lhs.dtype not in (jnp.float32, jnp.bfloat16):
-    return False
-  if lhs.dtype == jnp.bfloat16 and not bfloat16()[0]:
+  if lhs.dtype != jnp.float32 or rhs.dtype != jnp.float32:
     return False
   if any(d != 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ()))):
     return False
@@ -377,10 +368,14 @@ def conv_general_dilated(
   batch_group_count: int = 1,
   precision: Any = None,
   preferred_element_type: Any = None,
+  *,
+  bfloat16: bool = False,
 ) -> jax.Array:
   """`lax.conv_general_dilated`, through oneDNN for float32 NHWC/HWIO 2-D
-  convolutions without dilation or groups where `available()` (and bfloat16
-  ones where `bfloat16()`), through `lax` otherwise."""
+  convolutions without dilation or groups where `available()`, through `lax`
+  otherwise. With `bfloat16` (where `bfloat16()` allows it), oneDNN's
+  convolutions take their operands, and the gradients the output's gradient,
+  rounded to bfloat16; values and gradients stay float32."""
   if (
     not available()[0]
     or batch_group_count != 1
@@ -402,7 +397,10 @@ def conv_general_dilated(
       precision,
       preferred_element_type,
     )
-  return _conv(lhs, rhs, _geometry(lhs.shape, rhs.shape, window_strides, padding))
+  if bfloat16:
+    _require_bfloat16()
+  geometry = _geometry(lhs.shape, rhs.shape, window_strides, padding)
+  return _conv(lhs, rhs, geometry, bfloat16)
 
 
 __all__ = [

@@ -1,0 +1,157 @@
+"""Where the notebook network's training step spends its time on CPU, part by part.
+
+  python benchmarks/step_parts.py                       # 128 px, batch 64
+  python benchmarks/step_parts.py --json=docs/results/step_parts_128.json
+
+Each part runs alone, compiled, forward and backward as the training step runs
+it, in float32 and in bfloat16 (where `cpu_conv.bfloat16()` allows it): the
+four conv + bias + ReLU + pool blocks through `cpu_conv.conv_relu_pool` (the
+first on uint8 images, as the model feeds it), the dense layers (dropout off)
+and Adam's update of every parameter. Each figure is the median of `--repeats`
+calls after two warm-up calls; FLOPs count a multiply-add as two, forward and
+both gradients (the first block has no input gradient).
+"""
+
+from __future__ import annotations
+
+import functools
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from absl import app, flags
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks import results  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("size", 128, "Image size.")
+flags.DEFINE_integer("batch", 64, "Batch size (configs/full.py's).")
+flags.DEFINE_integer("repeats", 30, "Timed calls per part.")
+flags.DEFINE_string("json", "", "Also write the results to this file.")
+
+CONV_FEATURES = (8, 16, 32, 64)
+DENSE_FEATURES = (512, 512, 512, 512)
+NUM_CLASSES = 13
+
+
+def _milliseconds(f: Callable, *args) -> float:
+  import jax
+
+  for _ in range(2):
+    jax.block_until_ready(f(*args))
+  times = []
+  for _ in range(FLAGS.repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(f(*args))
+    times.append(time.perf_counter() - start)
+  return statistics.median(times) * 1e3
+
+
+def _parts(bfloat16: bool) -> list[dict]:
+  """(name, GFLOP, ms) of every part in one precision."""
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import optax
+
+  from simpsons_jax import cpu_conv
+
+  rng = np.random.default_rng(0)
+  n, size, channels, parts = FLAGS.batch, FLAGS.size, 3, []
+  shapes = []
+  for i, features in enumerate(CONV_FEATURES):
+    if i == 0:
+      x = jnp.asarray(rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8))
+    else:
+      x = jnp.asarray(rng.standard_normal((n, size, size, channels), np.float32))
+    k = jnp.asarray(rng.standard_normal((3, 3, channels, features), np.float32) * 0.1)
+    b = jnp.zeros(features)
+
+    def block(k, b, x):
+      return cpu_conv.conv_relu_pool(x, k, b, divisor=255.0, bfloat16=bfloat16).sum()
+
+    grad = jax.jit(jax.grad(block, argnums=(0, 1) if i == 0 else (0, 1, 2)))
+    passes = 2 if i == 0 else 3
+    flops = 2 * n * size * size * 9 * channels * features * passes
+    parts.append(
+      dict(
+        part=f"block {i + 1}: {size} px, {channels} -> {features}",
+        gflop=flops / 1e9,
+        ms=_milliseconds(grad, k, b, x),
+      )
+    )
+    shapes.append((channels, features))
+    size, channels = size // 2, features
+  width = size * size * channels
+  dense = nn.Sequential(
+    [layer for features in DENSE_FEATURES for layer in (nn.Dense(features), nn.relu)]
+    + [nn.Dense(NUM_CLASSES)]
+  )
+  h = jnp.asarray(rng.standard_normal((n, width), np.float32))
+  params = dense.init(jax.random.PRNGKey(0), h)
+  grad = jax.jit(jax.grad(lambda p, h: dense.apply(p, h).sum()))
+  macs = sum(
+    a * b
+    for a, b in zip(
+      (width, *DENSE_FEATURES), (*DENSE_FEATURES, NUM_CLASSES), strict=True
+    )
+  )
+  parts.append(
+    dict(
+      part="dense layers", gflop=6 * n * macs / 1e9, ms=_milliseconds(grad, params, h)
+    )
+  )
+  # Adam over every parameter of the network.
+  every = [jnp.zeros((3, 3, c, f)) for c, f in shapes] + jax.tree.leaves(params)
+  optimizer = optax.adam(1e-3)
+
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
+  def update(p, state, g):
+    updates, state = optimizer.update(g, state, p)
+    return optax.apply_updates(p, updates), state
+
+  holder = [every, optimizer.init(every)]
+  gradients = [jnp.ones_like(p) for p in every]
+
+  def step():
+    holder[0], holder[1] = update(holder[0], holder[1], gradients)
+    return holder[0]
+
+  parts.append(dict(part="Adam's update", gflop=0.0, ms=_milliseconds(step)))
+  return parts
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  from simpsons_jax import cpu_conv
+
+  if not cpu_conv.available()[0]:
+    raise SystemExit(f"oneDNN's kernels are not used here: {cpu_conv.available()[1]}")
+  precisions = ["float32"] + (["bfloat16"] if cpu_conv.bfloat16()[0] else [])
+  rows = {p: _parts(p == "bfloat16") for p in precisions}
+  print(f"{FLAGS.size} px, batch {FLAGS.batch}, on {cpu_conv.cpu_description()}")
+  for precision, parts in rows.items():
+    total = sum(p["ms"] for p in parts)
+    print(f"\n{precision}: {total:.1f} ms for the parts")
+    for p in parts:
+      rate = f"{p['gflop'] / p['ms'] * 1e3:.0f} GFLOP/s" if p["gflop"] else ""
+      print(f"  {p['part']:32} {p['ms']:7.2f} ms  {rate}")
+  if FLAGS.json:
+    results.write(
+      FLAGS.json,
+      "step_parts",
+      {
+        "size": FLAGS.size,
+        "batch": FLAGS.batch,
+        "repeats": FLAGS.repeats,
+        "parts": rows,
+      },
+    )
+
+
+if __name__ == "__main__":
+  app.run(main)
