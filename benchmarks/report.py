@@ -199,9 +199,12 @@ def _calibration(results: list[dict[str, Any]]) -> str:
 
 
 def _how_sure(results: list[dict[str, Any]]) -> str:
-  """The README's lines: each calibrated run's figures, linked to its file."""
+  """The README's lines: each calibrated run's figures, linked to its file
+  (but the runs that compare precisions: docs/results.md's)."""
   lines = []
   for r in results:
+    if any(change.startswith("train.dtype=") for change in _changes(r)):
+      continue
     for run in r["runs"]:
       if "calibration" not in run:
         continue

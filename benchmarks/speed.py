@@ -145,7 +145,7 @@ def _simpsons_jax(
     jax.block_until_ready(sums)
 
   kernels = convolutions.implementation(config)[1]
-  dtype, conv_bfloat16 = convolutions.precision(
+  dtype, conv_bfloat16, _ = convolutions.precision(
     config, convolutions.implementation(config)[0]
   )
   computing = "bfloat16 convolutions, float32 else" if conv_bfloat16 else dtype

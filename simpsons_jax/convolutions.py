@@ -92,42 +92,41 @@ def implementation(config: ml_collections.ConfigDict) -> tuple[str, str]:
 
 def precision(
   config: ml_collections.ConfigDict, kernels: str
-) -> tuple[jnp.dtype, bool]:
+) -> tuple[jnp.dtype, bool, str]:
   """(the type the models compute in, whether their convolutions round their
-  operands to bfloat16) for `config.train.dtype` with `kernels`' convolutions.
+  operands to bfloat16, why a bfloat16 run computes in float32 or '') for
+  `config.train.dtype` with `kernels`' convolutions.
 
   On GPU and TPU, bfloat16 computes everything in bfloat16. On a CPU with
   oneDNN's kernels and bfloat16 dot products (`cpu_conv.bfloat16()`), it
   rounds the convolutions' operands alone (as PyTorch's autocast does) and
   computes the rest in float32: XLA:CPU's bfloat16 BatchNorm, matrix products
   and their gradients were slower than its float32 ones (docs/performance.md).
-  Elsewhere on CPU it computes in float32, said once in the log. Parameters
-  and optimizer state are float32 either way.
+  Elsewhere on CPU it computes in float32. Parameters and optimizer state are
+  float32 either way.
   """
   dtype = jnp.dtype(config.train.dtype)
   if dtype != jnp.bfloat16 or jax.default_backend() != "cpu":
-    return dtype, False
+    return dtype, False, ""
   usable, why = cpu_conv.bfloat16() if kernels == "onednn" else (False, "")
   if usable:
-    return jnp.dtype(jnp.float32), True
-  _say_once(
-    "--config.train.dtype=bfloat16 runs in float32 on this CPU: "
-    + (why or "bfloat16 needs oneDNN's convolutions here")
-    + "."
+    return jnp.dtype(jnp.float32), True, ""
+  why = why or "bfloat16 needs oneDNN's convolutions here"
+  return (
+    jnp.dtype(jnp.float32),
+    False,
+    f"--config.train.dtype=bfloat16 runs in float32 on this CPU: {why}.",
   )
-  return jnp.dtype(jnp.float32), False
 
 
 @functools.cache
-def _say_once(line: str) -> None:
-  logging.info("%s", line)
-
-
-@functools.cache
-def set_up(line: str) -> None:
-  """Once per process: logs which convolutions run and, on CPU, whether a
-  step's memory is reused (see `host_memory`)."""
+def set_up(line: str, precision_note: str = "") -> None:
+  """Once per process: logs which convolutions run, why a bfloat16 run
+  computes in float32 (`precision`'s note) and, on CPU, whether a step's
+  memory is reused (see `host_memory`)."""
   logging.info("Convolutions: %s.", line)
+  if precision_note:
+    logging.info("%s", precision_note)
   if jax.default_backend() == "cpu" and host_memory.kept():
     logging.info("Memory: one malloc arena, freed blocks kept (no faults per step).")
 

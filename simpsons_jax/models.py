@@ -293,9 +293,12 @@ def create(
   `convolutions.precision`), with `kernels`' convolutions
   ('xla' or 'onednn'; '': this machine's, see `conv_implementation`)."""
   cls = model_class(config)
-  if not kernels:
+  chosen_here = not kernels
+  if chosen_here:
     kernels, line = convolutions.implementation(config)
-    convolutions.set_up(line)
+  dtype, conv_bfloat16, precision_note = convolutions.precision(config, kernels)
+  if chosen_here:  # Not for shapes or exports, which name their kernels.
+    convolutions.set_up(line, precision_note)
   given = config.model[config.model.name]
   known = setting_defaults(cls)
   unknown = sorted(set(given) - set(known))
@@ -308,7 +311,6 @@ def create(
     key: tuple(value) if isinstance(value, list | tuple) else value
     for key, value in given.items()
   }
-  dtype, conv_bfloat16 = convolutions.precision(config, kernels)
   runtime = {
     "num_classes": num_classes,
     "dtype": dtype,

@@ -483,27 +483,39 @@ def test_bfloat16_networks_are_as_close_to_float32_as_xlas_bfloat16(get_config, 
 
 def test_bfloat16_runs_in_float32_where_it_would_be_slower(monkeypatch, caplog):
   # XLA:CPU's convolutions, or a CPU without bfloat16 dot products: float32,
-  # said once in the log. With them, the convolutions alone round.
+  # and the run's log says why, once. With them, the convolutions alone round.
   config = full.get_config()
   config.train.dtype = "bfloat16"
   monkeypatch.setattr(cpu_conv, "bfloat16", lambda: (True, "bfloat16 on CPU X"))
-  assert convolutions.precision(config, "onednn") == (jnp.float32, True)
+  assert convolutions.precision(config, "onednn") == (jnp.float32, True, "")
   monkeypatch.setattr(
     cpu_conv, "bfloat16", lambda: (False, "CPU X has no bfloat16 dot products")
   )
-  convolutions._say_once.cache_clear()
+  assert convolutions.precision(config, "onednn") == (
+    jnp.float32,
+    False,
+    "--config.train.dtype=bfloat16 runs in float32 on this CPU: CPU X has no "
+    "bfloat16 dot products.",
+  )
+  assert convolutions.precision(config, "xla")[2] == (
+    "--config.train.dtype=bfloat16 runs in float32 on this CPU: bfloat16 needs "
+    "oneDNN's convolutions here."
+  )
+  config.train.dtype = "float32"
+  assert convolutions.precision(config, "onednn") == (jnp.float32, False, "")
+  # Said by the model the run builds, not by those built for shapes or exports.
+  config.train.dtype = "bfloat16"
+  config.train.cpu_kernels = "xla"
+  convolutions.set_up.cache_clear()
   with caplog.at_level("INFO"):
-    assert convolutions.precision(config, "onednn") == (jnp.float32, False)
-    assert convolutions.precision(config, "onednn") == (jnp.float32, False)
-    assert convolutions.precision(config, "xla") == (jnp.float32, False)
+    models.create(config, num_classes=13, kernels="xla")
+    assert not [r for r in caplog.records if "runs in float32" in r.getMessage()]
+    models.create(config, num_classes=13)
+    models.create(config, num_classes=13)
   lines = [
     r.getMessage() for r in caplog.records if "runs in float32" in r.getMessage()
   ]
   assert lines == [
-    "--config.train.dtype=bfloat16 runs in float32 on this CPU: CPU X has no "
-    "bfloat16 dot products.",
     "--config.train.dtype=bfloat16 runs in float32 on this CPU: bfloat16 needs "
-    "oneDNN's convolutions here.",
+    "oneDNN's convolutions here."
   ]
-  config.train.dtype = "float32"
-  assert convolutions.precision(config, "onednn") == (jnp.float32, False)
