@@ -8,6 +8,7 @@ import os
 import struct
 import subprocess
 import sys
+import time
 import zlib
 from pathlib import Path
 
@@ -481,7 +482,9 @@ def test_a_full_disk_stops_training_at_once_and_the_run_resumes(
       free = os.statvfs(small_disk)
       with open(small_disk / "ballast", "wb") as f:
         f.write(b"\0" * (free.f_bavail * free.f_frsize - 4096))
-    return real_save(manager, state, meta, metrics)
+    real_save(manager, state, meta, metrics)
+    while len(saves) == 2 and manager.is_saving_in_progress():
+      time.sleep(0.01)  # The failing save ends before the next step, however slow.
 
   real_check = checkpointing.raise_failed_save
 
