@@ -50,16 +50,8 @@ flags.DEFINE_enum(
 flags.mark_flag_as_required("workdir")
 
 # What a disk or a path refuses: one sentence naming the path and the way out.
-DISK_ERRORS = {
-  errno.EACCES,
-  errno.EPERM,
-  errno.EROFS,
-  errno.ENOSPC,
-  errno.EDQUOT,
-  errno.ENOENT,
-  errno.ENOTDIR,
-  errno.EISDIR,
-}
+DISK_ERRORS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
+DISK_ERRORS |= {errno.ENOENT, errno.ENOTDIR, errno.EISDIR}
 
 
 def main(argv: list[str]) -> None:
