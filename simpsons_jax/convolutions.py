@@ -134,8 +134,10 @@ def set_up(line: str, precision_note: str = "") -> None:
 def conv_fn(kernels: str, bfloat16: bool = False) -> Callable | None:
   """What replaces `lax.conv_general_dilated` in models that take `conv_fn`;
   with `bfloat16` (see `precision`), oneDNN's rounding its operands."""
+  if kernels == "onednn" and bfloat16:
+    return functools.partial(cpu_conv.conv_general_dilated, bfloat16=True)
   if kernels == "onednn":
-    return functools.partial(cpu_conv.conv_general_dilated, bfloat16=bfloat16)
+    return cpu_conv.conv_general_dilated
   if jax.default_backend() == "cpu":
     # On XLA:CPU the kernel gradients are faster summed over batch chunks.
     return chunked_kernel_grad_conv
