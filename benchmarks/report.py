@@ -111,27 +111,37 @@ def _step_parts(results: list[dict[str, Any]]) -> str:
       f"{_machine(r)} ([{r['file']}](results/{r['file']})):",
       "",
       "| part | GFLOP | "
-      + " | ".join(f"{p}: ms | {p}: GFLOP/s" for p in precisions)
+      + " | ".join(f"{p}: ms | of which forward | {p}: GFLOP/s" for p in precisions)
       + " |",
-      "|---|---|" + "---|---|" * len(precisions),
+      "|---|---|" + "---|---|---|" * len(precisions),
     ]
     by_part = zip(*(r["parts"][p] for p in precisions), strict=True)
     totals = [sum(part["ms"] for part in r["parts"][p]) for p in precisions]
     for parts in by_part:
       cells = [
         f"{part['ms']:.2f} | "
+        + (f"{part['forward_ms']:.2f} | " if "forward_ms" in part else "- | ")
         + (f"{part['gflop'] / part['ms'] * 1e3:.0f}" if part["gflop"] else "-")
         for part in parts
       ]
       rows.append(
         f"| {parts[0]['part']} | {parts[0]['gflop']:.2f} | " + " | ".join(cells) + " |"
       )
-    rows.append(
+    steps = [r["whole_step_ms"][p] for p in precisions]
+    rows += [
       "| **the parts together** | | "
-      + " | ".join(f"**{total:.1f}** | " for total in totals)
-      + " |"
-    )
-    rows.append("")
+      + " | ".join(f"**{total:.1f}** | | " for total in totals)
+      + " |",
+      "| **the whole training step** | | "
+      + " | ".join(f"**{step:.1f}** | | " for step in steps)
+      + " |",
+      "| the rest (loss, dropout, metrics, glue) | | "
+      + " | ".join(
+        f"{step - total:.1f} | | " for step, total in zip(steps, totals, strict=True)
+      )
+      + " |",
+      "",
+    ]
   return "\n".join(rows).rstrip()
 
 

@@ -107,51 +107,15 @@ def _timed(step, window: float, batches_per_call: int = 1) -> float:
 def _simpsons_jax(
   mode: str, size: int, batch: int, bfloat16: bool = False
 ) -> tuple[float, str]:
-  from simpsons_jax import host_memory
-
-  host_memory.keep_freed_memory()  # As main.py does, before JAX runs.
-  import jax
-  import numpy as np
-
-  from simpsons_jax import convolutions, evaluators, models, sharding, train
+  from benchmarks import simpsons_step
 
   config = _config()
   config.data.image_size = size
   config.train.cpu_kernels = FLAGS.cpu_kernels
   config.train.dtype = "bfloat16" if bfloat16 else "float32"
   config.test_time_flip = False  # One forward pass, as the references' inference.
-  mesh = sharding.make_mesh(jax.devices()[:1])
-  state = train.initial_state(
-    models.create(config, NUM_CLASSES), config, mesh, steps_per_epoch=1
-  )
-  rng = np.random.default_rng(0)
-  data = sharding.shard_batch(
-    {
-      "image": rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8),
-      "label": rng.integers(0, NUM_CLASSES, batch, dtype=np.int32),
-      "mask": np.ones(batch, np.float32),
-    },
-    mesh,
-  )
-  train_step = train.jit_train_step(mesh, config)
-  score = evaluators.scorer(mesh, state.apply_fn, NUM_CLASSES, config.test_time_flip)
-  holder = [state]
-
-  def step():
-    if mode == "train":
-      holder[0], sums = train_step(holder[0], data)
-    else:
-      sums = score(holder[0].inference_variables(), data)
-    jax.block_until_ready(sums)
-
-  kernels = convolutions.implementation(config)[1]
-  dtype, conv_bfloat16, _ = convolutions.precision(
-    config, convolutions.implementation(config)[0]
-  )
-  computing = "bfloat16 convolutions, float32 else" if conv_bfloat16 else dtype
-  return _timed(step, FLAGS.window), (
-    f"jax {jax.__version__}, convolutions {kernels}, computing in {computing}"
-  )
+  step, description = simpsons_step.prepared(config, mode, batch, NUM_CLASSES)
+  return _timed(step, FLAGS.window), description
 
 
 def _keras(

@@ -4,17 +4,22 @@
   python benchmarks/step_parts.py --json=docs/results/step_parts_128.json
 
 Each part runs alone, compiled, forward and backward as the training step runs
-it, in float32 and in bfloat16 (where `cpu_conv.bfloat16()` allows it): the
-four conv + bias + ReLU + pool blocks through `cpu_conv.conv_relu_pool` (the
-first on uint8 images, as the model feeds it), the dense layers (dropout off)
-and Adam's update of every parameter. Each figure is the median of `--repeats`
-calls after two warm-up calls; FLOPs count a multiply-add as two, forward and
-both gradients (the first block has no input gradient).
+it (and its forward pass alone), in float32 and in bfloat16 (where
+`cpu_conv.bfloat16()` allows it): the four conv + bias + ReLU + pool blocks
+through `cpu_conv.conv_relu_pool` (the first on uint8 images, as the model
+feeds it), the dense layers (dropout off) and Adam's update of every
+parameter. Beside them, configs/full.py's whole training step on a batch of
+the same size: what it spends beyond the parts is the rest (the loss, dropout,
+the metrics, the glue between the parts). Each figure is the median of
+`--repeats` calls after 2 s (and two calls) of warm-up, as in `speed.py`;
+FLOPs count a multiply-add as two, forward and both gradients (the first
+block has no input gradient).
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import statistics
 import sys
 import time
@@ -40,7 +45,10 @@ NUM_CLASSES = 13
 def _milliseconds(f: Callable, *args) -> float:
   import jax
 
-  for _ in range(2):
+  start = time.perf_counter()
+  for calls in itertools.count():  # As speed.py: the heap grows in the first steps.
+    if calls >= 2 and time.perf_counter() - start > 2.0:
+      break
     jax.block_until_ready(f(*args))
   times = []
   for _ in range(FLAGS.repeats):
@@ -82,6 +90,7 @@ def _parts(bfloat16: bool) -> list[dict]:
         part=f"block {i + 1}: {size} px, {channels} -> {features}",
         gflop=flops / 1e9,
         ms=_milliseconds(grad, k, b, x),
+        forward_ms=_milliseconds(jax.jit(block), k, b, x),
       )
     )
     shapes.append((channels, features))
@@ -93,6 +102,7 @@ def _parts(bfloat16: bool) -> list[dict]:
   )
   h = jnp.asarray(rng.standard_normal((n, width), np.float32))
   params = dense.init(jax.random.PRNGKey(0), h)
+  forward = jax.jit(lambda p, h: dense.apply(p, h).sum())
   grad = jax.jit(jax.grad(lambda p, h: dense.apply(p, h).sum()))
   macs = sum(
     a * b
@@ -102,7 +112,10 @@ def _parts(bfloat16: bool) -> list[dict]:
   )
   parts.append(
     dict(
-      part="dense layers", gflop=6 * n * macs / 1e9, ms=_milliseconds(grad, params, h)
+      part="dense layers",
+      gflop=6 * n * macs / 1e9,
+      ms=_milliseconds(grad, params, h),
+      forward_ms=_milliseconds(forward, params, h),
     )
   )
   # Adam over every parameter of the network.
@@ -125,6 +138,18 @@ def _parts(bfloat16: bool) -> list[dict]:
   return parts
 
 
+def _whole_step(bfloat16: bool) -> float:
+  """ms of configs/full.py's training step at `--size`, batch `--batch`."""
+  from benchmarks import simpsons_step
+  from configs import full
+
+  config = full.get_config()
+  config.data.image_size = FLAGS.size
+  config.train.dtype = "bfloat16" if bfloat16 else "float32"
+  step, _ = simpsons_step.prepared(config, "train", FLAGS.batch, NUM_CLASSES)
+  return _milliseconds(step)
+
+
 def main(argv: list[str]) -> None:
   del argv
   from simpsons_jax import cpu_conv
@@ -133,13 +158,18 @@ def main(argv: list[str]) -> None:
     raise SystemExit(f"oneDNN's kernels are not used here: {cpu_conv.available()[1]}")
   precisions = ["float32"] + (["bfloat16"] if cpu_conv.bfloat16()[0] else [])
   rows = {p: _parts(p == "bfloat16") for p in precisions}
+  steps = {p: _whole_step(p == "bfloat16") for p in precisions}
   print(f"{FLAGS.size} px, batch {FLAGS.batch}, on {cpu_conv.cpu_description()}")
   for precision, parts in rows.items():
     total = sum(p["ms"] for p in parts)
-    print(f"\n{precision}: {total:.1f} ms for the parts")
+    print(
+      f"\n{precision}: {total:.1f} ms for the parts, "
+      f"{steps[precision]:.1f} ms for the whole step"
+    )
     for p in parts:
       rate = f"{p['gflop'] / p['ms'] * 1e3:.0f} GFLOP/s" if p["gflop"] else ""
-      print(f"  {p['part']:32} {p['ms']:7.2f} ms  {rate}")
+      forward = f"(forward {p['forward_ms']:.2f})" if "forward_ms" in p else ""
+      print(f"  {p['part']:32} {p['ms']:7.2f} ms {forward:18} {rate}")
   if FLAGS.json:
     results.write(
       FLAGS.json,
@@ -149,6 +179,7 @@ def main(argv: list[str]) -> None:
         "batch": FLAGS.batch,
         "repeats": FLAGS.repeats,
         "parts": rows,
+        "whole_step_ms": steps,
       },
     )
 
