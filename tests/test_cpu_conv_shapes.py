@@ -325,3 +325,61 @@ def test_the_shape_space_under_each_onednn_isa_cap(cap, tmp_path):
   assert not result["failures"], f"under ONEDNN_MAX_CPU_ISA={cap}:\n" + "\n".join(
     result["failures"]
   )
+
+
+@pytest.mark.parametrize("variant", cpu_conv.KERNEL_VARIANTS)
+def test_the_pools_bfloat16_gradient_is_its_float32_gradient_rounded(variant):
+  # The pool's gradient written as bfloat16 (the bfloat16 blocks' input to
+  # their two backward convolutions) equals XLA's rounding of the float32 one,
+  # bit for bit: ties to even, NaN, infinities, zeros, subnormals, channels
+  # past the last vector of 8, odd edges.
+  _needs_kernels()
+  if variant not in cpu_conv.kernel_variants_here():
+    pytest.skip(f"this CPU cannot run the {variant} kernels")
+  rng = np.random.default_rng(5)
+  shape = (2, 7, 9, 11)  # Odd rows and columns; 11 = 8 + a tail of 3.
+  pooled = (2, 3, 4, 11)
+  code = rng.integers(0, 16, pooled).astype(np.int8)
+  g = rng.standard_normal(pooled).astype(np.float32)
+  special = np.array(
+    [
+      1 + 2**-8,
+      1 + 3 * 2**-8,
+      -(1 + 2**-8),
+      np.nan,
+      np.inf,
+      -np.inf,
+      -0.0,
+      1e-40,
+      -3e-39,
+      3.4e38,
+      2**-126,
+      1 + 2**-9,
+    ],
+    np.float32,
+  )
+  n = special.size
+  g.reshape(-1)[:n], code.reshape(-1)[:n] = special, 1  # All to one position.
+  with np.errstate(over="ignore"):
+    g.reshape(-1)[n : 2 * n] = special * 3
+  code.reshape(-1)[n : 2 * n] = 7  # Split between three ties.
+  previous = cpu_conv.use_kernel_variant(variant)
+  try:
+    as_float = cpu_conv._call(
+      "relu_pool_backward", jax.ShapeDtypeStruct(shape, np.float32), code, g
+    )
+    as_bf16 = cpu_conv._call(
+      "relu_pool_backward_to_bf16",
+      jax.ShapeDtypeStruct(shape, jax.numpy.bfloat16),
+      code,
+      g,
+    )
+  finally:
+    cpu_conv.use_kernel_variant(previous)
+  want = np.asarray(as_float.astype(jax.numpy.bfloat16)).view(np.uint16)
+  got = np.asarray(as_bf16).view(np.uint16)
+  nan = np.isnan(np.asarray(as_float))
+  assert nan.any() and np.isnan(np.asarray(as_bf16, np.float32))[nan].all()
+  np.testing.assert_array_equal(got[~nan], want[~nan])
+  truncated = np.asarray(as_float).view(np.uint32) >> 16
+  assert (got[~nan] != truncated[~nan]).any()  # The cases round.

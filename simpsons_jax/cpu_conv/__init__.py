@@ -242,7 +242,11 @@ def _conv_relu_pool_backward(geometry, divisor, bfloat16, residuals, g):
       divisor=np.float32(divisor),
     )
     return None, dkernel, dbias
-  dy = _call("relu_pool_backward", _f32(*y_shape), code, g).astype(kernel.dtype)
+  if bfloat16:  # Rounded as the pool's gradient is written.
+    bf16 = jax.ShapeDtypeStruct(y_shape, jnp.bfloat16)
+    dy = _call("relu_pool_backward_to_bf16", bf16, code, g)
+  else:
+    dy = _call("relu_pool_backward", _f32(*y_shape), code, g)
   dkernel, dbias = _call(
     "backward_weights_bias",
     gradients,

@@ -41,6 +41,8 @@ TARGETS.update(
     )
   }
 )
+# The pool's gradient written rounded to bfloat16 (for the convolutions' own).
+TARGETS["relu_pool_backward_to_bf16"] = "ReluMaxPoolBackwardBf16"
 # oneDNN's dnnl_cpu_isa_avx512_core_bf16 bits: an instruction set that holds
 # them computes bfloat16 dot products in hardware (AVX512_BF16, AMX).
 _ISA_BF16 = 0xE7

@@ -22,6 +22,7 @@
 //   ReluMaxPoolForward(x) -> y, code              (ReLU and pool alone)
 //   ReluMaxPoolBackward(code, dy) -> d(conv)     (each window's gradient split
 //                                                 evenly between its code's)
+//   ReluMaxPoolBackwardBf16(code, dy) -> d(conv)  (the same, rounded to bfloat16)
 
 #include <algorithm>
 #include <array>
@@ -488,9 +489,11 @@ ffi::Error ReluMaxPoolForwardImpl(ffi::Buffer<ffi::F32> x,
   return ffi::Error::Success();
 }
 
+// Its gradient, as float32 or (T = BF16) rounded to bfloat16 as written.
+template <ffi::DataType T>
 ffi::Error ReluMaxPoolBackwardImpl(ffi::Buffer<ffi::S8> code,
                                    ffi::Buffer<ffi::F32> dy,
-                                   ffi::ResultBuffer<ffi::F32> dx) {
+                                   ffi::ResultBuffer<T> dx) {
   auto s = Shape4(*dx);
   SIMPSONS_KERNEL(ReluMaxPoolGradient, code.typed_data(), dy.typed_data(), s[0], s[1], s[2], s[3],
                       dx->typed_data());
@@ -587,8 +590,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ReluMaxPoolForward, ReluMaxPoolForwardImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::S8>>());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(ReluMaxPoolBackward, ReluMaxPoolBackwardImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::S8>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+template <ffi::DataType T>
+auto PoolBackward() {
+  return ffi::Ffi::Bind()
+      .Arg<ffi::Buffer<ffi::S8>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Ret<ffi::Buffer<T>>();
+}
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ReluMaxPoolBackward,
+                              ReluMaxPoolBackwardImpl<ffi::F32>,
+                              PoolBackward<ffi::F32>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ReluMaxPoolBackwardBf16,
+                              ReluMaxPoolBackwardImpl<ffi::BF16>,
+                              PoolBackward<ffi::BF16>());
