@@ -152,6 +152,9 @@ def _whole_step(bfloat16: bool) -> float:
 
 def main(argv: list[str]) -> None:
   del argv
+  from simpsons_jax import host_memory
+
+  host_memory.keep_freed_memory()  # As main.py does, before JAX runs.
   from simpsons_jax import cpu_conv
 
   if not cpu_conv.available()[0]:
