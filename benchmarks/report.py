@@ -142,7 +142,27 @@ def _step_parts(results: list[dict[str, Any]]) -> str:
       + " |",
       "",
     ]
+    rows += _onednn_passes(r, precisions)
   return "\n".join(rows).rstrip()
+
+
+def _onednn_passes(r: dict[str, Any], precisions: list[str]) -> list[str]:
+  """oneDNN's own account of its convolutions in the whole step, by pass."""
+  passes = r.get("onednn_passes_ms")
+  if not passes:
+    return []
+  names = [k for k in passes[precisions[0]][0] if k != "part"]
+  rows = [
+    "oneDNN's convolutions inside the whole step, ms by pass (the median step's, "
+    "`ONEDNN_VERBOSE=profile_exec`):",
+    "",
+    "| block | " + " | ".join(f"{p}: {n}" for p in precisions for n in names) + " |",
+    "|---|" + "---|" * (len(precisions) * len(names)),
+  ]
+  for blocks in zip(*(passes[p] for p in precisions), strict=True):
+    cells = [f"{block[n]:.2f}" for block in blocks for n in names]
+    rows.append(f"| {blocks[0]['part']} | " + " | ".join(cells) + " |")
+  return [*rows, ""]
 
 
 def _serve_load(results: list[dict[str, Any]]) -> str:

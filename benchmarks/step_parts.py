@@ -13,14 +13,21 @@ the same size: what it spends beyond the parts is the rest (the loss, dropout,
 the metrics, the glue between the parts). Each figure is the median of
 `--repeats` calls after 2 s (and two calls) of warm-up, as in `speed.py`;
 FLOPs count a multiply-add as two, forward and both gradients (the first
-block has no input gradient).
+block has no input gradient). Inside the whole step, oneDNN's own account of
+its convolutions (`ONEDNN_VERBOSE=profile_exec`, in a process of its own)
+splits blocks 2-4 by pass: forward, input gradient, kernel gradient (the
+median step's; block 1 is the direct kernels', not oneDNN's).
 """
 
 from __future__ import annotations
 
+import collections
 import functools
 import itertools
+import os
+import re
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -36,6 +43,9 @@ flags.DEFINE_integer("size", 128, "Image size.")
 flags.DEFINE_integer("batch", 64, "Batch size (configs/full.py's).")
 flags.DEFINE_integer("repeats", 30, "Timed calls per part.")
 flags.DEFINE_string("json", "", "Also write the results to this file.")
+flags.DEFINE_enum(
+  "profile_step", "", ["", "float32", "bfloat16"], "Internal: oneDNN's account."
+)
 
 CONV_FEATURES = (8, 16, 32, 64)
 DENSE_FEATURES = (512, 512, 512, 512)
@@ -150,11 +160,80 @@ def _whole_step(bfloat16: bool) -> float:
   return _milliseconds(step)
 
 
+PASSES = {
+  "forward_training": "forward",
+  "backward_data": "input gradient",
+  "backward_weights": "kernel gradient",
+}
+WARM_UP_STEPS = 5
+
+
+def _profiled_steps(precision: str) -> None:
+  """The worker: the whole step `WARM_UP_STEPS + --repeats` times, oneDNN
+  printing each convolution it runs; then the number of steps."""
+  from benchmarks import simpsons_step
+  from configs import full
+
+  config = full.get_config()
+  config.data.image_size = FLAGS.size
+  config.train.dtype = precision
+  step, _ = simpsons_step.prepared(config, "train", FLAGS.batch, NUM_CLASSES)
+  for _ in range(WARM_UP_STEPS + FLAGS.repeats):
+    step()
+  print(f"steps {WARM_UP_STEPS + FLAGS.repeats}", flush=True)
+
+
+def _onednn_passes(precision: str) -> list[dict]:
+  """Per oneDNN block of the whole step, the median step's ms in each pass."""
+  done = subprocess.run(
+    [
+      sys.executable,
+      __file__,
+      f"--size={FLAGS.size}",
+      f"--batch={FLAGS.batch}",
+      f"--repeats={FLAGS.repeats}",
+      f"--profile_step={precision}",
+    ],
+    env={**os.environ, "ONEDNN_VERBOSE": "profile_exec"},
+    capture_output=True,
+    text=True,
+    check=True,
+  )
+  steps = int(re.search(r"^steps (\d+)$", done.stdout, re.M)[1])
+  blocks = {  # The network's oneDNN blocks (not the library's self-check).
+    (CONV_FEATURES[i - 1], features, FLAGS.size >> i): f"block {i + 1}"
+    for i, features in enumerate(CONV_FEATURES[1:], start=1)
+  }
+  calls = []
+  for line in done.stdout.splitlines():
+    if line.startswith("onednn_verbose,exec,cpu,convolution,"):
+      call = line.split(",")
+      shape = re.search(r"ic(\d+)oc(\d+)_ih(\d+)", call[-2]).groups()
+      if tuple(map(int, shape)) in blocks:
+        calls.append((blocks[tuple(map(int, shape))], shape, call))
+  per_step = len(calls) // steps
+  if per_step * steps != len(calls):
+    raise RuntimeError(f"{len(calls)} convolutions in {steps} steps: not as many each")
+  ms = collections.defaultdict(list)
+  for i in range(WARM_UP_STEPS, steps):
+    one = collections.Counter()
+    for block, (ic, oc, ih), call in calls[i * per_step : (i + 1) * per_step]:
+      one[f"{block}: {ih} px, {ic} -> {oc}", PASSES[call[5]]] += float(call[-1])
+    for key, value in one.items():
+      ms[key].append(value)
+  return [
+    {"part": b, **{p: statistics.median(ms[b, p]) for p in PASSES.values()}}
+    for b in sorted({block for block, _ in ms})
+  ]
+
+
 def main(argv: list[str]) -> None:
   del argv
   from simpsons_jax import host_memory
 
   host_memory.keep_freed_memory()  # As main.py does, before JAX runs.
+  if FLAGS.profile_step:
+    return _profiled_steps(FLAGS.profile_step)
   from simpsons_jax import cpu_conv
 
   if not cpu_conv.available()[0]:
@@ -162,6 +241,7 @@ def main(argv: list[str]) -> None:
   precisions = ["float32"] + (["bfloat16"] if cpu_conv.bfloat16()[0] else [])
   rows = {p: _parts(p == "bfloat16") for p in precisions}
   steps = {p: _whole_step(p == "bfloat16") for p in precisions}
+  passes = {p: _onednn_passes(p) for p in precisions}
   print(f"{FLAGS.size} px, batch {FLAGS.batch}, on {cpu_conv.cpu_description()}")
   for precision, parts in rows.items():
     total = sum(p["ms"] for p in parts)
@@ -173,6 +253,10 @@ def main(argv: list[str]) -> None:
       rate = f"{p['gflop'] / p['ms'] * 1e3:.0f} GFLOP/s" if p["gflop"] else ""
       forward = f"(forward {p['forward_ms']:.2f})" if "forward_ms" in p else ""
       print(f"  {p['part']:32} {p['ms']:7.2f} ms {forward:18} {rate}")
+    print("  oneDNN in the whole step, ms:")
+    for block in passes[precision]:
+      said = ", ".join(f"{p} {block[p]:.2f}" for p in PASSES.values())
+      print(f"    {block['part']:30} {said}")
   if FLAGS.json:
     results.write(
       FLAGS.json,
@@ -183,6 +267,7 @@ def main(argv: list[str]) -> None:
         "repeats": FLAGS.repeats,
         "parts": rows,
         "whole_step_ms": steps,
+        "onednn_passes_ms": passes,
       },
     )
 
