@@ -1,12 +1,25 @@
 """simpsons_jax's own training step and inference pass on a fixed batch: the
 workload that `speed.py` times against its peers and `step_parts.py` sets
-beside its parts."""
+beside its parts; and the warm-up both give whatever they time."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import ml_collections
+
+
+def warm_up(
+  call: Callable[[], object], seconds: float = 2.0, at_least: int = 3
+) -> None:
+  """Calls `call()` for `seconds` and at least `at_least` times before it is
+  timed: compilation, and the first steps in which the allocator's heap grows
+  to its working size."""
+  calls, start = 0, time.perf_counter()
+  while calls < at_least or time.perf_counter() - start < seconds:
+    call()
+    calls += 1
 
 
 def prepared(

@@ -41,7 +41,7 @@ from pathlib import Path
 from absl import app, flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks import results  # noqa: E402
+from benchmarks import results, simpsons_step  # noqa: E402
 from simpsons_jax import cpu_conv  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -91,12 +91,8 @@ def _config():
 
 def _timed(step, window: float, batches_per_call: int = 1) -> float:
   """Images/s of `step()` (which returns after the work is done) over `window` s,
-  after 2 s (and at least 3 steps) of warm-up: compilation, and the first steps
-  in which the allocator's heap grows to its working size."""
-  steps, start = 0, time.perf_counter()
-  while steps < 3 or time.perf_counter() - start < 2.0:
-    step()
-    steps += 1
+  after `simpsons_step.warm_up`."""
+  simpsons_step.warm_up(step)
   calls, start = 0, time.perf_counter()
   while time.perf_counter() - start < window:
     step()
@@ -107,8 +103,6 @@ def _timed(step, window: float, batches_per_call: int = 1) -> float:
 def _simpsons_jax(
   mode: str, size: int, batch: int, bfloat16: bool = False
 ) -> tuple[float, str]:
-  from benchmarks import simpsons_step
-
   config = _config()
   config.data.image_size = size
   config.train.cpu_kernels = FLAGS.cpu_kernels

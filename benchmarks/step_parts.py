@@ -11,7 +11,7 @@ feeds it), the dense layers (dropout off) and Adam's update of every
 parameter. Beside them, configs/full.py's whole training step on a batch of
 the same size: what it spends beyond the parts is the rest (the loss, dropout,
 the metrics, the glue between the parts). Each figure is the median of
-`--repeats` calls after 2 s (and two calls) of warm-up, as in `speed.py`;
+`--repeats` calls after `simpsons_step.warm_up`, as in `speed.py`;
 FLOPs count a multiply-add as two, forward and both gradients (the first
 block has no input gradient). Inside the whole step, oneDNN's own account of
 its convolutions (`ONEDNN_VERBOSE=profile_exec`, in a process of its own)
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import collections
 import functools
-import itertools
 import os
 import re
 import statistics
@@ -36,7 +35,7 @@ from pathlib import Path
 from absl import app, flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks import results  # noqa: E402
+from benchmarks import results, simpsons_step  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("size", 128, "Image size.")
@@ -55,11 +54,7 @@ NUM_CLASSES = 13
 def _milliseconds(f: Callable, *args) -> float:
   import jax
 
-  start = time.perf_counter()
-  for calls in itertools.count():  # As speed.py: the heap grows in the first steps.
-    if calls >= 2 and time.perf_counter() - start > 2.0:
-      break
-    jax.block_until_ready(f(*args))
+  simpsons_step.warm_up(lambda: jax.block_until_ready(f(*args)))
   times = []
   for _ in range(FLAGS.repeats):
     start = time.perf_counter()
@@ -148,16 +143,14 @@ def _parts(bfloat16: bool) -> list[dict]:
   return parts
 
 
-def _whole_step(bfloat16: bool) -> float:
-  """ms of configs/full.py's training step at `--size`, batch `--batch`."""
-  from benchmarks import simpsons_step
+def _full_step(precision: str) -> Callable[[], None]:
+  """configs/full.py's training step at `--size`, batch `--batch`."""
   from configs import full
 
   config = full.get_config()
   config.data.image_size = FLAGS.size
-  config.train.dtype = "bfloat16" if bfloat16 else "float32"
-  step, _ = simpsons_step.prepared(config, "train", FLAGS.batch, NUM_CLASSES)
-  return _milliseconds(step)
+  config.train.dtype = precision
+  return simpsons_step.prepared(config, "train", FLAGS.batch, NUM_CLASSES)[0]
 
 
 PASSES = {
@@ -171,13 +164,7 @@ WARM_UP_STEPS = 5
 def _profiled_steps(precision: str) -> None:
   """The worker: the whole step `WARM_UP_STEPS + --repeats` times, oneDNN
   printing each convolution it runs; then the number of steps."""
-  from benchmarks import simpsons_step
-  from configs import full
-
-  config = full.get_config()
-  config.data.image_size = FLAGS.size
-  config.train.dtype = precision
-  step, _ = simpsons_step.prepared(config, "train", FLAGS.batch, NUM_CLASSES)
+  step = _full_step(precision)
   for _ in range(WARM_UP_STEPS + FLAGS.repeats):
     step()
   print(f"steps {WARM_UP_STEPS + FLAGS.repeats}", flush=True)
@@ -240,7 +227,7 @@ def main(argv: list[str]) -> None:
     raise SystemExit(f"oneDNN's kernels are not used here: {cpu_conv.available()[1]}")
   precisions = ["float32"] + (["bfloat16"] if cpu_conv.bfloat16()[0] else [])
   rows = {p: _parts(p == "bfloat16") for p in precisions}
-  steps = {p: _whole_step(p == "bfloat16") for p in precisions}
+  steps = {p: _milliseconds(_full_step(p)) for p in precisions}
   passes = {p: _onednn_passes(p) for p in precisions}
   print(f"{FLAGS.size} px, batch {FLAGS.batch}, on {cpu_conv.cpu_description()}")
   for precision, parts in rows.items():
