@@ -55,7 +55,10 @@ def _onednn_extension(build: bool, why: str) -> list[Extension]:
     Extension(
       "simpsons_jax.cpu_conv._onednn",
       sources=["simpsons_jax/cpu_conv/onednn_conv.cc"],
-      depends=["simpsons_jax/cpu_conv/direct_kernels.inc"],
+      depends=[
+        "simpsons_jax/cpu_conv/direct_kernels.inc",
+        "simpsons_jax/cpu_conv/planar_kernels.inc",
+      ],
       include_dirs=[include, ffi_include],
       library_dirs=[lib],
       libraries=[":libdnnl.so.3"],

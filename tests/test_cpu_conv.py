@@ -355,6 +355,7 @@ def test_fused_block_equals_conv_bias_relu_pool(shape, kernel, padding):
     # The first block: divided inside the kernel, forward and backward.
     ((6, 33, 32, 3), (3, 3, 3, 8), "SAME"),
     ((3, 13, 21, 2), (3, 3, 2, 16), ((1, 0), (2, 1))),  # odd, asymmetric
+    ((2, 7, 77, 3), (3, 3, 3, 8), "SAME"),  # Two runs of 32 pixels and a tail.
     ((2, 10, 12, 8), (3, 3, 8, 16), "SAME"),  # 8 channels: XLA converts, then oneDNN
   ],
 )

@@ -89,6 +89,22 @@ def block_cases(count: int, seed: int = 1) -> list[dict]:
         uint8=bool(rng.integers(0, 2)),
       )
     )
+  # The planar first block (uint8 images, 3x3 kernels) works in runs of 32
+  # pixels (16 pooled) of a row: each channel count, full runs and tails,
+  # odd widths and heights, asymmetric padding.
+  planar = [(1, 8, 67, "SAME"), (2, 16, 33, "VALID"), (3, 8, 128, "SAME")]
+  planar += [(4, 24, 45, [[0, 2], [2, 0]]), (3, 16, 64, [[2, 1], [1, 2]])]
+  for channels, features, width, padding in planar[: max(0, count)]:
+    cases.append(
+      dict(
+        shape=[2, 9, width, channels],
+        kernel=[3, 3],
+        strides=[1, 1],
+        padding=padding,
+        features=features,
+        uint8=True,
+      )
+    )
   return cases
 
 
@@ -217,7 +233,9 @@ def test_the_cases_cover_the_shape_space():
   blocks = block_cases(BLOCK_CASES)
   direct = [c for c in blocks if _direct(c)]
   assert {c["uint8"] for c in direct} == {True, False}
-  assert any(c["uint8"] and c["kernel"][0] == 3 for c in direct)
+  planar = [c for c in direct if c["uint8"] and c["kernel"][0] == 3]
+  assert {c["shape"][-1] for c in planar} == {1, 2, 3, 4}
+  assert any(c["shape"][2] > 64 for c in planar)  # Over two runs of 32.
   assert any(c["shape"][-1] > 4 or c["features"] % 8 for c in blocks)
 
 

@@ -338,23 +338,30 @@ bool DirectConvHandles(const std::array<int64_t, 4>& xs,
          stride_w == 1;
 }
 
-// The kernels of direct_kernels.inc, compiled once for each instruction set.
+// The kernels of direct_kernels.inc and planar_kernels.inc, compiled once for
+// each instruction set.
 namespace x86_64_v4 {
 #pragma GCC push_options
 #pragma GCC target("arch=x86-64-v4")
+constexpr int64_t kWide = 16;  // Floats in a vector register.
 #include "direct_kernels.inc"
+#include "planar_kernels.inc"
 #pragma GCC pop_options
 }  // namespace x86_64_v4
 
 namespace x86_64_v3 {
 #pragma GCC push_options
 #pragma GCC target("arch=x86-64-v3")
+constexpr int64_t kWide = 8;
 #include "direct_kernels.inc"
+#include "planar_kernels.inc"
 #pragma GCC pop_options
 }  // namespace x86_64_v3
 
 namespace baseline {
+constexpr int64_t kWide = 4;
 #include "direct_kernels.inc"
+#include "planar_kernels.inc"
 }  // namespace baseline
 
 // 2: x86-64-v4, 1: x86-64-v3, 0: the baseline.
@@ -369,7 +376,7 @@ std::atomic<int> variant_cap{2};
 
 int Variant() { return std::min(BestVariant(), variant_cap.load()); }
 
-// Calls direct_kernels.inc's function F in the variant in use.
+// Calls the direct or planar kernels' function F in the variant in use.
 #define SIMPSONS_KERNEL(F, ...)                        \
   do {                                                 \
     switch (Variant()) {                               \
@@ -453,10 +460,14 @@ ffi::Error ConvBiasReluPoolForwardU8Impl(
         "stride 1");
   const int64_t oh = (xs[1] + pad_top + pad_bottom - ws[0]) + 1;
   const int64_t ow = (xs[2] + pad_left + pad_right - ws[1]) + 1;
-  SIMPSONS_KERNEL(DirectConvBiasReluPoolU8, x.typed_data(), divisor, xs[0], xs[1], xs[2], xs[3],
-                           w.typed_data(), ws[0], ws[1], ws[3], b.typed_data(), oh,
-                           ow, pad_top, pad_left, y->typed_data(),
-                           code->typed_data());
+  if (ws[0] == 3 && ws[1] == 3)  // Its codes are the ones the backward reads.
+    SIMPSONS_KERNEL(PlanarBlock, x.typed_data(), divisor, xs[0], xs[1], xs[2], xs[3],
+                    w.typed_data(), ws[3], b.typed_data(), oh, ow, pad_top, pad_left,
+                    y->typed_data(), code->typed_data());
+  else
+    SIMPSONS_KERNEL(DirectConvBiasReluPoolU8, x.typed_data(), divisor, xs[0], xs[1],
+                    xs[2], xs[3], w.typed_data(), ws[0], ws[1], ws[3], b.typed_data(),
+                    oh, ow, pad_top, pad_left, y->typed_data(), code->typed_data());
   return ffi::Error::Success();
 }
 
@@ -473,7 +484,7 @@ ffi::Error ConvBiasReluPoolBackwardU8Impl(
         "channels, output channels in 8s and stride 1");
   const int64_t oh = xs[1] + pad_top + pad_bottom - 2;
   const int64_t ow = xs[2] + pad_left + pad_right - 2;
-  SIMPSONS_KERNEL(DirectBlockBackward, x.typed_data(), divisor, xs[0], xs[1], xs[2], xs[3],
+  SIMPSONS_KERNEL(PlanarBlockBackward, x.typed_data(), divisor, xs[0], xs[1], xs[2], xs[3],
                       code.typed_data(), g.typed_data(), oh, ow, ks[3], pad_top,
                       pad_left, dk->typed_data(), db->typed_data());
   return ffi::Error::Success();
