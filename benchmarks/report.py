@@ -128,12 +128,21 @@ def _step_parts(results: list[dict[str, Any]]) -> str:
         f"| {parts[0]['part']} | {parts[0]['gflop']:.2f} | " + " | ".join(cells) + " |"
       )
     steps = [r["whole_step_ms"][p] for p in precisions]
+    gflop = sum(part["gflop"] for part in r["parts"][precisions[0]])
+    peak = r.get("fma_peak_gflops")
+    rates = [
+      f"{gflop / step * 1e3:.0f}"
+      + (f" (**{gflop / step * 1e3 / peak:.0%}** of the FMA peak)" if peak else "")
+      for step in steps
+    ]
     rows += [
       "| **the parts together** | | "
       + " | ".join(f"**{total:.1f}** | | " for total in totals)
       + " |",
-      "| **the whole training step** | | "
-      + " | ".join(f"**{step:.1f}** | | " for step in steps)
+      f"| **the whole training step** | {gflop:.2f} | "
+      + " | ".join(
+        f"**{step:.1f}** | | {rate}" for step, rate in zip(steps, rates, strict=True)
+      )
       + " |",
       "| the rest (loss, dropout, metrics, glue) | | "
       + " | ".join(
@@ -142,6 +151,13 @@ def _step_parts(results: list[dict[str, Any]]) -> str:
       + " |",
       "",
     ]
+    if peak:
+      rows += [
+        f"The FMA peak: {peak:.0f} GFLOP/s in float32 on all "
+        f"{r['machine']['cores']} cores, measured (`benchmarks/fma_peak.py`); "
+        "bfloat16's dot products double it.",
+        "",
+      ]
     rows += _onednn_passes(r, precisions)
   return "\n".join(rows).rstrip()
 

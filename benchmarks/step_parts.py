@@ -16,7 +16,9 @@ FLOPs count a multiply-add as two, forward and both gradients (the first
 block has no input gradient). Inside the whole step, oneDNN's own account of
 its convolutions (`ONEDNN_VERBOSE=profile_exec`, in a process of its own)
 splits blocks 2-4 by pass: forward, input gradient, kernel gradient (the
-median step's; block 1 is the direct kernels', not oneDNN's).
+median step's; block 1 is the direct kernels', not oneDNN's). The whole
+step's FLOP rate is also given as a share of the machine's float32 FMA peak,
+measured by `fma_peak.py`.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from pathlib import Path
 from absl import app, flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks import results, simpsons_step  # noqa: E402
+from benchmarks import fma_peak, results, simpsons_step  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("size", 128, "Image size.")
@@ -226,15 +228,18 @@ def main(argv: list[str]) -> None:
   if not cpu_conv.available()[0]:
     raise SystemExit(f"oneDNN's kernels are not used here: {cpu_conv.available()[1]}")
   precisions = ["float32"] + (["bfloat16"] if cpu_conv.bfloat16()[0] else [])
+  peak = fma_peak.measure()  # Before JAX's threads start.
   rows = {p: _parts(p == "bfloat16") for p in precisions}
   steps = {p: _milliseconds(_full_step(p)) for p in precisions}
   passes = {p: _onednn_passes(p) for p in precisions}
   print(f"{FLAGS.size} px, batch {FLAGS.batch}, on {cpu_conv.cpu_description()}")
   for precision, parts in rows.items():
     total = sum(p["ms"] for p in parts)
+    rate = sum(p["gflop"] for p in parts) / steps[precision] * 1e3
+    share = f", {rate / peak:.0%} of the FMA peak ({peak:.0f})" if peak else ""
     print(
       f"\n{precision}: {total:.1f} ms for the parts, "
-      f"{steps[precision]:.1f} ms for the whole step"
+      f"{steps[precision]:.1f} ms for the whole step: {rate:.0f} GFLOP/s{share}"
     )
     for p in parts:
       rate = f"{p['gflop'] / p['ms'] * 1e3:.0f} GFLOP/s" if p["gflop"] else ""
@@ -254,6 +259,7 @@ def main(argv: list[str]) -> None:
         "repeats": FLAGS.repeats,
         "parts": rows,
         "whole_step_ms": steps,
+        "fma_peak_gflops": peak,
         "onednn_passes_ms": passes,
       },
     )
