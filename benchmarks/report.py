@@ -13,6 +13,7 @@ its docstring. Hand edits inside those places are overwritten.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import re
 import sys
@@ -330,18 +331,21 @@ def _open_set_summary(results: list[dict[str, Any]]) -> str:
   return "\n".join(lines)
 
 
-def _open_set_weights(results: list[dict[str, Any]]) -> str:
-  """The weights of the negatives' term, as their validation splits judged them
-  (the choice) and as the held-out characters did (never looked at for it)."""
+def _open_set_sweep(
+  setting: str, value: Callable[[dict[str, Any]], str], results: list[dict[str, Any]]
+) -> str:
+  """One setting of the runs with negatives swept, as their validation splits
+  judged it (the choice) and as the held-out characters did (never looked at
+  for it); `value` names a run's setting."""
   rows = [
-    "| `train.negatives_weight` | AUROC on the runs' own validation negatives "
+    f"| {setting} | AUROC on the runs' own validation negatives "
     "| AUROC on the held-out pairs (lowest) | known accuracy | file |",
     "|---|---|---|---|---|",
   ]
   for r in results:
     for run in r["sweep"]:
       rows.append(
-        f"| {run['negatives_weight']:g} | {run['mean_validation_auroc']:.3f} "
+        f"| {value(run)} | {run['mean_validation_auroc']:.3f} "
         f"| {run['mean_auroc']:.3f} ({run['min_auroc']:.3f}) "
         f"| {run['mean_accuracy']:.1%} | [{r['file']}](results/{r['file']}) |"
       )
@@ -353,7 +357,16 @@ TABLES: dict[str, Callable[[list[dict[str, Any]]], str]] = {
   "calibration": _calibration,
   "open_set": _open_set,
   "open_set_summary": _open_set_summary,
-  "open_set_weights": _open_set_weights,
+  "open_set_weights": functools.partial(
+    _open_set_sweep,
+    "`train.negatives_weight`",
+    lambda run: f"{run['negatives_weight']:g}",
+  ),
+  "open_set_batch": functools.partial(
+    _open_set_sweep,
+    "`train.batch_size`, `optim.learning_rate`",
+    lambda run: f"{run['batch_size']}, {run['learning_rate']:g}",
+  ),
   "how_sure": _how_sure,
   "accuracy": _accuracy,
   "speed": _speed,
