@@ -22,7 +22,7 @@ same network:
   BatchNorm, ReLU and a 2x2 max pool, one residual block per stage of
   48/96/192, global average pool, 13 outputs; SGD with Nesterov momentum and
   weight decay, label smoothing 0.1 and an EMA of the weights, as strong.py
-  trains; sizes 28 (Simpsons-MNIST) and 64, training batch 128. Inference is
+  trains; sizes 28 (Simpsons-MNIST) and 64, training batch 32. Inference is
   one forward pass (strong.py's flip test-time augmentation off on both).
 """
 
@@ -55,7 +55,7 @@ flags.DEFINE_list(
 )
 flags.DEFINE_list("sizes", None, "Image sizes (default: 64,128; the ResNet's 28,64).")
 flags.DEFINE_integer(
-  "train_batch", None, "Training batch size (default: the config's, 64 or 128)."
+  "train_batch", None, "Training batch size (default: the config's, 64 or 32)."
 )
 flags.DEFINE_integer("infer_batch", 256, "Inference batch size.")
 flags.DEFINE_integer("rounds", 3, "Rounds; each framework is measured once per round.")

@@ -39,14 +39,17 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.resnet.dropout_rate = 0.0
 
   config.optim.name = "sgd"
-  config.optim.learning_rate = 0.1
+  # Batch 32 at 0.2 rather than 128 at 0.1: on Simpsons-MNIST at 28 px, 15
+  # epochs, validation accuracy 86.0% -> 91.0% and the validation negatives
+  # told apart at AUROC 0.912 -> 0.971 (docs/results.md); no slower on a CPU.
+  config.optim.learning_rate = 0.2
   config.optim.schedule = "cosine"
   config.optim.warmup_epochs = 2.0
   config.optim.weight_decay = 5e-4
   config.optim.ema_decay = 0.995
 
   config.train.label_smoothing = 0.1
-  config.train.batch_size = 128
+  config.train.batch_size = 32
   config.train.num_epochs = 30
   config.test_time_flip = True
   return config
