@@ -364,8 +364,10 @@ TABLES: dict[str, Callable[[list[dict[str, Any]]], str]] = {
   ),
   "open_set_batch": functools.partial(
     _open_set_sweep,
-    "`train.batch_size`, `optim.learning_rate`",
-    lambda run: f"{run['batch_size']}, {run['learning_rate']:g}",
+    "`train.batch_size`, `optim.learning_rate`, `train.negatives_weight`",
+    lambda run: (
+      f"{run['batch_size']}, {run['learning_rate']:g}, {run['negatives_weight']:g}"
+    ),
   ),
   "how_sure": _how_sure,
   "accuracy": _accuracy,
