@@ -134,11 +134,7 @@ def one_run(data: Path, unknown: Path, pair: list[str], negatives: bool, workdir
     "known_images": report["num_examples"],
     "unknown": report["unknown"],
     "sets": report["sets"],
-    "validation_choice": {
-      k: v
-      for k, v in chosen[step].items()
-      if k in ("score", "threshold", "auroc", "fpr_at_95_tpr", "validation")
-    },
+    "validation_choice": {k: v for k, v in chosen[step].items() if k in KEPT},
   }
 
 
