@@ -77,7 +77,6 @@ ADDED: dict[str, Any] = {
   "data.hold_out": (),
   "data.negatives": "",
   "train.negatives_weight": 2.0,
-  "train.chimera_share": 0.0,
 }
 # The augmentation group kept its keys; runs saved before one existed ran with these.
 AUGMENT_DEFAULTS = {

@@ -46,33 +46,3 @@ def mix(
   box = in_rows[:, None] & in_cols[None, :]
   mixed = jnp.where(box[None, :, :, None], partners(images), images)
   return mixed, 1 - box.mean()
-
-
-def chimeras(
-  rng: jax.Array, images: jax.Array, labels: jax.Array, share: float
-) -> tuple[jax.Array, jax.Array]:
-  """`(images, labels)` with up to `share` of the batch made chimeras,
-  labelled as negatives (-1): the top of one character over the bottom of
-  another (or left over right), cut between a quarter and three quarters
-  across. Parts of two known characters put together are neither of them.
-
-  The first `share` of the (shuffled) batch is eligible, each with its
-  partner (`partners`) when both are characters, and different ones.
-  """
-  side_rng, cut_rng = jax.random.split(rng)
-  height, width = images.shape[1:3]
-  across = jax.random.bernoulli(side_rng)  # True: left | right.
-  size = jnp.where(across, width, height)
-  cut = jax.random.uniform(cut_rng, (), minval=0.25, maxval=0.75) * size
-  rows = jnp.arange(height)[:, None] >= cut
-  cols = jnp.arange(width)[None, :] >= cut
-  lower = jnp.where(across, cols, rows)  # (height, width): the partner's part.
-  partner_labels = partners(labels)
-  made = (
-    (jnp.arange(labels.shape[0]) < round(share * labels.shape[0]))
-    & (labels >= 0)
-    & (partner_labels >= 0)
-    & (labels != partner_labels)
-  )
-  pasted = made[:, None, None, None] & lower[None, :, :, None]
-  return jnp.where(pasted, partners(images), images), jnp.where(made, -1, labels)

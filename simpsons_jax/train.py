@@ -52,7 +52,6 @@ from simpsons_jax.evaluators import in_training
 
 # Folded into a step's dropout key to give the key of its batch mixing.
 MIX_STREAM = 1
-CHIMERA_STREAM = 2
 
 if TYPE_CHECKING:
   from simpsons_jax import characters
@@ -121,7 +120,6 @@ def train_step(
   mix: str = "none",
   mix_alpha: float = 1.0,
   negatives_weight: float = 0.0,
-  chimera_share: float = 0.0,
   freeze: tuple[str, ...] = (),
   unfreeze_step: int = 0,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -134,10 +132,6 @@ def train_step(
   """
   dropout_rng = jax.random.fold_in(state.rng, state.step)
   labels, images = batch["label"], batch["image"]
-  if chimera_share:
-    images, labels = mixing.chimeras(
-      jax.random.fold_in(dropout_rng, CHIMERA_STREAM), images, labels, chimera_share
-    )
   if mix != "none":
     images, lam = mixing.mix(
       jax.random.fold_in(dropout_rng, MIX_STREAM), images, mix, mix_alpha
@@ -205,7 +199,6 @@ def jit_train_step(
     train_step,
     label_smoothing=config.train.label_smoothing,
     negatives_weight=config.train.negatives_weight,
-    chimera_share=config.train.chimera_share,
     weights=None if weights is None else jnp.asarray(weights),
     ema_decay=config.optim.ema_decay,
     mix=config.train.mix,

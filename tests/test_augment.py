@@ -141,29 +141,3 @@ def test_cutmix_pastes_one_box_and_lam_is_the_share_kept(seed):
   if rows.size:
     assert box[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1].all()
   assert float(lam) == pytest.approx(1 - box.mean())
-
-
-@pytest.mark.parametrize("seed", range(6))
-def test_chimeras_join_two_different_characters_and_label_them_negatives(seed):
-  images = _images(8, size=20)
-  labels = np.array([0, 1, -1, 2, 3, -1, 2, 0])  # Partners: 0-7, 1-6, 2-5, 3-4.
-  mixed, found = mixing.chimeras(jax.random.PRNGKey(seed), images, labels, 0.5)
-  mixed, found = np.asarray(mixed), np.asarray(found)
-  # Eligible: the first half; made: partners both characters, and different.
-  np.testing.assert_array_equal(found, [0, -1, -1, -1, 3, -1, 2, 0])
-  for i in (0, 2, 4, 5, 6, 7):
-    np.testing.assert_array_equal(mixed[i], images[i])
-  own = (mixed[1] == images[1]).all(-1)
-  pasted = (mixed[1] == images[6]).all(-1) & ~own
-  assert (own | pasted).all()
-  # One straight cut: the partner's part is the bottom rows or the right columns.
-  rows, cols = pasted.all(1), pasted.all(0)
-  assert rows.any() != cols.any()
-  cut = pasted.all(1) if rows.any() else pasted.all(0)
-  assert (
-    cut[-1]
-    and (np.diff(cut.astype(int)) >= 0).all()
-    and pasted.sum() == (cut.sum() * 20)
-  )
-  assert 0.25 * 20 - 1 <= cut.sum() <= 0.75 * 20 + 1
-  assert ((mixed[3] == images[3]).all(-1) == own).all()  # The same cut for all.
