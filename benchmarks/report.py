@@ -369,6 +369,11 @@ TABLES: dict[str, Callable[[list[dict[str, Any]]], str]] = {
       f"{run['batch_size']}, {run['learning_rate']:g}, {run['negatives_weight']:g}"
     ),
   ),
+  "open_set_tried": functools.partial(
+    _open_set_sweep,
+    "what was tried (held-out pairs)",
+    lambda run: f"{run['setting']} ({len(run['pairs'])})",
+  ),
   "how_sure": _how_sure,
   "accuracy": _accuracy,
   "speed": _speed,
