@@ -54,6 +54,15 @@ def _data() -> ml_collections.ConfigDict:
   # uniform answer, weighted by train.negatives_weight) and their validation
   # share chooses the unknown score and threshold (simpsons_jax/open_set.py).
   group.negatives = ""
+  # The share of the negative characters that never train and validate whole
+  # (at least one, never all; 0: each splits by val_fraction like the
+  # characters): the unknown score is chosen on characters the run did not
+  # train on, as it will meet them (docs/results.md).
+  group.negatives_val_share = 0.5
+  # The share of images of characters it does not know that the model is
+  # expected to meet: the validation negatives count as this share when the
+  # run sets its 95%-precision 'unknown' threshold (simpsons_jax/open_set.py).
+  group.unknown_share = 0.2
   group.image_size = 128  # Images are resized to image_size x image_size.
   group.val_fraction = 0.05  # Stratified share of each character for val.
   group.train_fraction = 1.0  # Seeded share of the training split to use.

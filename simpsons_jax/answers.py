@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+  from simpsons_jax import open_set
 
 UNKNOWN = "unknown"
 # `--threshold`'s value for a run's own unknown score and threshold.
@@ -21,11 +24,11 @@ Classifier = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 @dataclasses.dataclass(frozen=True)
 class UnknownRule:
   """When an image is 'unknown': its `score` (`open_set.SCORES`) is below
-  `threshold`; `bank`, the training features the knn score compares."""
+  `threshold`; `bank`, the training features the knn score compares and its k."""
 
   score: str
   threshold: float
-  bank: np.ndarray | None = None
+  bank: open_set.Bank | None = None
 
 
 def named(probability: float, name: str, threshold: float) -> str:

@@ -121,22 +121,28 @@ def fit_temperature(probabilities: np.ndarray, labels: np.ndarray) -> float:
 
 
 def threshold_for_precision(
-  confidence: np.ndarray, correct: np.ndarray, precision: float
+  confidence: np.ndarray,
+  correct: np.ndarray,
+  precision: float,
+  weights: np.ndarray | None = None,
 ) -> tuple[float, float]:
   """The lowest probability at which the images answered (confidence at
-  least it) are at least `precision` right, and the share answered. Above
-  every confidence (1.0 and coverage 0) when no threshold reaches it."""
+  least it) are at least `precision` right, and the share answered; each
+  image counts `weights` (default 1). Above every confidence (1.0 and
+  coverage 0) when no threshold reaches it."""
   order = np.argsort(-np.asarray(confidence), kind="stable")
   conf = np.asarray(confidence, np.float64)[order]
-  right = np.cumsum(np.asarray(correct, np.float64)[order])
+  weight = np.ones(len(conf)) if weights is None else np.asarray(weights, np.float64)
+  weight = weight[order]
+  right = np.cumsum(np.asarray(correct, np.float64)[order] * weight)
   # Only the last of equal confidences is a place to cut: ties go together.
   last = np.append(conf[1:] != conf[:-1], True)
-  answered = np.arange(1, len(conf) + 1)
-  ok = last & (right / answered >= precision - 1e-12)
+  answered = np.cumsum(weight)
+  ok = last & (right >= (precision - 1e-12) * answered)
   if not ok.any():
     return 1.0 + 1e-9, 0.0
   k = np.flatnonzero(ok).max()
-  return float(conf[k]), float((k + 1) / len(conf))
+  return float(conf[k]), float(answered[k] / answered[-1])
 
 
 def auroc(known: np.ndarray, unknown: np.ndarray) -> float:

@@ -36,6 +36,8 @@ CHOICES = {
 # Options that must lie in [low, high).
 RANGES = {
   "train.label_smoothing": (0, 1),
+  "data.negatives_val_share": (0, 1),
+  "data.unknown_share": (0, 1),
   "optim.ema_decay": (0, 1),
   "augment.brightness": (0, 1),
   "augment.contrast": (0, 1),

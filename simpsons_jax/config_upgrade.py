@@ -76,6 +76,10 @@ RENAMED: dict[str, tuple[str, Any]] = {
 ADDED: dict[str, Any] = {
   "data.hold_out": (),
   "data.negatives": "",
+  "data.negatives_val_share": 0.0,
+  # Read only when a run chooses its threshold, after training: a run that
+  # never had it chose before it existed, and one finished now uses today's.
+  "data.unknown_share": 0.2,
   "train.negatives_weight": 2.0,
 }
 # The augmentation group kept its keys; runs saved before one existed ran with these.

@@ -13,11 +13,13 @@ Scores, higher for images like the known characters:
 At the end of training (`fit`) every score is measured on the validation
 split: the characters' images against the validation negatives
 (`config.data.negatives`) when the run has any. The score with the highest
-AUROC is chosen, with the lowest threshold at which the images answered (the
-negatives count as wrong answers) are at least 95% right. A run without
-negatives keeps the maximum probability and its 95%-precision threshold. The
-validation split alone decides: the unknown characters an evaluation scores
-are never read.
+AUROC is chosen, with the lowest threshold at which the images answered are
+at least 95% right: the negatives count as wrong answers, weighted to make
+`config.data.unknown_share` of all the images (the share of characters it
+does not know that the model is expected to meet), however many of them the
+validation split holds. A run without negatives keeps the maximum
+probability and its 95%-precision threshold. The validation split alone
+decides: the unknown characters an evaluation scores are never read.
 
 Prediction sets (split conformal, Angelopoulos and Bates 2021, with the
 least-ambiguous set score of Sadinle et al. 2019): an image's set holds every
@@ -34,6 +36,7 @@ copied into exports.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import math
 import os
@@ -47,11 +50,14 @@ from simpsons_jax import calibration, errors, files
 FILENAME = "open_set.json"
 SCORES = ("max_logit", "max_probability", "energy", "knn")
 PRECISION = 0.95  # Of the images answered, at validation.
-NEIGHBOUR = 10  # The k of the k-nearest-neighbour score.
-BANK_SIZE = 2048  # Training images whose features the knn score compares.
+# The k of the k-nearest-neighbour score, and the most training images whose
+# features it compares: chosen on held-out characters (docs/results.md).
+NEIGHBOUR = 1
+BANK_SIZE = 8192
+_NEIGHBOUR_BEFORE_RECORDED = 10  # Records without "neighbour" used k = 10.
 
 
-def knn_score(features: np.ndarray, bank: np.ndarray, k: int = NEIGHBOUR) -> np.ndarray:
+def knn_score(features: np.ndarray, bank: np.ndarray, k: int) -> np.ndarray:
   """Minus the distance of each normalised feature row to its k-th nearest
   row of `bank` (normalised too): sqrt(2 - 2 cos)."""
   k = min(k, len(bank))
@@ -60,8 +66,21 @@ def knn_score(features: np.ndarray, bank: np.ndarray, k: int = NEIGHBOUR) -> np.
   return -np.sqrt(np.maximum(2.0 - 2.0 * kth, 0.0))
 
 
+@dataclasses.dataclass(frozen=True)
+class Bank:
+  """The knn score's reference: normalised penultimate features of training
+  images (rows), and the k of the k-th nearest one."""
+
+  features: np.ndarray
+  neighbour: int = NEIGHBOUR
+
+  def score(self, features: np.ndarray) -> np.ndarray:
+    """The knn score of normalised feature rows against this bank."""
+    return knn_score(features, self.features, self.neighbour)
+
+
 def scores(
-  rows: Mapping[str, np.ndarray], temperature: float, bank: np.ndarray | None
+  rows: Mapping[str, np.ndarray], temperature: float, bank: Bank | None
 ) -> dict[str, np.ndarray]:
   """Every score of the rows an evaluation gives (`evaluators.scoring`:
   probabilities, max_logit, logsumexp, features); `knn` only with a bank."""
@@ -72,13 +91,13 @@ def scores(
     ).max(-1),
     "energy": np.asarray(rows["logsumexp"], np.float64),
   }
-  if bank is not None and len(bank):
-    found["knn"] = knn_score(rows["features"], bank)
+  if bank is not None and len(bank.features):
+    found["knn"] = bank.score(rows["features"])
   return found
 
 
 def score_of(
-  name: str, outputs: Mapping[str, np.ndarray], bank: np.ndarray | None = None
+  name: str, outputs: Mapping[str, np.ndarray], bank: Bank | None = None
 ) -> np.ndarray:
   """The score `name` of a model's outputs for some images (`trained`'s:
   calibrated probabilities, max_logit, logsumexp, features)."""
@@ -90,7 +109,7 @@ def score_of(
     return np.asarray(outputs["logsumexp"])
   if bank is None:
     raise ValueError("the knn score needs the run's feature bank")
-  return knn_score(outputs["features"], bank)
+  return bank.score(outputs["features"])
 
 
 def fpr_at_tpr(known: np.ndarray, unknown: np.ndarray, tpr: float = 0.95) -> float:
@@ -125,11 +144,13 @@ def choose(
   known: Mapping[str, np.ndarray],
   correct: np.ndarray,
   unknown: Mapping[str, np.ndarray] | None,
+  unknown_share: float,
   precision: float = PRECISION,
 ) -> dict[str, Any]:
   """The score and threshold a run answers 'unknown' with, from validation
   scores of its characters' images (`known`, with `correct`: whether each is
-  named right) and of its negatives (`unknown`; None when it has none)."""
+  named right) and of its negatives (`unknown`; None when it has none),
+  these weighted to make `unknown_share` of the images."""
   if not unknown:
     threshold, answered = calibration.threshold_for_precision(
       known["max_probability"], correct, precision
@@ -143,12 +164,16 @@ def choose(
   right = np.concatenate(
     [np.asarray(correct, bool), np.zeros(len(unknown[best]), bool)]
   )
-  threshold, _ = calibration.threshold_for_precision(pooled, right, precision)
+  n_known, n_unknown = len(known[best]), len(unknown[best])
+  weight = unknown_share / (1 - unknown_share) * n_known / n_unknown
+  weights = np.concatenate([np.ones(n_known), np.full(n_unknown, weight)])
+  threshold, _ = calibration.threshold_for_precision(pooled, right, precision, weights)
   return {
     "score": best,
     "threshold": threshold,
     "answered": float((known[best] >= threshold).mean()),
     "negatives_refused": float((unknown[best] < threshold).mean()),
+    "unknown_share": unknown_share,
     "auroc": auroc,
     "fpr_at_95_tpr": fpr,
   }
@@ -195,19 +220,27 @@ def prediction_sets(probabilities: np.ndarray, threshold: float) -> list[np.ndar
   return [row[:size] for row, size in zip(order, sizes, strict=True)]
 
 
-def encode_bank(bank: np.ndarray) -> dict[str, Any]:
-  """A feature bank as JSON: float16 bytes in base64, with its shape."""
-  data = np.asarray(bank, np.float16)
+def encode_bank(bank: Bank) -> dict[str, Any]:
+  """A feature bank as a record's JSON fields: "bank", its float16 bytes in
+  base64 with their shape, and "neighbour"."""
+  data = np.asarray(bank.features, np.float16)
   return {
-    "shape": list(data.shape),
-    "float16": base64.b64encode(data.tobytes()).decode(),
+    "bank": {
+      "shape": list(data.shape),
+      "float16": base64.b64encode(data.tobytes()).decode(),
+    },
+    "neighbour": bank.neighbour,
   }
 
 
-def decode_bank(entry: Mapping[str, Any]) -> np.ndarray:
-  """The float32 bank of `encode_bank`'s JSON."""
+def decode_bank(record: Mapping[str, Any]) -> Bank | None:
+  """The float32 bank of a record (`encode_bank`'s fields), None without."""
+  if "bank" not in record:
+    return None
+  entry = record["bank"]
   data = np.frombuffer(base64.b64decode(entry["float16"]), np.float16)
-  return data.reshape(entry["shape"]).astype(np.float32)
+  features = data.reshape(entry["shape"]).astype(np.float32)
+  return Bank(features, int(record.get("neighbour", _NEIGHBOUR_BEFORE_RECORDED)))
 
 
 def save(workdir: str | os.PathLike, step: int, record: Mapping[str, Any]) -> None:
@@ -257,9 +290,14 @@ def checked(
     raise damaged("nonconformity scores must be numbers in [0, 1]")
   if with_bank and (record["score"] == "knn" or "bank" in record):
     try:
-      bank = decode_bank(record["bank"])
+      bank = decode_bank(record)
     except (KeyError, TypeError, ValueError) as e:
       raise damaged(f"its feature bank ({e})") from None
-    if bank.ndim != 2 or not len(bank) or not np.isfinite(bank).all():
+    if bank is None:
+      raise damaged("the knn score without its feature bank")
+    features = bank.features
+    if features.ndim != 2 or not len(features) or not np.isfinite(features).all():
       raise damaged("its feature bank is empty or not finite")
+    if not 1 <= bank.neighbour <= len(features):
+      raise damaged(f"neighbour {bank.neighbour} is not in 1..{len(features)}")
   return record

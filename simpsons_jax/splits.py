@@ -15,6 +15,12 @@ happened to the folder since, by these rules:
   then it is left out;
 * a validation file that went missing or changed is left out of validation.
 
+The run's negatives (`config.data.negatives`) split the same way, except that
+a share of their characters (`config.data.negatives_val_share`, at least one
+and never all) validates whole: the run then chooses how it says "unknown" on
+characters it never trained on, as it will meet them. Those characters are
+kept in `split.json`; a new file of theirs is left out.
+
 Every difference from the saved split is counted in the log with examples.
 """
 
@@ -79,14 +85,26 @@ def _sample_per_label(
   return np.sort(np.concatenate(taken)) if taken else np.zeros(0, np.int64)
 
 
+def validating_whole(negatives: tuple[str, ...], share: float, seed: int) -> tuple:
+  """The negative characters that only validate: a seeded `share` of them,
+  at least one and never all (none of fewer than two, or with share 0)."""
+  if len(negatives) < 2 or share <= 0:
+    return ()
+  count = min(len(negatives) - 1, max(1, round(share * len(negatives))))
+  chosen = np.random.default_rng(seed).permutation(sorted(negatives))[:count]
+  return tuple(sorted(chosen.tolist()))
+
+
 def decide(
   current: Mapping[str, str],
   names: tuple[str, ...],
   val_fraction: float,
   train_fraction: float,
   seed: int,
+  whole: tuple[str, ...] = (),
 ) -> Record:
-  """A fresh split of `current` (path under the data folder -> SHA-256).
+  """A fresh split of `current` (path under the data folder -> SHA-256);
+  the characters `whole` validate whole.
 
   Copies are split as one item; an image under two characters trains.
   """
@@ -104,6 +122,9 @@ def decide(
   val_groups = set(
     _sample_per_label(labels, eligible, val_fraction, seed, leave=1).tolist()
   )
+  val_groups |= {
+    i for i, (label, _) in enumerate(keys) if names[label] in whole and eligible[i]
+  }
   val = [p for i, key in enumerate(keys) if i in val_groups for p in groups[key]]
   train = [p for i, key in enumerate(keys) if i not in val_groups for p in groups[key]]
   train.sort(key=lambda p: (label_of[character(p)], p))
@@ -130,6 +151,7 @@ class Changes:
   missing: list[str] = dataclasses.field(default_factory=list)
   val_changed: list[str] = dataclasses.field(default_factory=list)
   copies_of_val: list[str] = dataclasses.field(default_factory=list)
+  of_whole: list[str] = dataclasses.field(default_factory=list)
 
   def log(self, where: epath.Path) -> None:
     lines = {
@@ -140,6 +162,7 @@ class Changes:
       "new or changed file(s) that copy a validation image, left out": (
         self.copies_of_val
       ),
+      "new file(s) of negatives that only validate, left out": self.of_whole,
     }
     for what, paths in lines.items():
       if paths:
@@ -153,8 +176,11 @@ class Changes:
         )
 
 
-def reconcile(record: Record, current: Mapping[str, str]) -> tuple[Record, Changes]:
-  """The record updated for the folder as it is now, and what changed.
+def reconcile(
+  record: Record, current: Mapping[str, str], whole: tuple[str, ...] = ()
+) -> tuple[Record, Changes]:
+  """The record updated for the folder as it is now, and what changed; new
+  files of the characters `whole` (validating whole) are left out.
 
   The returned record's `val` holds only the validation files present and
   unchanged; its `train` every file that trains now.
@@ -176,6 +202,8 @@ def reconcile(record: Record, current: Mapping[str, str]) -> tuple[Record, Chang
       continue
     if sha in val_hashes:
       changes.copies_of_val.append(path)
+    elif path not in record.train and character(path) in whole:
+      changes.of_whole.append(path)
     elif path not in record.train:
       changes.new.append(path)
       train[path] = sha
@@ -250,6 +278,9 @@ def _load(workdir: epath.Path) -> dict:
     if data["format"] != _FORMAT:
       raise ValueError(f"format {data['format']}")
     Record(**{side: dict(data[side]) for side in ("train", "val", "unused")})
+    whole = data.get("val_characters", [])
+    if not isinstance(whole, list) or not all(isinstance(c, str) for c in whole):
+      raise ValueError("val_characters is not a list of names")
     return data
   except (KeyError, TypeError, ValueError) as e:
     raise files.DamagedFileError(
@@ -279,20 +310,26 @@ def choose_and_save(
   path = workdir / SPLIT_FILENAME
   _warn_about_conflicts(current)
   if path.exists():
-    record = _record(_load(workdir))
+    loaded = _load(workdir)
+    record, whole = _record(loaded), tuple(loaded.get("val_characters", ()))
   else:
+    names = names_in(current, cmap)
+    whole = validating_whole(
+      names[len(cmap.names) :], config.data.negatives_val_share, config.seed
+    )
     record = decide(
       current,
-      names_in(current, cmap),
+      names,
       config.data.val_fraction,
       config.data.train_fraction,
       config.seed,
+      whole,
     )
-  used, changes = reconcile(record, current)
+  used, changes = reconcile(record, current, whole)
   changes.log(path)
   _count_copies(used)
   saved = Record({**record.train, **used.train}, record.val, record.unused)
-  data = {"format": _FORMAT, **saved.to_json()}
+  data = {"format": _FORMAT, **saved.to_json(), "val_characters": list(whole)}
   data["in_use"] = {"train": sorted(used.train), "val": sorted(used.val)}
   files.write_text_atomic(path, json.dumps(data, indent=1) + "\n")
   unseen = sorted(set(cmap.names) - {character(k) for k in used.val})

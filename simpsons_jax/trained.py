@@ -79,7 +79,7 @@ def unknown_rule(
         chosen["score"],
         chosen["threshold"],
       )
-      bank = open_set.decode_bank(chosen["bank"]) if "bank" in chosen else None
+      bank = open_set.decode_bank(chosen)
       return answers.UnknownRule(chosen["score"], chosen["threshold"], bank)
     return answers.UnknownRule("max_probability", 0.0)
   threshold, said = calibration.threshold(value, calibrated)

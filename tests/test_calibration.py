@@ -59,6 +59,10 @@ def test_the_threshold_is_the_lowest_that_keeps_the_precision():
   assert pick(confidence, correct, 0.9) == (0.95, 0.4)
   assert pick(confidence, correct, 0.5) == (0.7, 1.0)
   assert pick(np.array([0.9, 0.9]), np.array([1, 0]), 0.9)[1] == 0.0  # Ties together.
+  # The third image counting twice: precision 1, 1, 2/4, 3/5, 3/6.
+  weights = np.array([1, 1, 2, 1, 1])
+  assert pick(confidence, correct, 0.6, weights) == (0.8, 5 / 6)
+  assert pick(confidence, correct, 0.75, weights) == (0.95, 2 / 6)
   fitted = {"validation": {"confidence": confidence.tolist(), "correct": correct}}
   chosen, said = calibration.threshold("auto:precision=0.75", fitted)
   assert chosen == 0.8 and "answers 80.0% of the validation images" in said

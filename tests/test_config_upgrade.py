@@ -30,6 +30,7 @@ def test_the_flat_config_becomes_todays_nested_one():
   expected.evals.kaggle_test = {"type": "folder", "dir": "DATA_DIR", "every_epochs": 2}
   expected = _plain(expected)
   del expected["model"]["resnet"]  # The run never used another model's settings.
+  expected["data"]["negatives_val_share"] = 0.0  # What runs before it split by.
   assert _plain(config_upgrade.upgrade(FLAT, models.registered_settings())) == expected
 
 
@@ -99,5 +100,7 @@ def test_a_nested_config_of_the_last_release_is_read_unchanged():
   saved = json.loads(path.read_text())
   loaded = _plain(config_upgrade.upgrade(saved, models.registered_settings()))
   assert loaded["data"].pop("negatives") == ""
+  assert loaded["data"].pop("negatives_val_share") == 0.0
+  assert loaded["data"].pop("unknown_share") == 0.2
   assert loaded["train"].pop("negatives_weight") == 2.0
   assert loaded == saved

@@ -16,10 +16,12 @@ from simpsons_jax import (
   data,
   evaluate,
   export,
+  files,
   losses,
   open_set,
   predict,
   serve,
+  splits,
   synthetic,
   train,
 )
@@ -63,7 +65,8 @@ def test_each_score_on_constructed_outputs():
     "logsumexp": np.asarray([6.0, 2.0]),
     "features": features,
   }
-  found = open_set.scores(rows, 1.0, bank)
+  found = open_set.scores(rows, 1.0, open_set.Bank(bank, neighbour=2))
+  np.testing.assert_allclose(found["knn"], [-np.sqrt(2), -np.sqrt(0.8)], atol=1e-6)
   np.testing.assert_allclose(found["max_probability"], [0.7, 0.4])
   np.testing.assert_allclose(found["max_logit"], [5.0, 1.0])
   np.testing.assert_allclose(found["energy"], [6.0, 2.0])
@@ -71,11 +74,28 @@ def test_each_score_on_constructed_outputs():
   assert "knn" not in open_set.scores(rows, 1.0, None)
 
 
+def test_a_bank_keeps_its_k_and_records_before_it_used_ten():
+  bank = open_set.Bank(np.eye(12, 4, dtype=np.float32), neighbour=3)
+  record = {"score": "knn", "threshold": -0.5, **open_set.encode_bank(bank)}
+  decoded = open_set.decode_bank(open_set.checked(record, "here", "fix"))
+  np.testing.assert_array_equal(decoded.features, bank.features)
+  assert decoded.neighbour == 3
+  del record["neighbour"]  # As a run trained before k was recorded.
+  assert open_set.decode_bank(record).neighbour == 10
+  assert open_set.decode_bank({"score": "energy", "threshold": 1.0}) is None
+  for neighbour, why in ((0, "neighbour 0 is not in 1..12"), ("x", "feature bank")):
+    with pytest.raises(files.DamagedFileError, match=why):
+      open_set.checked(record | {"neighbour": neighbour}, "here", "fix")
+  with pytest.raises(files.DamagedFileError, match="without its feature bank"):
+    open_set.checked({"score": "knn", "threshold": -0.5}, "here", "fix")
+
+
 def test_the_choice_keeps_the_best_score_and_a_95_percent_threshold():
   known = {"a": np.linspace(1, 2, 100), "b": np.linspace(0, 1, 100)}
   unknown = {"a": np.linspace(0, 1.05, 20), "b": np.linspace(0, 1, 20)}
   correct = np.ones(100, bool)
-  chosen = open_set.choose(known, correct, unknown)
+  # 20 negatives against 100 knowns: a share of 1/6 counts each once.
+  chosen = open_set.choose(known, correct, unknown, unknown_share=1 / 6)
   assert chosen["score"] == "a" and chosen["auroc"]["a"] > chosen["auroc"]["b"]
   # Above the threshold at least 95% of the answered images are right ones.
   answered = (known["a"] >= chosen["threshold"]).sum()
@@ -84,7 +104,20 @@ def test_the_choice_keeps_the_best_score_and_a_95_percent_threshold():
   refused = (unknown["a"] < chosen["threshold"]).mean()
   assert chosen["negatives_refused"] == refused and refused >= 0.7
   assert chosen["answered"] == 1.0  # The lowest such threshold: every known.
-  without = open_set.choose({"max_probability": np.full(10, 0.9)}, correct[:10], None)
+  # Counted as half the images, each negative weighs 5: a stricter threshold,
+  # the lowest at which the weighted precision holds.
+  strict = open_set.choose(known, correct, unknown, unknown_share=0.5)
+  assert strict["threshold"] > chosen["threshold"] and strict["unknown_share"] == 0.5
+  answered = (known["a"] >= strict["threshold"]).sum()
+  wrong = (unknown["a"] >= strict["threshold"]).sum()
+  assert answered / (answered + 5 * wrong) >= 0.95
+  below = unknown["a"][unknown["a"] < strict["threshold"]].max()
+  assert (known["a"] >= below).sum() / (
+    (known["a"] >= below).sum() + 5 * (wrong + 1)
+  ) < 0.95
+  without = open_set.choose(
+    {"max_probability": np.full(10, 0.9)}, correct[:10], None, unknown_share=0.2
+  )
   assert without["score"] == "max_probability"
 
 
@@ -114,15 +147,43 @@ def test_negatives_are_split_and_labelled_apart_before_training(
 ):
   config = make_tiny_config(tiny_data_dir)
   config.data.negatives = "clown,star_girl"
+  config.data.negatives_val_share = 0.0  # Each negative splits by image.
   cmap, train_split, val_split = data.create(config).prepare(tmp_path)
   assert "clown" not in cmap.names and len(cmap.names) == 4
   assert (train_split.labels == -1).sum() == 32 and (val_split.labels == -1).sum() == 8
   saved = json.loads((tmp_path / "split.json").read_text())
   assert sum(k.startswith("clown/") for k in saved["val"]) == 4  # Frozen there.
+  assert saved["val_characters"] == []
   assert len(data.create(config).validation(tmp_path, None)) == 16  # Knowns only.
   config.data.negatives = "nobody"
   with pytest.raises(characters.DatasetError, match="negatives='nobody' names"):
     data.create(config).prepare(tmp_path / "other")
+
+
+def test_a_share_of_the_negative_characters_validates_whole(tiny_data_dir, tmp_path):
+  """With negatives_val_share, one of two negative characters never trains:
+  all its images validate, kept so in split.json; a new file of it is left
+  out on resume, not trained."""
+  root = Path(shutil.copytree(tiny_data_dir, tmp_path / "data"))
+  config = make_tiny_config(root)
+  config.data.negatives = "clown,star_girl"
+  config.data.negatives_val_share = 0.5
+  _, train_split, val_split = data.create(config).prepare(tmp_path / "run")
+  saved = json.loads((tmp_path / "run" / "split.json").read_text())
+  (whole,) = saved["val_characters"]
+  (other,) = {"clown", "star_girl"} - {whole}
+  assert sum(k.startswith(f"{whole}/") for k in saved["val"]) == 20
+  assert not any(k.startswith(f"{whole}/") for k in saved["train"])
+  assert sum(k.startswith(f"{other}/") for k in saved["val"]) == 4
+  assert (train_split.labels == -1).sum() == 16 and (val_split.labels == -1).sum() == 24
+  first = sorted((root / whole).iterdir())[0]
+  (root / whole / "pic_new.jpg").write_bytes(first.read_bytes() + b"\0")
+  config.data.negatives_val_share = 0.0  # The split is kept, not this.
+  _, train_again, val_again = data.create(config).prepare(tmp_path / "run")
+  assert (train_again.labels == -1).sum() == 16 and (val_again.labels == -1).sum() == 24
+  for share, count in ((0.0, 0), (0.2, 1), (0.5, 2), (0.99, 3)):
+    assert len(splits.validating_whole(("a", "b", "c", "d"), share, 0)) == count
+  assert splits.validating_whole(("a",), 0.5, 0) == ()
 
 
 def test_below_min_images_takes_the_small_folders(tmp_path):
@@ -146,6 +207,7 @@ def knn_run(trained_workdir, tmp_path):
   for record in records.values():
     record["score"] = "knn"
     record["threshold"] = -0.5
+    record["neighbour"] = 3  # Not the default: every path must read it.
   path.write_text(json.dumps(records))
   return run
 

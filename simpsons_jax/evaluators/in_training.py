@@ -167,14 +167,16 @@ def _choose_unknown_score(evaluations: Evaluations, model: scoring.Model) -> dic
   validation split (its negatives as unknowns), with the knn score's bank
   and the conformity scores of prediction sets (`open_set`)."""
   rows = model.outputs(evaluations.validation.data)[1]
-  bank = model.outputs(evaluations.bank)[1]["features"]
+  bank = open_set.Bank(model.outputs(evaluations.bank)[1]["features"])
   known = open_set.scores(rows, model.temperature, bank)
   unknown = None
   if evaluations.negatives is not None:
     negative_rows = model.outputs(evaluations.negatives)[1]
     unknown = open_set.scores(negative_rows, model.temperature, bank)
   correct = rows["probabilities"].argmax(-1) == rows["labels"]
-  chosen = open_set.choose(known, correct, unknown)
+  chosen = open_set.choose(
+    known, correct, unknown, evaluations.config.data.unknown_share
+  )
   calibrated = model.calibrated(evaluations.validation.data)
   chosen |= {
     "validation": {
@@ -182,7 +184,7 @@ def _choose_unknown_score(evaluations: Evaluations, model: scoring.Model) -> dic
       "negatives": len(unknown["energy"]) if unknown else 0,
     },
     "conformity": open_set.conformity(calibrated, rows["labels"]).round(7).tolist(),
-    "bank": open_set.encode_bank(bank),
+    **open_set.encode_bank(bank),
   }
   logging.info(
     "Unknown score of step %d: %s, threshold %.4f (%s).",

@@ -64,9 +64,7 @@ class Unknowns(base.Evaluator):
 
   def run(self, model: scoring.Model, draw_in: epath.Path | None = None) -> base.Result:
     del draw_in  # Nothing drawn.
-    bank = None
-    if "bank" in model.open_set:
-      bank = open_set.decode_bank(model.open_set["bank"])
+    bank = open_set.decode_bank(model.open_set)
     known_rows = model.outputs(self.known.data)[1]
     known = open_set.scores(known_rows, model.temperature, bank)
     unknown = open_set.scores(model.outputs(self.unknown)[1], model.temperature, bank)

@@ -104,7 +104,7 @@ def unknown_fn(trained: trained_run.TrainedModel):
   feature bank as constants."""
   chosen = trained.open_set
   model = models.create(trained.config, trained.cmap.num_classes, kernels="xla")
-  bank = open_set.decode_bank(chosen["bank"]) if "bank" in chosen else None
+  bank = open_set.decode_bank(chosen)
 
   def score(images: jax.Array) -> jax.Array:
     found = trained_run.outputs(
@@ -120,8 +120,8 @@ def unknown_fn(trained: trained_run.TrainedModel):
       return found["max_logit"]
     if chosen["score"] == "energy":
       return found["logsumexp"]
-    cosine = found["features"] @ jnp.asarray(bank).T
-    k = min(open_set.NEIGHBOUR, len(bank))
+    cosine = found["features"] @ jnp.asarray(bank.features).T
+    k = min(bank.neighbour, len(bank.features))
     kth = jax.lax.top_k(cosine, k)[0][:, k - 1]
     return -jnp.sqrt(jnp.maximum(2.0 - 2.0 * kth, 0.0))
 
