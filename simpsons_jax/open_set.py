@@ -12,9 +12,11 @@ Scores, higher for images like the known characters:
 
 At the end of training (`fit`) every score is measured on the validation
 split: the characters' images against the validation negatives
-(`config.data.negatives`) when the run has any. The score with the highest
-AUROC is chosen, with the lowest threshold at which the images answered are
-at least 95% right: the negatives count as wrong answers, weighted to make
+(`config.data.negatives`) when the run has any. The knn score is kept unless
+another has a higher AUROC by more than twice its standard error (the
+validation negatives are few characters: a smaller lead is noise); its
+threshold is the lowest at which the images answered are at least 95%
+right: the negatives count as wrong answers, weighted to make
 `config.data.unknown_share` of all the images (the share of characters it
 does not know that the model is expected to meet), however many of them the
 validation split holds. A run without negatives keeps the maximum
@@ -54,6 +56,10 @@ PRECISION = 0.95  # Of the images answered, at validation.
 # features it compares: chosen on held-out characters (docs/results.md).
 NEIGHBOUR = 1
 BANK_SIZE = 8192
+# The score a run keeps unless its validation negatives tell another apart
+# better by more than twice the standard error of their AUROC: the one that
+# told held-out characters apart best (docs/results.md).
+PREFERRED = "knn"
 _NEIGHBOUR_BEFORE_RECORDED = 10  # Records without "neighbour" used k = 10.
 
 
@@ -140,6 +146,18 @@ def oscr(
   }
 
 
+def auroc_standard_error(auroc: float, n_known: int, n_unknown: int) -> float:
+  """The standard error of an AUROC measured on `n_known` and `n_unknown`
+  images (Hanley and McNeil 1982)."""
+  q_known, q_unknown = auroc / (2 - auroc), 2 * auroc**2 / (1 + auroc)
+  variance = (
+    auroc * (1 - auroc)
+    + (n_known - 1) * (q_known - auroc**2)
+    + (n_unknown - 1) * (q_unknown - auroc**2)
+  ) / (n_known * n_unknown)
+  return math.sqrt(max(variance, 0.0))
+
+
 def choose(
   known: Mapping[str, np.ndarray],
   correct: np.ndarray,
@@ -160,11 +178,15 @@ def choose(
   auroc = {n: calibration.auroc(known[n], unknown[n]) for n in names}
   fpr = {n: fpr_at_tpr(known[n], unknown[n]) for n in names}
   best = max(names, key=lambda n: (auroc[n], -fpr[n]))
+  n_known, n_unknown = len(known[best]), len(unknown[best])
+  if PREFERRED in auroc:
+    margin = 2 * auroc_standard_error(auroc[PREFERRED], n_known, n_unknown)
+    if auroc[best] - auroc[PREFERRED] <= margin:
+      best = PREFERRED
   pooled = np.concatenate([known[best], unknown[best]])
   right = np.concatenate(
     [np.asarray(correct, bool), np.zeros(len(unknown[best]), bool)]
   )
-  n_known, n_unknown = len(known[best]), len(unknown[best])
   weight = unknown_share / (1 - unknown_share) * n_known / n_unknown
   weights = np.concatenate([np.ones(n_known), np.full(n_unknown, weight)])
   threshold, _ = calibration.threshold_for_precision(pooled, right, precision, weights)

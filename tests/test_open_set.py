@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from simpsons_jax import (
+  calibration,
   characters,
   data,
   evaluate,
@@ -119,6 +120,35 @@ def test_the_choice_keeps_the_best_score_and_a_95_percent_threshold():
     {"max_probability": np.full(10, 0.9)}, correct[:10], None, unknown_share=0.2
   )
   assert without["score"] == "max_probability"
+
+
+def test_the_auroc_standard_error_is_the_spread_of_repeated_measurements():
+  rng = np.random.default_rng(0)
+  measured = [
+    calibration.auroc(rng.normal(1.5, 1, 100), rng.normal(0, 1, 60))
+    for _ in range(2000)
+  ]
+  error = open_set.auroc_standard_error(np.mean(measured), 100, 60)
+  assert error == pytest.approx(np.std(measured), rel=0.1)
+  assert open_set.auroc_standard_error(1.0, 100, 60) == 0.0
+
+
+def test_the_knn_score_is_kept_unless_another_leads_by_more_than_noise():
+  known = {"knn": np.linspace(0, 1, 200), "energy": np.linspace(0, 1, 200)}
+  correct = np.ones(200, bool)
+
+  def chosen(knn_lead: float, energy_lead: float) -> str:
+    unknown = {
+      "knn": np.linspace(-knn_lead, 1 - knn_lead, 200),
+      "energy": np.linspace(-energy_lead, 1 - energy_lead, 200),
+    }
+    return open_set.choose(known, correct, unknown, unknown_share=0.2)["score"]
+
+  # AUROC 0.83 against 0.82 (standard error about 0.02): knn stays.
+  assert chosen(0.4, 0.42) == "knn"
+  # 0.98 against 0.82: energy tells these negatives apart beyond doubt.
+  assert chosen(0.4, 0.8) == "energy"
+  assert chosen(0.4, 0.3) == "knn"  # Ahead anyway.
 
 
 def test_prediction_sets_cover_as_asked_on_a_known_problem():
