@@ -16,6 +16,7 @@ import argparse
 import functools
 import json
 import re
+import statistics
 import sys
 import textwrap
 from collections.abc import Callable, Mapping
@@ -352,6 +353,52 @@ def _open_set_sweep(
   return "\n".join(rows)
 
 
+def _open_set_dev(results: list[dict[str, Any]]) -> str:
+  """Runs on the development pairs: each score's mean AUROC on the held-out
+  pairs, the score each run's validation negatives told apart best, and the
+  pairs answered 'unknown' at the threshold chosen then."""
+  scores = list(results[0]["runs"][0]["unknown"]["auroc"]) if results else []
+  rows = [
+    f"| development runs | AUROC on the held-out pairs: {', '.join(scores)} "
+    "| best on the validation negatives | answered 'unknown' | file |",
+    "|---|---|---|---|---|",
+  ]
+  for r in results:
+    runs = r["runs"]
+    auroc = ", ".join(
+      f"{statistics.mean(run['unknown']['auroc'][n] for run in runs):.3f}"
+      for n in scores
+    )
+    picked = ", ".join(run["validation_choice"]["score"] for run in runs)
+    answered = statistics.mean(
+      run["unknown"]["unknowns_answered_unknown"] for run in runs
+    )
+    rows.append(
+      f"| `{r['setting']}` | {auroc} | {picked} | {answered:.1%} "
+      f"| [{r['file']}](results/{r['file']}) |"
+    )
+  return "\n".join(rows)
+
+
+def _open_set_share(results: list[dict[str, Any]]) -> str:
+  """The threshold each `data.unknown_share` chooses on validation: the known
+  images it refuses, and the held-out pairs it answers 'unknown' (means)."""
+  rows = [
+    "| `data.unknown_share` | known validation images refused "
+    "| held-out pairs answered 'unknown' (lowest) | file |",
+    "|---|---|---|---|",
+  ]
+  for r in results:
+    for s in r["sweep"]:
+      rows.append(
+        f"| {s['unknown_share']:g} | {s['mean_known_refused']:.1%} "
+        f"| {s['mean_held_out_answered_unknown']:.1%} "
+        f"({s['min_held_out_answered_unknown']:.1%}) "
+        f"| [{r['file']}](results/{r['file']}) |"
+      )
+  return "\n".join(rows)
+
+
 # Each block's table, and the benchmark whose results files it reads.
 TABLES: dict[str, Callable[[list[dict[str, Any]]], str]] = {
   "calibration": _calibration,
@@ -374,6 +421,8 @@ TABLES: dict[str, Callable[[list[dict[str, Any]]], str]] = {
     "what was tried (held-out pairs)",
     lambda run: f"{run['setting']} ({len(run['pairs'])})",
   ),
+  "open_set_dev": _open_set_dev,
+  "open_set_share": _open_set_share,
   "how_sure": _how_sure,
   "accuracy": _accuracy,
   "speed": _speed,
