@@ -148,12 +148,20 @@ class SimpsonsCNN(nn.Module):
     for i, features in enumerate(self.dense_features):
       x = Dropout(self.dropout_rate, deterministic=not train)(x, rng=keys[i])
       dense = nn.Dense(
-        features, kernel_init=glorot, dtype=self.dtype, dot_general=dot, name=f"dense{i}"
+        features,
+        kernel_init=glorot,
+        dtype=self.dtype,
+        dot_general=dot,
+        name=f"dense{i}",
       )
       x = nn.relu(dense(x))
     x = Dropout(self.dropout_rate, deterministic=not train)(x, rng=keys[-1])
     logits = nn.Dense(
-      self.num_classes, kernel_init=glorot, dtype=self.dtype, dot_general=dot, name="logits"
+      self.num_classes,
+      kernel_init=glorot,
+      dtype=self.dtype,
+      dot_general=dot,
+      name="logits",
     )(x)
     return logits.astype(jnp.float32)
 
