@@ -110,7 +110,8 @@ class SimpsonsCNN(nn.Module):
   dropout_rate: float = 0.0
   dtype: Any = jnp.float32
   onednn: bool = False  # Conv blocks through cpu_conv.conv_relu_pool,
-  conv_bfloat16: bool = False  # their convolutions' operands in bfloat16.
+  # Their convolutions' and the dense layers' operands in bfloat16 (oneDNN).
+  conv_bfloat16: bool = False
 
   # The settings that fix its parameters (a resumed run may not change them).
   FIXED_SETTINGS = ("conv_features", "dense_features")

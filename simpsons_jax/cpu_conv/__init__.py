@@ -61,7 +61,7 @@ def available() -> tuple[bool, str]:
     return False, detail
   # Concrete values even when the first call comes while tracing.
   with jax.ensure_compile_time_eval():
-    wrong = self_check.failures(_checked_conv, _checked_block, jax.jit)
+    wrong = self_check.failures(_checked_conv, _checked_block, _checked_dense, jax.jit)
   if not wrong:
     return True, detail
   why = (
@@ -93,6 +93,7 @@ def bfloat16() -> tuple[bool, str]:
     wrong = self_check.failures(
       functools.partial(_checked_conv, bfloat16=True),
       functools.partial(_checked_block, bfloat16=True),
+      functools.partial(_checked_dense, bfloat16=True),
       jax.jit,
       bfloat16=True,
     )
@@ -119,6 +120,11 @@ def _checked_block(x, k, b, pads, g, bfloat16=False):
     y, vjp = jax.vjp(lambda k, b: block(x, k, b), k, b)
     return (y, None, *vjp(g))
   y, vjp = jax.vjp(block, x, k, b)
+  return (y, *vjp(g))
+
+
+def _checked_dense(x, k, g, bfloat16=False):
+  y, vjp = jax.vjp(lambda x, k: _dense(x, k, bfloat16), x, k)
   return (y, *vjp(g))
 
 
