@@ -65,7 +65,10 @@ def prepared(
   dtype, conv_bfloat16, _ = convolutions.precision(
     config, convolutions.implementation(config)[0]
   )
-  computing = "bfloat16 convolutions, float32 else" if conv_bfloat16 else dtype
+  rounded = "convolutions"
+  if config.model.name == "simpsons_cnn":
+    rounded += " and dense layers"
+  computing = f"bfloat16 {rounded}, float32 else" if conv_bfloat16 else dtype
   return (
     step,
     f"jax {jax.__version__}, convolutions {kernels}, computing in {computing}",

@@ -7,7 +7,8 @@ Each part runs alone, compiled, forward and backward as the training step runs
 it (and its forward pass alone), in float32 and in bfloat16 (where
 `cpu_conv.bfloat16()` allows it): the four conv + bias + ReLU + pool blocks
 through `cpu_conv.conv_relu_pool` (the first on uint8 images, as the model
-feeds it), the dense layers (dropout off) and Adam's update of every
+feeds it), the dense layers (dropout off; in bfloat16 through
+`cpu_conv.dot_general`, as the model's) and Adam's update of every
 parameter. Beside them, configs/full.py's whole training step on a batch of
 the same size: what it spends beyond the parts is the rest (the loss, dropout,
 the metrics, the glue between the parts). Each figure is the median of
@@ -103,9 +104,15 @@ def _parts(bfloat16: bool) -> list[dict]:
     shapes.append((channels, features))
     size, channels = size // 2, features
   width = size * size * channels
+  # In bfloat16 through oneDNN's matrix product, as the model's.
+  dot = functools.partial(cpu_conv.dot_general, bfloat16=True) if bfloat16 else None
   dense = nn.Sequential(
-    [layer for features in DENSE_FEATURES for layer in (nn.Dense(features), nn.relu)]
-    + [nn.Dense(NUM_CLASSES)]
+    [
+      layer
+      for features in DENSE_FEATURES
+      for layer in (nn.Dense(features, dot_general=dot), nn.relu)
+    ]
+    + [nn.Dense(NUM_CLASSES, dot_general=dot)]
   )
   h = jnp.asarray(rng.standard_normal((n, width), np.float32))
   params = dense.init(jax.random.PRNGKey(0), h)

@@ -99,10 +99,11 @@ def precision(
 
   On GPU and TPU, bfloat16 computes everything in bfloat16. On a CPU with
   oneDNN's kernels and bfloat16 dot products (`cpu_conv.bfloat16()`), it
-  rounds the convolutions' operands alone (as PyTorch's autocast does) and
-  computes the rest in float32: XLA:CPU's bfloat16 BatchNorm, matrix products
-  and their gradients were slower than its float32 ones (docs/performance.md).
-  Elsewhere on CPU it computes in float32. Parameters and optimizer state are
+  rounds the operands of oneDNN's convolutions and (in the notebook network)
+  matrix products alone, as PyTorch's autocast does, and computes the rest in
+  float32: XLA:CPU's bfloat16 BatchNorm, matrix products and their gradients
+  were slower than its float32 ones (docs/performance.md). Elsewhere on CPU it
+  computes in float32. Parameters and optimizer state are
   float32 either way.
   """
   dtype = jnp.dtype(config.train.dtype)

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from simpsons_jax import convolutions, cpu_conv, errors
+from simpsons_jax import convolutions, cpu_conv, errors, threefry
 
 
 def max_pool_2x2(x: jax.Array) -> jax.Array:
@@ -27,6 +27,32 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
   n, h, w, c = x.shape
   x = x[:, : h // 2 * 2, : w // 2 * 2, :]
   return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
+class Dropout(nn.Dropout):
+  """`nn.Dropout` with its masks drawn by `threefry.bernoulli`: the same masks
+  for the same key, without XLA:CPU's loop over whole arrays."""
+
+  @nn.compact
+  def __call__(
+    self,
+    inputs: jax.Array,
+    deterministic: bool | None = None,
+    rng: jax.Array | None = None,
+  ) -> jax.Array:
+    deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
+    if self.rate == 0.0 or deterministic:
+      return inputs
+    if self.rate == 1.0:
+      return jnp.zeros_like(inputs)
+    keep = 1.0 - self.rate
+    if rng is None:
+      rng = self.make_rng(self.rng_collection)
+    shape = list(inputs.shape)
+    for dim in self.broadcast_dims:
+      shape[dim] = 1
+    mask = jnp.broadcast_to(threefry.bernoulli(rng, keep, tuple(shape)), inputs.shape)
+    return jax.lax.select(mask, inputs / keep, jnp.zeros_like(inputs))
 
 
 class ConvReluPool(nn.Conv):
@@ -84,7 +110,8 @@ class SimpsonsCNN(nn.Module):
   dropout_rate: float = 0.0
   dtype: Any = jnp.float32
   onednn: bool = False  # Conv blocks through cpu_conv.conv_relu_pool,
-  conv_bfloat16: bool = False  # their convolutions' operands in bfloat16.
+  # Their convolutions' and the dense layers' operands in bfloat16 (oneDNN).
+  conv_bfloat16: bool = False
 
   # The settings that fix its parameters (a resumed run may not change them).
   FIXED_SETTINGS = ("conv_features", "dense_features")
@@ -111,13 +138,31 @@ class SimpsonsCNN(nn.Module):
         name=f"conv{i}",
       )(x)
     x = x.reshape(x.shape[0], -1)
+    dot = None
+    if self.conv_bfloat16:
+      dot = functools.partial(cpu_conv.dot_general, bfloat16=True)
+    # One key from Flax for the dropout layers, split (in one fused pass) into
+    # each layer's: Flax's own, one per layer, cost an XLA:CPU loop each.
+    keys = [None] * (len(self.dense_features) + 1)
+    if train and self.dropout_rate > 0:
+      keys = list(threefry.split(self.make_rng("dropout"), len(keys)))
     for i, features in enumerate(self.dense_features):
-      x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-      dense = nn.Dense(features, kernel_init=glorot, dtype=self.dtype, name=f"dense{i}")
+      x = Dropout(self.dropout_rate, deterministic=not train)(x, rng=keys[i])
+      dense = nn.Dense(
+        features,
+        kernel_init=glorot,
+        dtype=self.dtype,
+        dot_general=dot,
+        name=f"dense{i}",
+      )
       x = nn.relu(dense(x))
-    x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+    x = Dropout(self.dropout_rate, deterministic=not train)(x, rng=keys[-1])
     logits = nn.Dense(
-      self.num_classes, kernel_init=glorot, dtype=self.dtype, name="logits"
+      self.num_classes,
+      kernel_init=glorot,
+      dtype=self.dtype,
+      dot_general=dot,
+      name="logits",
     )(x)
     return logits.astype(jnp.float32)
 
@@ -207,7 +252,7 @@ class ResNet(nn.Module):
         strides = 2 if i > 0 and j == 0 else 1
         x = ResidualBlock(features, strides, self.dtype, conv_fn)(x, train=train)
     x = x.mean(axis=(1, 2))
-    x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+    x = Dropout(self.dropout_rate, deterministic=not train)(x)
     logits = nn.Dense(self.num_classes, dtype=self.dtype, name="logits")(x)
     return logits.astype(jnp.float32)
 

@@ -46,6 +46,7 @@ from simpsons_jax import (
   sharding,
   stopping,
   summary,
+  threefry,
 )
 from simpsons_jax import losses as losses_lib
 from simpsons_jax.evaluators import in_training
@@ -130,11 +131,11 @@ def train_step(
   the batch's sums of the training objective and of correct predictions
   (against each image's own label).
   """
-  dropout_rng = jax.random.fold_in(state.rng, state.step)
+  dropout_rng = threefry.fold_in(state.rng, state.step)
   labels, images = batch["label"], batch["image"]
   if mix != "none":
     images, lam = mixing.mix(
-      jax.random.fold_in(dropout_rng, MIX_STREAM), images, mix, mix_alpha
+      threefry.fold_in(dropout_rng, MIX_STREAM), images, mix, mix_alpha
     )
 
   def objective(logits, labels):

@@ -72,6 +72,48 @@ def test_forward_and_gradients_equal_lax(shape, kernel, strides, padding, featur
     np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5 * float(jnp.abs(a).max()))
 
 
+DENSE = (((1,), (0,)), ((), ()))
+
+
+@pytest.mark.parametrize("bfloat16", [False, True])
+@pytest.mark.parametrize(
+  "m, k, n", [(1, 1, 1), (3, 5, 7), (17, 70, 40), (64, 4096, 512)]
+)
+def test_dense_products_and_gradients_equal_lax(m, k, n, bfloat16):
+  # With bfloat16, lax's float32 product of the rounded operands (and, for
+  # the gradients, of the rounded output gradient): float32 accumulation.
+  _needs_kernels()
+  if bfloat16 and not cpu_conv.bfloat16()[0]:
+    pytest.skip(cpu_conv.bfloat16()[1])
+  rng = np.random.default_rng(m + k + n)
+  x, w, g = (
+    jnp.asarray(rng.standard_normal(s, np.float32)) for s in ((m, k), (k, n), (m, n))
+  )
+
+  def run(dot, x, w, g):
+    y, vjp = jax.vjp(lambda x, w: dot(x, w, DENSE), x, w)
+    return y, *vjp(g)
+
+  def operand(a):
+    return a.astype(jnp.bfloat16).astype(jnp.float32) if bfloat16 else a
+
+  highest = functools.partial(lax.dot_general, precision=lax.Precision.HIGHEST)
+  plain = jax.jit(functools.partial(run, highest))(*map(operand, (x, w, g)))
+  ours = jax.jit(
+    functools.partial(run, functools.partial(cpu_conv.dot_general, bfloat16=bfloat16))
+  )(x, w, g)
+
+  def loss(x, w):
+    return cpu_conv.dot_general(x, w, DENSE, bfloat16=bfloat16).sum()
+
+  hlo = jax.jit(jax.value_and_grad(loss, (0, 1))).lower(x, w).as_text()
+  assert hlo.count("OnednnMatmul" + ("Bf16" if bfloat16 else "")) == 3
+  assert "dot_general" not in hlo and "dot(" not in hlo
+  for a, b in zip(plain, ours, strict=True):
+    assert a.shape == b.shape and b.dtype == jnp.float32
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5 * float(jnp.abs(a).max()))
+
+
 def test_the_kernels_run_in_the_compiled_step():
   _needs_kernels()
   x = jnp.zeros((2, 8, 8, 3))
@@ -109,6 +151,21 @@ def test_what_onednn_does_not_handle_goes_to_lax_unchanged():
     expected = lax.conv_general_dilated(*args, dimension_numbers=NHWC, **case)
     got = cpu_conv.conv_general_dilated(*args, dimension_numbers=NHWC, **case)
     np.testing.assert_array_equal(got, expected)
+  # Products other than a float32 (M, K) by (K, N): lax's.
+  a = jnp.asarray(rng.standard_normal((2, 3, 4), np.float32))
+  b = jnp.asarray(rng.standard_normal((2, 4, 5), np.float32))
+  products = [
+    (a, b, (((2,), (1,)), ((0,), (0,)))),  # batched
+    (a[0], b[0].T, (((1,), (1,)), ((), ()))),  # contracting the kernel's last axis
+    (a[0].astype(jnp.bfloat16), b[0].astype(jnp.bfloat16), DENSE),
+    (a, b[0], (((2,), (0,)), ((), ()))),  # three axes
+  ]
+  for lhs, rhs, dimensions in products:
+    hlo = jax.jit(functools.partial(cpu_conv.dot_general, dimension_numbers=dimensions))
+    assert "Onednn" not in hlo.lower(lhs, rhs).as_text()
+    np.testing.assert_array_equal(
+      cpu_conv.dot_general(lhs, rhs, dimensions), lax.dot_general(lhs, rhs, dimensions)
+    )
 
 
 def test_sharded_over_eight_devices_equals_one_device():
@@ -428,13 +485,15 @@ def test_kernels_that_fail_their_self_check_are_refused_once(monkeypatch, caplog
 
 
 @pytest.mark.parametrize(
-  "get_config, kernel",
+  "get_config, kernels",
   [
-    (full.get_config, "ConvBiasReluPoolForwardBf16"),
-    (strong.get_config, "OnednnConvBackwardDataBf16"),
+    (full.get_config, ("ConvBiasReluPoolForwardBf16", "OnednnMatmulBf16")),
+    (strong.get_config, ("OnednnConvBackwardDataBf16",)),
   ],
 )
-def test_bfloat16_networks_are_as_close_to_float32_as_xlas_bfloat16(get_config, kernel):
+def test_bfloat16_networks_are_as_close_to_float32_as_xlas_bfloat16(
+  get_config, kernels
+):
   # The same parameters in float32, with oneDNN's bfloat16 convolutions (in
   # the compiled step) and all in bfloat16 through XLA: ours is at least as
   # near float32 as XLA's bfloat16 is (its rounding, not a fault of ours).
@@ -471,7 +530,7 @@ def test_bfloat16_networks_are_as_close_to_float32_as_xlas_bfloat16(get_config, 
   _, want, want_logits = gradient(f32)
   lowered, got, got_logits = gradient(ours)
   _, xla_got, xla_logits = gradient(xla)
-  assert kernel in lowered
+  assert all(kernel in lowered for kernel in kernels)
   assert got.dtype == got_logits.dtype == jnp.float32
 
   def error(a, b):

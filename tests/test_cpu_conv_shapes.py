@@ -1,12 +1,12 @@
 """cpu_conv over the whole shape space, on every instruction set it can take.
 
-A few hundred seeded random convolutions and fused blocks (forward, input,
-kernel and bias gradients) are compared with the plain formulation written out
-in float64 NumPy (`cpu_conv.self_check`: a sum over the kernel's offsets of
-strided slices; the pool's gradient to each window's positive maximum, split
-between ties): it runs in milliseconds, where `lax`'s own convolutions take
-many seconds to compile for 200 shapes (`test_cpu_conv.py` compares with them
-on chosen cases).
+A few hundred seeded random convolutions, fused blocks and matrix products
+(forward, input, kernel and bias gradients) are compared with the plain
+formulation written out in float64 NumPy (`cpu_conv.self_check`: a sum over
+the kernel's offsets of strided slices; the pool's gradient to each window's
+positive maximum, split between ties; the products): it runs in milliseconds,
+where `lax`'s own convolutions take many seconds to compile for 200 shapes
+(`test_cpu_conv.py` compares with them on chosen cases).
 All cases run through `cpu_conv` in one compiled function.
 
 oneDNN picks its implementation for the CPU and for the `ONEDNN_MAX_CPU_ISA`
@@ -28,11 +28,17 @@ import pytest
 from jax import lax
 
 from simpsons_jax import cpu_conv
-from simpsons_jax.cpu_conv.self_check import close, plain_block, plain_conv, rounded
+from simpsons_jax.cpu_conv.self_check import (
+  close,
+  plain_block,
+  plain_conv,
+  plain_dense,
+  rounded,
+)
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 ROOT = Path(__file__).resolve().parents[1]
-CONV_CASES, BLOCK_CASES = 200, 60
+CONV_CASES, BLOCK_CASES, DENSE_CASES = 200, 60, 60
 
 
 def _padding(rng: np.random.Generator, kernel: int) -> str | list[list[int]]:
@@ -108,6 +114,30 @@ def block_cases(count: int, seed: int = 1) -> list[dict]:
   return cases
 
 
+def dense_cases(count: int, seed: int = 2) -> list[dict]:
+  """Seeded (M, K) by (K, N) products, a dense layer's: batches 1-70, inputs
+  1-300 and outputs 1-80 (odd sizes, 1 and powers of two among them), and the
+  notebook network's widest (64 by 4096 by 512) once."""
+  rng = np.random.default_rng(seed)
+
+  def sizes(high: int) -> int:
+    if rng.random() < 0.3:
+      return int(rng.choice([1, 2, 16, 64]))
+    return int(rng.integers(1, high + 1))
+
+  cases = [dict(dense=[sizes(70), sizes(300), sizes(80)]) for _ in range(count)]
+  return cases + [dict(dense=[64, 4096, 512])][: max(0, count)]
+
+
+def _dense_operands(case: dict) -> tuple[np.ndarray, ...]:
+  """The case's input, kernel and output gradient, seeded by the case."""
+  rng = np.random.default_rng(zlib.crc32(json.dumps(case).encode()))
+  m, k, n = case["dense"]
+  return tuple(
+    rng.standard_normal(s).astype(np.float32) for s in ((m, k), (k, n), (m, n))
+  )
+
+
 def _pads(case: dict) -> list[tuple[int, int]]:
   if isinstance(case["padding"], str):
     return lax.padtype_to_pads(
@@ -139,10 +169,12 @@ def _direct(case: dict) -> bool:
   return case["shape"][-1] <= 4 and case["features"] % 8 == 0
 
 
-def _ours(convs: list[dict], blocks: list[dict], bfloat16: bool = False) -> list[tuple]:
+def _ours(
+  convs: list[dict], blocks: list[dict], denses: list[dict], bfloat16: bool = False
+) -> list[tuple]:
   """cpu_conv's value and gradients for every case, from one compiled function:
-  (y, dx, dk) for a convolution, (y, dx or None, dk, db) for a block; with
-  `bfloat16`, through the bfloat16 kernels."""
+  (y, dx, dk) for a convolution or a product, (y, dx or None, dk, db) for a
+  block; with `bfloat16`, through the bfloat16 kernels."""
 
   def conv(case, x, k, g):
     y, vjp = jax.vjp(
@@ -166,34 +198,47 @@ def _ours(convs: list[dict], blocks: list[dict], bfloat16: bool = False) -> list
     y, vjp = jax.vjp(f, x, k, b)
     return (y, *vjp(g))
 
-  def all_cases(conv_operands, block_operands):
+  def dense(x, k, g):
+    y, vjp = jax.vjp(
+      lambda x, k: cpu_conv.dot_general(
+        x, k, (((1,), (0,)), ((), ())), bfloat16=bfloat16
+      ),
+      x,
+      k,
+    )
+    return (y, *vjp(g))
+
+  def all_cases(conv_operands, block_operands, dense_operands):
     outputs = [
       conv(c, x, k, g) for c, (x, k, _, g) in zip(convs, conv_operands, strict=True)
     ]
     outputs += [block(c, *o) for c, o in zip(blocks, block_operands, strict=True)]
-    return outputs
+    return outputs + [dense(*o) for o in dense_operands]
 
   operands = (
     [_operands(c, block=False) for c in convs],
     [_operands(c, block=True) for c in blocks],
+    [_dense_operands(c) for c in denses],
   )
   return jax.device_get(jax.jit(all_cases)(*operands))
 
 
 def shape_space_failures(
-  conv_count: int, block_count: int, bfloat16: bool = False
+  conv_count: int, block_count: int, dense_count: int, bfloat16: bool = False
 ) -> list[str]:
   """One line for each case whose value or gradients differ from the plain
-  formulation's (with `bfloat16`, of the convolutions' operands rounded to
-  bfloat16, the direct convolution's blocks excepted), naming the case and
-  what differs."""
+  formulation's (with `bfloat16`, of the operands rounded to bfloat16, the
+  direct convolution's blocks excepted), naming the case and what differs."""
   convs, blocks = conv_cases(conv_count), block_cases(block_count)
-  outputs = _ours(convs, blocks, bfloat16)
+  denses = dense_cases(dense_count)
+  outputs = _ours(convs, blocks, denses, bfloat16)
   names = ("forward", "input gradient", "kernel gradient", "bias gradient")
   operand = rounded if bfloat16 else np.asarray
   failures = []
-  for case, ours in zip(convs + blocks, outputs, strict=True):
-    if "uint8" in case:
+  for case, ours in zip(convs + blocks + denses, outputs, strict=True):
+    if "dense" in case:
+      expected = plain_dense(*(operand(a) for a in _dense_operands(case)))
+    elif "uint8" in case:
       x, k, b, g = _operands(case, block=True)
       rounding = bfloat16 and not _direct(case)
       expected = plain_block(x, k, b, _pads(case), g, 255.0, rounding)
@@ -209,7 +254,7 @@ def shape_space_failures(
     ]
     if wrong:
       kind = ("bfloat16 " if bfloat16 else "") + (
-        "block" if "uint8" in case else "conv"
+        "product" if "dense" in case else "block" if "uint8" in case else "conv"
       )
       failures.append(f"{kind} {json.dumps(case)}: {', '.join(wrong)}")
   return failures
@@ -237,6 +282,10 @@ def test_the_cases_cover_the_shape_space():
   assert {c["shape"][-1] for c in planar} == {1, 2, 3, 4}
   assert any(c["shape"][2] > 64 for c in planar)  # Over two runs of 32.
   assert any(c["shape"][-1] > 4 or c["features"] % 8 for c in blocks)
+  sizes = np.array([c["dense"] for c in dense_cases(DENSE_CASES)])
+  for axis, high in enumerate((70, 300, 80)):  # M, K, N
+    assert 1 in sizes[:, axis] and 64 in sizes[:, axis]
+    assert (sizes[:, axis] % 2 == 1).sum() > 10 and sizes[:, axis].max() > high // 2
 
 
 def test_the_plain_formulation_is_lax_on_a_case():
@@ -254,6 +303,10 @@ def test_the_plain_formulation_is_lax_on_a_case():
     np.testing.assert_allclose(
       got, want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max())
     )
+  x, k, g = _dense_operands(dict(dense=[5, 7, 3]))
+  y, vjp = jax.vjp(lambda x, k: x @ k, x, k)
+  for got, want in zip(plain_dense(x, k, g), (y, *vjp(g)), strict=True):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.slow
@@ -268,7 +321,11 @@ def test_the_shape_space_with_each_direct_kernel_variant(variant):
   try:
     # The convolutions with oneDNN once; the blocks (the direct kernels' and
     # the pool's users) with every variant.
-    failures = shape_space_failures(CONV_CASES if variant == "best" else 0, BLOCK_CASES)
+    # The products with oneDNN once too.
+    best = variant == "best"
+    failures = shape_space_failures(
+      CONV_CASES if best else 0, BLOCK_CASES, DENSE_CASES if best else 0
+    )
   finally:
     cpu_conv.use_kernel_variant(previous)
   assert not failures, "\n".join(failures)
@@ -299,7 +356,7 @@ def test_the_shape_space_in_bfloat16():
   _needs_kernels()
   if not cpu_conv.bfloat16()[0]:
     pytest.skip(cpu_conv.bfloat16()[1])
-  failures = shape_space_failures(CONV_CASES, BLOCK_CASES, bfloat16=True)
+  failures = shape_space_failures(CONV_CASES, BLOCK_CASES, DENSE_CASES, bfloat16=True)
   assert not failures, "\n".join(failures)
 
 
@@ -320,7 +377,7 @@ def test_the_shape_space_under_each_onednn_isa_cap(cap, tmp_path):
     "from tests.test_cpu_conv_shapes import shape_space_failures\n"
     "assert cpu_conv.available()[0], cpu_conv.available()[1]\n"
     "bf16 = cpu_conv.bfloat16()[0]\n"
-    "counts = int(sys.argv[2]), int(sys.argv[3])\n"
+    "counts = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])\n"
     "failures = shape_space_failures(*counts)\n"
     "failures += shape_space_failures(*counts, bfloat16=True) if bf16 else []\n"
     "json.dump({'bfloat16': bf16, 'failures': failures}, open(sys.argv[1], 'w'))\n"
@@ -332,7 +389,13 @@ def test_the_shape_space_under_each_onednn_isa_cap(cap, tmp_path):
     "OMP_NUM_THREADS": "2",
   }
   subprocess.run(
-    [sys.executable, "-c", script, str(out), str(CONV_CASES), str(BLOCK_CASES)],
+    [
+      sys.executable,
+      "-c",
+      script,
+      out,
+      *map(str, (CONV_CASES, BLOCK_CASES, DENSE_CASES)),
+    ],
     cwd=ROOT,
     env=env,
     check=True,

@@ -61,7 +61,7 @@ def available() -> tuple[bool, str]:
     return False, detail
   # Concrete values even when the first call comes while tracing.
   with jax.ensure_compile_time_eval():
-    wrong = self_check.failures(_checked_conv, _checked_block, jax.jit)
+    wrong = self_check.failures(_checked_conv, _checked_block, _checked_dense, jax.jit)
   if not wrong:
     return True, detail
   why = (
@@ -93,6 +93,7 @@ def bfloat16() -> tuple[bool, str]:
     wrong = self_check.failures(
       functools.partial(_checked_conv, bfloat16=True),
       functools.partial(_checked_block, bfloat16=True),
+      functools.partial(_checked_dense, bfloat16=True),
       jax.jit,
       bfloat16=True,
     )
@@ -119,6 +120,11 @@ def _checked_block(x, k, b, pads, g, bfloat16=False):
     y, vjp = jax.vjp(lambda k, b: block(x, k, b), k, b)
     return (y, None, *vjp(g))
   y, vjp = jax.vjp(block, x, k, b)
+  return (y, *vjp(g))
+
+
+def _checked_dense(x, k, g, bfloat16=False):
+  y, vjp = jax.vjp(lambda x, k: _dense(x, k, bfloat16), x, k)
   return (y, *vjp(g))
 
 
@@ -407,6 +413,69 @@ def conv_general_dilated(
   return _conv(lhs, rhs, geometry, bfloat16)
 
 
+def _matmul(a: jax.Array, b: jax.Array, transpose_a=False, transpose_b=False):
+  m = a.shape[1] if transpose_a else a.shape[0]
+  n = b.shape[0] if transpose_b else b.shape[1]
+  return _call(
+    "matmul", _f32(m, n), a, b, transpose_a=transpose_a, transpose_b=transpose_b
+  )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _dense(x: jax.Array, kernel: jax.Array, bfloat16: bool) -> jax.Array:
+  return _dense_forward(x, kernel, bfloat16)[0]
+
+
+def _dense_forward(x, kernel, bfloat16):
+  if bfloat16:  # The rounded operands are kept for the gradients.
+    x, kernel = x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16)
+  return _matmul(x, kernel), (x, kernel)
+
+
+def _dense_backward(bfloat16, residuals, dy):
+  x, kernel = residuals
+  dy = dy.astype(x.dtype)
+  return _matmul(dy, kernel, transpose_b=True), _matmul(x, dy, transpose_a=True)
+
+
+_dense.defvjp(_dense_forward, _dense_backward)
+
+
+def dot_general(
+  lhs: jax.Array,
+  rhs: jax.Array,
+  dimension_numbers: Any,
+  precision: Any = None,
+  preferred_element_type: Any = None,
+  *,
+  bfloat16: bool = False,
+) -> jax.Array:
+  """`lax.dot_general`, through oneDNN's matrix product for a float32 (M, K)
+  by (K, N) product (a dense layer's) where `available()`, through `lax`
+  otherwise. With `bfloat16` (where `bfloat16()` allows it), the product takes
+  its operands, and its gradients the output's gradient, rounded to bfloat16;
+  values and gradients stay float32."""
+  (contract_lhs, contract_rhs), (batch_lhs, batch_rhs) = dimension_numbers
+  if (
+    not available()[0]
+    or lhs.ndim != 2
+    or rhs.ndim != 2
+    or lhs.dtype != jnp.float32
+    or rhs.dtype != jnp.float32
+    or tuple(contract_lhs) != (1,)
+    or tuple(contract_rhs) != (0,)
+    or batch_lhs
+    or batch_rhs
+    or preferred_element_type not in (None, jnp.float32)
+  ):
+    return lax.dot_general(
+      lhs, rhs, dimension_numbers, precision, preferred_element_type
+    )
+  if bfloat16:
+    _require_bfloat16()
+  return _dense(lhs, rhs, bfloat16)
+
+
 __all__ = [
   "KERNEL_VARIANTS",
   "available",
@@ -414,6 +483,7 @@ __all__ = [
   "conv_general_dilated",
   "conv_relu_pool",
   "cpu_description",
+  "dot_general",
   "kernel_variants_here",
   "relu_max_pool",
   "use_kernel_variant",

@@ -26,6 +26,7 @@ TARGETS = {
   "conv_relu_pool_backward_u8": "ConvBiasReluPoolBackwardU8",
   "relu_pool_forward": "ReluMaxPoolForward",
   "relu_pool_backward": "ReluMaxPoolBackward",
+  "matmul": "OnednnMatmul",
 }
 # The convolutions that also take bfloat16 operands (float32 results and
 # accumulation): `kind + "_bf16"`.
@@ -38,6 +39,7 @@ TARGETS.update(
       "backward_weights",
       "backward_weights_bias",
       "conv_relu_pool_forward",
+      "matmul",
     )
   }
 )

@@ -511,6 +511,54 @@ ffi::Error ReluMaxPoolBackwardImpl(ffi::Buffer<ffi::S8> code,
   return ffi::Error::Success();
 }
 
+// A matrix product c = op(a) op(b), op transposing where asked, for the dense
+// layers: a is (M, K), or (K, M) with transpose_a; b is (K, N), or (N, K) with
+// transpose_b; c is (M, N), float32 whatever the operands' type (bfloat16
+// operands accumulate in float32). The transposes are read in place (strides).
+template <ffi::DataType T>
+ffi::Error MatmulImpl(ffi::Buffer<T> a, ffi::Buffer<T> b,
+                      ffi::ResultBuffer<ffi::F32> c, bool transpose_a,
+                      bool transpose_b) {
+  auto as = a.dimensions(), cs = c->dimensions();
+  if (as.size() != 2 || cs.size() != 2)
+    return ffi::Error::InvalidArgument("the matrix product takes 2-D arrays");
+  const int64_t m = cs[0], n = cs[1], k = transpose_a ? as[0] : as[1];
+  const dt type = OperandType<T>();
+  const auto a_tag = transpose_a ? tag::ba : tag::ab;
+  const auto b_tag = transpose_b ? tag::ba : tag::ab;
+  std::string key = std::string("m") + (type == dt::bf16 ? "b" : "f") + "," +
+                    std::to_string(m) + "," + std::to_string(k) + "," +
+                    std::to_string(n) + "," + std::to_string(transpose_a) +
+                    std::to_string(transpose_b);
+  return Guarded([&] {
+    dnnl::memory::desc a_desc({m, k}, type, a_tag), b_desc({k, n}, type, b_tag),
+        c_desc({m, n}, dt::f32, tag::ab);
+    auto entry = Cached(key, [&] {
+      dnnl::matmul::primitive_desc pd(Engine(), a_desc, b_desc, c_desc,
+                                      Attributes());
+      return Entry{dnnl::matmul(pd), pd.weights_desc(), pd.scratchpad_desc()};
+    });
+    dnnl::stream stream(Engine());
+    entry->primitive.execute(
+        stream,
+        {{DNNL_ARG_SRC, dnnl::memory(a_desc, Engine(), a.untyped_data())},
+         {DNNL_ARG_WEIGHTS, dnnl::memory(b_desc, Engine(), b.untyped_data())},
+         {DNNL_ARG_DST, dnnl::memory(c_desc, Engine(), c->typed_data())},
+         {DNNL_ARG_SCRATCHPAD, Scratchpad(*entry)}});
+    stream.wait();
+  });
+}
+
+template <ffi::DataType T>
+auto MatmulBinding() {
+  return ffi::Ffi::Bind()
+      .template Arg<ffi::Buffer<T>>()
+      .template Arg<ffi::Buffer<T>>()
+      .template Ret<ffi::Buffer<ffi::F32>>()
+      .template Attr<bool>("transpose_a")
+      .template Attr<bool>("transpose_b");
+}
+
 // The convolutions take two float32 buffers, return one, and read the
 // geometry.
 template <typename Binding>
@@ -573,7 +621,9 @@ extern "C" int SimpsonsUseKernelVariant(int cap) {
                                 BackwardWeightsBiasImpl<T>, TwoInTwoOut<T>()); \
   XLA_FFI_DEFINE_HANDLER_SYMBOL(ConvBiasReluPoolForward##SUFFIX,              \
                                 ConvBiasReluPoolForwardImpl<T>,               \
-                                BlockForward<T>());
+                                BlockForward<T>());                           \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnMatmul##SUFFIX, MatmulImpl<T>,          \
+                                MatmulBinding<T>());
 
 SIMPSONS_HANDLERS(, ffi::F32)
 SIMPSONS_HANDLERS(Bf16, ffi::BF16)

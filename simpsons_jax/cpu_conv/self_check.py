@@ -1,11 +1,12 @@
-"""The convolutions written out plainly in float64, and the check that the
-compiled kernels compute them on this CPU.
+"""The convolutions and matrix products written out plainly in float64, and
+the check that the compiled kernels compute them on this CPU.
 
-`plain_conv` and `plain_relu_pool` are the definitions the kernels are held to
-(the tests run them over the whole shape space). `failures` runs a few cases
-chosen to reach every kernel (oneDNN's forward and both gradients, strided
-1x1 convolutions, the direct convolution and its fused backward, the pool)
-through the kernels and names those that differ: `cpu_conv.available` runs it
+`plain_conv`, `plain_relu_pool` and `plain_dense` are the definitions the
+kernels are held to (the tests run them over the whole shape space). `failures`
+runs a few cases chosen to reach every kernel (oneDNN's forward and both
+gradients, strided 1x1 convolutions, the direct convolution and its fused
+backward, the pool, the matrix product and its transposed forms) through the
+kernels and names those that differ: `cpu_conv.available` runs it
 once, so that a CPU or oneDNN build that computes wrong gradients trains with
 XLA's convolutions instead.
 """
@@ -71,6 +72,15 @@ def plain_relu_pool(y: np.ndarray, g: np.ndarray) -> tuple[np.ndarray, np.ndarra
   return np.maximum(top[:, :, 0, :, 0], 0), dy
 
 
+def plain_dense(
+  x: np.ndarray, k: np.ndarray, g: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """The product of `x` (M, K) and `k` (K, N), and its input and kernel
+  gradients for the output gradient `g` (M, N), in float64."""
+  x, k, g = (np.asarray(a, np.float64) for a in (x, k, g))
+  return x @ k, g @ k.T, x.T @ g
+
+
 def rounded(a: np.ndarray) -> np.ndarray:
   """`a` rounded to bfloat16 (to nearest even), as float32."""
   return np.asarray(a, np.float32).astype(ml_dtypes.bfloat16).astype(np.float32)
@@ -125,6 +135,8 @@ BLOCKS = (
   ((2, 8, 7, 2), (5, 5, 2, 8), ((2, 2), (2, 2)), False),
   ((2, 9, 8, 8), (3, 3, 8, 12), ((1, 1), (1, 1)), False),  # oneDNN, then the pool
 )
+# (M, K, N): matrix products (a dense layer's batch, inputs, outputs).
+DENSES = ((3, 5, 7), (1, 1, 1), (17, 70, 40), (16, 256, 64))
 
 
 def _operands(
@@ -143,13 +155,17 @@ def _operands(
 
 
 def failures(
-  conv: Callable, block: Callable, jit: Callable, bfloat16: bool = False
+  conv: Callable,
+  block: Callable,
+  dense: Callable,
+  jit: Callable,
+  bfloat16: bool = False,
 ) -> list[str]:
-  """The cases whose value or gradients from `conv(x, k, strides, pads, g)`
-  and `block(x, k, b, pads, g)` (each returning what `plain_conv` and
-  `plain_block` return), all run in one `jit`, differ from the plain ones;
-  with `bfloat16`, from the plain ones of the operands rounded to bfloat16
-  (uint8 blocks stay float32)."""
+  """The cases whose value or gradients from `conv(x, k, strides, pads, g)`,
+  `block(x, k, b, pads, g)` and `dense(x, k, g)` (each returning what
+  `plain_conv`, `plain_block` and `plain_dense` return), all run in one `jit`,
+  differ from the plain ones; with `bfloat16`, from the plain ones of the
+  operands rounded to bfloat16 (uint8 blocks stay float32)."""
   rng = np.random.default_rng(0)
   conv_operands = [
     _operands(rng, s, k, conv_output_shape(s, k, st, p), False) for s, k, st, p in CONVS
@@ -158,29 +174,39 @@ def failures(
   for shape, kernel, pads, images in BLOCKS:
     n, h, w, o = conv_output_shape(shape, kernel, (1, 1), pads)
     block_operands.append(_operands(rng, shape, kernel, (n, h // 2, w // 2, o), images))
+  dense_operands = [
+    tuple(rng.standard_normal(s).astype(np.float32) for s in ((m, k), (k, n), (m, n)))
+    for m, k, n in DENSES
+  ]
 
-  def run(conv_operands, block_operands):
+  def run(conv_operands, block_operands, dense_operands):
     outputs = [
       conv(x, k, st, p, g)
       for (_, _, st, p), (x, k, _, g) in zip(CONVS, conv_operands, strict=True)
     ]
-    return outputs + [
+    outputs += [
       block(x, k, b, p, g)
       for (_, _, p, _), (x, k, b, g) in zip(BLOCKS, block_operands, strict=True)
     ]
+    return outputs + [dense(x, k, g) for x, k, g in dense_operands]
 
-  got = jit(run)(conv_operands, block_operands)
+  got = jit(run)(conv_operands, block_operands, dense_operands)
   operand = rounded if bfloat16 else np.asarray
-  expected = [
-    plain_conv(operand(x), operand(k), st, p, operand(g))
-    for (_, _, st, p), (x, k, _, g) in zip(CONVS, conv_operands, strict=True)
-  ] + [
-    plain_block(x, k, b, p, g, 255.0, bfloat16 and not images)
-    for (_, _, p, images), (x, k, b, g) in zip(BLOCKS, block_operands, strict=True)
-  ]
+  expected = (
+    [
+      plain_conv(operand(x), operand(k), st, p, operand(g))
+      for (_, _, st, p), (x, k, _, g) in zip(CONVS, conv_operands, strict=True)
+    ]
+    + [
+      plain_block(x, k, b, p, g, 255.0, bfloat16 and not images)
+      for (_, _, p, images), (x, k, b, g) in zip(BLOCKS, block_operands, strict=True)
+    ]
+    + [plain_dense(*(operand(a) for a in operands)) for operands in dense_operands]
+  )
   names = ("value", "input gradient", "kernel gradient", "bias gradient")
   cases = [f"conv {s}*{k} strides {st}" for s, k, st, _ in CONVS]
   cases += [f"block {s}*{k}{' uint8' if u else ''}" for s, k, _, u in BLOCKS]
+  cases += [f"matrix product {m}x{k} by {k}x{n}" for m, k, n in DENSES]
   wrong = []
   for case, ours, plain in zip(cases, got, expected, strict=True):
     bad = [n for n, a, e in zip(names, ours, plain, strict=False) if not close(a, e)]
