@@ -206,25 +206,6 @@ class ResidualBlock(nn.Module):
     return nn.relu(y + shortcut)
 
 
-class CosineLogits(nn.Module):
-  """The final layer as `scale` x the cosine between the features and each
-  character's weight vector (a cosine classifier): no bias, and an image's
-  logits cannot grow with its features' norm."""
-
-  num_classes: int
-  scale: float = 16.0
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    kernel = self.param(
-      "kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.num_classes)
-    )
-    x = x.astype(jnp.float32)
-    x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-    kernel = kernel / jnp.maximum(jnp.linalg.norm(kernel, axis=0, keepdims=True), 1e-12)
-    return self.scale * (x @ kernel)
-
-
 class ResNet(nn.Module):
   """A small ResNet: a 3x3 stem, stages of residual blocks, global average pool.
 
@@ -243,20 +224,11 @@ class ResNet(nn.Module):
   stage_features: Sequence[int] = (32, 64, 128)
   blocks_per_stage: int = 1
   dropout_rate: float = 0.0
-  # 'dense' or 'cosine' (CosineLogits, its scale `cosine_scale`).
-  head: str = "dense"
-  cosine_scale: float = 16.0
   dtype: Any = jnp.float32
   conv_fn: Callable | None = None
   onednn: bool = False
 
-  FIXED_SETTINGS = (
-    "stem_features",
-    "stem_pool",
-    "stage_features",
-    "blocks_per_stage",
-    "head",
-  )
+  FIXED_SETTINGS = ("stem_features", "stem_pool", "stage_features", "blocks_per_stage")
 
   @staticmethod
   def min_image_size(settings: Mapping[str, Any]) -> int:
@@ -281,10 +253,7 @@ class ResNet(nn.Module):
         x = ResidualBlock(features, strides, self.dtype, conv_fn)(x, train=train)
     x = x.mean(axis=(1, 2))
     x = Dropout(self.dropout_rate, deterministic=not train)(x)
-    if self.head == "cosine":
-      logits = CosineLogits(self.num_classes, self.cosine_scale, name="logits")(x)
-    else:
-      logits = nn.Dense(self.num_classes, dtype=self.dtype, name="logits")(x)
+    logits = nn.Dense(self.num_classes, dtype=self.dtype, name="logits")(x)
     return logits.astype(jnp.float32)
 
 
