@@ -127,9 +127,6 @@ def _train() -> ml_collections.ConfigDict:
   # The weight of the negatives' term (data.negatives): cross-entropy with the
   # uniform distribution, as outlier exposure (Hendrycks et al. 2019).
   group.negatives_weight = 2.0
-  # > 0: the loss sees the logits scaled to norm 1 / logit_norm (LogitNorm,
-  # Wei et al. 2022), which keeps unknown images' logits from growing too.
-  group.logit_norm = 0.0
   # Compute: 'bfloat16' on GPU/TPU and on x86 CPUs with bfloat16 dot products
   # (AVX512_BF16, AMX; float32 elsewhere, said in the log); params stay fp32.
   group.dtype = "float32"

@@ -45,12 +45,7 @@ RANGES = {
   "augment.shift": (0, 0.5),
   "augment.rotation_degrees": (0, 180),
 }
-NOT_NEGATIVE = (
-  "optim.warmup_epochs",
-  "optim.weight_decay",
-  "train.negatives_weight",
-  "train.logit_norm",
-)
+NOT_NEGATIVE = ("optim.warmup_epochs", "optim.weight_decay", "train.negatives_weight")
 AT_LEAST_ONE = (
   "data.min_images",
   "train.batch_size",

@@ -60,27 +60,15 @@ def uniform_cross_entropy(logits: jax.Array) -> jax.Array:
   return jax.nn.logsumexp(logits, axis=-1) - logits.mean(axis=-1)
 
 
-def normalised_logits(logits: jax.Array, temperature: float) -> jax.Array:
-  """The logits scaled to norm 1 / `temperature` (LogitNorm, Wei et al. 2022):
-  the loss can no longer fall by growing the logits' norm, which otherwise
-  grows for unknown images as for known ones."""
-  norm = jnp.linalg.norm(logits, axis=-1, keepdims=True)
-  return logits / (temperature * (norm + 1e-7))
-
-
 def objective(
   logits: jax.Array,
   labels: jax.Array,
   label_smoothing: float = 0.0,
   weights: jax.Array | None = None,
   negatives_weight: float = 0.0,
-  logit_norm: float = 0.0,
 ) -> jax.Array:
   """Each example's loss: `cross_entropy` for a character (label >= 0),
-  `negatives_weight` x `uniform_cross_entropy` for a negative (label -1),
-  of the logits normalised to norm 1 / `logit_norm` if it is > 0."""
-  if logit_norm > 0:
-    logits = normalised_logits(logits, logit_norm)
+  `negatives_weight` x `uniform_cross_entropy` for a negative (label -1)."""
   known = labels >= 0
   losses = cross_entropy(logits, jnp.where(known, labels, 0), label_smoothing, weights)
   return jnp.where(known, losses, negatives_weight * uniform_cross_entropy(logits))

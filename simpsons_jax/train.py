@@ -121,7 +121,6 @@ def train_step(
   mix: str = "none",
   mix_alpha: float = 1.0,
   negatives_weight: float = 0.0,
-  logit_norm: float = 0.0,
   freeze: tuple[str, ...] = (),
   unfreeze_step: int = 0,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -141,7 +140,7 @@ def train_step(
 
   def objective(logits, labels):
     return losses_lib.objective(
-      logits, labels, label_smoothing, weights, negatives_weight, logit_norm
+      logits, labels, label_smoothing, weights, negatives_weight
     )
 
   def loss_fn(params):
@@ -201,7 +200,6 @@ def jit_train_step(
     train_step,
     label_smoothing=config.train.label_smoothing,
     negatives_weight=config.train.negatives_weight,
-    logit_norm=config.train.logit_norm,
     weights=None if weights is None else jnp.asarray(weights),
     ema_decay=config.optim.ema_decay,
     mix=config.train.mix,

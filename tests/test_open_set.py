@@ -52,23 +52,6 @@ def test_negatives_train_towards_the_uniform_answer():
   np.testing.assert_allclose(weights, [0.75, 1.5])
 
 
-def test_logit_norm_scales_the_logits_the_loss_sees():
-  logits = jnp.asarray([[3.0, 4.0, 0.0], [0.3, 0.4, 0.0]])
-  labels = jnp.asarray([1, -1])
-  found = losses.objective(logits, labels, negatives_weight=2.0, logit_norm=0.5)
-  seen = jnp.asarray([1.2, 1.6, 0.0])  # [3, 4, 0] / (0.5 * 5).
-  np.testing.assert_allclose(found[0], -jax.nn.log_softmax(seen)[1], rtol=1e-6)
-  uniform = jax.nn.logsumexp(seen) - seen.mean()
-  np.testing.assert_allclose(found[1], 2.0 * uniform, rtol=1e-6)
-  # Growing the logits no longer lowers the loss: its gradient along them is 0.
-  grad = jax.grad(lambda z: losses.objective(z, labels, logit_norm=0.5).sum())(logits)
-  np.testing.assert_allclose(jnp.sum(grad * logits, axis=-1), 0.0, atol=1e-6)
-  np.testing.assert_allclose(
-    losses.objective(logits, labels, logit_norm=0.0),
-    losses.objective(logits, labels),
-  )
-
-
 def test_each_score_on_constructed_outputs():
   bank = np.eye(4, dtype=np.float32)  # Four unit directions.
   features = np.asarray([[1, 0, 0, 0], [0.6, 0.8, 0, 0]], np.float32)
