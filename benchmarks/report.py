@@ -421,6 +421,11 @@ TABLES: dict[str, Callable[[list[dict[str, Any]]], str]] = {
     "what was tried (held-out pairs)",
     lambda run: f"{run['setting']} ({len(run['pairs'])})",
   ),
+  "open_set_final_layer": functools.partial(
+    _open_set_sweep,
+    "the final layer or its loss (held-out pairs)",
+    lambda run: f"{run['setting']} ({len(run['pairs'])})",
+  ),
   "open_set_dev": _open_set_dev,
   "open_set_share": _open_set_share,
   "how_sure": _how_sure,
