@@ -399,6 +399,10 @@ def _open_set_share(results: list[dict[str, Any]]) -> str:
   return "\n".join(rows)
 
 
+def _setting_and_pairs(run: dict[str, Any]) -> str:
+  return f"{run['setting']} ({len(run['pairs'])})"
+
+
 # Each block's table, and the benchmark whose results files it reads.
 TABLES: dict[str, Callable[[list[dict[str, Any]]], str]] = {
   "calibration": _calibration,
@@ -419,12 +423,12 @@ TABLES: dict[str, Callable[[list[dict[str, Any]]], str]] = {
   "open_set_tried": functools.partial(
     _open_set_sweep,
     "what was tried (held-out pairs)",
-    lambda run: f"{run['setting']} ({len(run['pairs'])})",
+    _setting_and_pairs,
   ),
   "open_set_final_layer": functools.partial(
     _open_set_sweep,
     "the final layer or its loss (held-out pairs)",
-    lambda run: f"{run['setting']} ({len(run['pairs'])})",
+    _setting_and_pairs,
   ),
   "open_set_dev": _open_set_dev,
   "open_set_share": _open_set_share,
