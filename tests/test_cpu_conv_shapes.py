@@ -446,10 +446,10 @@ def test_the_pools_bfloat16_gradient_is_its_float32_gradient_rounded(variant):
   code.reshape(-1)[n : 2 * n] = 7  # Split between three ties.
   previous = cpu_conv.use_kernel_variant(variant)
   try:
-    as_float = cpu_conv._call(
+    as_float = cpu_conv.library.call(
       "relu_pool_backward", jax.ShapeDtypeStruct(shape, np.float32), code, g
     )
-    as_bf16 = cpu_conv._call(
+    as_bf16 = cpu_conv.library.call(
       "relu_pool_backward_to_bf16",
       jax.ShapeDtypeStruct(shape, jax.numpy.bfloat16),
       code,

@@ -3,11 +3,13 @@
 XLA:CPU's convolutions, and their kernel gradients above all, run slower than
 oneDNN's on AVX-512 CPUs (docs/performance.md measures them; oneDNN picks its
 kernels for the CPU at run time). `onednn_conv.cc`, built by `pip install`
-into `_onednn` (loaded by `library`), wraps oneDNN's forward, input-gradient
-and kernel-gradient convolutions as XLA FFI handlers; `conv_general_dilated`
-here is a drop-in for `lax.conv_general_dilated` that calls them, with a
-`jax.custom_vjp` tying the three together. `conv_relu_pool` fuses the notebook
-network's block (conv + bias, ReLU, 2x2 max pool) around them.
+into `_onednn` (loaded and called by `library`), wraps oneDNN's forward,
+input-gradient and kernel-gradient convolutions and its matrix product as XLA
+FFI handlers; `operations` ties each forward pass to its gradients with a
+`jax.custom_vjp`. Here are the drop-ins that decide where they run:
+`conv_general_dilated` for `lax.conv_general_dilated`, `dot_general` for
+`lax.dot_general`, and `conv_relu_pool`, the notebook network's block
+(conv + bias, ReLU, 2x2 max pool) fused.
 
 It computes the same function on the same parameters (equal to `lax` within
 float32 rounding, tested), so checkpoints move freely between the two paths.
@@ -16,12 +18,11 @@ convolutions can round their operands to bfloat16 and accumulate and return
 float32 (`bfloat16=True`), the plain formulation of the rounded operands
 within float32 rounding (tested). Convolutions it does not handle (other
 dtypes, dilation, groups, layouts) go to `lax.conv_general_dilated`
-unchanged. `available()`
-says whether the kernels loaded and compute the right values here (a
-self-check against the plain formulation, `self_check.py`, run once), and why
-not where they do not (not x86-64 Linux, no compiler at install, the oneDNN
-wheel missing, wrong results on this CPU): the models then use XLA's
-convolutions.
+unchanged. `available()` says whether the kernels loaded and compute the
+right values here (a self-check against the plain formulation,
+`self_check.py`, run once), and why not where they do not (not x86-64
+Linux, no compiler at install, the oneDNN wheel missing, wrong results on this
+CPU): the models then use XLA's convolutions.
 
 The direct kernels (`direct_kernels.inc`) are compiled for x86-64-v4 (AVX-512),
 x86-64-v3 (AVX2) and the x86-64 baseline; the best the CPU runs is used, and
@@ -36,11 +37,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import logging
 from jax import lax
 
-from simpsons_jax.cpu_conv import library, self_check
+from simpsons_jax.cpu_conv import library, operations, self_check
 from simpsons_jax.cpu_conv.library import (
   KERNEL_VARIANTS,
   cpu_description,
@@ -73,8 +73,8 @@ def available() -> tuple[bool, str]:
 
 
 def _checked_conv(x, k, strides, pads, g, bfloat16=False):
-  geometry = _geometry(x.shape, k.shape, strides, pads)
-  y, vjp = jax.vjp(lambda x, k: _conv(x, k, geometry, bfloat16), x, k)
+  geometry = operations.conv_geometry(x.shape, k.shape, strides, pads)
+  y, vjp = jax.vjp(lambda x, k: operations.conv(x, k, geometry, bfloat16), x, k)
   return (y, *vjp(g))
 
 
@@ -111,10 +111,10 @@ def _require_bfloat16() -> None:
 
 
 def _checked_block(x, k, b, pads, g, bfloat16=False):
-  geometry = _geometry(x.shape, k.shape, (1, 1), pads)
+  geometry = operations.conv_geometry(x.shape, k.shape, (1, 1), pads)
 
   def block(x, k, b):
-    return _conv_relu_pool(x, k, b, geometry, 255.0, bfloat16)
+    return operations.conv_relu_pool(x, k, b, geometry, 255.0, bfloat16)
 
   if x.dtype == jnp.uint8:  # Images get no gradient.
     y, vjp = jax.vjp(lambda k, b: block(x, k, b), k, b)
@@ -124,171 +124,8 @@ def _checked_block(x, k, b, pads, g, bfloat16=False):
 
 
 def _checked_dense(x, k, g, bfloat16=False):
-  y, vjp = jax.vjp(lambda x, k: _dense(x, k, bfloat16), x, k)
+  y, vjp = jax.vjp(lambda x, k: operations.dense(x, k, bfloat16), x, k)
   return (y, *vjp(g))
-
-
-def _f32(*shape: int) -> jax.ShapeDtypeStruct:
-  return jax.ShapeDtypeStruct(tuple(shape), jnp.float32)
-
-
-def _call(kind: str, out_shape, *operands: jax.Array, geometry=None, **attributes):
-  """Calls one FFI handler (its bfloat16 twin for bfloat16 operands);
-  `out_shape` is one ShapeDtypeStruct or a tuple."""
-  loaded, why = library.load()  # Registers the handlers on first use.
-  if not loaded:
-    raise RuntimeError(f"oneDNN's convolutions are unavailable here: {why}.")
-  if operands[0].dtype == jnp.bfloat16:
-    kind += "_bf16"
-  if geometry is not None:
-    stride_h, stride_w, (pad_top, pad_bottom), (pad_left, pad_right) = geometry
-    attributes.update(
-      stride_h=stride_h,
-      stride_w=stride_w,
-      pad_top=pad_top,
-      pad_bottom=pad_bottom,
-      pad_left=pad_left,
-      pad_right=pad_right,
-    )
-  return jax.ffi.ffi_call(library.TARGETS[kind], out_shape)(*operands, **attributes)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _conv(
-  x: jax.Array, kernel: jax.Array, geometry, bfloat16: bool = False
-) -> jax.Array:
-  """x * kernel in float32; with `bfloat16`, of the operands rounded to
-  bfloat16 (accumulated in float32), the gradients taking the output's
-  gradient rounded to bfloat16 too."""
-  return _conv_forward(x, kernel, geometry, bfloat16)[0]
-
-
-def _output_shape(x: jax.Array, kernel: jax.Array, geometry) -> tuple[int, ...]:
-  stride_h, stride_w, (top, bottom), (left, right) = geometry
-  n, h, w, _ = x.shape
-  kh, kw, _, features = kernel.shape
-  return (
-    n,
-    (h + top + bottom - kh) // stride_h + 1,
-    (w + left + right - kw) // stride_w + 1,
-    features,
-  )
-
-
-def _conv_forward(x, kernel, geometry, bfloat16):
-  if bfloat16:  # The rounded operands are kept for the gradients.
-    x, kernel = x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16)
-  y = _call(
-    "forward", _f32(*_output_shape(x, kernel, geometry)), x, kernel, geometry=geometry
-  )
-  return y, (x, kernel)
-
-
-def _conv_backward(geometry, bfloat16, residuals, dy):
-  x, kernel = residuals
-  dy = dy.astype(x.dtype)
-  dx = _call("backward_data", _f32(*x.shape), dy, kernel, geometry=geometry)
-  dkernel = _call("backward_weights", _f32(*kernel.shape), x, dy, geometry=geometry)
-  return dx, dkernel
-
-
-_conv.defvjp(_conv_forward, _conv_backward)
-
-
-def _geometry(shape, kernel_shape, window_strides, padding) -> tuple:
-  if isinstance(padding, str):
-    padding = lax.padtype_to_pads(shape[1:3], kernel_shape[:2], window_strides, padding)
-  return (
-    int(window_strides[0]),
-    int(window_strides[1]),
-    tuple(int(p) for p in padding[0]),
-    tuple(int(p) for p in padding[1]),
-  )
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _conv_relu_pool(x, kernel, bias, geometry, divisor, bfloat16):
-  return _conv_relu_pool_forward(x, kernel, bias, geometry, divisor, bfloat16)[0]
-
-
-def _conv_relu_pool_forward(x, kernel, bias, geometry, divisor, bfloat16):
-  n, h, w, c = _output_shape(x, kernel, geometry)
-  pooled = (n, h // 2, w // 2, c)
-  outputs = (_f32(*pooled), jax.ShapeDtypeStruct(pooled, jnp.int8))
-  if x.dtype == jnp.uint8:
-    y, code = _call(
-      "conv_relu_pool_forward_u8",
-      outputs,
-      x,
-      kernel,
-      bias,
-      geometry=geometry,
-      divisor=np.float32(divisor),
-    )
-    return y, (x, kernel, code, (n, h, w, c))
-  if bfloat16:  # The rounded operands are kept for the gradients.
-    x, kernel = x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16)
-  y, code = _call("conv_relu_pool_forward", outputs, x, kernel, bias, geometry=geometry)
-  return y, (x, kernel, code, (n, h, w, c))
-
-
-def _conv_relu_pool_backward(geometry, divisor, bfloat16, residuals, g):
-  x, kernel, code, y_shape = residuals
-  images = x.dtype == jnp.uint8
-  gradients = (_f32(*kernel.shape), _f32(kernel.shape[-1]))
-  if images and kernel.shape[:2] == (3, 3):
-    # The first block: the convolution's gradient never leaves the kernel.
-    dkernel, dbias = _call(
-      "conv_relu_pool_backward_u8",
-      gradients,
-      x,
-      code,
-      g,
-      geometry=geometry,
-      divisor=np.float32(divisor),
-    )
-    return None, dkernel, dbias
-  if bfloat16:  # Rounded as the pool's gradient is written.
-    bf16 = jax.ShapeDtypeStruct(y_shape, jnp.bfloat16)
-    dy = _call("relu_pool_backward_to_bf16", bf16, code, g)
-  else:
-    dy = _call("relu_pool_backward", _f32(*y_shape), code, g)
-  dkernel, dbias = _call(
-    "backward_weights_bias",
-    gradients,
-    x.astype(jnp.float32) / divisor if images else x,
-    dy,
-    geometry=geometry,
-  )
-  if images:  # Images have no gradient.
-    return None, dkernel, dbias
-  dx = _call("backward_data", _f32(*x.shape), dy, kernel, geometry=geometry)
-  return dx, dkernel, dbias
-
-
-_conv_relu_pool.defvjp(_conv_relu_pool_forward, _conv_relu_pool_backward)
-
-
-@jax.custom_vjp
-def _relu_pool(x):
-  return _relu_pool_forward(x)[0]
-
-
-def _relu_pool_forward(x):
-  n, h, w, c = x.shape
-  pooled = (n, h // 2, w // 2, c)
-  y, code = _call(
-    "relu_pool_forward", (_f32(*pooled), jax.ShapeDtypeStruct(pooled, jnp.int8)), x
-  )
-  return y, (code, x.shape)
-
-
-def _relu_pool_backward(residuals, g):
-  code, shape = residuals
-  return (_call("relu_pool_backward", _f32(*shape), code, g),)
-
-
-_relu_pool.defvjp(_relu_pool_forward, _relu_pool_backward)
 
 
 def relu_max_pool(x: jax.Array) -> jax.Array:
@@ -299,7 +136,7 @@ def relu_max_pool(x: jax.Array) -> jax.Array:
   if x.ndim != 4 or x.dtype != jnp.float32:
     raise ValueError(f"relu_max_pool takes float32 NHWC arrays, not {x.dtype}{x.shape}")
   _require()
-  return _relu_pool(x)
+  return operations.relu_pool(x)
 
 
 def _require() -> None:
@@ -337,13 +174,15 @@ def conv_relu_pool(
   first block's few channels) stays float32.
   """
   _require()
-  geometry = _geometry(x.shape, kernel.shape, window_strides, padding)
+  geometry = operations.conv_geometry(x.shape, kernel.shape, window_strides, padding)
   direct = _direct(x.shape, kernel.shape, geometry)
   if x.dtype == jnp.uint8 and not direct:
     x = x.astype(jnp.float32) / divisor
   if bfloat16 and not direct:
     _require_bfloat16()
-  return _conv_relu_pool(x, kernel, bias, geometry, divisor, bfloat16 and not direct)
+  return operations.conv_relu_pool(
+    x, kernel, bias, geometry, divisor, bfloat16 and not direct
+  )
 
 
 def _direct(shape, kernel_shape, geometry) -> bool:
@@ -409,36 +248,8 @@ def conv_general_dilated(
     )
   if bfloat16:
     _require_bfloat16()
-  geometry = _geometry(lhs.shape, rhs.shape, window_strides, padding)
-  return _conv(lhs, rhs, geometry, bfloat16)
-
-
-def _matmul(a: jax.Array, b: jax.Array, transpose_a=False, transpose_b=False):
-  m = a.shape[1] if transpose_a else a.shape[0]
-  n = b.shape[0] if transpose_b else b.shape[1]
-  return _call(
-    "matmul", _f32(m, n), a, b, transpose_a=transpose_a, transpose_b=transpose_b
-  )
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _dense(x: jax.Array, kernel: jax.Array, bfloat16: bool) -> jax.Array:
-  return _dense_forward(x, kernel, bfloat16)[0]
-
-
-def _dense_forward(x, kernel, bfloat16):
-  if bfloat16:  # The rounded operands are kept for the gradients.
-    x, kernel = x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16)
-  return _matmul(x, kernel), (x, kernel)
-
-
-def _dense_backward(bfloat16, residuals, dy):
-  x, kernel = residuals
-  dy = dy.astype(x.dtype)
-  return _matmul(dy, kernel, transpose_b=True), _matmul(x, dy, transpose_a=True)
-
-
-_dense.defvjp(_dense_forward, _dense_backward)
+  geometry = operations.conv_geometry(lhs.shape, rhs.shape, window_strides, padding)
+  return operations.conv(lhs, rhs, geometry, bfloat16)
 
 
 def dot_general(
@@ -473,7 +284,7 @@ def dot_general(
     )
   if bfloat16:
     _require_bfloat16()
-  return _dense(lhs, rhs, bfloat16)
+  return operations.dense(lhs, rhs, bfloat16)
 
 
 __all__ = [

@@ -1,6 +1,6 @@
 """The compiled kernels of `cpu_conv`: loading the extension and oneDNN's
-runtime library and registering the FFI handlers with XLA:CPU (once), the
-CPU they run on, and the variant of the direct kernels in use."""
+runtime library and registering the FFI handlers with XLA:CPU (once), calling
+a handler, the CPU they run on, and the variant of the direct kernels in use."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import platform
 import re
 
 import jax
+import jax.numpy as jnp
 
 _EXTENSION = "simpsons_jax.cpu_conv._onednn"
 _RUNTIME = "onednn-cpu-gomp"
@@ -175,3 +176,24 @@ def bfloat16_instructions() -> bool:
   if not load()[0]:
     return False
   return (_dnnl.dnnl_get_effective_cpu_isa() & _ISA_BF16) == _ISA_BF16
+
+
+def call(kind: str, out_shape, *operands: jax.Array, geometry=None, **attributes):
+  """Calls one FFI handler (its bfloat16 twin for bfloat16 operands);
+  `out_shape` is one ShapeDtypeStruct or a tuple."""
+  loaded, why = load()  # Registers the handlers on first use.
+  if not loaded:
+    raise RuntimeError(f"oneDNN's convolutions are unavailable here: {why}.")
+  if operands[0].dtype == jnp.bfloat16:
+    kind += "_bf16"
+  if geometry is not None:
+    stride_h, stride_w, (pad_top, pad_bottom), (pad_left, pad_right) = geometry
+    attributes.update(
+      stride_h=stride_h,
+      stride_w=stride_w,
+      pad_top=pad_top,
+      pad_bottom=pad_bottom,
+      pad_left=pad_left,
+      pad_right=pad_right,
+    )
+  return jax.ffi.ffi_call(TARGETS[kind], out_shape)(*operands, **attributes)
