@@ -127,10 +127,6 @@ def _train() -> ml_collections.ConfigDict:
   # The weight of the negatives' term (data.negatives): cross-entropy with the
   # uniform distribution, as outlier exposure (Hendrycks et al. 2019).
   group.negatives_weight = 2.0
-  # > 0: an auxiliary head on the penultimate features learns each image's
-  # rotation (0/90/180/270 degrees, one drawn per image; Hendrycks et al.
-  # 2019), weighted by this; the rotated copies double the batch.
-  group.rotation_weight = 0.0
   # Compute: 'bfloat16' on GPU/TPU and on x86 CPUs with bfloat16 dot products
   # (AVX512_BF16, AMX; float32 elsewhere, said in the log); params stay fp32.
   group.dtype = "float32"

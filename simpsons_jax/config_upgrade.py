@@ -81,7 +81,6 @@ ADDED: dict[str, Any] = {
   # never had it chose before it existed, and one finished now uses today's.
   "data.unknown_share": 0.2,
   "train.negatives_weight": 2.0,
-  "train.rotation_weight": 0.0,
 }
 # The augmentation group kept its keys; runs saved before one existed ran with these.
 AUGMENT_DEFAULTS = {

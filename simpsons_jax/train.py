@@ -20,7 +20,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import logging
 from clu import metric_writers
 from etils import epath
@@ -54,8 +53,6 @@ from simpsons_jax.evaluators import in_training
 
 # Folded into a step's dropout key to give the key of its batch mixing.
 MIX_STREAM = 1
-ROTATION_STREAM = 2
-ROTATION_HEAD = "rotation_head"
 
 if TYPE_CHECKING:
   from simpsons_jax import characters
@@ -86,8 +83,6 @@ def create_train_state(
   init_rng, dropout_rng = jax.random.split(rng)
   variables = models.init_variables(model, config.data.image_size, init_rng)
   params, batch_stats = variables["params"], variables["batch_stats"]
-  if config.train.rotation_weight > 0:
-    params = {**params, ROTATION_HEAD: _rotation_head(model, config, init_rng)}
   ema = None
   if config.optim.ema_decay > 0:
     # Copies: the train step donates the state, so no two fields may share buffers.
@@ -100,38 +95,6 @@ def create_train_state(
     batch_stats=batch_stats,
     ema=ema,
   )
-
-
-def _rotation_head(model, config, rng) -> dict[str, jax.Array]:
-  size = config.data.image_size
-  variables = models.init_variables(model, size, rng)
-  _, features = _logits_and_features(
-    model.apply, variables, jnp.zeros((1, size, size, 3), jnp.uint8), {}
-  )
-  width = features.shape[-1]
-  kernel = nn.initializers.lecun_normal()(jax.random.fold_in(rng, 7), (width, 4))
-  return {"kernel": kernel, "bias": jnp.zeros((4,))}
-
-
-def _logits_and_features(apply_fn, variables, images, kwargs):
-  captured = []
-
-  def capture(next_fun, args, kw, context):
-    if context.method_name == "__call__" and context.module.name == "logits":
-      captured.append(args[0])
-    return next_fun(*args, **kw)
-
-  with nn.intercept_methods(capture):
-    out = apply_fn(variables, images, train=bool(kwargs), **kwargs)
-  features = captured[-1]
-  features = features.reshape(features.shape[0], -1).astype(jnp.float32)
-  return (out, features)
-
-
-def _rotated(images: jax.Array, rng: jax.Array) -> tuple[jax.Array, jax.Array]:
-  k = jax.random.randint(rng, (images.shape[0],), 0, 4)
-  choices = jnp.stack([jnp.rot90(images, r, axes=(1, 2)) for r in range(4)])
-  return choices[k, jnp.arange(images.shape[0])], k
 
 
 def initial_state(
@@ -160,7 +123,6 @@ def train_step(
   negatives_weight: float = 0.0,
   freeze: tuple[str, ...] = (),
   unfreeze_step: int = 0,
-  rotation_weight: float = 0.0,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step on (label-smoothed, class-weighted) softmax cross-entropy,
   of the batch as given or mixed (`mix`: mixup or cutmix, see `mixing`).
@@ -182,8 +144,6 @@ def train_step(
     )
 
   def loss_fn(params):
-    if rotation_weight > 0:
-      return rotation_loss_fn(params)
     logits, updates = state.apply_fn(
       {"params": params, "batch_stats": state.batch_stats},
       images,
@@ -195,24 +155,6 @@ def train_step(
     if mix != "none":
       losses = lam * losses + (1 - lam) * objective(logits, mixing.partners(labels))
     return losses.mean(), (losses, logits, updates.get("batch_stats", {}))
-
-  def rotation_loss_fn(params):
-    rotated, k = _rotated(images, threefry.fold_in(dropout_rng, ROTATION_STREAM))
-    n = images.shape[0]
-    net = {key: v for key, v in params.items() if key != ROTATION_HEAD}
-    (both, updates), features = _logits_and_features(
-      state.apply_fn,
-      {"params": net, "batch_stats": state.batch_stats},
-      jnp.concatenate([images, rotated]),
-      {"rngs": {"dropout": dropout_rng}, "mutable": ["batch_stats"]},
-    )
-    logits = both[:n]
-    head = params[ROTATION_HEAD]
-    rotation_logits = features[n:] @ head["kernel"] + head["bias"]
-    rotation = optax.softmax_cross_entropy_with_integer_labels(rotation_logits, k)
-    losses = objective(logits, labels)
-    total = losses.mean() + rotation_weight * rotation.mean()
-    return total, (losses, logits, updates.get("batch_stats", {}))
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   (_, (losses, logits, batch_stats)), grads = grad_fn(state.params)
@@ -264,7 +206,6 @@ def jit_train_step(
     mix_alpha=config.train.mix_alpha,
     freeze=tuple(config.finetune.freeze),
     unfreeze_step=freezing.unfreeze_step(config, steps_per_epoch),
-    rotation_weight=config.train.rotation_weight,
   )
   return jax.jit(
     step,
