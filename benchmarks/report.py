@@ -380,6 +380,36 @@ def _open_set_dev(results: list[dict[str, Any]]) -> str:
   return "\n".join(rows)
 
 
+def _open_set_seeds(results: list[dict[str, Any]]) -> str:
+  """The same runs with other seeds: each held-out pair's AUROC (the run's own
+  score) per seed and its range, and every seed's mean and lowest pair."""
+  rows = []
+  for r in results:
+    seeds = r["seeds"]
+    pairs = list(seeds[0]["auroc"])
+    rows += [
+      "| held-out pair | "
+      + " | ".join(f"seed {s['seed']}" for s in seeds)
+      + " | range | file |",
+      "|---" * (len(seeds) + 3) + "|",
+    ]
+    for pair in pairs:
+      found = [s["auroc"][pair] for s in seeds]
+      rows.append(
+        f"| {pair} | "
+        + " | ".join(f"{a:.3f}" for a in found)
+        + f" | {max(found) - min(found):.3f} | [{r['file']}](results/{r['file']}) |"
+      )
+    means = [statistics.mean(s["auroc"].values()) for s in seeds]
+    lowest = [min(s["auroc"].values()) for s in seeds]
+    rows.append(
+      "| mean (lowest) | "
+      + " | ".join(f"{m:.3f} ({low:.3f})" for m, low in zip(means, lowest, strict=True))
+      + f" | {max(means) - min(means):.3f} | [{r['file']}](results/{r['file']}) |"
+    )
+  return "\n".join(rows)
+
+
 def _open_set_share(results: list[dict[str, Any]]) -> str:
   """The threshold each `data.unknown_share` chooses on validation: the known
   images it refuses, and the held-out pairs it answers 'unknown' (means)."""
@@ -432,6 +462,7 @@ TABLES: dict[str, Callable[[list[dict[str, Any]]], str]] = {
   ),
   "open_set_dev": _open_set_dev,
   "open_set_share": _open_set_share,
+  "open_set_seeds": _open_set_seeds,
   "how_sure": _how_sure,
   "accuracy": _accuracy,
   "speed": _speed,
