@@ -5,7 +5,7 @@ oneDNN's on AVX-512 CPUs (docs/performance.md measures them; oneDNN picks its
 kernels for the CPU at run time). `onednn_conv.cc`, built by `pip install`
 into `_onednn` (loaded and called by `library`), wraps oneDNN's forward,
 input-gradient and kernel-gradient convolutions and its matrix product as XLA
-FFI handlers; `operations` ties each forward pass to its gradients with a
+FFI handlers; `library` ties each forward pass to its gradients with a
 `jax.custom_vjp`. Here are the drop-ins that decide where they run:
 `conv_general_dilated` for `lax.conv_general_dilated`, `dot_general` for
 `lax.dot_general`, and `conv_relu_pool`, the notebook network's block
@@ -40,7 +40,7 @@ import jax.numpy as jnp
 from absl import logging
 from jax import lax
 
-from simpsons_jax.cpu_conv import library, operations, self_check
+from simpsons_jax.cpu_conv import library, self_check
 from simpsons_jax.cpu_conv.library import (
   KERNEL_VARIANTS,
   cpu_description,
@@ -73,8 +73,8 @@ def available() -> tuple[bool, str]:
 
 
 def _checked_conv(x, k, strides, pads, g, bfloat16=False):
-  geometry = operations.conv_geometry(x.shape, k.shape, strides, pads)
-  y, vjp = jax.vjp(lambda x, k: operations.conv(x, k, geometry, bfloat16), x, k)
+  geometry = library.conv_geometry(x.shape, k.shape, strides, pads)
+  y, vjp = jax.vjp(lambda x, k: library.conv(x, k, geometry, bfloat16), x, k)
   return (y, *vjp(g))
 
 
@@ -111,10 +111,10 @@ def _require_bfloat16() -> None:
 
 
 def _checked_block(x, k, b, pads, g, bfloat16=False):
-  geometry = operations.conv_geometry(x.shape, k.shape, (1, 1), pads)
+  geometry = library.conv_geometry(x.shape, k.shape, (1, 1), pads)
 
   def block(x, k, b):
-    return operations.conv_relu_pool(x, k, b, geometry, 255.0, bfloat16)
+    return library.conv_relu_pool(x, k, b, geometry, 255.0, bfloat16)
 
   if x.dtype == jnp.uint8:  # Images get no gradient.
     y, vjp = jax.vjp(lambda k, b: block(x, k, b), k, b)
@@ -124,7 +124,7 @@ def _checked_block(x, k, b, pads, g, bfloat16=False):
 
 
 def _checked_dense(x, k, g, bfloat16=False):
-  y, vjp = jax.vjp(lambda x, k: operations.dense(x, k, bfloat16), x, k)
+  y, vjp = jax.vjp(lambda x, k: library.dense(x, k, bfloat16), x, k)
   return (y, *vjp(g))
 
 
@@ -136,7 +136,7 @@ def relu_max_pool(x: jax.Array) -> jax.Array:
   if x.ndim != 4 or x.dtype != jnp.float32:
     raise ValueError(f"relu_max_pool takes float32 NHWC arrays, not {x.dtype}{x.shape}")
   _require()
-  return operations.relu_pool(x)
+  return library.relu_pool(x)
 
 
 def _require() -> None:
@@ -174,13 +174,13 @@ def conv_relu_pool(
   first block's few channels) stays float32.
   """
   _require()
-  geometry = operations.conv_geometry(x.shape, kernel.shape, window_strides, padding)
+  geometry = library.conv_geometry(x.shape, kernel.shape, window_strides, padding)
   direct = _direct(x.shape, kernel.shape, geometry)
   if x.dtype == jnp.uint8 and not direct:
     x = x.astype(jnp.float32) / divisor
   if bfloat16 and not direct:
     _require_bfloat16()
-  return operations.conv_relu_pool(
+  return library.conv_relu_pool(
     x, kernel, bias, geometry, divisor, bfloat16 and not direct
   )
 
@@ -248,8 +248,8 @@ def conv_general_dilated(
     )
   if bfloat16:
     _require_bfloat16()
-  geometry = operations.conv_geometry(lhs.shape, rhs.shape, window_strides, padding)
-  return operations.conv(lhs, rhs, geometry, bfloat16)
+  geometry = library.conv_geometry(lhs.shape, rhs.shape, window_strides, padding)
+  return library.conv(lhs, rhs, geometry, bfloat16)
 
 
 def dot_general(
@@ -284,7 +284,7 @@ def dot_general(
     )
   if bfloat16:
     _require_bfloat16()
-  return operations.dense(lhs, rhs, bfloat16)
+  return library.dense(lhs, rhs, bfloat16)
 
 
 __all__ = [
